@@ -1,0 +1,266 @@
+//! Parsing and full validation of a safetensors header.
+//!
+//! Layout: an 8-byte little-endian header length `n`, `n` bytes of UTF-8 JSON
+//! (optionally padded with spaces), then the data section. Every check runs
+//! before any tensor is handed out, with overflow-checked arithmetic, and each
+//! failure names the problem.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::{fail, Dtype, Error, ErrorKind, Result};
+
+/// Largest header accepted, as in the official implementation.
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// Name of the header entry that carries string metadata.
+pub const METADATA_KEY: &str = "__metadata__";
+
+/// One tensor as described by the header, with absolute offsets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Extents (all non-negative).
+    pub shape: Vec<i64>,
+    /// Offset of the first byte from the start of the buffer.
+    pub offset: usize,
+    /// Size in bytes.
+    pub nbytes: usize,
+}
+
+/// A validated header.
+#[derive(Clone, Debug, Default)]
+pub struct Header {
+    /// Tensors in the order of their data.
+    pub tensors: Vec<TensorMeta>,
+    /// The `__metadata__` map (empty when absent).
+    pub metadata: BTreeMap<String, String>,
+    /// Offset of the data section from the start of the buffer.
+    pub data_start: usize,
+}
+
+#[derive(Deserialize)]
+struct RawTensor {
+    dtype: String,
+    shape: Vec<i64>,
+    data_offsets: (u64, u64),
+}
+
+struct RawHeader {
+    tensors: Vec<(String, RawTensor)>,
+    metadata: BTreeMap<String, String>,
+}
+
+// A visitor rather than a map type: a JSON object may repeat a key, and a
+// repeated tensor name must be an error, not a silent overwrite.
+impl<'de> Deserialize<'de> for RawHeader {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawHeader;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object of tensor entries")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<RawHeader, A::Error> {
+                let mut tensors = Vec::new();
+                let mut seen = HashSet::new();
+                let mut metadata = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == METADATA_KEY {
+                        if metadata.is_some() {
+                            return Err(de::Error::custom("`__metadata__` appears twice"));
+                        }
+                        metadata = Some(map.next_value::<BTreeMap<String, String>>()?);
+                    } else {
+                        if !seen.insert(key.clone()) {
+                            return Err(de::Error::custom(format!(
+                                "tensor name {key:?} appears twice"
+                            )));
+                        }
+                        let entry = map
+                            .next_value::<RawTensor>()
+                            .map_err(|e| de::Error::custom(format!("tensor {key:?}: {e}")))?;
+                        tensors.push((key, entry));
+                    }
+                }
+                Ok(RawHeader {
+                    tensors,
+                    metadata: metadata.unwrap_or_default(),
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Reads and validates the header of `buf`, a whole safetensors buffer.
+pub fn parse(buf: &[u8]) -> Result<Header> {
+    let len = buf.len() as u64;
+    if len < 8 {
+        fail!(
+            BadFormat,
+            "buffer is {len} bytes; a safetensors buffer starts with an 8-byte header length"
+        );
+    }
+    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER_LEN {
+        fail!(
+            BadFormat,
+            "header length {n} exceeds the limit of {MAX_HEADER_LEN} bytes"
+        );
+    }
+    if n > len - 8 {
+        fail!(
+            BadFormat,
+            "header length {n} runs past the end of the {len}-byte buffer"
+        );
+    }
+    let data_start = 8 + n as usize;
+    let text = std::str::from_utf8(&buf[8..data_start]).map_err(|e| {
+        Error::new(
+            ErrorKind::BadFormat,
+            format!(
+                "header is not valid UTF-8 (at header byte {})",
+                e.valid_up_to()
+            ),
+        )
+    })?;
+    if !text.starts_with('{') {
+        fail!(BadFormat, "header does not start with a JSON object ('{{')");
+    }
+    let raw: RawHeader = serde_json::from_str(text).map_err(|e| {
+        Error::new(
+            ErrorKind::BadFormat,
+            format!("header is not a valid safetensors JSON header: {e}"),
+        )
+    })?;
+
+    let mut tensors = Vec::with_capacity(raw.tensors.len());
+    let mut spans = Vec::with_capacity(raw.tensors.len());
+    for (name, t) in raw.tensors {
+        let Some(dtype) = Dtype::from_name(&t.dtype) else {
+            fail!(
+                UnsupportedDtype,
+                "tensor {name:?} has unknown dtype {:?}",
+                t.dtype
+            );
+        };
+        let nbytes = checked_nbytes(&name, dtype, &t.shape)?;
+        let (begin, end) = t.data_offsets;
+        if begin > end {
+            fail!(
+                BadFormat,
+                "tensor {name:?}: data_offsets [{begin}, {end}] end before they begin"
+            );
+        }
+        if end - begin != nbytes {
+            fail!(
+                BadFormat,
+                "tensor {name:?}: shape {:?} of {dtype} needs {nbytes} bytes but data_offsets [{begin}, {end}] span {}",
+                t.shape,
+                end - begin
+            );
+        }
+        spans.push((begin, end, tensors.len()));
+        tensors.push(TensorMeta {
+            name,
+            dtype,
+            shape: t.shape,
+            offset: 0,
+            nbytes: nbytes as usize,
+        });
+    }
+
+    // The data section must be covered exactly: sorted by offset, each tensor
+    // starts where the previous one ended, and the last ends at the buffer end.
+    spans.sort_unstable();
+    let data_len = len - data_start as u64;
+    let mut cursor = 0u64;
+    let mut prev: Option<usize> = None;
+    for &(begin, end, i) in &spans {
+        let name = &tensors[i].name;
+        if end > data_len {
+            fail!(
+                BadFormat,
+                "tensor {name:?}: data_offsets [{begin}, {end}] run past the end of the {data_len}-byte data section"
+            );
+        }
+        if begin > cursor {
+            fail!(BadFormat, "hole in the data section: bytes [{cursor}, {begin}) before tensor {name:?} belong to no tensor");
+        }
+        if begin < cursor {
+            let other = prev.map(|p| tensors[p].name.as_str()).unwrap_or("");
+            fail!(BadFormat, "tensor {name:?} overlaps tensor {other:?} (data_offsets start at {begin}, before {cursor})");
+        }
+        cursor = end;
+        prev = Some(i);
+    }
+    if cursor != data_len {
+        fail!(
+            BadFormat,
+            "{} trailing bytes after the last tensor belong to no tensor",
+            data_len - cursor
+        );
+    }
+
+    let mut ordered: Vec<TensorMeta> = Vec::with_capacity(tensors.len());
+    let mut tensors: Vec<Option<TensorMeta>> = tensors.into_iter().map(Some).collect();
+    for (begin, _, i) in spans {
+        let mut t = tensors[i].take().expect("each index once");
+        t.offset = data_start + begin as usize;
+        ordered.push(t);
+    }
+    Ok(Header {
+        tensors: ordered,
+        metadata: raw.metadata,
+        data_start,
+    })
+}
+
+/// `product(shape) * size(dtype)` with every step checked.
+pub fn checked_nbytes(name: &str, dtype: Dtype, shape: &[i64]) -> Result<u64> {
+    let mut numel: u64 = 1;
+    for &d in shape {
+        if d < 0 {
+            fail!(
+                BadFormat,
+                "tensor {name:?}: dimension {d} in shape {shape:?} is negative"
+            );
+        }
+        numel = match numel.checked_mul(d as u64) {
+            Some(n) => n,
+            None => fail!(
+                BadFormat,
+                "tensor {name:?}: shape {shape:?} overflows 64 bits"
+            ),
+        };
+    }
+    let Some(bits) = numel.checked_mul(u64::from(dtype.bits())) else {
+        fail!(
+            BadFormat,
+            "tensor {name:?}: shape {shape:?} of {dtype} overflows 64 bits"
+        );
+    };
+    if bits % 8 != 0 {
+        fail!(
+            BadFormat,
+            "tensor {name:?}: {numel} elements of {dtype} do not fill whole bytes"
+        );
+    }
+    if bits / 8 > isize::MAX as u64 {
+        fail!(
+            BadFormat,
+            "tensor {name:?}: shape {shape:?} of {dtype} is larger than the address space"
+        );
+    }
+    Ok(bits / 8)
+}

@@ -1,0 +1,271 @@
+//! The writer side: lays out tensors as one standard safetensors buffer in
+//! memory the caller provides, every tensor's data at an aligned offset.
+//!
+//! The format forbids holes between tensors, so alignment gaps are filled by
+//! small `U8` padding entries named with [`PAD_PREFIX`]: any safetensors reader
+//! accepts the buffer, and this library's reader hides those entries. The
+//! header is padded with spaces (as the official writer does) so that the data
+//! section itself starts at an aligned offset.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::header::{checked_nbytes, METADATA_KEY};
+use crate::{fail, Dtype, Error, ErrorKind, Result, PAD_PREFIX};
+
+/// Default alignment of every tensor's data from the buffer start: JAX adopts
+/// 64-byte aligned host memory without copying, and vector loads like it.
+pub const DEFAULT_ALIGNMENT: usize = 64;
+/// Largest alignment accepted.
+pub const MAX_ALIGNMENT: usize = 1 << 20;
+
+/// How to lay out the buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackOptions {
+    /// Power of two; every tensor's data starts at a multiple of it.
+    pub alignment: usize,
+    /// Bytes that belong to no tensor before the first tensor and after the
+    /// last one (header and padding). A page of each lets a reader protect
+    /// every page holding tensor data without touching memory outside the
+    /// buffer. 0 for none.
+    pub guard_bytes: usize,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions {
+            alignment: DEFAULT_ALIGNMENT,
+            guard_bytes: 0,
+        }
+    }
+}
+
+/// A tensor to lay out.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorSpec<'a> {
+    /// Name (unique, not `__metadata__`, not starting with [`PAD_PREFIX`]).
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Extents.
+    pub shape: &'a [i64],
+}
+
+/// A computed layout: total size, the header bytes and each tensor's offset.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    prefix: Vec<u8>,
+    offsets: Vec<usize>,
+    nbytes: Vec<usize>,
+    pads: Vec<(usize, usize)>,
+    total: usize,
+}
+
+fn align_up(x: usize, a: usize) -> Option<usize> {
+    Some(x.checked_add(a - 1)? & !(a - 1))
+}
+
+fn too_big() -> Error {
+    Error::new(
+        ErrorKind::InvalidArgument,
+        "the packed buffer would be larger than the address space",
+    )
+}
+
+impl Plan {
+    /// Plans the layout of `tensors` (in the given order) and `metadata`.
+    pub fn new(
+        tensors: &[TensorSpec<'_>],
+        metadata: &BTreeMap<String, String>,
+        options: &PackOptions,
+    ) -> Result<Plan> {
+        let a = options.alignment;
+        if !a.is_power_of_two() || a > MAX_ALIGNMENT {
+            fail!(
+                InvalidArgument,
+                "alignment {a} is not a power of two between 1 and {MAX_ALIGNMENT}"
+            );
+        }
+        let mut names = HashSet::with_capacity(tensors.len());
+        let mut entries: Vec<(String, Dtype, Vec<i64>, usize, usize)> =
+            Vec::with_capacity(tensors.len() + 8);
+        let mut offsets = Vec::with_capacity(tensors.len());
+        let mut nbytes = Vec::with_capacity(tensors.len());
+        let mut pads = Vec::new();
+        let mut cursor = 0usize;
+        let pad = |entries: &mut Vec<_>, pads: &mut Vec<_>, begin: usize, end: usize| {
+            entries.push((
+                format!("{PAD_PREFIX}{}", pads.len()),
+                Dtype::U8,
+                vec![(end - begin) as i64],
+                begin,
+                end,
+            ));
+            pads.push((begin, end));
+        };
+        for t in tensors {
+            if t.name == METADATA_KEY || t.name.starts_with(PAD_PREFIX) {
+                fail!(InvalidArgument, "tensor name {:?} is reserved", t.name);
+            }
+            if !names.insert(t.name) {
+                fail!(InvalidArgument, "tensor name {:?} is given twice", t.name);
+            }
+            let n = checked_nbytes(t.name, t.dtype, t.shape)
+                .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.message()))?
+                as usize;
+            let begin = align_up(cursor, a).ok_or_else(too_big)?;
+            if begin > cursor {
+                pad(&mut entries, &mut pads, cursor, begin);
+            }
+            cursor = begin.checked_add(n).ok_or_else(too_big)?;
+            entries.push((t.name.to_owned(), t.dtype, t.shape.to_vec(), begin, cursor));
+            offsets.push(begin);
+            nbytes.push(n);
+        }
+        if options.guard_bytes > 0 {
+            let end = cursor
+                .checked_add(options.guard_bytes)
+                .ok_or_else(too_big)?;
+            pad(&mut entries, &mut pads, cursor, end);
+            cursor = end;
+        }
+
+        let mut json = String::with_capacity(64 + entries.len() * 96);
+        json.push('{');
+        if !metadata.is_empty() {
+            json.push_str(&serde_json::to_string(METADATA_KEY).expect("string"));
+            json.push(':');
+            json.push_str(&serde_json::to_string(metadata).expect("string map"));
+        }
+        for (name, dtype, shape, begin, end) in &entries {
+            if json.len() > 1 {
+                json.push(',');
+            }
+            let name = serde_json::to_string(name).expect("string");
+            let shape = serde_json::to_string(shape).expect("ints");
+            json.push_str(&format!("{name}:{{\"dtype\":\"{dtype}\",\"shape\":{shape},\"data_offsets\":[{begin},{end}]}}"));
+        }
+        json.push('}');
+
+        // The data section starts aligned, so offsets aligned within it are
+        // aligned from the buffer start too.
+        let step = a.max(8);
+        let mut data_start = align_up(8 + json.len(), step).ok_or_else(too_big)?;
+        if options.guard_bytes > data_start {
+            data_start = align_up(options.guard_bytes, step).ok_or_else(too_big)?;
+        }
+        let header_len = data_start - 8;
+        if header_len as u64 > crate::header::MAX_HEADER_LEN {
+            fail!(
+                InvalidArgument,
+                "the header would be {header_len} bytes, over the format's limit"
+            );
+        }
+        let mut prefix = Vec::with_capacity(data_start);
+        prefix.extend_from_slice(&(header_len as u64).to_le_bytes());
+        prefix.extend_from_slice(json.as_bytes());
+        prefix.resize(data_start, b' ');
+
+        let shift = |x: &mut usize| *x += data_start;
+        offsets.iter_mut().for_each(shift);
+        for (b, e) in &mut pads {
+            *b += data_start;
+            *e += data_start;
+        }
+        let total = data_start.checked_add(cursor).ok_or_else(too_big)?;
+        Ok(Plan {
+            prefix,
+            offsets,
+            nbytes,
+            pads,
+            total,
+        })
+    }
+
+    /// Size of the whole buffer in bytes.
+    pub fn total_size(&self) -> usize {
+        self.total
+    }
+
+    /// Offset of the data section from the buffer start.
+    pub fn data_start(&self) -> usize {
+        self.prefix.len()
+    }
+
+    /// Number of tensors planned (padding excluded).
+    pub fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    /// Whether no tensors were planned.
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// Offset of tensor `index`'s data from the buffer start.
+    pub fn offset(&self, index: usize) -> Result<usize> {
+        match self.offsets.get(index) {
+            Some(&o) => Ok(o),
+            None => fail!(
+                OutOfRange,
+                "tensor index {index} is out of range (the plan holds {} tensors)",
+                self.offsets.len()
+            ),
+        }
+    }
+
+    /// Size of tensor `index`'s data.
+    pub fn nbytes(&self, index: usize) -> Result<usize> {
+        self.offset(index).map(|_| self.nbytes[index])
+    }
+
+    fn check_dst(&self, dst: &[u8]) -> Result<()> {
+        if dst.len() < self.total {
+            fail!(
+                BufferTooSmall,
+                "destination is {} bytes; the plan needs {}",
+                dst.len(),
+                self.total
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes the header and zeroes the padding; tensor data is left to the
+    /// caller, at [`Plan::offset`].
+    pub fn write_layout(&self, dst: &mut [u8]) -> Result<()> {
+        self.check_dst(dst)?;
+        dst[..self.prefix.len()].copy_from_slice(&self.prefix);
+        for &(b, e) in &self.pads {
+            dst[b..e].fill(0);
+        }
+        Ok(())
+    }
+
+    /// Writes the whole buffer: header, padding and each tensor's `data[i]`.
+    pub fn write(&self, dst: &mut [u8], data: &[&[u8]]) -> Result<()> {
+        self.check_dst(dst)?;
+        if data.len() != self.len() {
+            fail!(
+                InvalidArgument,
+                "{} data slices given for {} planned tensors",
+                data.len(),
+                self.len()
+            );
+        }
+        for (i, d) in data.iter().enumerate() {
+            if d.len() != self.nbytes[i] {
+                fail!(
+                    InvalidArgument,
+                    "tensor {i}: {} bytes given, its shape and dtype need {}",
+                    d.len(),
+                    self.nbytes[i]
+                );
+            }
+        }
+        self.write_layout(dst)?;
+        for (i, d) in data.iter().enumerate() {
+            dst[self.offsets[i]..self.offsets[i] + d.len()].copy_from_slice(d);
+        }
+        Ok(())
+    }
+}
