@@ -1,1 +1,127 @@
+//! The C ABI of ray-zerocopy. Every `extern "C"` function of the project lives
+//! in this crate; the logic lives in `rzc-core` and `rzc-cuda`.
+//!
+//! Conventions (repeated in the header's preamble): names are
+//! `rzc_<type>_<verb>`; arguments are the handle, then inputs, then outputs;
+//! outputs are written only on success; every fallible call returns an
+//! `rzc_status` and leaves a thread-local message; nothing unwinds across the
+//! boundary.
+#![allow(non_camel_case_types)]
+// Each export documents its contract in a `# Safety` section; the bodies are
+// thin and call the helpers in `handle`.
+#![allow(clippy::missing_safety_doc, unused_unsafe)]
 
+mod handle;
+pub mod pack;
+pub mod status;
+pub mod weights;
+
+use std::ffi::c_char;
+
+pub use rzc_core::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
+use rzc_core::Dtype;
+pub use status::rzc_status;
+use status::ffi_value_boundary;
+
+/// DLPack major version of the structs in this header.
+pub const DLPACK_MAJOR_VERSION: u32 = 1;
+/// DLPack minor version of the structs in this header.
+pub const DLPACK_MINOR_VERSION: u32 = 1;
+/// `DLManagedTensorVersioned::flags` bit: the consumer must not write the memory.
+pub const DLPACK_FLAG_BITMASK_READ_ONLY: u64 = 1;
+/// `DLManagedTensorVersioned::flags` bit: the data is a private copy.
+pub const DLPACK_FLAG_BITMASK_IS_COPIED: u64 = 2;
+/// `DLManagedTensorVersioned::flags` bit: sub-byte elements are padded to bytes.
+pub const DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED: u64 = 4;
+
+/// Library version as `"MAJOR.MINOR.PATCH"` (static storage).
+#[no_mangle]
+pub extern "C" fn rzc_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// This thread's message for its most recent failed call: a NUL-terminated
+/// string, `""` after a successful call. Valid until this thread's next call
+/// into the library.
+#[no_mangle]
+pub extern "C" fn rzc_last_error_message() -> *const c_char {
+    status::last_message_ptr()
+}
+
+/// Stable name of a status code (`"RZC_BAD_FORMAT"`), or `"RZC_UNKNOWN"`.
+#[no_mangle]
+pub extern "C" fn rzc_status_name(status: u32) -> *const c_char {
+    use status::rzc_status::*;
+    let all = [
+        RZC_OK, RZC_NULL_ARGUMENT, RZC_INVALID_ARGUMENT, RZC_BAD_FORMAT, RZC_IO, RZC_NOT_FOUND, RZC_UNSUPPORTED_DTYPE,
+        RZC_OUT_OF_RANGE, RZC_BUFFER_TOO_SMALL, RZC_NO_CUDA, RZC_CUDA_ERROR, RZC_OUT_OF_MEMORY, RZC_BAD_DEVICE, RZC_PANIC,
+    ];
+    match all.iter().find(|s| **s as u32 == status) {
+        Some(s) => leak_name(s.name()),
+        None => c"RZC_UNKNOWN".as_ptr(),
+    }
+}
+
+fn leak_name(name: &'static str) -> *const c_char {
+    // Names are few and static; intern them as C strings once.
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashMap<&'static str, &'static std::ffi::CStr>>> = OnceLock::new();
+    let mut map = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(name)
+        .or_insert_with(|| Box::leak(std::ffi::CString::new(name).expect("no NUL").into_boxed_c_str()))
+        .as_ptr()
+}
+
+/// Header spelling of a dtype (`"F32"`, `"BF16"`, ...), or NULL for a value
+/// that is not an `rzc_dtype`.
+#[no_mangle]
+pub extern "C" fn rzc_dtype_name(dtype: u32) -> *const c_char {
+    ffi_value_boundary!(std::ptr::null(), Dtype::from_u32(dtype).map(|d| leak_name(d.name())).unwrap_or(std::ptr::null()))
+}
+
+/// Bits per element of a dtype (4 and 6 for the packed sub-byte floats), or 0
+/// for a value that is not an `rzc_dtype`.
+#[no_mangle]
+pub extern "C" fn rzc_dtype_bits(dtype: u32) -> u32 {
+    Dtype::from_u32(dtype).map(Dtype::bits).unwrap_or(0)
+}
+
+/// Calls a versioned DLPack tensor's deleter; NULL is a no-op. For callers
+/// that hold the pointer but would rather not call through it themselves.
+///
+/// # Safety
+/// `tensor` is NULL or a live tensor whose deleter has not run.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_dlpack_versioned_free(tensor: *mut DLManagedTensorVersioned) {
+    if let Some(deleter) = unsafe { tensor.as_ref() }.and_then(|t| t.deleter) {
+        unsafe { deleter(tensor) }
+    }
+}
+
+/// Calls a legacy DLPack tensor's deleter; NULL is a no-op.
+///
+/// # Safety
+/// `tensor` is NULL or a live tensor whose deleter has not run.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_dlpack_legacy_free(tensor: *mut DLManagedTensor) {
+    if let Some(deleter) = unsafe { tensor.as_ref() }.and_then(|t| t.deleter) {
+        unsafe { deleter(tensor) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rzc_core::dlpack as core;
+
+    // cbindgen only writes literal constants, so the header's copies are
+    // literals; they must agree with the core's.
+    #[test]
+    fn dlpack_constants_agree_with_the_core() {
+        assert_eq!(super::DLPACK_MAJOR_VERSION, core::DLPACK_MAJOR_VERSION);
+        assert_eq!(super::DLPACK_MINOR_VERSION, core::DLPACK_MINOR_VERSION);
+        assert_eq!(super::DLPACK_FLAG_BITMASK_READ_ONLY, core::DLPACK_FLAG_BITMASK_READ_ONLY);
+        assert_eq!(super::DLPACK_FLAG_BITMASK_IS_COPIED, core::DLPACK_FLAG_BITMASK_IS_COPIED);
+        assert_eq!(super::DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED, core::DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED);
+    }
+}

@@ -6,6 +6,9 @@ use crate::dlpack::{DLDataType, DLDataTypeCode};
 ///
 /// The discriminants are part of the C ABI (`rzc_dtype`): never reuse or
 /// renumber one; add new dtypes at the end.
+///
+/// cbindgen:rename-all=ScreamingSnakeCase
+/// cbindgen:prefix-with-name
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {
@@ -55,32 +58,37 @@ pub enum Dtype {
     F6E3m2 = 21,
 }
 
+// A free constant, not an associated one: cbindgen would export the latter.
+const ALL: [Dtype; 22] = [
+    Dtype::Bool,
+    Dtype::U8,
+    Dtype::I8,
+    Dtype::I16,
+    Dtype::U16,
+    Dtype::I32,
+    Dtype::U32,
+    Dtype::I64,
+    Dtype::U64,
+    Dtype::F16,
+    Dtype::Bf16,
+    Dtype::F32,
+    Dtype::F64,
+    Dtype::C64,
+    Dtype::F8E5m2,
+    Dtype::F8E4m3,
+    Dtype::F8E8m0,
+    Dtype::F8E4m3Fnuz,
+    Dtype::F8E5m2Fnuz,
+    Dtype::F4,
+    Dtype::F6E2m3,
+    Dtype::F6E3m2,
+];
+
 impl Dtype {
     /// All dtypes, in ABI order.
-    pub const ALL: [Dtype; 22] = [
-        Dtype::Bool,
-        Dtype::U8,
-        Dtype::I8,
-        Dtype::I16,
-        Dtype::U16,
-        Dtype::I32,
-        Dtype::U32,
-        Dtype::I64,
-        Dtype::U64,
-        Dtype::F16,
-        Dtype::Bf16,
-        Dtype::F32,
-        Dtype::F64,
-        Dtype::C64,
-        Dtype::F8E5m2,
-        Dtype::F8E4m3,
-        Dtype::F8E8m0,
-        Dtype::F8E4m3Fnuz,
-        Dtype::F8E5m2Fnuz,
-        Dtype::F4,
-        Dtype::F6E2m3,
-        Dtype::F6E3m2,
-    ];
+    pub fn all() -> &'static [Dtype] {
+        &ALL
+    }
 
     /// The spelling used in safetensors headers.
     pub fn name(self) -> &'static str {
@@ -112,12 +120,12 @@ impl Dtype {
 
     /// Parses a safetensors header spelling (`"F32"`, `"BF16"`, ...).
     pub fn from_name(name: &str) -> Option<Dtype> {
-        Dtype::ALL.into_iter().find(|d| d.name() == name)
+        ALL.into_iter().find(|d| d.name() == name)
     }
 
     /// Converts an ABI discriminant back to a dtype.
     pub fn from_u32(value: u32) -> Option<Dtype> {
-        Dtype::ALL.get(value as usize).copied()
+        ALL.get(value as usize).copied()
     }
 
     /// Size of one element in bits (4 and 6 for the packed sub-byte floats).
@@ -184,7 +192,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_match_the_official_crate() {
-        for d in Dtype::ALL {
+        for &d in Dtype::all() {
             assert_eq!(Dtype::from_name(d.name()), Some(d));
             assert_eq!(Dtype::from_u32(d as u32), Some(d));
             // The official crate spells its dtypes the same way in headers.

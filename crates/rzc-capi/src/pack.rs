@@ -1,0 +1,191 @@
+//! `rzc_pack_plan`: lays tensors out as one aligned safetensors buffer in
+//! memory the caller allocates (plan, allocate `total_size`, write).
+
+use std::collections::BTreeMap;
+use std::ffi::c_char;
+
+use rzc_core::pack::{PackOptions, Plan, TensorSpec};
+use rzc_core::Dtype;
+
+use crate::handle::{slice, str_n, write_out, Handle};
+use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
+use crate::weights::rzc_metadata_entry;
+
+/// A tensor to pack.
+#[repr(C)]
+pub struct rzc_pack_tensor {
+    /// Name, `name_len` bytes of UTF-8 (need not be NUL-terminated).
+    pub name: *const c_char,
+    /// Length of `name` in bytes.
+    pub name_len: usize,
+    /// An `rzc_dtype` value (an integer here so that a bad value is an error,
+    /// not undefined behaviour).
+    pub dtype: u32,
+    /// Number of dimensions.
+    pub ndim: u32,
+    /// `ndim` extents.
+    pub shape: *const i64,
+    /// The tensor's bytes, compact row-major, read by `rzc_pack_plan_write`.
+    /// May be NULL when the caller fills the data itself after
+    /// `rzc_pack_plan_write_layout`.
+    pub data: *const u8,
+    /// Size of `data` in bytes; must equal what dtype and shape need.
+    pub nbytes: u64,
+}
+
+/// Layout options. Zero-initialise and set what you need; NULL options mean
+/// the defaults (alignment 64, no guard bytes).
+#[repr(C)]
+pub struct rzc_pack_options {
+    /// Power of two; every tensor's data starts at a multiple of it from the
+    /// buffer start. 0 means the default, 64.
+    pub alignment: u64,
+    /// Bytes belonging to no tensor before the first tensor and after the
+    /// last one (e.g. 4096, so that a reader can write-protect every page
+    /// holding tensor data). 0 for none.
+    pub guard_bytes: u64,
+}
+
+/// A computed layout (opaque). Holds the data pointers it was given: they must
+/// stay valid until `rzc_pack_plan_write` returns.
+pub struct rzc_pack_plan {
+    _private: [u8; 0],
+}
+
+pub struct PlanState {
+    plan: Plan,
+    data: Vec<(*const u8, usize)>,
+}
+
+impl Handle for rzc_pack_plan {
+    type Rust = PlanState;
+}
+
+/// Plans the layout of `n_tensors` tensors (kept in the given order) and
+/// `n_metadata` `__metadata__` entries. On success `*out` receives a plan to
+/// free with `rzc_pack_plan_free`.
+///
+/// # Safety
+/// `tensors` points to `n_tensors` entries and `metadata` to `n_metadata`
+/// (either may be NULL when its count is 0); `options` is NULL or valid;
+/// `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_plan_new(
+    tensors: *const rzc_pack_tensor,
+    n_tensors: usize,
+    metadata: *const rzc_metadata_entry,
+    n_metadata: usize,
+    options: *const rzc_pack_options,
+    out: *mut *mut rzc_pack_plan,
+) -> rzc_status {
+    ffi_boundary! {
+        crate::handle::not_null(out, "out")?;
+        let inputs = unsafe { slice(tensors, n_tensors, "tensors")? };
+        let mut meta = BTreeMap::new();
+        for m in unsafe { slice(metadata, n_metadata, "metadata")? } {
+            let k = unsafe { str_n(m.key, m.key_len, "metadata key")? };
+            let v = unsafe { str_n(m.value, m.value_len, "metadata value")? };
+            meta.insert(k.to_owned(), v.to_owned());
+        }
+        let mut opts = PackOptions::default();
+        if let Some(o) = unsafe { options.as_ref() } {
+            if o.alignment != 0 {
+                opts.alignment = usize::try_from(o.alignment).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "alignment too large"))?;
+            }
+            opts.guard_bytes = usize::try_from(o.guard_bytes).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "guard_bytes too large"))?;
+        }
+        let mut specs = Vec::with_capacity(inputs.len());
+        let mut data = Vec::with_capacity(inputs.len());
+        for (i, t) in inputs.iter().enumerate() {
+            let name = unsafe { str_n(t.name, t.name_len, "tensor name")? };
+            let dtype = Dtype::from_u32(t.dtype).ok_or_else(|| {
+                Failure::new(crate::status::RZC_UNSUPPORTED_DTYPE, format!("tensor {i} ({name:?}): {} is not an rzc_dtype value", t.dtype))
+            })?;
+            let shape = unsafe { slice(t.shape, t.ndim as usize, "tensor shape")? };
+            specs.push(TensorSpec { name, dtype, shape });
+            data.push((t.data, t.nbytes as usize));
+        }
+        let plan = Plan::new(&specs, &meta, &opts)?;
+        for (i, &(_, n)) in data.iter().enumerate() {
+            if n != plan.nbytes(i)? {
+                return Err(Failure::new(
+                    RZC_INVALID_ARGUMENT,
+                    format!("tensor {i} ({:?}): nbytes is {n}, its shape and dtype need {}", specs[i].name, plan.nbytes(i)?),
+                ));
+            }
+        }
+        unsafe { write_out(out, "out", rzc_pack_plan::into_raw(PlanState { plan, data })) }
+    }
+}
+
+/// Size in bytes of the buffer the plan writes (0 for a NULL plan).
+///
+/// # Safety
+/// `plan` is NULL or a live plan.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_plan_total_size(plan: *const rzc_pack_plan) -> u64 {
+    ffi_value_boundary!(0, unsafe { rzc_pack_plan::borrow(plan, "plan") }.map(|p| p.plan.total_size() as u64).unwrap_or(0))
+}
+
+/// Byte offset of tensor `index`'s data from the buffer start.
+///
+/// # Safety
+/// `plan` is a live plan; `offset_out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_plan_offset(plan: *const rzc_pack_plan, index: usize, offset_out: *mut u64) -> rzc_status {
+    ffi_boundary! {
+        let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
+        unsafe { write_out(offset_out, "offset_out", p.plan.offset(index)? as u64) }
+    }
+}
+
+fn dst_slice<'a>(dst: *mut u8, dst_len: usize) -> Result<&'a mut [u8], Failure> {
+    crate::handle::not_null(dst, "dst")?;
+    // SAFETY: the caller of the export promises `dst_len` writable bytes.
+    Ok(unsafe { std::slice::from_raw_parts_mut(dst, dst_len) })
+}
+
+/// Writes the header and zeroes the padding into `dst`, leaving each tensor's
+/// data region (`rzc_pack_plan_offset`) for the caller to fill.
+///
+/// # Safety
+/// `plan` is a live plan; `dst` points to `dst_len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_plan_write_layout(plan: *const rzc_pack_plan, dst: *mut u8, dst_len: usize) -> rzc_status {
+    ffi_boundary! {
+        let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
+        p.plan.write_layout(dst_slice(dst, dst_len)?)?;
+        Ok(())
+    }
+}
+
+/// Writes the whole buffer into `dst`: header, padding, and every tensor's
+/// data copied from the pointers given to `rzc_pack_plan_new`.
+///
+/// # Safety
+/// `plan` is a live plan whose data pointers are still valid; `dst` points to
+/// `dst_len` writable bytes that do not overlap them.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_plan_write(plan: *const rzc_pack_plan, dst: *mut u8, dst_len: usize) -> rzc_status {
+    ffi_boundary! {
+        let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
+        let mut data = Vec::with_capacity(p.data.len());
+        for (i, &(ptr, n)) in p.data.iter().enumerate() {
+            if ptr.is_null() && n > 0 {
+                return Err(Failure::null(&format!("tensors[{i}].data")));
+            }
+            data.push(unsafe { slice(ptr, n, "data")? });
+        }
+        p.plan.write(dst_slice(dst, dst_len)?, &data)?;
+        Ok(())
+    }
+}
+
+/// Frees a plan; NULL is a no-op.
+///
+/// # Safety
+/// `plan` is NULL or a plan not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_plan_free(plan: *mut rzc_pack_plan) {
+    ffi_value_boundary!((), unsafe { rzc_pack_plan::free(plan) })
+}

@@ -1,0 +1,170 @@
+//! Status codes, the thread-local error message, and the panic boundary that
+//! wraps every export.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CString};
+
+use rzc_core::ErrorKind;
+
+/// Result of every fallible call. The numbers are stable: a code is never
+/// renumbered or reused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rzc_status {
+    /// Success.
+    RZC_OK = 0,
+    /// A required pointer argument was NULL.
+    RZC_NULL_ARGUMENT = 1,
+    /// An argument is out of its documented domain (bad option, non-UTF-8 name, ...).
+    RZC_INVALID_ARGUMENT = 2,
+    /// The bytes are not a valid safetensors buffer.
+    RZC_BAD_FORMAT = 3,
+    /// A file could not be opened, read or mapped.
+    RZC_IO = 4,
+    /// No tensor (or metadata key) of that name.
+    RZC_NOT_FOUND = 5,
+    /// The dtype is unknown, or cannot be used by this operation.
+    RZC_UNSUPPORTED_DTYPE = 6,
+    /// An index past the end of a table.
+    RZC_OUT_OF_RANGE = 7,
+    /// The destination buffer is smaller than needed.
+    RZC_BUFFER_TOO_SMALL = 8,
+    /// No CUDA driver library could be loaded, or it reports no device.
+    RZC_NO_CUDA = 9,
+    /// The CUDA driver reported an error.
+    RZC_CUDA_ERROR = 10,
+    /// Host or device memory could not be allocated.
+    RZC_OUT_OF_MEMORY = 11,
+    /// The device ordinal names no device.
+    RZC_BAD_DEVICE = 12,
+    /// A bug inside the library was caught at the boundary (a Rust panic).
+    RZC_PANIC = 13,
+}
+
+pub use rzc_status::*;
+
+impl rzc_status {
+    /// Stable name of the code, e.g. `"RZC_BAD_FORMAT"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RZC_OK => "RZC_OK",
+            RZC_NULL_ARGUMENT => "RZC_NULL_ARGUMENT",
+            RZC_INVALID_ARGUMENT => "RZC_INVALID_ARGUMENT",
+            RZC_BAD_FORMAT => "RZC_BAD_FORMAT",
+            RZC_IO => "RZC_IO",
+            RZC_NOT_FOUND => "RZC_NOT_FOUND",
+            RZC_UNSUPPORTED_DTYPE => "RZC_UNSUPPORTED_DTYPE",
+            RZC_OUT_OF_RANGE => "RZC_OUT_OF_RANGE",
+            RZC_BUFFER_TOO_SMALL => "RZC_BUFFER_TOO_SMALL",
+            RZC_NO_CUDA => "RZC_NO_CUDA",
+            RZC_CUDA_ERROR => "RZC_CUDA_ERROR",
+            RZC_OUT_OF_MEMORY => "RZC_OUT_OF_MEMORY",
+            RZC_BAD_DEVICE => "RZC_BAD_DEVICE",
+            RZC_PANIC => "RZC_PANIC",
+        }
+    }
+}
+
+/// A failed call: the status to return and the message to leave behind.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: rzc_status,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(status: rzc_status, message: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn null(arg: &str) -> Failure {
+        Failure::new(RZC_NULL_ARGUMENT, format!("argument `{arg}` is NULL"))
+    }
+}
+
+impl From<rzc_core::Error> for Failure {
+    fn from(e: rzc_core::Error) -> Failure {
+        let status = match e.kind() {
+            ErrorKind::InvalidArgument => RZC_INVALID_ARGUMENT,
+            ErrorKind::BadFormat => RZC_BAD_FORMAT,
+            ErrorKind::Io => RZC_IO,
+            ErrorKind::NotFound => RZC_NOT_FOUND,
+            ErrorKind::UnsupportedDtype => RZC_UNSUPPORTED_DTYPE,
+            ErrorKind::OutOfRange => RZC_OUT_OF_RANGE,
+            ErrorKind::BufferTooSmall => RZC_BUFFER_TOO_SMALL,
+            ErrorKind::NoCuda => RZC_NO_CUDA,
+            ErrorKind::Cuda => RZC_CUDA_ERROR,
+            ErrorKind::OutOfMemory => RZC_OUT_OF_MEMORY,
+            ErrorKind::BadDevice => RZC_BAD_DEVICE,
+        };
+        Failure::new(status, e.message())
+    }
+}
+
+pub type FfiResult<T = ()> = Result<T, Failure>;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_message(message: &str) {
+    // An interior NUL would truncate the C string; show it instead.
+    let c = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|m| *m.borrow_mut() = c);
+}
+
+/// Pointer to this thread's last message; valid until this thread's next call
+/// into the library.
+pub fn last_message_ptr() -> *const c_char {
+    LAST_ERROR.with(|m| m.borrow().as_ptr())
+}
+
+/// Turns the outcome of an export's body into a status, recording the message.
+pub fn finish(outcome: std::thread::Result<FfiResult>) -> rzc_status {
+    match outcome {
+        Ok(Ok(())) => {
+            LAST_ERROR.with(|m| {
+                if !m.borrow().is_empty() {
+                    *m.borrow_mut() = CString::default();
+                }
+            });
+            RZC_OK
+        }
+        Ok(Err(f)) => {
+            set_message(&f.message);
+            f.status
+        }
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_message(&format!("internal error (a bug in ray-zerocopy, please report it): {what}"));
+            RZC_PANIC
+        }
+    }
+}
+
+/// Runs an export's body behind the panic boundary: a panic becomes
+/// `RZC_PANIC`, an error becomes its status, and the message is recorded.
+macro_rules! ffi_boundary {
+    ($($body:tt)*) => {
+        $crate::status::finish(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || -> $crate::status::FfiResult { $($body)* },
+        )))
+    };
+}
+pub(crate) use ffi_boundary;
+
+/// Same boundary for the few exports that return a value instead of a status:
+/// on a panic they return `$fallback`.
+macro_rules! ffi_value_boundary {
+    ($fallback:expr, $($body:tt)*) => {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| { $($body)* })).unwrap_or($fallback)
+    };
+}
+pub(crate) use ffi_value_boundary;

@@ -1,0 +1,288 @@
+//! `rzc_weights`: an opened safetensors buffer and its tensor table.
+
+use std::ffi::c_char;
+use std::path::Path;
+
+use rzc_core::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
+use rzc_core::{Dtype, Weights};
+
+use crate::handle::{c_str, str_n, write_out, Handle};
+use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status};
+
+/// An opened, validated safetensors buffer (opaque). Read-only after opening:
+/// every call taking a `const rzc_weights *` may run on several threads.
+pub struct rzc_weights {
+    _private: [u8; 0],
+}
+
+impl Handle for rzc_weights {
+    type Rust = Weights;
+}
+
+/// One tensor of an opened buffer. Every pointer stays valid until the handle
+/// is freed.
+#[repr(C)]
+pub struct rzc_tensor_info {
+    /// Tensor name, `name_len` bytes of UTF-8. It is followed by a NUL, but a
+    /// name may itself contain NUL bytes: use `name_len`.
+    pub name: *const c_char,
+    /// Length of `name` in bytes.
+    pub name_len: usize,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Number of dimensions (0 for a scalar).
+    pub ndim: u32,
+    /// `ndim` extents.
+    pub shape: *const i64,
+    /// First byte of the tensor, inside the opened buffer (no copy).
+    pub data: *const u8,
+    /// Size of the tensor in bytes.
+    pub nbytes: u64,
+}
+
+/// One `__metadata__` entry. The strings are UTF-8, not NUL-terminated.
+#[repr(C)]
+pub struct rzc_metadata_entry {
+    /// Key bytes.
+    pub key: *const c_char,
+    /// Length of `key` in bytes.
+    pub key_len: usize,
+    /// Value bytes.
+    pub value: *const c_char,
+    /// Length of `value` in bytes.
+    pub value_len: usize,
+}
+
+/// Opens `len` bytes at `data` as a safetensors buffer without copying them.
+///
+/// The whole header is validated before this returns. The handle borrows the
+/// bytes: the caller keeps them alive and unchanged until the handle and every
+/// tensor exported from it are freed. On success `*out` receives a handle to
+/// free with `rzc_weights_free`.
+///
+/// # Safety
+/// `data` points to `len` readable bytes (it may be NULL when `len` is 0);
+/// `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_open_memory(data: *const u8, len: usize, out: *mut *mut rzc_weights) -> rzc_status {
+    ffi_boundary! {
+        crate::handle::not_null(out, "out")?;
+        crate::handle::not_null(data, "data")?;
+        // SAFETY: the caller keeps `data` alive, as documented.
+        let w = unsafe { Weights::from_borrowed(data, len)? };
+        unsafe { write_out(out, "out", rzc_weights::into_raw(w)) }
+    }
+}
+
+/// Memory-maps the file at `path` (UTF-8, NUL-terminated) read-only and opens
+/// it. The file must not be modified while it is open.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_open_file(path: *const c_char, out: *mut *mut rzc_weights) -> rzc_status {
+    ffi_boundary! {
+        crate::handle::not_null(out, "out")?;
+        let path = unsafe { c_str(path, "path")? };
+        let w = Weights::open_file(Path::new(path))?;
+        unsafe { write_out(out, "out", rzc_weights::into_raw(w)) }
+    }
+}
+
+/// Frees a handle. Tensors exported with `rzc_weights_to_dlpack` stay valid:
+/// they keep the buffer alive until their own deleters run. NULL is a no-op.
+///
+/// # Safety
+/// `w` is NULL or a handle not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_free(w: *mut rzc_weights) {
+    ffi_value_boundary!((), unsafe { rzc_weights::free(w) })
+}
+
+/// Number of tensors in the buffer (0 for a NULL handle).
+///
+/// # Safety
+/// `w` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_len(w: *const rzc_weights) -> usize {
+    ffi_value_boundary!(0, unsafe { rzc_weights::borrow(w, "w") }.map(Weights::len).unwrap_or(0))
+}
+
+/// Describes tensor `index` (0-based, in the order of the data).
+///
+/// # Safety
+/// `w` is a live handle; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_get(w: *const rzc_weights, index: usize, out: *mut rzc_tensor_info) -> rzc_status {
+    ffi_boundary! {
+        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        crate::handle::not_null(out, "out")?;
+        let t = w.get(index)?;
+        let info = rzc_tensor_info {
+            name: t.name.as_ptr().cast(),
+            name_len: t.name.len(),
+            dtype: t.dtype,
+            ndim: t.shape.len() as u32,
+            shape: t.shape.as_ptr(),
+            data: w.data(index)?.as_ptr(),
+            nbytes: t.nbytes as u64,
+        };
+        unsafe { write_out(out, "out", info) }
+    }
+}
+
+/// Finds the index of the tensor called `name` (NUL-terminated UTF-8).
+///
+/// # Safety
+/// `w` is a live handle; `name` is NUL-terminated; `index_out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_find(w: *const rzc_weights, name: *const c_char, index_out: *mut usize) -> rzc_status {
+    ffi_boundary! {
+        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        let name = unsafe { c_str(name, "name")? };
+        unsafe { write_out(index_out, "index_out", w.find(name)?) }
+    }
+}
+
+/// Same as `rzc_weights_find`, for a name given by pointer and byte length
+/// (names may contain NUL bytes).
+///
+/// # Safety
+/// `w` is a live handle; `name` points to `name_len` bytes; `index_out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_find_n(
+    w: *const rzc_weights,
+    name: *const c_char,
+    name_len: usize,
+    index_out: *mut usize,
+) -> rzc_status {
+    ffi_boundary! {
+        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        let name = unsafe { str_n(name, name_len, "name")? };
+        unsafe { write_out(index_out, "index_out", w.find(name)?) }
+    }
+}
+
+/// Exports tensor `index` as a versioned DLPack tensor (kDLCPU, compact
+/// row-major with NULL strides, `DLPACK_FLAG_BITMASK_READ_ONLY` set) whose
+/// data points into the buffer: no copy. The tensor keeps the buffer's storage
+/// alive, so `rzc_weights_free` may come before its deleter. The consumer calls
+/// `(*out)->deleter(*out)` exactly once (or `rzc_dlpack_versioned_free`).
+///
+/// Fails with `RZC_UNSUPPORTED_DTYPE` for the packed sub-byte floats.
+///
+/// # Safety
+/// `w` is a live handle; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_to_dlpack(
+    w: *const rzc_weights,
+    index: usize,
+    out: *mut *mut DLManagedTensorVersioned,
+) -> rzc_status {
+    ffi_boundary! {
+        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        crate::handle::not_null(out, "out")?;
+        unsafe { write_out(out, "out", w.to_dlpack(index)?) }
+    }
+}
+
+/// Same as `rzc_weights_to_dlpack` in the legacy, unversioned form, for
+/// consumers that only take it. The legacy form cannot say "read-only": the
+/// consumer must not write through it.
+///
+/// # Safety
+/// `w` is a live handle; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_to_dlpack_legacy(
+    w: *const rzc_weights,
+    index: usize,
+    out: *mut *mut DLManagedTensor,
+) -> rzc_status {
+    ffi_boundary! {
+        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        crate::handle::not_null(out, "out")?;
+        unsafe { write_out(out, "out", w.to_dlpack_legacy(index)?) }
+    }
+}
+
+/// Number of `__metadata__` entries (0 for a NULL handle).
+///
+/// # Safety
+/// `w` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_metadata_len(w: *const rzc_weights) -> usize {
+    ffi_value_boundary!(0, unsafe { rzc_weights::borrow(w, "w") }.map(|w| w.metadata().len()).unwrap_or(0))
+}
+
+/// Reads `__metadata__` entry `index` (entries sorted by key).
+///
+/// # Safety
+/// `w` is a live handle; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_metadata_get(w: *const rzc_weights, index: usize, out: *mut rzc_metadata_entry) -> rzc_status {
+    ffi_boundary! {
+        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        crate::handle::not_null(out, "out")?;
+        let Some((k, v)) = w.metadata().iter().nth(index) else {
+            return Err(crate::status::Failure::new(
+                crate::status::RZC_OUT_OF_RANGE,
+                format!("metadata index {index} is out of range (the buffer has {} entries)", w.metadata().len()),
+            ));
+        };
+        let entry = rzc_metadata_entry { key: k.as_ptr().cast(), key_len: k.len(), value: v.as_ptr().cast(), value_len: v.len() };
+        unsafe { write_out(out, "out", entry) }
+    }
+}
+
+/// Looks up the `__metadata__` value of `key` (NUL-terminated UTF-8); the
+/// value is written as pointer and length, valid until the handle is freed.
+///
+/// # Safety
+/// `w` is a live handle; `key` is NUL-terminated; the outs are valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_metadata_find(
+    w: *const rzc_weights,
+    key: *const c_char,
+    value_out: *mut *const c_char,
+    value_len_out: *mut usize,
+) -> rzc_status {
+    ffi_boundary! {
+        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        let key = unsafe { c_str(key, "key")? };
+        crate::handle::not_null(value_out, "value_out")?;
+        crate::handle::not_null(value_len_out, "value_len_out")?;
+        let Some(v) = w.metadata().get(key) else {
+            return Err(crate::status::Failure::new(crate::status::RZC_NOT_FOUND, format!("no metadata key {key:?}")));
+        };
+        unsafe {
+            write_out(value_out, "value_out", v.as_ptr().cast())?;
+            write_out(value_len_out, "value_len_out", v.len())
+        }
+    }
+}
+
+/// Where the buffer's tensor data lies: `*data_start_out` and `*data_end_out`
+/// receive byte offsets from the buffer start (header excluded), and
+/// `*bytes_out` and `*len_out` the whole buffer. Any out may be NULL.
+///
+/// # Safety
+/// `w` is a live handle; each non-NULL out is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_layout(
+    w: *const rzc_weights,
+    bytes_out: *mut *const u8,
+    len_out: *mut usize,
+    data_start_out: *mut usize,
+    data_end_out: *mut usize,
+) -> rzc_status {
+    ffi_boundary! {
+        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        unsafe {
+            if !bytes_out.is_null() { *bytes_out = w.bytes().as_ptr(); }
+            if !len_out.is_null() { *len_out = w.bytes().len(); }
+            if !data_start_out.is_null() { *data_start_out = w.data_start(); }
+            if !data_end_out.is_null() { *data_end_out = w.data_end(); }
+        }
+        Ok(())
+    }
+}
