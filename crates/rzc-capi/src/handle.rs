@@ -1,7 +1,7 @@
 //! Conversions between opaque C handles and the Rust objects behind them, and
 //! the checks for NULL arguments.
 
-use crate::status::{FfiResult, Failure};
+use crate::status::{Failure, FfiResult};
 
 /// A C handle type whose pointers point to a boxed `Self::Rust`.
 pub trait Handle {
@@ -84,7 +84,12 @@ pub unsafe fn slice<'a, T>(ptr: *const T, len: usize, arg: &str) -> FfiResult<&'
 pub unsafe fn str_n<'a>(ptr: *const std::ffi::c_char, len: usize, arg: &str) -> FfiResult<&'a str> {
     // SAFETY: forwarded.
     let bytes = unsafe { slice(ptr.cast::<u8>(), len, arg)? };
-    std::str::from_utf8(bytes).map_err(|_| Failure::new(crate::status::RZC_INVALID_ARGUMENT, format!("`{arg}` is not valid UTF-8")))
+    std::str::from_utf8(bytes).map_err(|_| {
+        Failure::new(
+            crate::status::RZC_INVALID_ARGUMENT,
+            format!("`{arg}` is not valid UTF-8"),
+        )
+    })
 }
 
 /// A `&str` from a NUL-terminated C string, checked as UTF-8.
@@ -95,5 +100,10 @@ pub unsafe fn c_str<'a>(ptr: *const std::ffi::c_char, arg: &str) -> FfiResult<&'
     not_null(ptr, arg)?;
     // SAFETY: non-NULL and NUL-terminated per the caller.
     let c = unsafe { std::ffi::CStr::from_ptr(ptr) };
-    c.to_str().map_err(|_| Failure::new(crate::status::RZC_INVALID_ARGUMENT, format!("`{arg}` is not valid UTF-8")))
+    c.to_str().map_err(|_| {
+        Failure::new(
+            crate::status::RZC_INVALID_ARGUMENT,
+            format!("`{arg}` is not valid UTF-8"),
+        )
+    })
 }

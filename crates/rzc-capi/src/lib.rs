@@ -20,8 +20,8 @@ use std::ffi::c_char;
 
 pub use rzc_core::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
 use rzc_core::Dtype;
-pub use status::rzc_status;
 use status::ffi_value_boundary;
+pub use status::rzc_status;
 
 /// DLPack major version of the structs in this header.
 pub const DLPACK_MAJOR_VERSION: u32 = 1;
@@ -53,31 +53,37 @@ pub extern "C" fn rzc_last_error_message() -> *const c_char {
 pub extern "C" fn rzc_status_name(status: u32) -> *const c_char {
     use status::rzc_status::*;
     let all = [
-        RZC_OK, RZC_NULL_ARGUMENT, RZC_INVALID_ARGUMENT, RZC_BAD_FORMAT, RZC_IO, RZC_NOT_FOUND, RZC_UNSUPPORTED_DTYPE,
-        RZC_OUT_OF_RANGE, RZC_BUFFER_TOO_SMALL, RZC_NO_CUDA, RZC_CUDA_ERROR, RZC_OUT_OF_MEMORY, RZC_BAD_DEVICE, RZC_PANIC,
+        RZC_OK,
+        RZC_NULL_ARGUMENT,
+        RZC_INVALID_ARGUMENT,
+        RZC_BAD_FORMAT,
+        RZC_IO,
+        RZC_NOT_FOUND,
+        RZC_UNSUPPORTED_DTYPE,
+        RZC_OUT_OF_RANGE,
+        RZC_BUFFER_TOO_SMALL,
+        RZC_NO_CUDA,
+        RZC_CUDA_ERROR,
+        RZC_OUT_OF_MEMORY,
+        RZC_BAD_DEVICE,
+        RZC_PANIC,
     ];
     match all.iter().find(|s| **s as u32 == status) {
-        Some(s) => leak_name(s.name()),
+        Some(s) => s.name().as_ptr(),
         None => c"RZC_UNKNOWN".as_ptr(),
     }
-}
-
-fn leak_name(name: &'static str) -> *const c_char {
-    // Names are few and static; intern them as C strings once.
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static NAMES: OnceLock<Mutex<HashMap<&'static str, &'static std::ffi::CStr>>> = OnceLock::new();
-    let mut map = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    map.entry(name)
-        .or_insert_with(|| Box::leak(std::ffi::CString::new(name).expect("no NUL").into_boxed_c_str()))
-        .as_ptr()
 }
 
 /// Header spelling of a dtype (`"F32"`, `"BF16"`, ...), or NULL for a value
 /// that is not an `rzc_dtype`.
 #[no_mangle]
 pub extern "C" fn rzc_dtype_name(dtype: u32) -> *const c_char {
-    ffi_value_boundary!(std::ptr::null(), Dtype::from_u32(dtype).map(|d| leak_name(d.name())).unwrap_or(std::ptr::null()))
+    ffi_value_boundary!(
+        std::ptr::null(),
+        Dtype::from_u32(dtype)
+            .map(|d| d.c_name().as_ptr())
+            .unwrap_or(std::ptr::null())
+    )
 }
 
 /// Bits per element of a dtype (4 and 6 for the packed sub-byte floats), or 0
@@ -120,8 +126,17 @@ mod tests {
     fn dlpack_constants_agree_with_the_core() {
         assert_eq!(super::DLPACK_MAJOR_VERSION, core::DLPACK_MAJOR_VERSION);
         assert_eq!(super::DLPACK_MINOR_VERSION, core::DLPACK_MINOR_VERSION);
-        assert_eq!(super::DLPACK_FLAG_BITMASK_READ_ONLY, core::DLPACK_FLAG_BITMASK_READ_ONLY);
-        assert_eq!(super::DLPACK_FLAG_BITMASK_IS_COPIED, core::DLPACK_FLAG_BITMASK_IS_COPIED);
-        assert_eq!(super::DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED, core::DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED);
+        assert_eq!(
+            super::DLPACK_FLAG_BITMASK_READ_ONLY,
+            core::DLPACK_FLAG_BITMASK_READ_ONLY
+        );
+        assert_eq!(
+            super::DLPACK_FLAG_BITMASK_IS_COPIED,
+            core::DLPACK_FLAG_BITMASK_IS_COPIED
+        );
+        assert_eq!(
+            super::DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED,
+            core::DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED
+        );
     }
 }

@@ -124,7 +124,12 @@ pub unsafe extern "C" fn rzc_pack_plan_new(
 /// `plan` is NULL or a live plan.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_plan_total_size(plan: *const rzc_pack_plan) -> u64 {
-    ffi_value_boundary!(0, unsafe { rzc_pack_plan::borrow(plan, "plan") }.map(|p| p.plan.total_size() as u64).unwrap_or(0))
+    ffi_value_boundary!(
+        0,
+        unsafe { rzc_pack_plan::borrow(plan, "plan") }
+            .map(|p| p.plan.total_size() as u64)
+            .unwrap_or(0)
+    )
 }
 
 /// Byte offset of tensor `index`'s data from the buffer start.
@@ -132,7 +137,11 @@ pub unsafe extern "C" fn rzc_pack_plan_total_size(plan: *const rzc_pack_plan) ->
 /// # Safety
 /// `plan` is a live plan; `offset_out` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_pack_plan_offset(plan: *const rzc_pack_plan, index: usize, offset_out: *mut u64) -> rzc_status {
+pub unsafe extern "C" fn rzc_pack_plan_offset(
+    plan: *const rzc_pack_plan,
+    index: usize,
+    offset_out: *mut u64,
+) -> rzc_status {
     ffi_boundary! {
         let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
         unsafe { write_out(offset_out, "offset_out", p.plan.offset(index)? as u64) }
@@ -151,7 +160,11 @@ fn dst_slice<'a>(dst: *mut u8, dst_len: usize) -> Result<&'a mut [u8], Failure> 
 /// # Safety
 /// `plan` is a live plan; `dst` points to `dst_len` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_pack_plan_write_layout(plan: *const rzc_pack_plan, dst: *mut u8, dst_len: usize) -> rzc_status {
+pub unsafe extern "C" fn rzc_pack_plan_write_layout(
+    plan: *const rzc_pack_plan,
+    dst: *mut u8,
+    dst_len: usize,
+) -> rzc_status {
     ffi_boundary! {
         let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
         p.plan.write_layout(dst_slice(dst, dst_len)?)?;
@@ -166,7 +179,11 @@ pub unsafe extern "C" fn rzc_pack_plan_write_layout(plan: *const rzc_pack_plan, 
 /// `plan` is a live plan whose data pointers are still valid; `dst` points to
 /// `dst_len` writable bytes that do not overlap them.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_pack_plan_write(plan: *const rzc_pack_plan, dst: *mut u8, dst_len: usize) -> rzc_status {
+pub unsafe extern "C" fn rzc_pack_plan_write(
+    plan: *const rzc_pack_plan,
+    dst: *mut u8,
+    dst_len: usize,
+) -> rzc_status {
     ffi_boundary! {
         let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
         let mut data = Vec::with_capacity(p.data.len());

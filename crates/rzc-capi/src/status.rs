@@ -45,22 +45,22 @@ pub use rzc_status::*;
 
 impl rzc_status {
     /// Stable name of the code, e.g. `"RZC_BAD_FORMAT"`.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> &'static std::ffi::CStr {
         match self {
-            RZC_OK => "RZC_OK",
-            RZC_NULL_ARGUMENT => "RZC_NULL_ARGUMENT",
-            RZC_INVALID_ARGUMENT => "RZC_INVALID_ARGUMENT",
-            RZC_BAD_FORMAT => "RZC_BAD_FORMAT",
-            RZC_IO => "RZC_IO",
-            RZC_NOT_FOUND => "RZC_NOT_FOUND",
-            RZC_UNSUPPORTED_DTYPE => "RZC_UNSUPPORTED_DTYPE",
-            RZC_OUT_OF_RANGE => "RZC_OUT_OF_RANGE",
-            RZC_BUFFER_TOO_SMALL => "RZC_BUFFER_TOO_SMALL",
-            RZC_NO_CUDA => "RZC_NO_CUDA",
-            RZC_CUDA_ERROR => "RZC_CUDA_ERROR",
-            RZC_OUT_OF_MEMORY => "RZC_OUT_OF_MEMORY",
-            RZC_BAD_DEVICE => "RZC_BAD_DEVICE",
-            RZC_PANIC => "RZC_PANIC",
+            RZC_OK => c"RZC_OK",
+            RZC_NULL_ARGUMENT => c"RZC_NULL_ARGUMENT",
+            RZC_INVALID_ARGUMENT => c"RZC_INVALID_ARGUMENT",
+            RZC_BAD_FORMAT => c"RZC_BAD_FORMAT",
+            RZC_IO => c"RZC_IO",
+            RZC_NOT_FOUND => c"RZC_NOT_FOUND",
+            RZC_UNSUPPORTED_DTYPE => c"RZC_UNSUPPORTED_DTYPE",
+            RZC_OUT_OF_RANGE => c"RZC_OUT_OF_RANGE",
+            RZC_BUFFER_TOO_SMALL => c"RZC_BUFFER_TOO_SMALL",
+            RZC_NO_CUDA => c"RZC_NO_CUDA",
+            RZC_CUDA_ERROR => c"RZC_CUDA_ERROR",
+            RZC_OUT_OF_MEMORY => c"RZC_OUT_OF_MEMORY",
+            RZC_BAD_DEVICE => c"RZC_BAD_DEVICE",
+            RZC_PANIC => c"RZC_PANIC",
         }
     }
 }
@@ -143,7 +143,9 @@ pub fn finish(outcome: std::thread::Result<FfiResult>) -> rzc_status {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            set_message(&format!("internal error (a bug in ray-zerocopy, please report it): {what}"));
+            set_message(&format!(
+                "internal error (a bug in ray-zerocopy, please report it): {what}"
+            ));
             RZC_PANIC
         }
     }

@@ -64,7 +64,11 @@ pub struct rzc_metadata_entry {
 /// `data` points to `len` readable bytes (it may be NULL when `len` is 0);
 /// `out` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_weights_open_memory(data: *const u8, len: usize, out: *mut *mut rzc_weights) -> rzc_status {
+pub unsafe extern "C" fn rzc_weights_open_memory(
+    data: *const u8,
+    len: usize,
+    out: *mut *mut rzc_weights,
+) -> rzc_status {
     ffi_boundary! {
         crate::handle::not_null(out, "out")?;
         crate::handle::not_null(data, "data")?;
@@ -80,7 +84,10 @@ pub unsafe extern "C" fn rzc_weights_open_memory(data: *const u8, len: usize, ou
 /// # Safety
 /// `path` is a NUL-terminated string; `out` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_weights_open_file(path: *const c_char, out: *mut *mut rzc_weights) -> rzc_status {
+pub unsafe extern "C" fn rzc_weights_open_file(
+    path: *const c_char,
+    out: *mut *mut rzc_weights,
+) -> rzc_status {
     ffi_boundary! {
         crate::handle::not_null(out, "out")?;
         let path = unsafe { c_str(path, "path")? };
@@ -105,7 +112,12 @@ pub unsafe extern "C" fn rzc_weights_free(w: *mut rzc_weights) {
 /// `w` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_weights_len(w: *const rzc_weights) -> usize {
-    ffi_value_boundary!(0, unsafe { rzc_weights::borrow(w, "w") }.map(Weights::len).unwrap_or(0))
+    ffi_value_boundary!(
+        0,
+        unsafe { rzc_weights::borrow(w, "w") }
+            .map(Weights::len)
+            .unwrap_or(0)
+    )
 }
 
 /// Describes tensor `index` (0-based, in the order of the data).
@@ -113,13 +125,17 @@ pub unsafe extern "C" fn rzc_weights_len(w: *const rzc_weights) -> usize {
 /// # Safety
 /// `w` is a live handle; `out` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_weights_get(w: *const rzc_weights, index: usize, out: *mut rzc_tensor_info) -> rzc_status {
+pub unsafe extern "C" fn rzc_weights_get(
+    w: *const rzc_weights,
+    index: usize,
+    out: *mut rzc_tensor_info,
+) -> rzc_status {
     ffi_boundary! {
         let w = unsafe { rzc_weights::borrow(w, "w")? };
         crate::handle::not_null(out, "out")?;
         let t = w.get(index)?;
         let info = rzc_tensor_info {
-            name: t.name.as_ptr().cast(),
+            name: t.name_nul.as_ptr().cast(),
             name_len: t.name.len(),
             dtype: t.dtype,
             ndim: t.shape.len() as u32,
@@ -136,7 +152,11 @@ pub unsafe extern "C" fn rzc_weights_get(w: *const rzc_weights, index: usize, ou
 /// # Safety
 /// `w` is a live handle; `name` is NUL-terminated; `index_out` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_weights_find(w: *const rzc_weights, name: *const c_char, index_out: *mut usize) -> rzc_status {
+pub unsafe extern "C" fn rzc_weights_find(
+    w: *const rzc_weights,
+    name: *const c_char,
+    index_out: *mut usize,
+) -> rzc_status {
     ffi_boundary! {
         let w = unsafe { rzc_weights::borrow(w, "w")? };
         let name = unsafe { c_str(name, "name")? };
@@ -211,7 +231,12 @@ pub unsafe extern "C" fn rzc_weights_to_dlpack_legacy(
 /// `w` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_weights_metadata_len(w: *const rzc_weights) -> usize {
-    ffi_value_boundary!(0, unsafe { rzc_weights::borrow(w, "w") }.map(|w| w.metadata().len()).unwrap_or(0))
+    ffi_value_boundary!(
+        0,
+        unsafe { rzc_weights::borrow(w, "w") }
+            .map(|w| w.metadata().len())
+            .unwrap_or(0)
+    )
 }
 
 /// Reads `__metadata__` entry `index` (entries sorted by key).
@@ -219,7 +244,11 @@ pub unsafe extern "C" fn rzc_weights_metadata_len(w: *const rzc_weights) -> usiz
 /// # Safety
 /// `w` is a live handle; `out` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_weights_metadata_get(w: *const rzc_weights, index: usize, out: *mut rzc_metadata_entry) -> rzc_status {
+pub unsafe extern "C" fn rzc_weights_metadata_get(
+    w: *const rzc_weights,
+    index: usize,
+    out: *mut rzc_metadata_entry,
+) -> rzc_status {
     ffi_boundary! {
         let w = unsafe { rzc_weights::borrow(w, "w")? };
         crate::handle::not_null(out, "out")?;

@@ -6,13 +6,18 @@ use std::path::Path;
 
 fn generate() -> String {
     let dir = env!("CARGO_MANIFEST_DIR");
-    let mut config = cbindgen::Config::from_file(Path::new(dir).join("cbindgen.toml")).expect("cbindgen.toml");
+    let mut config =
+        cbindgen::Config::from_file(Path::new(dir).join("cbindgen.toml")).expect("cbindgen.toml");
     config.after_includes = config.after_includes.map(|s| {
         s.replace("@MAJOR@", env!("CARGO_PKG_VERSION_MAJOR"))
             .replace("@MINOR@", env!("CARGO_PKG_VERSION_MINOR"))
             .replace("@PATCH@", env!("CARGO_PKG_VERSION_PATCH"))
     });
-    let bindings = cbindgen::Builder::new().with_crate(dir).with_config(config).generate().expect("cbindgen");
+    let bindings = cbindgen::Builder::new()
+        .with_crate(dir)
+        .with_config(config)
+        .generate()
+        .expect("cbindgen");
     let mut out = Vec::new();
     bindings.write(&mut out);
     String::from_utf8(out).expect("UTF-8 header")
@@ -27,7 +32,10 @@ fn header_is_up_to_date() {
         return;
     }
     let current = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(current == fresh, "include/rzc.h is out of date: run `make header` and commit the result");
+    assert!(
+        current == fresh,
+        "include/rzc.h is out of date: run `make header` and commit the result"
+    );
 }
 
 /// Items of `header` not directly preceded by the end of a doc comment:
@@ -42,9 +50,16 @@ fn undocumented(header: &str) -> Vec<String> {
         let comment = t.starts_with('/') || t.starts_with('*');
         let top_decl = !line.starts_with(' ')
             && !comment
-            && (t.starts_with("typedef ") || t.starts_with("#define RZC_VERSION") || t.starts_with("#define DLPACK") || (t.contains('(') && !t.starts_with('#')));
+            && (t.starts_with("typedef ")
+                || t.starts_with("#define RZC_VERSION")
+                || t.starts_with("#define DLPACK")
+                || (t.contains('(') && !t.starts_with('#')));
         let member = in_body && line.starts_with(' ') && !comment && !t.is_empty();
-        let documented = lines[..i].iter().rev().find(|l| !l.trim().is_empty()).is_some_and(|p| p.trim().ends_with("*/"));
+        let documented = lines[..i]
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .is_some_and(|p| p.trim().ends_with("*/"));
         if (top_decl || member) && !documented {
             found.push(line.to_string());
         }
@@ -60,11 +75,18 @@ fn undocumented(header: &str) -> Vec<String> {
 #[test]
 fn every_item_is_documented() {
     let missing = undocumented(&generate());
-    assert!(missing.is_empty(), "undocumented items in rzc.h: {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "undocumented items in rzc.h: {missing:#?}"
+    );
 }
 
 #[test]
 fn the_doc_check_sees_a_bare_item() {
-    let bare = "/** ok */\ntypedef struct a {\n  /** doc */\n  int x;\n  int y;\n} a;\nint f(void);\n";
-    assert_eq!(undocumented(bare), vec!["  int y;".to_string(), "int f(void);".to_string()]);
+    let bare =
+        "/** ok */\ntypedef struct a {\n  /** doc */\n  int x;\n  int y;\n} a;\nint f(void);\n";
+    assert_eq!(
+        undocumented(bare),
+        vec!["  int y;".to_string(), "int f(void);".to_string()]
+    );
 }

@@ -1,0 +1,258 @@
+//! Calls the built cdylib through `libloading`, declaring the functions and
+//! structs from the header as any foreign caller would: nothing from the
+//! crate's Rust API is used.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::PathBuf;
+
+use libloading::{Library, Symbol};
+
+#[repr(C)]
+struct TensorInfo {
+    name: *const c_char,
+    name_len: usize,
+    dtype: u32,
+    ndim: u32,
+    shape: *const i64,
+    data: *const u8,
+    nbytes: u64,
+}
+
+#[repr(C)]
+struct DLTensor {
+    data: *mut c_void,
+    device_type: i32,
+    device_id: i32,
+    ndim: i32,
+    dtype: [u8; 4],
+    shape: *mut i64,
+    strides: *mut i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+struct DLManagedTensorVersioned {
+    version: [u32; 2],
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensorVersioned)>,
+    flags: u64,
+    dl_tensor: DLTensor,
+}
+
+type Weights = c_void;
+
+fn cdylib() -> Library {
+    // target/<profile>/deps/abi-<hash> -> target/<profile>/librzc.so
+    let exe = std::env::current_exe().unwrap();
+    let dir: PathBuf = exe.parent().unwrap().parent().unwrap().into();
+    let path = dir.join(format!(
+        "{}rzc{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    unsafe { Library::new(&path) }.unwrap_or_else(|e| panic!("load {}: {e}", path.display()))
+}
+
+fn official_buffer() -> Vec<u8> {
+    use safetensors::tensor::TensorView;
+    let a: Vec<u8> = (0..12).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let b: Vec<u8> = vec![7, 8, 9];
+    let views = vec![
+        (
+            "weight".to_string(),
+            TensorView::new(safetensors::Dtype::F32, vec![3, 4], &a).unwrap(),
+        ),
+        (
+            "bias".to_string(),
+            TensorView::new(safetensors::Dtype::U8, vec![3], &b).unwrap(),
+        ),
+    ];
+    safetensors::serialize(views, None).unwrap()
+}
+
+struct Api<'l> {
+    open_memory: Symbol<'l, unsafe extern "C" fn(*const u8, usize, *mut *mut Weights) -> u32>,
+    free: Symbol<'l, unsafe extern "C" fn(*mut Weights)>,
+    len: Symbol<'l, unsafe extern "C" fn(*const Weights) -> usize>,
+    get: Symbol<'l, unsafe extern "C" fn(*const Weights, usize, *mut TensorInfo) -> u32>,
+    find: Symbol<'l, unsafe extern "C" fn(*const Weights, *const c_char, *mut usize) -> u32>,
+    to_dlpack: Symbol<
+        'l,
+        unsafe extern "C" fn(*const Weights, usize, *mut *mut DLManagedTensorVersioned) -> u32,
+    >,
+    last_error: Symbol<'l, unsafe extern "C" fn() -> *const c_char>,
+}
+
+impl<'l> Api<'l> {
+    fn new(lib: &'l Library) -> Api<'l> {
+        unsafe {
+            Api {
+                open_memory: lib.get(b"rzc_weights_open_memory").unwrap(),
+                free: lib.get(b"rzc_weights_free").unwrap(),
+                len: lib.get(b"rzc_weights_len").unwrap(),
+                get: lib.get(b"rzc_weights_get").unwrap(),
+                find: lib.get(b"rzc_weights_find").unwrap(),
+                to_dlpack: lib.get(b"rzc_weights_to_dlpack").unwrap(),
+                last_error: lib.get(b"rzc_last_error_message").unwrap(),
+            }
+        }
+    }
+    fn message(&self) -> String {
+        unsafe { CStr::from_ptr((self.last_error)()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+const OK: u32 = 0;
+const NULL_ARGUMENT: u32 = 1;
+const BAD_FORMAT: u32 = 3;
+const NOT_FOUND: u32 = 5;
+const OUT_OF_RANGE: u32 = 7;
+
+#[test]
+fn version_matches_cargo() {
+    let lib = cdylib();
+    let version: Symbol<unsafe extern "C" fn() -> *const c_char> =
+        unsafe { lib.get(b"rzc_version") }.unwrap();
+    let v = unsafe { CStr::from_ptr(version()) }.to_str().unwrap();
+    assert_eq!(v, env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn open_list_read_zero_copy() {
+    let lib = cdylib();
+    let api = Api::new(&lib);
+    let buf = official_buffer();
+    let mut w = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { (api.open_memory)(buf.as_ptr(), buf.len(), &mut w) },
+        OK
+    );
+    assert_eq!(unsafe { (api.len)(w) }, 2);
+    let mut idx = usize::MAX;
+    let name = CString::new("weight").unwrap();
+    assert_eq!(unsafe { (api.find)(w, name.as_ptr(), &mut idx) }, OK);
+    let mut info: TensorInfo = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { (api.get)(w, idx, &mut info) }, OK);
+    let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+    assert!(
+        range.contains(&(info.data as usize)),
+        "data points into the caller's buffer"
+    );
+    assert_eq!((info.dtype, info.ndim, info.nbytes), (11, 2, 48));
+    let name = unsafe { std::slice::from_raw_parts(info.name.cast::<u8>(), info.name_len) };
+    assert_eq!(name, b"weight");
+    let values = unsafe { std::slice::from_raw_parts(info.data.cast::<f32>(), 12) };
+    assert_eq!(values[11], 11.0);
+
+    let mut t = std::ptr::null_mut();
+    assert_eq!(unsafe { (api.to_dlpack)(w, idx, &mut t) }, OK);
+    // The handle goes first; the DLPack tensor must keep working.
+    unsafe { (api.free)(w) };
+    unsafe {
+        let dl = &(*t).dl_tensor;
+        assert_eq!((*t).version, [1, 1]);
+        assert_eq!((*t).flags & 1, 1, "READ_ONLY");
+        assert_eq!((dl.device_type, dl.device_id, dl.ndim), (1, 0, 2));
+        assert_eq!(dl.dtype, [2, 32, 1, 0]);
+        assert_eq!([*dl.shape, *dl.shape.add(1)], [3, 4]);
+        assert!(dl.strides.is_null());
+        assert_eq!(dl.data as usize, info.data as usize);
+        assert_eq!(*dl.data.cast::<f32>().add(5), 5.0);
+        ((*t).deleter.unwrap())(t);
+    }
+}
+
+#[test]
+fn errors_are_statuses_with_messages() {
+    let lib = cdylib();
+    let api = Api::new(&lib);
+    let mut w = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { (api.open_memory)(std::ptr::null(), 10, &mut w) },
+        NULL_ARGUMENT
+    );
+    assert!(api.message().contains("data"), "{}", api.message());
+    assert_eq!(
+        unsafe { (api.open_memory)(b"abc".as_ptr(), 3, std::ptr::null_mut()) },
+        NULL_ARGUMENT
+    );
+    assert!(api.message().contains("out"));
+    let buf = official_buffer();
+    assert_eq!(
+        unsafe { (api.open_memory)(buf.as_ptr(), buf.len() - 1, &mut w) },
+        BAD_FORMAT
+    );
+    assert!(
+        api.message().contains("run past the end"),
+        "{}",
+        api.message()
+    );
+    assert!(w.is_null(), "out-params are written only on success");
+
+    assert_eq!(
+        unsafe { (api.open_memory)(buf.as_ptr(), buf.len(), &mut w) },
+        OK
+    );
+    assert_eq!(api.message(), "", "a success clears the message");
+    let mut idx = 0;
+    let missing = CString::new("nope").unwrap();
+    assert_eq!(
+        unsafe { (api.find)(w, missing.as_ptr(), &mut idx) },
+        NOT_FOUND
+    );
+    assert!(api.message().contains("nope"));
+    let mut info: TensorInfo = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { (api.get)(w, 2, &mut info) }, OUT_OF_RANGE);
+    assert_eq!(
+        unsafe { (api.get)(std::ptr::null(), 0, &mut info) },
+        NULL_ARGUMENT
+    );
+    assert_eq!(unsafe { (api.len)(std::ptr::null()) }, 0);
+    unsafe { (api.free)(w) };
+    unsafe { (api.free)(std::ptr::null_mut()) };
+}
+
+#[test]
+fn messages_are_per_thread() {
+    let lib = cdylib();
+    let api = Api::new(&lib);
+    let mut w = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { (api.open_memory)(b"x".as_ptr(), 1, &mut w) },
+        BAD_FORMAT
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| assert_eq!(api.message(), ""));
+    });
+    assert!(api.message().contains("8-byte header length"));
+}
+
+#[test]
+fn concurrent_readers_share_one_handle() {
+    let lib = cdylib();
+    let api = Api::new(&lib);
+    let buf = official_buffer();
+    let mut w = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { (api.open_memory)(buf.as_ptr(), buf.len(), &mut w) },
+        OK
+    );
+    let handle = w as usize;
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..2000 {
+                    let mut t = std::ptr::null_mut();
+                    assert_eq!(
+                        unsafe { (api.to_dlpack)(handle as *const Weights, 1, &mut t) },
+                        OK
+                    );
+                    unsafe { ((*t).deleter.unwrap())(t) };
+                }
+            });
+        }
+    });
+    unsafe { (api.free)(w) };
+}

@@ -1,0 +1,223 @@
+/*
+ * C caller test: written only against include/rzc.h. Opens a file written by
+ * the official safetensors library, reads every tensor zero-copy, exports
+ * DLPack, frees the handle before the DLPack deleters, and checks statuses on
+ * malformed input.
+ *
+ * Usage: test_rzc FIXTURE_DIR
+ */
+#define _POSIX_C_SOURCE 200112L
+#include "rzc.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0;
+static int checks = 0;
+
+#define CHECK(cond)                                                            \
+  do {                                                                         \
+    checks++;                                                                  \
+    if (!(cond)) {                                                             \
+      failures++;                                                              \
+      fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__,  \
+              __LINE__, #cond, rzc_last_error_message());                      \
+    }                                                                          \
+  } while (0)
+
+static char *path_join(const char *dir, const char *name) {
+  size_t n = strlen(dir) + strlen(name) + 2;
+  char *p = malloc(n);
+  snprintf(p, n, "%s/%s", dir, name);
+  return p;
+}
+
+static unsigned char *read_all(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return NULL;
+  fseek(f, 0, SEEK_END);
+  long n = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  unsigned char *buf = malloc((size_t)n);
+  if (fread(buf, 1, (size_t)n, f) != (size_t)n) { free(buf); buf = NULL; }
+  fclose(f);
+  *len = (size_t)n;
+  return buf;
+}
+
+static size_t find(const rzc_weights *w, const char *name) {
+  size_t i = (size_t)-1;
+  CHECK(rzc_weights_find(w, name, &i) == RZC_OK);
+  return i;
+}
+
+static void test_file(const char *dir) {
+  char *path = path_join(dir, "sample.safetensors");
+  rzc_weights *w = NULL;
+  CHECK(rzc_weights_open_file(path, &w) == RZC_OK);
+  CHECK(w != NULL);
+  CHECK(rzc_weights_len(w) == 13);
+
+  const uint8_t *bytes = NULL;
+  size_t len = 0, data_start = 0, data_end = 0;
+  CHECK(rzc_weights_layout(w, &bytes, &len, &data_start, &data_end) == RZC_OK);
+  CHECK(data_end == len && data_start > 8 && data_start < len);
+
+  /* Every tensor: name, sizes, and a data pointer inside the mapping. */
+  for (size_t i = 0; i < rzc_weights_len(w); i++) {
+    rzc_tensor_info info;
+    CHECK(rzc_weights_get(w, i, &info) == RZC_OK);
+    CHECK(info.name_len > 0 && info.name[info.name_len] == '\0');
+    CHECK(info.data >= bytes + data_start && info.data + info.nbytes <= bytes + len);
+    uint64_t numel = 1;
+    for (uint32_t d = 0; d < info.ndim; d++) numel *= (uint64_t)info.shape[d];
+    CHECK(numel * rzc_dtype_bits(info.dtype) / 8 == info.nbytes);
+  }
+
+  rzc_tensor_info info;
+  CHECK(rzc_weights_get(w, find(w, "ramp_f32"), &info) == RZC_OK);
+  CHECK(info.dtype == RZC_DTYPE_F32 && info.ndim == 3 && info.shape[0] == 2 &&
+        info.shape[1] == 3 && info.shape[2] == 4 && info.nbytes == 96);
+  const float *ramp = (const float *)info.data;
+  for (int k = 0; k < 24; k++) CHECK(ramp[k] == (float)k);
+
+  CHECK(rzc_weights_get(w, find(w, "ids_i64"), &info) == RZC_OK);
+  CHECK(info.dtype == RZC_DTYPE_I64 && ((const int64_t *)info.data)[2] == (1LL << 40));
+  CHECK(rzc_weights_get(w, find(w, "ones_bf16"), &info) == RZC_OK);
+  CHECK(info.dtype == RZC_DTYPE_BF16 && ((const uint16_t *)info.data)[4] == 0x3f80);
+  CHECK(rzc_weights_get(w, find(w, "scalar_f64"), &info) == RZC_OK);
+  CHECK(info.ndim == 0 && *(const double *)info.data == 3.25);
+  CHECK(rzc_weights_get(w, find(w, "empty_f32"), &info) == RZC_OK);
+  CHECK(info.ndim == 2 && info.shape[0] == 0 && info.nbytes == 0);
+  CHECK(rzc_weights_get(w, find(w, "f8_e4m3"), &info) == RZC_OK);
+  CHECK(info.dtype == RZC_DTYPE_F8E4M3 && info.data[0] == 0x38); /* 1.0 in e4m3fn */
+  CHECK(strcmp(rzc_dtype_name(info.dtype), "F8_E4M3") == 0);
+
+  const char *value = NULL;
+  size_t value_len = 0;
+  CHECK(rzc_weights_metadata_find(w, "producer", &value, &value_len) == RZC_OK);
+  CHECK(value_len == 13 && memcmp(value, "make_fixtures", 13) == 0);
+  CHECK(rzc_weights_metadata_len(w) == 2);
+
+  /* DLPack: versioned and legacy, then free the handle before the deleters. */
+  DLManagedTensorVersioned *t = NULL;
+  DLManagedTensor *legacy = NULL;
+  size_t ramp_index = find(w, "ramp_f32");
+  CHECK(rzc_weights_to_dlpack(w, ramp_index, &t) == RZC_OK);
+  CHECK(rzc_weights_to_dlpack_legacy(w, find(w, "ids_i64"), &legacy) == RZC_OK);
+  DLManagedTensorVersioned *b16 = NULL;
+  CHECK(rzc_weights_to_dlpack(w, find(w, "ones_bf16"), &b16) == RZC_OK);
+  rzc_weights_free(w);
+  w = NULL;
+
+  CHECK(t->version.major == DLPACK_MAJOR_VERSION);
+  CHECK(t->flags & DLPACK_FLAG_BITMASK_READ_ONLY);
+  CHECK(!(t->flags & DLPACK_FLAG_BITMASK_IS_COPIED));
+  CHECK(t->dl_tensor.device.device_type == kDLCPU && t->dl_tensor.device.device_id == 0);
+  CHECK(t->dl_tensor.dtype.code == kDLFloat && t->dl_tensor.dtype.bits == 32 && t->dl_tensor.dtype.lanes == 1);
+  CHECK(t->dl_tensor.ndim == 3 && t->dl_tensor.shape[2] == 4 && t->dl_tensor.strides == NULL);
+  CHECK(t->dl_tensor.byte_offset == 0);
+  CHECK(((const float *)t->dl_tensor.data)[23] == 23.0f); /* still mapped */
+  CHECK(b16->dl_tensor.dtype.code == kDLBfloat && b16->dl_tensor.dtype.bits == 16);
+  CHECK(legacy->dl_tensor.dtype.code == kDLInt && legacy->dl_tensor.dtype.bits == 64);
+  CHECK(((const int64_t *)legacy->dl_tensor.data)[0] == -1);
+  t->deleter(t);
+  rzc_dlpack_versioned_free(b16);
+  legacy->deleter(legacy);
+  free(path);
+}
+
+static void test_memory(const char *dir) {
+  char *path = path_join(dir, "sample.safetensors");
+  size_t len = 0;
+  unsigned char *buf = read_all(path, &len);
+  CHECK(buf != NULL);
+  rzc_weights *w = NULL;
+  CHECK(rzc_weights_open_memory(buf, len, &w) == RZC_OK);
+  rzc_tensor_info info;
+  CHECK(rzc_weights_get(w, find(w, "i16"), &info) == RZC_OK);
+  /* Zero-copy: the pointer lies inside the caller's own buffer. */
+  CHECK(info.data > buf && info.data + info.nbytes <= buf + len);
+  CHECK(((const int16_t *)info.data)[1] == -300);
+  rzc_weights_free(w);
+  free(buf);
+  free(path);
+}
+
+static void expect_bad(const char *dir, const char *name, const char *needle) {
+  char *path = path_join(dir, name);
+  rzc_weights *w = (rzc_weights *)0x1; /* must stay untouched on failure */
+  CHECK(rzc_weights_open_file(path, &w) == RZC_BAD_FORMAT);
+  CHECK(w == (rzc_weights *)0x1);
+  CHECK(strstr(rzc_last_error_message(), needle) != NULL);
+  free(path);
+}
+
+static void test_errors(const char *dir) {
+  expect_bad(dir, "truncated.safetensors", "run past the end");
+  expect_bad(dir, "huge_header.safetensors", "exceeds the limit");
+  expect_bad(dir, "not_json.safetensors", "JSON");
+
+  rzc_weights *w = NULL;
+  CHECK(rzc_weights_open_file("/nonexistent/x.safetensors", &w) == RZC_IO);
+  CHECK(strstr(rzc_last_error_message(), "/nonexistent/x.safetensors") != NULL);
+  CHECK(rzc_weights_open_file(NULL, &w) == RZC_NULL_ARGUMENT);
+  CHECK(rzc_weights_open_memory(NULL, 0, &w) == RZC_NULL_ARGUMENT);
+  CHECK(rzc_weights_get(NULL, 0, NULL) == RZC_NULL_ARGUMENT);
+  CHECK(rzc_weights_to_dlpack(NULL, 0, NULL) == RZC_NULL_ARGUMENT);
+  CHECK(strcmp(rzc_status_name(RZC_BAD_FORMAT), "RZC_BAD_FORMAT") == 0);
+  CHECK(strcmp(rzc_status_name(999), "RZC_UNKNOWN") == 0);
+  rzc_weights_free(NULL);
+}
+
+static void test_pack(void) {
+  float a[6] = {1, 2, 3, 4, 5, 6};
+  uint8_t b[3] = {9, 8, 7};
+  int64_t sa[2] = {2, 3}, sb[1] = {3};
+  rzc_pack_tensor in[2] = {
+      {"b", 1, RZC_DTYPE_U8, 1, sb, b, sizeof b},
+      {"a", 1, RZC_DTYPE_F32, 2, sa, (const uint8_t *)a, sizeof a},
+  };
+  rzc_metadata_entry meta = {"format", 6, "pt", 2};
+  rzc_pack_plan *plan = NULL;
+  CHECK(rzc_pack_plan_new(in, 2, &meta, 1, NULL, &plan) == RZC_OK);
+  size_t total = (size_t)rzc_pack_plan_total_size(plan);
+  uint8_t *dst = NULL;
+  CHECK(posix_memalign((void **)&dst, 64, total) == 0);
+  CHECK(rzc_pack_plan_write(plan, dst, total - 1) == RZC_BUFFER_TOO_SMALL);
+  CHECK(rzc_pack_plan_write(plan, dst, total) == RZC_OK);
+  uint64_t off = 0;
+  CHECK(rzc_pack_plan_offset(plan, 1, &off) == RZC_OK && off % 64 == 0);
+  rzc_pack_plan_free(plan);
+
+  rzc_weights *w = NULL;
+  CHECK(rzc_weights_open_memory(dst, total, &w) == RZC_OK);
+  CHECK(rzc_weights_len(w) == 2); /* padding entries are hidden */
+  rzc_tensor_info info;
+  CHECK(rzc_weights_get(w, find(w, "a"), &info) == RZC_OK);
+  CHECK(info.data == dst + off && ((const float *)info.data)[5] == 6.0f);
+  rzc_weights_free(w);
+  free(dst);
+
+  in[0].dtype = 77;
+  CHECK(rzc_pack_plan_new(in, 2, NULL, 0, NULL, &plan) == RZC_UNSUPPORTED_DTYPE);
+  in[0].dtype = RZC_DTYPE_U8;
+  in[0].nbytes = 2;
+  CHECK(rzc_pack_plan_new(in, 2, NULL, 0, NULL, &plan) == RZC_INVALID_ARGUMENT);
+}
+
+int main(int argc, char **argv) {
+  if (argc != 2) {
+    fprintf(stderr, "usage: %s FIXTURE_DIR\n", argv[0]);
+    return 2;
+  }
+  CHECK(strcmp(rzc_version(), "0.0.0") != 0);
+  test_file(argv[1]);
+  test_memory(argv[1]);
+  test_errors(argv[1]);
+  test_pack();
+  printf("C: %d passed, %d failed\n", checks - failures, failures);
+  return failures == 0 ? 0 : 1;
+}
