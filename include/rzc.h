@@ -32,7 +32,7 @@
 #include <stdint.h>
 #include <stdbool.h>
 
-/** Version of this header, from Cargo.toml. */
+/** Major version of this header, from Cargo.toml. */
 #define RZC_VERSION_MAJOR 0
 /** Minor version of this header. */
 #define RZC_VERSION_MINOR 1
@@ -584,6 +584,31 @@ typedef struct rzc_pack_options {
 } rzc_pack_options;
 
 /**
+ * Called exactly once with `ctx` when the last user of a borrowed buffer is
+ * gone (the handle and every tensor exported from it). It may run on any
+ * thread: whichever frees the last of them.
+ */
+typedef void (*rzc_release_fn)(void *ctx);
+
+/**
+ * Options of `rzc_weights_open_memory_ex`. Zero-initialise, then set fields.
+ */
+typedef struct rzc_open_options {
+  /**
+   * Called once when the buffer is no longer used (may be NULL).
+   */
+  rzc_release_fn release;
+  /**
+   * Passed to `release`.
+   */
+  void *release_ctx;
+  /**
+   * Reserved; must be 0.
+   */
+  uint32_t flags;
+} rzc_open_options;
+
+/**
  * One tensor of an opened buffer. Every pointer stays valid until the handle
  * is freed.
  */
@@ -748,6 +773,23 @@ void rzc_pack_plan_free(struct rzc_pack_plan *plan);
 enum rzc_status rzc_weights_open_memory(const uint8_t *data, size_t len, struct rzc_weights **out);
 
 /**
+ * Same as `rzc_weights_open_memory`, and when `options->release` is set the
+ * library calls it once the handle and every tensor exported from it are
+ * gone: the caller's owner of the bytes (e.g. a Python object holding Ray's
+ * shared-memory buffer) can live exactly as long as it is needed. When the
+ * call fails, `release` is not called and the caller still owns the bytes.
+ * NULL `options` behaves as `rzc_weights_open_memory`.
+ *
+ * # Safety
+ * As for `rzc_weights_open_memory`, with the bytes kept valid until
+ * `release` runs; `options` is NULL or valid.
+ */
+enum rzc_status rzc_weights_open_memory_ex(const uint8_t *data,
+                                           size_t len,
+                                           const struct rzc_open_options *options,
+                                           struct rzc_weights **out);
+
+/**
  * Memory-maps the file at `path` (UTF-8, NUL-terminated) read-only and opens
  * it. The file must not be modified while it is open.
  *
@@ -830,6 +872,18 @@ enum rzc_status rzc_weights_to_dlpack(const struct rzc_weights *w,
 enum rzc_status rzc_weights_to_dlpack_legacy(const struct rzc_weights *w,
                                              size_t index,
                                              struct DLManagedTensor **out);
+
+/**
+ * Exports the whole data section (everything after the header) as one
+ * read-only 1-D `U8` versioned DLPack tensor. Tensor `i` lies at byte
+ * `info.data - data_start` of it (see `rzc_weights_layout`): a consumer can
+ * cut every tensor out of this one export as a view.
+ *
+ * # Safety
+ * `w` is a live handle; `out` is valid for a write.
+ */
+enum rzc_status rzc_weights_data_to_dlpack(const struct rzc_weights *w,
+                                           struct DLManagedTensorVersioned **out);
 
 /**
  * Number of `__metadata__` entries (0 for a NULL handle).

@@ -1,13 +1,14 @@
 //! `rzc_weights`: an opened safetensors buffer and its tensor table.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void};
 use std::path::Path;
+use std::sync::Arc;
 
 use rzc_core::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
-use rzc_core::{Dtype, Weights};
+use rzc_core::{Bytes, Dtype, Weights};
 
 use crate::handle::{c_str, str_n, write_out, Handle};
-use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status};
+use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
 
 /// An opened, validated safetensors buffer (opaque). Read-only after opening:
 /// every call taking a `const rzc_weights *` may run on several threads.
@@ -74,6 +75,86 @@ pub unsafe extern "C" fn rzc_weights_open_memory(
         crate::handle::not_null(data, "data")?;
         // SAFETY: the caller keeps `data` alive, as documented.
         let w = unsafe { Weights::from_borrowed(data, len)? };
+        unsafe { write_out(out, "out", rzc_weights::into_raw(w)) }
+    }
+}
+
+/// Called exactly once with `ctx` when the last user of a borrowed buffer is
+/// gone (the handle and every tensor exported from it). It may run on any
+/// thread: whichever frees the last of them.
+pub type rzc_release_fn = Option<unsafe extern "C" fn(ctx: *mut c_void)>;
+
+/// Options of `rzc_weights_open_memory_ex`. Zero-initialise, then set fields.
+#[repr(C)]
+pub struct rzc_open_options {
+    /// Called once when the buffer is no longer used (may be NULL).
+    pub release: rzc_release_fn,
+    /// Passed to `release`.
+    pub release_ctx: *mut c_void,
+    /// Reserved; must be 0.
+    pub flags: u32,
+}
+
+/// Borrowed bytes whose owner is told, through its callback, when the last
+/// reference is dropped.
+struct Released {
+    ptr: *const u8,
+    len: usize,
+    release: rzc_release_fn,
+    ctx: *mut c_void,
+}
+
+// SAFETY: the caller of `rzc_weights_open_memory_ex` keeps the bytes valid and
+// unchanged until `release` runs, and the callback may run on any thread.
+unsafe impl Send for Released {}
+unsafe impl Sync for Released {}
+
+impl Bytes for Released {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: see above; `ptr` is non-NULL (checked at open).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        if let Some(release) = self.release {
+            // SAFETY: the caller's callback, called exactly once.
+            unsafe { release(self.ctx) };
+        }
+    }
+}
+
+/// Same as `rzc_weights_open_memory`, and when `options->release` is set the
+/// library calls it once the handle and every tensor exported from it are
+/// gone: the caller's owner of the bytes (e.g. a Python object holding Ray's
+/// shared-memory buffer) can live exactly as long as it is needed. When the
+/// call fails, `release` is not called and the caller still owns the bytes.
+/// NULL `options` behaves as `rzc_weights_open_memory`.
+///
+/// # Safety
+/// As for `rzc_weights_open_memory`, with the bytes kept valid until
+/// `release` runs; `options` is NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_open_memory_ex(
+    data: *const u8,
+    len: usize,
+    options: *const rzc_open_options,
+    out: *mut *mut rzc_weights,
+) -> rzc_status {
+    ffi_boundary! {
+        crate::handle::not_null(out, "out")?;
+        crate::handle::not_null(data, "data")?;
+        let (release, ctx, flags) = match unsafe { options.as_ref() } {
+            Some(o) => (o.release, o.release_ctx, o.flags),
+            None => (None, std::ptr::null_mut(), 0),
+        };
+        if flags != 0 {
+            return Err(Failure::new(RZC_INVALID_ARGUMENT, format!("unknown open flags {flags:#x}")));
+        }
+        // SAFETY: the caller keeps `len` bytes at `data` alive until `release`.
+        let bytes = unsafe { std::slice::from_raw_parts(data, len) };
+        let w = Weights::from_validated(bytes, || Arc::new(Released { ptr: data, len, release, ctx }))?;
         unsafe { write_out(out, "out", rzc_weights::into_raw(w)) }
     }
 }
@@ -222,6 +303,24 @@ pub unsafe extern "C" fn rzc_weights_to_dlpack_legacy(
         let w = unsafe { rzc_weights::borrow(w, "w")? };
         crate::handle::not_null(out, "out")?;
         unsafe { write_out(out, "out", w.to_dlpack_legacy(index)?) }
+    }
+}
+
+/// Exports the whole data section (everything after the header) as one
+/// read-only 1-D `U8` versioned DLPack tensor. Tensor `i` lies at byte
+/// `info.data - data_start` of it (see `rzc_weights_layout`): a consumer can
+/// cut every tensor out of this one export as a view.
+///
+/// # Safety
+/// `w` is a live handle; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_data_to_dlpack(
+    w: *const rzc_weights,
+    out: *mut *mut DLManagedTensorVersioned,
+) -> rzc_status {
+    ffi_boundary! {
+        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        unsafe { write_out(out, "out", w.data_section_to_dlpack()) }
     }
 }
 

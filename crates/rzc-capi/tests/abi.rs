@@ -256,3 +256,68 @@ fn concurrent_readers_share_one_handle() {
     });
     unsafe { (api.free)(w) };
 }
+
+#[repr(C)]
+struct OpenOptions {
+    release: Option<unsafe extern "C" fn(*mut c_void)>,
+    release_ctx: *mut c_void,
+    flags: u32,
+}
+
+unsafe extern "C" fn count_release(ctx: *mut c_void) {
+    let n = unsafe { &*(ctx as *const std::sync::atomic::AtomicUsize) };
+    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
+fn release_runs_once_after_the_last_tensor() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let lib = cdylib();
+    let api = Api::new(&lib);
+    let open_ex: Symbol<
+        unsafe extern "C" fn(*const u8, usize, *const OpenOptions, *mut *mut Weights) -> u32,
+    > = unsafe { lib.get(b"rzc_weights_open_memory_ex") }.unwrap();
+    let buf = official_buffer();
+    let released = AtomicUsize::new(0);
+    let opts = OpenOptions {
+        release: Some(count_release),
+        release_ctx: &released as *const _ as *mut c_void,
+        flags: 0,
+    };
+
+    // A failed open never calls release: the caller still owns the bytes.
+    let mut w = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { open_ex(buf.as_ptr(), 5, &opts, &mut w) },
+        BAD_FORMAT
+    );
+    assert_eq!(released.load(Ordering::SeqCst), 0);
+    let bad_flags = OpenOptions { flags: 8, ..opts };
+    assert_eq!(
+        unsafe { open_ex(buf.as_ptr(), buf.len(), &bad_flags, &mut w) },
+        2
+    );
+    assert!(api.message().contains("flags"));
+
+    assert_eq!(
+        unsafe { open_ex(buf.as_ptr(), buf.len(), &opts, &mut w) },
+        OK
+    );
+    let mut t1 = std::ptr::null_mut();
+    let mut t2 = std::ptr::null_mut();
+    assert_eq!(unsafe { (api.to_dlpack)(w, 0, &mut t1) }, OK);
+    assert_eq!(unsafe { (api.to_dlpack)(w, 1, &mut t2) }, OK);
+    unsafe { (api.free)(w) };
+    assert_eq!(released.load(Ordering::SeqCst), 0, "tensors still alive");
+    unsafe { ((*t1).deleter.unwrap())(t1) };
+    assert_eq!(released.load(Ordering::SeqCst), 0);
+    // The last tensor goes on another thread: release runs there, once.
+    let t2 = t2 as usize;
+    std::thread::spawn(move || unsafe {
+        let t2 = t2 as *mut DLManagedTensorVersioned;
+        ((*t2).deleter.unwrap())(t2)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(released.load(Ordering::SeqCst), 1);
+}

@@ -8,11 +8,14 @@ fn generate() -> String {
     let dir = env!("CARGO_MANIFEST_DIR");
     let mut config =
         cbindgen::Config::from_file(Path::new(dir).join("cbindgen.toml")).expect("cbindgen.toml");
-    config.after_includes = config.after_includes.map(|s| {
-        s.replace("@MAJOR@", env!("CARGO_PKG_VERSION_MAJOR"))
-            .replace("@MINOR@", env!("CARGO_PKG_VERSION_MINOR"))
-            .replace("@PATCH@", env!("CARGO_PKG_VERSION_PATCH"))
-    });
+    config.after_includes = Some(format!(
+        "\n/** Major version of this header, from Cargo.toml. */\n#define RZC_VERSION_MAJOR {}\n\
+         /** Minor version of this header. */\n#define RZC_VERSION_MINOR {}\n\
+         /** Patch version of this header. */\n#define RZC_VERSION_PATCH {}",
+        env!("CARGO_PKG_VERSION_MAJOR"),
+        env!("CARGO_PKG_VERSION_MINOR"),
+        env!("CARGO_PKG_VERSION_PATCH")
+    ));
     let bindings = cbindgen::Builder::new()
         .with_crate(dir)
         .with_config(config)

@@ -83,6 +83,25 @@ impl Weights {
     /// Opens bytes that `owner` keeps alive.
     pub fn from_owner(owner: Storage) -> Result<Weights> {
         let header = header::parse(owner.bytes())?;
+        Ok(Weights::with_header(owner, header))
+    }
+
+    /// Validates `bytes` and only when they are valid calls `make_owner` for
+    /// the owner that keeps them alive (which must own exactly these bytes).
+    /// An owner with side effects on drop (a release callback) is thus never
+    /// created for a buffer that fails to open.
+    pub fn from_validated(bytes: &[u8], make_owner: impl FnOnce() -> Storage) -> Result<Weights> {
+        let header = header::parse(bytes)?;
+        let owner = make_owner();
+        assert!(
+            std::ptr::eq(owner.bytes().as_ptr(), bytes.as_ptr())
+                && owner.bytes().len() == bytes.len(),
+            "the owner must own the validated bytes"
+        );
+        Ok(Weights::with_header(owner, header))
+    }
+
+    fn with_header(owner: Storage, header: header::Header) -> Weights {
         let data_end = owner.bytes().len();
         let tensors: Vec<TensorMeta> = header
             .tensors
@@ -94,14 +113,14 @@ impl Weights {
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        Ok(Weights {
+        Weights {
             storage: owner,
             tensors,
             by_name,
             metadata: header.metadata,
             data_start: header.data_start,
             data_end,
-        })
+        }
     }
 
     /// Opens a copy-free view of `len` bytes at `ptr`.
@@ -233,6 +252,27 @@ impl Weights {
             &desc,
             dlpack::DLPACK_FLAG_BITMASK_READ_ONLY,
         ))
+    }
+
+    /// Exports the whole data section (from the end of the header to the end
+    /// of the buffer) as one read-only 1-D `U8` DLPack tensor: a consumer can
+    /// cut every tensor out of it as a view, at `offset - data_start`.
+    pub fn data_section_to_dlpack(&self) -> *mut DLManagedTensorVersioned {
+        let len = (self.data_end - self.data_start) as i64;
+        let desc = TensorDesc {
+            data: self.bytes()[self.data_start..].as_ptr() as *mut _,
+            device: DLDevice {
+                device_type: DLDeviceType::kDLCPU,
+                device_id: 0,
+            },
+            dtype: crate::Dtype::U8.to_dlpack().expect("U8"),
+            shape: &[len],
+        };
+        dlpack::export_versioned(
+            self.storage.clone(),
+            &desc,
+            dlpack::DLPACK_FLAG_BITMASK_READ_ONLY,
+        )
     }
 
     /// Same as [`Weights::to_dlpack`] in the legacy (unversioned) form.

@@ -132,3 +132,28 @@ fn lookup_errors() {
     assert_eq!(e.kind(), ErrorKind::Io);
     assert!(e.message().contains("/nonexistent/model.safetensors"));
 }
+
+#[test]
+fn data_section_export_covers_every_tensor() {
+    let buf = official(
+        &[
+            ("a", safetensors::Dtype::U8, vec![3], vec![1, 2, 3]),
+            ("b", safetensors::Dtype::U8, vec![2], vec![4, 5]),
+        ],
+        None,
+    );
+    let w = Weights::from_vec(buf).unwrap();
+    let m = w.data_section_to_dlpack();
+    unsafe {
+        assert_eq!(
+            *(*m).dl_tensor.shape,
+            (w.data_end() - w.data_start()) as i64
+        );
+        let base = (*m).dl_tensor.data as *const u8;
+        for (i, t) in w.tensors().iter().enumerate() {
+            let view = std::slice::from_raw_parts(base.add(t.offset - w.data_start()), t.nbytes);
+            assert_eq!(view, w.data(i).unwrap());
+        }
+        ((*m).deleter.unwrap())(m);
+    }
+}
