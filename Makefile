@@ -38,7 +38,10 @@ header:
 test: setup test-rust test-c
 	@echo "all tests passed"
 
+# `cargo test` links tests against the rlib only; the libloading tests need
+# the cdylib built first.
 test-rust:
+	cargo build --workspace
 	cargo test --workspace
 
 # The header compiles standalone as C99 and C++17; the C and C++ callers run
