@@ -14,9 +14,9 @@ VALGRIND := valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-k
 FUZZ_SECONDS ?= 20
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup native venv fixtures header test test-rust test-c test-header-c fuzz bench bench-core examples clean
+.PHONY: setup native venv python fixtures header test test-rust test-c test-header-c test-python fuzz bench bench-core examples clean
 
-setup: venv native
+setup: venv native python
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: python_shim/requirements-dev.txt
@@ -35,7 +35,7 @@ fixtures: venv
 header:
 	RZC_BLESS_HEADER=1 cargo test -q -p rzc-capi --test header
 
-test: setup test-rust test-c
+test: setup test-rust test-c test-python
 	@echo "all tests passed"
 
 # `cargo test` links tests against the rlib only; the libloading tests need
@@ -83,3 +83,11 @@ bench-core:
 clean:
 	cargo clean
 	rm -rf $(BUILD) bench-results fuzz/target
+
+# The Python package, built by maturin from python_shim/ and installed into the venv.
+python: venv native
+	cd python_shim && ../$(VPY) -m maturin build --release -q -i ../$(VPY) -o ../$(BUILD)/wheels
+	$(VPY) -m pip install -q --force-reinstall --no-deps $$(ls -t $(BUILD)/wheels/ray_zerocopy-*.whl | head -1)
+
+test-python: python
+	$(VPY) -m pytest -q tests/python

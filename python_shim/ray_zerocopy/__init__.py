@@ -1,0 +1,49 @@
+"""ray-zerocopy: one copy of a model's weights per machine, however many Ray
+actors use it.
+
+    from ray_zerocopy import ActorWrapper
+    wrapper = ActorWrapper(pipeline, device="cpu")      # once, on the driver
+    pipeline = wrapper.load()                           # in each actor: zero-copy
+
+Importing this package needs only numpy and the native library; torch, JAX
+and Ray are imported when used.
+"""
+
+from ._native import version as _native_version
+from .errors import (
+    BadFormatError,
+    CudaError,
+    InvalidArgumentError,
+    NoCudaError,
+    NotFoundError,
+    RzcError,
+    UnsupportedDtypeError,
+)
+from .weights import PackInput, TensorInfo, Weights, pack
+
+__version__ = _native_version()
+
+__all__ = [
+    "ActorWrapper",
+    "TaskWrapper",
+    "Weights",
+    "TensorInfo",
+    "PackInput",
+    "pack",
+    "RzcError",
+    "BadFormatError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "UnsupportedDtypeError",
+    "NoCudaError",
+    "CudaError",
+]
+
+
+def __getattr__(name):
+    # The wrappers need Ray only when used; resolve them on first access.
+    if name in ("ActorWrapper", "TaskWrapper"):
+        from . import wrappers
+
+        return getattr(wrappers, name)
+    raise AttributeError(f"module 'ray_zerocopy' has no attribute {name!r}")

@@ -1,0 +1,89 @@
+"""DLPack producer objects over tensors of an opened buffer.
+
+A consumer (``torch.from_dlpack``, ``np.from_dlpack``, ``jax.dlpack.from_dlpack``)
+calls ``__dlpack__``; we return a capsule holding a ``DLManagedTensorVersioned``
+when it asks with ``max_version >= (1, 0)`` and a legacy ``DLManagedTensor``
+otherwise (JAX asks without ``max_version``). The capsule's destructor calls
+the tensor's deleter only if no consumer took it (the protocol renames a taken
+capsule to ``used_dltensor*``). Capsules are made with the CPython API through
+ctypes: the native library stays free of Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from ._native import check, ffi, lib
+
+kDLCPU = 1
+kDLCUDA = 2
+
+_VERSIONED = b"dltensor_versioned"
+_LEGACY = b"dltensor"
+
+_api = ctypes.pythonapi
+_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_api.PyCapsule_New.restype = ctypes.py_object
+_api.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, _DESTRUCTOR]
+_api.PyCapsule_IsValid.restype = ctypes.c_int
+_api.PyCapsule_IsValid.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+_api.PyCapsule_GetPointer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
+
+@_DESTRUCTOR
+def _free_versioned(capsule):  # pragma: no cover - runs inside capsule dealloc
+    if _api.PyCapsule_IsValid(capsule, _VERSIONED):
+        ptr = _api.PyCapsule_GetPointer(capsule, _VERSIONED)
+        lib.rzc_dlpack_versioned_free(ffi.cast("DLManagedTensorVersioned *", ptr))
+
+
+@_DESTRUCTOR
+def _free_legacy(capsule):  # pragma: no cover - runs inside capsule dealloc
+    if _api.PyCapsule_IsValid(capsule, _LEGACY):
+        ptr = _api.PyCapsule_GetPointer(capsule, _LEGACY)
+        lib.rzc_dlpack_legacy_free(ffi.cast("DLManagedTensor *", ptr))
+
+
+def versioned_capsule(managed) -> object:
+    """Wraps a ``DLManagedTensorVersioned *`` (cffi pointer) in a capsule."""
+    return _api.PyCapsule_New(int(ffi.cast("uintptr_t", managed)), _VERSIONED, _free_versioned)
+
+
+def legacy_capsule(managed) -> object:
+    """Wraps a ``DLManagedTensor *`` (cffi pointer) in a capsule."""
+    return _api.PyCapsule_New(int(ffi.cast("uintptr_t", managed)), _LEGACY, _free_legacy)
+
+
+class DLPackTensor:
+    """One tensor of an opened buffer, ready for any DLPack consumer.
+
+    Export is zero-copy and read-only; the tensor a consumer builds keeps the
+    underlying buffer alive for as long as it lives.
+    """
+
+    __slots__ = ("_exporter", "_index", "_device")
+
+    def __init__(self, exporter, index: int, device=(kDLCPU, 0)):
+        self._exporter = exporter
+        self._index = index
+        self._device = device
+
+    def __dlpack_device__(self):
+        return self._device
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if copy:
+            raise BufferError("ray-zerocopy exports shared memory without copying; copy=True is not supported")
+        if dl_device is not None and tuple(dl_device) != tuple(self._device):
+            raise BufferError(f"tensor lives on DLPack device {self._device}, not {tuple(dl_device)}")
+        if max_version is not None and max_version[0] >= 1:
+            return versioned_capsule(self._exporter.export_versioned(self._index))
+        return legacy_capsule(self._exporter.export_legacy(self._index))
+
+
+def export_checked(fn, handle, index: int, ctype: str):
+    """Calls an ``rzc_*_to_dlpack``-shaped function and returns the pointer."""
+    out = ffi.new(ctype + " **")
+    check(fn(handle, index, out))
+    return out[0]

@@ -1,0 +1,80 @@
+"""numpy adapter. Extended float types (bfloat16, float8) come from
+``ml_dtypes`` when it is installed (JAX installs it)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._native import DTYPE_CODES
+from .errors import UnsupportedDtypeError
+from .weights import PackInput, Weights
+
+_NAMES = {
+    "float32": "F32",
+    "float16": "F16",
+    "float64": "F64",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "bool": "BOOL",
+    "complex64": "C64",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e8m0fnu": "F8_E8M0",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+}
+
+
+def _to_numpy_dtypes() -> dict:
+    out = {}
+    for np_name, st in _NAMES.items():
+        try:
+            out[st] = np.dtype(np_name)
+        except TypeError:
+            try:
+                import ml_dtypes
+
+                out[st] = np.dtype(getattr(ml_dtypes, np_name))
+            except (ImportError, AttributeError):
+                pass
+    return out
+
+
+TO_NUMPY = _to_numpy_dtypes()
+
+
+def accepts(obj) -> bool:
+    return type(obj) is np.ndarray and obj.dtype.name in _NAMES
+
+
+def pack_input(a: np.ndarray, name: str) -> tuple[PackInput, object]:
+    st = _NAMES.get(a.dtype.name)
+    if st is None:
+        raise UnsupportedDtypeError("RZC_UNSUPPORTED_DTYPE", f"array {name!r} has dtype {a.dtype}, which safetensors cannot hold")
+    a = np.ascontiguousarray(a)
+    return PackInput(name, DTYPE_CODES[st], a.shape, a.ctypes.data, a.nbytes), a
+
+
+def arrays(weights: Weights, layout) -> list:
+    """Read-only numpy views of the tensors described by ``layout``, all cut
+    from one export of the data section (numpy honours DLPack's read-only
+    flag)."""
+    section = np.from_dlpack(weights.data_section())
+    start = weights.data_start
+    out = []
+    for t in layout:
+        dt = TO_NUMPY.get(t.dtype)
+        if dt is None:
+            raise UnsupportedDtypeError(
+                "RZC_UNSUPPORTED_DTYPE", f"a tensor has dtype {t.dtype}; install ml_dtypes to read it with numpy"
+            )
+        off = t.offset - start
+        out.append(section[off : off + t.nbytes].view(dt).reshape(t.shape))
+    return out

@@ -1,0 +1,247 @@
+"""Sealing an object's tensors into one buffer, and rebuilding the object.
+
+The object (an ``nn.Module``, a pipeline holding modules at any depth, a
+pytree of arrays) is pickled once with every tensor or array replaced by a
+reference (pickle's ``persistent_id``): the result is the small *skeleton*.
+The tensors are packed into one aligned safetensors buffer. Loading unpickles
+the skeleton and resolves each reference to a tensor adopted zero-copy from
+the buffer. The same tensor object reached twice (tied weights) is one
+reference, so it is stored once and comes back tied.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .errors import RzcError
+from .weights import PackInput, Weights, pack
+
+# Bytes of non-tensor data before the first and after the last tensor: one
+# page each, so the write guard can protect every page holding weights
+# without touching memory outside the buffer.
+GUARD_BYTES = 4096
+
+TORCH, TORCH_PARAM, NUMPY, JAX = "torch", "torch.param", "numpy", "jax"
+FRAMEWORK_OF = {TORCH: "torch", TORCH_PARAM: "torch", NUMPY: "numpy", JAX: "jax"}
+
+
+class Layout(NamedTuple):
+    """Where one tensor lies in the packed buffer (a named tuple: it travels
+    with every wrapper, and tuples pickle small)."""
+
+    offset: int  # from the buffer start
+    dtype: str
+    shape: tuple
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Packed:
+    """What sealing produces before the buffer goes to the object store."""
+
+    skeleton: bytes
+    kinds: tuple  # per tensor: TORCH, TORCH_PARAM, NUMPY or JAX
+    layout: tuple  # per tensor: Layout
+    buffer: object  # numpy uint8 array: the safetensors buffer
+
+
+def _adapters():
+    """The framework adapters whose frameworks are already imported: a
+    framework the caller does not use is never imported."""
+    out = []
+    if "torch" in sys.modules:
+        from . import _torch
+
+        out.append(("torch", _torch))
+    if "jax" in sys.modules:
+        from . import _jax
+
+        out.append(("jax", _jax))
+    from . import _numpy
+
+    out.append(("numpy", _numpy))
+    return out
+
+
+def walk(obj, is_leaf, prefix: str = "", seen=None, depth: int = 0):
+    """Yields ``(path, leaf)`` for every object reachable from ``obj``
+    through attributes, lists, tuples and dicts for which ``is_leaf`` holds
+    (without descending into leaves). Paths are dotted: ``encoder.layers.0``."""
+    if seen is None:
+        seen = set()
+    if depth > 64 or isinstance(obj, (str, bytes, int, float, bool, type(None))) or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if is_leaf(obj):
+        yield prefix.rstrip("."), obj
+        return
+    if isinstance(obj, dict):
+        items = [(str(k), v) for k, v in obj.items()]
+    elif isinstance(obj, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(obj)]
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__ != "builtins":
+        items = list(vars(obj).items())
+    else:
+        return
+    for k, v in items:
+        yield from walk(v, is_leaf, f"{prefix}{k}.", seen, depth + 1)
+
+
+def walk_modules(obj):
+    """Yields ``(path, module)`` for every torch module reachable from
+    ``obj`` (not descending into modules, which own their children)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return iter(())
+    return walk(obj, lambda o: isinstance(o, torch.nn.Module))
+
+
+def _names(obj, adapters) -> dict[int, str]:
+    """id(tensor) -> a readable name: the state-dict path for tensors of
+    modules, the attribute/key path for other tensors and arrays."""
+    torch = sys.modules.get("torch")
+
+    def is_leaf(o):
+        return (torch is not None and isinstance(o, torch.nn.Module)) or any(a.accepts(o) for _, a in adapters)
+
+    names = {}
+    for path, leaf in walk(obj, is_leaf):
+        if torch is not None and isinstance(leaf, torch.nn.Module):
+            from . import _torch
+
+            for name, t in _torch.named_tensors(leaf, path):
+                names.setdefault(id(t), name)
+        else:
+            names.setdefault(id(leaf), path or "tensor")
+    return names
+
+
+def seal(obj, metadata=None) -> Packed:
+    """Packs every tensor/array reachable from ``obj`` and pickles the rest."""
+    adapters = _adapters()
+    known = _names(obj, adapters)
+    refs: dict[int, int] = {}  # id(tensor) -> index
+    inputs: list[PackInput] = []
+    kinds: list[str] = []
+    keep: list[object] = []  # originals and contiguous copies, alive until packed
+    used_names: set[str] = set()
+
+    def persistent_id(o):
+        i = refs.get(id(o))
+        if i is not None:
+            return (i, kinds[i])
+        for fw, adapter in adapters:
+            if adapter.accepts(o):
+                break
+        else:
+            return None
+        name = known.get(id(o)) or f"tensor.{len(inputs)}"
+        while name in used_names:
+            name += "_"
+        used_names.add(name)
+        inp, alive = adapter.pack_input(o, name)
+        if fw == "torch":
+            import torch
+
+            kind = TORCH_PARAM if isinstance(o, torch.nn.Parameter) else TORCH
+        else:
+            kind = NUMPY if fw == "numpy" else JAX
+        refs[id(o)] = len(inputs)
+        inputs.append(inp)
+        kinds.append(kind)
+        keep.extend((o, alive))
+        return (len(inputs) - 1, kind)
+
+    from ray import cloudpickle
+
+    class _Pickler(cloudpickle.Pickler):
+        def persistent_id(self, o):
+            return persistent_id(o)
+
+    f = io.BytesIO()
+    try:
+        _Pickler(f, protocol=5).dump(obj)
+    except RzcError:
+        raise  # a tensor we cannot take: its own message says which and why
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        raise TypeError(
+            f"the pipeline cannot be pickled ({e}); everything besides tensors must be "
+            "picklable by cloudpickle, as for any object Ray sends to an actor"
+        ) from e
+    if not inputs:
+        raise ValueError(
+            "the pipeline holds no tensors or arrays to share (is it an empty model, or are its weights "
+            "held by something other than torch tensors, numpy or JAX arrays?)"
+        )
+    buffer = pack(inputs, metadata, guard_bytes=GUARD_BYTES)
+    with Weights.from_buffer(buffer) as w:
+        infos = w.infos()
+    layout = tuple(Layout(i.offset, i.dtype, i.shape, i.nbytes) for i in infos)
+    return Packed(f.getvalue(), tuple(kinds), layout, buffer)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, f, resolve):
+        super().__init__(f)
+        self._resolve = resolve
+
+    def persistent_load(self, pid):
+        return self._resolve(pid)
+
+
+def rebuild(skeleton: bytes, tensors: list, wrap_param) -> object:
+    """Unpickles ``skeleton`` with reference ``i`` resolved to ``tensors[i]``
+    (as a frozen ``nn.Parameter`` where it was one), then puts every module
+    in eval mode."""
+    params: dict[int, object] = {}
+
+    def resolve(pid):
+        i, kind = pid
+        if kind == TORCH_PARAM and wrap_param is not None:
+            p = params.get(i)
+            if p is None:
+                p = params[i] = wrap_param(tensors[i])
+            return p
+        return tensors[i]
+
+    obj = _Unpickler(io.BytesIO(skeleton), resolve).load()
+    for _, module in walk_modules(obj):
+        module.eval()
+    return obj
+
+
+class _Ref:
+    """Stands for tensor ``index`` in a skeleton built without an object graph."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+def seal_file(path, kind: str) -> Packed:
+    """Re-packs a safetensors file (64-byte aligned, guard pages) and makes a
+    skeleton that loads as ``{name: tensor}``."""
+    src = Weights.open_file(path)
+    infos = src.infos()
+    from ._native import DTYPE_CODES
+
+    inputs = [PackInput(i.name, DTYPE_CODES[i.dtype], i.shape, src.address + i.offset, i.nbytes) for i in infos]
+    if not inputs:
+        raise ValueError(f"{path} holds no tensors")
+    buffer = pack(inputs, src.metadata, guard_bytes=GUARD_BYTES)
+    src.close()
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return (o.index, kind) if isinstance(o, _Ref) else None
+
+    f = io.BytesIO()
+    _Pickler(f, protocol=5).dump({info.name: _Ref(i) for i, info in enumerate(infos)})
+    with Weights.from_buffer(buffer) as w:
+        layout = tuple(Layout(i.offset, i.dtype, i.shape, i.nbytes) for i in w.infos())
+    return Packed(f.getvalue(), (kind,) * len(inputs), layout, buffer)

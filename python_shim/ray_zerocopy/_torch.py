@@ -1,0 +1,106 @@
+"""torch adapter: torch tensors to pack inputs, and tensors back from an
+opened buffer. Imported only when torch is in use."""
+
+from __future__ import annotations
+
+import torch
+
+from ._native import DTYPE_CODES
+from .errors import UnsupportedDtypeError
+from .weights import PackInput, Weights
+
+_BY_NAME = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+# Only the dtypes this torch build has.
+TO_TORCH = {st: getattr(torch, t) for st, t in _BY_NAME.items() if hasattr(torch, t)}
+FROM_TORCH = {t: DTYPE_CODES[st] for st, t in TO_TORCH.items()}
+
+
+def accepts(obj) -> bool:
+    return isinstance(obj, torch.Tensor)
+
+
+def pack_input(t: "torch.Tensor", name: str) -> tuple[PackInput, object]:
+    """The pack input for ``t`` and the object that must stay alive while
+    packing (a CPU, contiguous copy when ``t`` is neither)."""
+    code = FROM_TORCH.get(t.dtype)
+    if code is None:
+        raise UnsupportedDtypeError(
+            "RZC_UNSUPPORTED_DTYPE",
+            f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold; convert it "
+            f"(e.g. .to(torch.float32)) before wrapping",
+        )
+    t = t.detach()
+    if t.device.type == "meta":
+        raise ValueError(f"tensor {name!r} is on the meta device and has no data to share; load real weights first")
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if t.is_sparse or t.layout != torch.strided:
+        raise ValueError(f"tensor {name!r} has layout {t.layout}; only dense tensors can be shared")
+    if t.is_quantized:
+        raise UnsupportedDtypeError("RZC_UNSUPPORTED_DTYPE", f"tensor {name!r} is quantized; dequantize it first")
+    t = t.contiguous()
+    return PackInput(name, code, tuple(t.shape), t.data_ptr(), t.numel() * t.element_size()), t
+
+
+def tensors(weights: Weights, layout, fast: bool) -> list:
+    """The tensors described by ``layout`` as CPU torch tensors, zero-copy.
+
+    Default: one DLPack export per tensor. ``fast``: one export of the whole
+    data section, each tensor a typed view of it (one trip through the DLPack
+    machinery instead of one per tensor)."""
+    if not fast:
+        return [torch.from_dlpack(weights.dlpack(i)) for i in range(len(layout))]
+    section = torch.from_dlpack(weights.data_section())
+    start = weights.data_start
+    out = []
+    for t in layout:
+        off = t.offset - start
+        out.append(section[off : off + t.nbytes].view(TO_TORCH[t.dtype]).view(t.shape))
+    return out
+
+
+def as_parameter(t):
+    return torch.nn.Parameter(t, requires_grad=False)
+
+
+def finalize(obj) -> None:
+    """Eval mode for a loaded module (recursively)."""
+    if isinstance(obj, torch.nn.Module):
+        obj.eval()
+
+
+def is_module(obj) -> bool:
+    return isinstance(obj, torch.nn.Module)
+
+
+def named_tensors(module, prefix: str):
+    """(name, tensor) of a module's parameters and every buffer (persistent or
+    not), each tensor once."""
+    for name, p in module.named_parameters(prefix=prefix, remove_duplicate=True):
+        yield name, p
+    for name, b in module.named_buffers(prefix=prefix, remove_duplicate=True):
+        yield name, b
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()

@@ -1,0 +1,280 @@
+"""Opened safetensors buffers (``Weights``) and the packer (``pack``).
+
+``Weights`` is a thin handle over ``rzc_weights``: it validates the buffer in
+the native library, lists its tensors, and exports them zero-copy through
+DLPack. Opening memory keeps the Python owner of that memory (a numpy view of
+a Ray object, ``bytes``, ...) alive until the handle *and every exported
+tensor* are gone: the native library calls back when the last one goes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ._dlpack import DLPackTensor, export_checked
+from ._native import DTYPE_NAMES, check, ffi, lib
+
+__all__ = ["Weights", "TensorInfo", "PackInput", "pack"]
+
+# Owners of opened memory, keyed by the integer passed to the native release
+# callback. A dict entry is the only strong reference the library needs.
+_owners: dict[int, object] = {}
+_owner_keys = itertools.count(1)
+
+
+@ffi.callback("void(void *)")
+def _release(ctx):  # pragma: no cover - called from native code
+    try:
+        _owners.pop(int(ffi.cast("uintptr_t", ctx)), None)
+    except Exception:  # interpreter shutting down: nothing left to release
+        pass
+
+
+def live_buffers() -> int:
+    """How many opened memory buffers are still referenced (by handles or
+    tensors). For tests and diagnostics."""
+    return len(_owners)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of an opened buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    nbytes: int
+    offset: int  # from the start of the buffer
+
+
+class Weights:
+    """An opened, validated safetensors buffer.
+
+    Use :meth:`open_file` (memory-maps) or :meth:`from_buffer` (any object with
+    the buffer protocol, without copying). Every method that reads is safe from
+    several threads.
+    """
+
+    __slots__ = ("_handle", "_base", "_data_start", "_data_end", "__weakref__")
+
+    def __init__(self, handle):
+        self._handle = handle
+        base = ffi.new("const uint8_t **")
+        start = ffi.new("size_t *")
+        end = ffi.new("size_t *")
+        check(lib.rzc_weights_layout(handle, base, ffi.NULL, start, end))
+        self._base = int(ffi.cast("uintptr_t", base[0]))
+        self._data_start = start[0]
+        self._data_end = end[0]
+
+    @classmethod
+    def open_file(cls, path: str | os.PathLike) -> "Weights":
+        """Memory-maps and opens a safetensors file."""
+        out = ffi.new("rzc_weights **")
+        check(lib.rzc_weights_open_file(os.fsencode(path), out))
+        return cls(out[0])
+
+    @classmethod
+    def from_buffer(cls, buffer) -> "Weights":
+        """Opens any contiguous buffer (numpy array, bytes, memoryview, a Ray
+        object's view) without copying; it stays referenced as long as needed."""
+        view = ffi.from_buffer("uint8_t[]", buffer)  # keeps `buffer` alive
+        if len(view) == 0:
+            # Nothing to borrow; let the parser say what is wrong.
+            view = ffi.new("uint8_t[1]")
+            size = 0
+        else:
+            size = len(view)
+        key = next(_owner_keys)
+        _owners[key] = view
+        opts = ffi.new("rzc_open_options *")
+        opts.release = _release
+        opts.release_ctx = ffi.cast("void *", key)
+        out = ffi.new("rzc_weights **")
+        try:
+            check(lib.rzc_weights_open_memory_ex(view, size, opts, out))
+        except BaseException:
+            _owners.pop(key, None)  # a failed open never calls release
+            raise
+        return cls(out[0])
+
+    def close(self) -> None:
+        """Frees the handle now; exported tensors stay valid."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            lib.rzc_weights_free(handle)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _live(self):
+        if self._handle is None:
+            raise ValueError("the Weights handle is closed")
+        return self._handle
+
+    def __len__(self) -> int:
+        return lib.rzc_weights_len(self._live())
+
+    def info(self, index: int) -> TensorInfo:
+        """Describes tensor ``index`` (in the order of the data)."""
+        t = ffi.new("rzc_tensor_info *")
+        check(lib.rzc_weights_get(self._live(), index, t))
+        return TensorInfo(
+            name=ffi.unpack(t.name, t.name_len).decode("utf-8"),
+            dtype=DTYPE_NAMES[t.dtype],
+            shape=tuple(t.shape[d] for d in range(t.ndim)),
+            nbytes=t.nbytes,
+            offset=int(ffi.cast("uintptr_t", t.data)) - self._base,
+        )
+
+    def infos(self) -> list[TensorInfo]:
+        """Every tensor's description."""
+        return [self.info(i) for i in range(len(self))]
+
+    def names(self) -> list[str]:
+        return [i.name for i in self.infos()]
+
+    def find(self, name: str) -> int:
+        """Index of the tensor called ``name`` (``NotFoundError`` otherwise)."""
+        raw = name.encode("utf-8")
+        out = ffi.new("size_t *")
+        check(lib.rzc_weights_find_n(self._live(), raw, len(raw), out))
+        return out[0]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` map."""
+        h = self._live()
+        e = ffi.new("rzc_metadata_entry *")
+        out = {}
+        for i in range(lib.rzc_weights_metadata_len(h)):
+            check(lib.rzc_weights_metadata_get(h, i, e))
+            out[ffi.unpack(e.key, e.key_len).decode()] = ffi.unpack(e.value, e.value_len).decode()
+        return out
+
+    @property
+    def data_start(self) -> int:
+        """Offset of the data section (the end of the header)."""
+        return self._data_start
+
+    @property
+    def address(self) -> int:
+        """Address of the first byte of the buffer."""
+        return self._base
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole buffer."""
+        return self._data_end
+
+    # DLPack ---------------------------------------------------------------
+    def dlpack(self, index: int) -> DLPackTensor:
+        """Tensor ``index`` as an object any DLPack consumer takes, e.g.
+        ``torch.from_dlpack(w.dlpack(0))`` or ``np.from_dlpack(w.dlpack(0))``."""
+        return DLPackTensor(self, index)
+
+    def data_section(self) -> DLPackTensor:
+        """The whole data section as one read-only ``uint8`` DLPack tensor;
+        tensor ``i`` starts at ``info(i).offset - data_start`` in it."""
+        return DLPackTensor(_SectionExporter(self._live()), 0)
+
+    def export_versioned(self, index: int):
+        return export_checked(lib.rzc_weights_to_dlpack, self._live(), index, "DLManagedTensorVersioned")
+
+    def export_legacy(self, index: int):
+        return export_checked(lib.rzc_weights_to_dlpack_legacy, self._live(), index, "DLManagedTensor")
+
+
+class _SectionExporter:
+    """Exports the data section (versioned form only: consumers of a raw byte
+    section are ones that ask with ``max_version``)."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def export_versioned(self, _index):
+        out = ffi.new("DLManagedTensorVersioned **")
+        check(lib.rzc_weights_data_to_dlpack(self._handle, out))
+        return out[0]
+
+    def export_legacy(self, _index):
+        raise BufferError("the data section is only exported in the versioned DLPack form")
+
+
+@dataclass
+class PackInput:
+    """A tensor to pack: its bytes at ``address`` stay valid during ``pack``."""
+
+    name: str
+    dtype: int  # an rzc_dtype code
+    shape: Sequence[int]
+    address: int
+    nbytes: int
+
+
+
+
+def pack(
+    tensors: Iterable[PackInput],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    alignment: int = 64,
+    guard_bytes: int = 0,
+) -> np.ndarray:
+    """Lays ``tensors`` out as one standard safetensors buffer (a new ``uint8``
+    numpy array, itself ``alignment``-aligned): every tensor's data starts at
+    an address that is a multiple of ``alignment``;
+    ``guard_bytes`` of non-tensor bytes precede the first tensor and follow the
+    last one. The official safetensors library reads the result as is."""
+    tensors = list(tensors)
+    keep = []
+    arr = ffi.new("rzc_pack_tensor[]", max(len(tensors), 1))
+    for i, t in enumerate(tensors):
+        name = ffi.new("char[]", t.name.encode("utf-8"))
+        shape = ffi.new("int64_t[]", list(t.shape) or [0])
+        keep += [name, shape]
+        arr[i].name = name
+        arr[i].name_len = len(name) - 1
+        arr[i].dtype = t.dtype
+        arr[i].ndim = len(t.shape)
+        arr[i].shape = shape
+        arr[i].data = ffi.cast("const uint8_t *", t.address)
+        arr[i].nbytes = t.nbytes
+    meta = list((metadata or {}).items())
+    marr = ffi.new("rzc_metadata_entry[]", max(len(meta), 1))
+    for i, (k, v) in enumerate(meta):
+        kb, vb = ffi.new("char[]", k.encode()), ffi.new("char[]", v.encode())
+        keep += [kb, vb]
+        marr[i].key, marr[i].key_len = kb, len(kb) - 1
+        marr[i].value, marr[i].value_len = vb, len(vb) - 1
+    opts = ffi.new("rzc_pack_options *", {"alignment": alignment, "guard_bytes": guard_bytes})
+    plan_out = ffi.new("rzc_pack_plan **")
+    check(lib.rzc_pack_plan_new(arr, len(tensors), marr, len(meta), opts, plan_out))
+    plan = ffi.gc(plan_out[0], lib.rzc_pack_plan_free)
+    total = lib.rzc_pack_plan_total_size(plan)
+    # Offsets are aligned from the buffer start, so the buffer itself must be
+    # (numpy guarantees only 16 bytes).
+    raw = np.empty(total + alignment, dtype=np.uint8)
+    skip = -raw.ctypes.data % alignment
+    out = raw[skip : skip + total]
+    dst = ffi.from_buffer("uint8_t[]", out)
+    # The copy releases the GIL (cffi does for every call): other Python
+    # threads keep running while large models are packed.
+    check(lib.rzc_pack_plan_write(plan, dst, total))
+    return out

@@ -1,0 +1,305 @@
+"""``ActorWrapper`` and ``TaskWrapper``: one sealed copy of a pipeline's weights
+in Ray's object store, loaded zero-copy wherever the pipeline is used."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import sys
+import threading
+import weakref
+
+from . import _seal
+from ._device import Device, parse_device
+from .weights import Weights
+
+__all__ = ["ActorWrapper", "TaskWrapper"]
+
+FRAMEWORKS = ("torch", "numpy", "jax")
+
+
+def _require_ray():
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(
+            "ray.init() has not been called: call ray.init() (or connect to a cluster) before "
+            "wrapping a pipeline; its weights are sealed into Ray's object store"
+        )
+    return ray
+
+
+# Opened buffers, per process, by object ID. Weak: the handle goes when no
+# load is in progress; tensors keep the buffer itself alive on their own.
+_opened: "weakref.WeakValueDictionary[str, Weights]" = weakref.WeakValueDictionary()
+_opened_lock = threading.Lock()
+
+
+def _open_sealed(ref) -> Weights:
+    key = ref.hex()
+    with _opened_lock:
+        w = _opened.get(key)
+        if w is not None:
+            return w
+        import ray
+
+        try:
+            buffer = ray.get(ref)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFreedError, ray.exceptions.OwnerDiedError) as e:
+            raise RuntimeError(
+                f"the sealed weights (object {key}) are no longer in Ray's object store ({type(e).__name__}); "
+                "the driver that created the wrapper must keep it (and Ray) alive while actors load it"
+            ) from e
+        w = Weights.from_buffer(buffer)
+        _opened[key] = w
+        return w
+
+
+class ActorWrapper:
+    """Seals ``pipeline``'s weights once in Ray's object store; ``load()`` in
+    each actor returns the pipeline with its tensors adopted zero-copy.
+
+    ``pipeline``: an ``nn.Module``, any object holding modules at any depth
+    (attributes, lists, dicts), or a pytree (dict/list/tuple) of torch
+    tensors, numpy arrays or JAX arrays. Everything that is not a tensor is
+    pickled as Ray would pickle it. ``device``: where ``load()`` puts the
+    tensors (``"cpu"``, ``"cuda:N"``). ``use_fast_load``: adopt all tensors
+    through one DLPack export instead of one per tensor.
+    """
+
+    def __init__(self, pipeline, device="cpu", use_fast_load: bool = False, *, metadata=None):
+        ray = _require_ray()
+        self.device = str(parse_device(device))
+        self.use_fast_load = bool(use_fast_load)
+        packed = _seal.seal(pipeline, metadata)
+        self._adopt(ray, packed)
+
+    def _adopt(self, ray, packed: "_seal.Packed") -> None:
+        self._skeleton = packed.skeleton
+        self._kinds = packed.kinds
+        self._layout = packed.layout
+        self._nbytes = int(packed.buffer.nbytes)
+        self._ref = ray.put(packed.buffer)
+
+    @classmethod
+    def from_safetensors(cls, path, device="cpu", use_fast_load: bool = False, framework: str = "torch") -> "ActorWrapper":
+        """Seals an existing safetensors file (e.g. a Hugging Face checkpoint);
+        ``load()`` returns ``{name: tensor}`` of ``framework``."""
+        if framework not in FRAMEWORKS:
+            raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
+        ray = _require_ray()
+        self = cls.__new__(cls)
+        self.device = str(parse_device(device))
+        self.use_fast_load = bool(use_fast_load)
+        kind = {"torch": _seal.TORCH, "numpy": _seal.NUMPY, "jax": _seal.JAX}[framework]
+        self._adopt(ray, _seal.seal_file(path, kind))
+        return self
+
+    # ------------------------------------------------------------------
+    @property
+    def object_ref(self):
+        """The ``ObjectRef`` of the sealed buffer."""
+        return self._ref
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the sealed buffer (weights, header and alignment padding)."""
+        return self._nbytes
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self._layout)
+
+    def __repr__(self) -> str:
+        return (
+            f"ActorWrapper({self.num_tensors} tensors, {self._nbytes / 2**20:.1f} MiB sealed, "
+            f"device={self.device!r}, use_fast_load={self.use_fast_load})"
+        )
+
+    # ------------------------------------------------------------------
+    def load(self, device=None, framework: str | None = None):
+        """Returns the pipeline with every tensor adopted from the sealed
+        buffer: zero-copy on the CPU. Call once per actor (in ``__init__``).
+
+        ``device`` overrides the wrapper's device. ``framework`` (``"torch"``,
+        ``"numpy"``, ``"jax"``) returns every tensor as that framework's array;
+        by default each comes back as the kind it was. Torch modules come back
+        in eval mode with ``requires_grad=False``.
+        """
+        dev = parse_device(self.device if device is None else device)
+        if framework is not None and framework not in FRAMEWORKS:
+            raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
+        if framework not in (None, "torch") and _seal.TORCH_PARAM in self._kinds:
+            raise ValueError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
+        weights = _open_sealed(self._ref)
+        if len(weights) != len(self._layout):
+            raise RuntimeError("the sealed buffer does not match this wrapper (different tensor count)")
+        tensors = _materialize(weights, self._layout, self._kinds, framework, dev, self.use_fast_load)
+        wrap = None
+        if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in self._kinds)):
+            from . import _torch
+
+            wrap = _torch.as_parameter
+        return _seal.rebuild(self._skeleton, tensors, wrap)
+
+    def as_udf(self, predict_fn, *, device=None, framework: str | None = None):
+        """A callable class for ``Dataset.map_batches``: each actor loads the
+        pipeline once, then every batch goes to ``predict_fn(pipeline, batch)``
+        (under ``torch.no_grad()`` when torch is in use)::
+
+            ds.map_batches(wrapper.as_udf(predict), batch_size=32,
+                           compute=ActorPoolStrategy(size=4))
+        """
+        return _make_udf(self, predict_fn, device, framework)
+
+
+def _materialize(weights, layout, kinds, framework, dev: Device, fast: bool) -> list:
+    """Every tensor as an array of its framework (or of ``framework``)."""
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for i, kind in enumerate(kinds):
+        groups[framework or _seal.FRAMEWORK_OF[kind]].append(i)
+    out: list = [None] * len(kinds)
+    for fw, idx in groups.items():
+        sub = [layout[i] for i in idx]
+        if fw == "torch":
+            from . import _torch
+
+            if dev.kind == "cuda":
+                arrays = _torch_cuda(weights, idx, sub, dev, fast)
+            elif fast:
+                arrays = _torch.tensors(weights, sub, fast=True)
+            else:
+                arrays = [_torch.torch.from_dlpack(weights.dlpack(i)) for i in idx]
+        elif fw == "numpy":
+            if dev.kind != "cpu":
+                raise ValueError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
+            from . import _numpy
+
+            arrays = _numpy.arrays(weights, sub)
+        else:
+            from . import _jax
+
+            arrays = _jax.arrays(weights, sub, device=_jax_device(dev))
+        for i, a in zip(idx, arrays):
+            out[i] = a
+    return out
+
+
+def _torch_cuda(weights, idx, layout, dev: Device, fast: bool) -> list:
+    from . import _torch
+
+    if not _torch.cuda_available():
+        raise RuntimeError(
+            f"device {str(dev)!r} was requested, but this process sees no CUDA device "
+            "(torch.cuda.is_available() is False). On Ray, give the actor a GPU "
+            "(num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'."
+        )
+    cpu = _torch.tensors(weights, layout, fast=True) if fast else [_torch.torch.from_dlpack(weights.dlpack(i)) for i in idx]
+    return [t.to(str(dev)) for t in cpu]
+
+
+def _jax_device(dev: Device):
+    if dev.kind == "cpu":
+        return None
+    import jax
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if dev.index >= len(gpus):
+        raise RuntimeError(f"device {str(dev)!r} was requested, but JAX sees {len(gpus)} GPU(s)")
+    return gpus[dev.index]
+
+
+def _make_udf(wrapper: ActorWrapper, predict_fn, device, framework):
+    class ZeroCopyUDF:
+        """Loads the pipeline once per actor; calls ``predict_fn(pipeline, batch)``."""
+
+        def __init__(self):
+            self.pipeline = wrapper.load(device=device, framework=framework)
+
+        def __call__(self, batch):
+            torch = sys.modules.get("torch")
+            if torch is None:
+                return predict_fn(self.pipeline, batch)
+            with torch.no_grad():
+                return predict_fn(self.pipeline, batch)
+
+    ZeroCopyUDF.__name__ = ZeroCopyUDF.__qualname__ = f"ZeroCopyUDF_{getattr(predict_fn, '__name__', 'predict')}"
+    return ZeroCopyUDF
+
+
+# ----------------------------------------------------------------------
+# TaskWrapper: each call runs in a Ray task; a worker keeps the pipelines it
+# loaded (a few, most recent first), so later calls on it skip loading.
+_task_cache: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+_TASK_CACHE_SIZE = 4
+
+
+def _cached_pipeline(wrapper: ActorWrapper):
+    key = (wrapper.object_ref.hex(), wrapper.device)
+    pipeline = _task_cache.get(key)
+    if pipeline is None:
+        pipeline = wrapper.load()
+        _task_cache[key] = pipeline
+        while len(_task_cache) > _TASK_CACHE_SIZE:
+            _task_cache.popitem(last=False)
+    else:
+        _task_cache.move_to_end(key)
+    return pipeline
+
+
+def _run_method(wrapper: ActorWrapper, method: str, args, kwargs):
+    pipeline = _cached_pipeline(wrapper)
+    fn = pipeline if method == "__call__" else getattr(pipeline, method)
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return fn(*args, **kwargs)
+    with torch.no_grad():
+        return fn(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _remote_run():
+    import ray
+
+    return ray.remote(_run_method)
+
+
+class TaskWrapper:
+    """Runs the pipeline in Ray tasks: ``wrapped(x)`` and ``wrapped.method(x)``
+    each run in a task that loads the pipeline zero-copy (a worker that has
+    loaded it already reuses it) and return the result. ``ray_options``
+    (``num_cpus``, ``num_gpus``, ...) go to every task."""
+
+    def __init__(self, pipeline, device="cpu", use_fast_load: bool = False, **ray_options):
+        ray = _require_ray()
+        self._wrapper = ActorWrapper(pipeline, device=device, use_fast_load=use_fast_load)
+        # One small object the tasks resolve, instead of the skeleton in every call.
+        self._wrapper_ref = ray.put(self._wrapper)
+        self._options = ray_options
+
+    @property
+    def actor_wrapper(self) -> ActorWrapper:
+        return self._wrapper
+
+    def remote(self, method: str, *args, **kwargs):
+        """Submits ``pipeline.method(*args, **kwargs)`` and returns its ``ObjectRef``."""
+        fn = _remote_run()
+        if self._options:
+            fn = fn.options(**self._options)
+        return fn.remote(self._wrapper_ref, method, args, kwargs)
+
+    def __call__(self, *args, **kwargs):
+        import ray
+
+        return ray.get(self.remote("__call__", *args, **kwargs))
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        import ray
+
+        def call(*args, **kwargs):
+            return ray.get(self.remote(name, *args, **kwargs))
+
+        call.__name__ = name
+        return call

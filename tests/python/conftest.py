@@ -1,0 +1,26 @@
+"""Shared fixtures: a real local Ray cluster (token auth off, as for any local
+test cluster) started once per test session."""
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray workers inherit this environment: they can import the test models, as a
+# deployed job's workers import its code.
+_here = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PYTHONPATH")) if p)
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def torch():
+    return pytest.importorskip("torch")

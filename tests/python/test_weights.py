@@ -1,0 +1,148 @@
+"""The Python handle over the native library: opening, DLPack export to torch,
+numpy and JAX, lifetimes, packing, and errors. No Ray here."""
+
+import ctypes
+import gc
+
+import numpy as np
+import pytest
+
+import ray_zerocopy as rzc
+from ray_zerocopy.weights import live_buffers
+
+torch = pytest.importorskip("torch")
+from safetensors.numpy import load as st_load_numpy  # noqa: E402
+from safetensors.torch import save, save_file  # noqa: E402
+
+
+DTYPES = [
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16,
+    torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
+    torch.float8_e4m3fn, torch.float8_e5m2,
+]
+
+
+def sample_tensors():
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for i, dt in enumerate(DTYPES):
+        base = torch.randn(3, 5, generator=g) * 4
+        out[f"t{i}.{str(dt)[6:]}"] = base.to(dt) if dt != torch.complex64 else torch.complex(base, -base)
+    out["scalar"] = torch.tensor(7.5)
+    out["empty"] = torch.zeros(0, 3)
+    return out
+
+
+def test_every_dtype_round_trips_zero_copy(tmp_path):
+    tensors = sample_tensors()
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    w = rzc.Weights.open_file(path)
+    assert len(w) == len(tensors)
+    lo, hi = w.address, w.address + w.nbytes
+    for name, ref in tensors.items():
+        t = torch.from_dlpack(w.dlpack(w.find(name)))
+        assert t.dtype == ref.dtype and t.shape == ref.shape, name
+        assert torch.equal(t.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), name
+        if t.numel():
+            assert lo <= t.data_ptr() < hi, f"{name} was copied"
+
+
+def test_numpy_views_are_read_only_and_equal(tmp_path):
+    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([True, False])}
+    w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput(k, {"float32": 11, "bool": 0}[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()]))
+    a = np.from_dlpack(w.dlpack(w.find("a")))
+    np.testing.assert_array_equal(a, arrays["a"])
+    assert not a.flags.writeable, "numpy must honour DLPack's READ_ONLY flag"
+    with pytest.raises(ValueError):
+        a[0, 0] = 1
+
+
+def test_tensors_outlive_the_handle_and_the_buffer_owner():
+    data = np.arange(1000, dtype=np.float32)
+    base = live_buffers()
+    buf = rzc.pack([rzc.PackInput("x", 11, data.shape, data.ctypes.data, data.nbytes)])
+    w = rzc.Weights.from_buffer(buf)
+    t = torch.from_dlpack(w.dlpack(0))
+    del w, buf
+    gc.collect()
+    assert live_buffers() == base + 1, "the tensor must keep the buffer alive"
+    assert float(t[999]) == 999.0
+    del t
+    gc.collect()
+    assert live_buffers() == base, "the buffer is released with the last tensor"
+
+
+def test_pack_is_read_by_the_official_library_bit_for_bit():
+    rng = np.random.default_rng(0)
+    arrays = {f"w{i}": rng.standard_normal((i + 1, 3)).astype(np.float32) for i in range(7)}
+    arrays["ids"] = np.arange(5, dtype=np.int64)
+    codes = {"float32": 11, "int64": 7}
+    buf = rzc.pack(
+        [rzc.PackInput(k, codes[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()],
+        {"format": "np"},
+    )
+    loaded = st_load_numpy(buf.tobytes())
+    assert set(loaded) >= set(arrays)
+    for k, v in arrays.items():
+        assert loaded[k].tobytes() == v.tobytes()
+    w = rzc.Weights.from_buffer(buf)
+    assert w.metadata == {"format": "np"}
+    assert all(i.offset % 64 == 0 for i in w.infos()), "every tensor 64-byte aligned"
+    assert w.names() == list(arrays), "padding entries hidden, order kept"
+
+
+def test_versioned_capsule_when_asked_legacy_otherwise():
+    data = np.zeros(4, np.float32)
+    w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput("x", 11, (4,), data.ctypes.data, 16)]))
+    name = ctypes.pythonapi.PyCapsule_GetName
+    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    assert name(w.dlpack(0).__dlpack__(max_version=(1, 1))) == b"dltensor_versioned"
+    assert name(w.dlpack(0).__dlpack__()) == b"dltensor"
+    assert w.dlpack(0).__dlpack_device__() == (1, 0)
+    with pytest.raises(BufferError, match="copy"):
+        w.dlpack(0).__dlpack__(copy=True)
+    with pytest.raises(BufferError):
+        w.dlpack(0).__dlpack__(dl_device=(2, 0))
+    # Unconsumed capsules free their tensors through the capsule destructor.
+    gc.collect()
+
+
+def test_jax_adopts_without_copy():
+    jax = pytest.importorskip("jax")
+    data = np.arange(64, dtype=np.float32)
+    buf = rzc.pack([rzc.PackInput("x", 11, (64,), data.ctypes.data, data.nbytes)])
+    w = rzc.Weights.from_buffer(buf)
+    arr = jax.dlpack.from_dlpack(w.dlpack(0))
+    assert arr.unsafe_buffer_pointer() == w.address + w.info(0).offset
+    np.testing.assert_array_equal(np.asarray(arr), data)
+
+
+@pytest.mark.parametrize(
+    "blob, needle",
+    [
+        (b"", "8-byte header length"),
+        ((100).to_bytes(8, "little") + b"{}", "runs past the end"),
+        ((8).to_bytes(8, "little") + b"{nope!!}", "JSON"),
+        ((2**62).to_bytes(8, "little"), "exceeds the limit"),
+    ],
+)
+def test_malformed_buffers_raise_with_the_library_message(blob, needle, tmp_path):
+    with pytest.raises(rzc.BadFormatError, match=needle) as e:
+        rzc.Weights.from_buffer(blob)
+    assert isinstance(e.value, ValueError) and e.value.status == "RZC_BAD_FORMAT"
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(blob)
+    with pytest.raises(rzc.BadFormatError, match=needle):
+        rzc.Weights.open_file(p)
+
+
+def test_truncated_official_file_and_missing_names(tmp_path):
+    blob = save({"a": torch.ones(4)})
+    with pytest.raises(rzc.BadFormatError, match="run past the end"):
+        rzc.Weights.from_buffer(blob[:-2])
+    w = rzc.Weights.from_buffer(blob)
+    with pytest.raises(rzc.NotFoundError, match="nope"):
+        w.find("nope")
+    with pytest.raises(rzc.IOFailure if hasattr(rzc, "IOFailure") else OSError):
+        rzc.Weights.open_file(tmp_path / "missing.safetensors")

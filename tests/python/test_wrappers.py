@@ -1,0 +1,230 @@
+"""ActorWrapper, TaskWrapper and the map_batches class on a real local Ray
+cluster, with real torch models."""
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from models import Encoder, Pipeline, ids  # noqa: E402
+
+from ray_zerocopy import ActorWrapper, TaskWrapper, UnsupportedDtypeError  # noqa: E402
+
+
+def plasma_range(ray, wrapper):
+    buf = ray.get(wrapper.object_ref)
+    start = buf.__array_interface__["data"][0]
+    return start, start + buf.nbytes
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_pipeline_loads_zero_copy_and_equal(ray_cluster, fast):
+    ray = ray_cluster
+    pipe = Pipeline()
+    w = ActorWrapper(pipe, device="cpu", use_fast_load=fast)
+    loaded = w.load()
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pipe(x)), "outputs must be bit for bit equal"
+        assert torch.equal(loaded.encode(x), pipe.encode(x))
+    # Tied weights stay tied; every parameter is frozen; modules in eval mode.
+    assert loaded.decoder.proj.weight is loaded.encoder.emb.weight
+    params = list(loaded.encoder.parameters()) + list(loaded.heads["extra"][0].parameters())
+    assert params and all(isinstance(p, torch.nn.Parameter) and not p.requires_grad for p in params)
+    assert not loaded.encoder.training and not loaded.heads["extra"][0].training
+    # Persistent and non-persistent buffers come back.
+    assert torch.equal(loaded.encoder.norm.running_var, pipe.encoder.norm.running_var)
+    assert float(loaded.encoder.scale) == 0.5
+    assert loaded.config == pipe.config
+    # Zero-copy: every tensor points into the sealed object in shared memory.
+    lo, hi = plasma_range(ray, w)
+    for t in list(loaded.encoder.parameters()) + list(loaded.encoder.buffers()):
+        assert lo <= t.data_ptr() < hi
+    # Tied weights are stored once.
+    assert w.num_tensors == len({id(t) for t in _all_tensors(pipe)})
+
+
+def _all_tensors(pipe):
+    mods = [pipe.encoder, pipe.decoder, pipe.heads["extra"][0]]
+    return [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
+
+
+def test_wrapper_pickles_small(ray_cluster):
+    w = ActorWrapper(Pipeline())
+    size = len(ray_cluster.cloudpickle.dumps(w))
+    assert size < 20_000, size
+
+
+def test_plain_ray_actor(ray_cluster):
+    ray = ray_cluster
+    pipe = Pipeline()
+    w = ActorWrapper(pipe, device="cpu")
+
+    @ray.remote(num_cpus=0.5)
+    class InferenceActor:
+        def __init__(self, actor_wrapper):
+            self.pipeline = actor_wrapper.load()
+
+        def predict(self, data):
+            with torch.no_grad():
+                return self.pipeline(data)
+
+    x = ids()
+    actors = [InferenceActor.remote(w) for _ in range(2)]
+    outs = ray.get([a.predict.remote(x) for a in actors])
+    with torch.no_grad():
+        expected = pipe(x)
+    for out in outs:
+        assert torch.equal(out, expected)
+
+
+def test_ray_data_map_batches_with_actor_pool(ray_cluster):
+    ray = ray_cluster
+    from ray.data import ActorPoolStrategy
+
+    pipe = Pipeline()
+    w = ActorWrapper(pipe, device="cpu")
+
+    class InferenceActor:
+        def __init__(self, actor_wrapper):
+            self.pipeline = actor_wrapper.load()
+
+        def __call__(self, batch):
+            with torch.no_grad():
+                return {"id": batch["id"], "predictions": self.pipeline(torch.as_tensor(batch["data"])).numpy()}
+
+    data = ids(n=40).numpy()
+    ds = ray.data.from_items([{"id": i, "data": data[i]} for i in range(len(data))])
+    out = ds.map_batches(
+        InferenceActor,
+        fn_constructor_kwargs={"actor_wrapper": w},
+        batch_size=8,
+        compute=ActorPoolStrategy(size=2),
+        num_cpus=0.5,
+    ).take_all()
+    got = np.stack([r["predictions"] for r in sorted(out, key=lambda r: r["id"])])
+    with torch.no_grad():
+        expected = pipe(torch.as_tensor(data)).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_as_udf(ray_cluster):
+    ray = ray_cluster
+    from ray.data import ActorPoolStrategy
+
+    pipe = Pipeline()
+    w = ActorWrapper(pipe)
+
+    def predict(pipeline, batch):
+        batch["y"] = pipeline.encode(torch.as_tensor(batch["data"])).numpy()
+        return batch
+
+    data = ids(n=16).numpy()
+    ds = ray.data.from_items([{"i": i, "data": data[i]} for i in range(16)])
+    out = ds.map_batches(w.as_udf(predict), batch_size=4, compute=ActorPoolStrategy(size=2), num_cpus=0.5).take_all()
+    got = np.stack([r["y"] for r in sorted(out, key=lambda r: r["i"])])
+    with torch.no_grad():
+        np.testing.assert_array_equal(got, pipe.encode(torch.as_tensor(data)).numpy())
+
+
+def test_task_wrapper_runs_and_reuses(ray_cluster):
+    pipe = Pipeline()
+    wrapped = TaskWrapper(pipe, device="cpu", num_cpus=1)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), pipe(x))
+        assert torch.equal(wrapped.encode(x), pipe.encode(x))
+    # A worker that loaded the pipeline reuses that very object.
+    ray = ray_cluster
+    seen = {}
+    for pid, obj in ray.get([wrapped.remote("whoami") for _ in range(12)]):
+        assert seen.setdefault(pid, obj) == obj, "a worker rebuilt a pipeline it had loaded"
+    assert wrapped.whoami()[0] in seen or len(seen) >= 1
+
+
+def test_numpy_and_jax_pytrees(ray_cluster):
+    tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "layers": [np.ones(4, np.int64)], "name": "m"}
+    w = ActorWrapper(tree)
+    out = w.load()
+    assert out["name"] == "m" and isinstance(out["w"], np.ndarray)
+    np.testing.assert_array_equal(out["w"], tree["w"])
+    np.testing.assert_array_equal(out["layers"][0], tree["layers"][0])
+    assert not out["w"].flags.writeable
+    as_torch = w.load(framework="torch")
+    assert torch.equal(as_torch["w"], torch.as_tensor(tree["w"]))
+
+    jax = pytest.importorskip("jax")
+    jtree = {"a": jax.numpy.arange(8.0), "b": {"c": jax.numpy.ones((2, 2), dtype=jax.numpy.bfloat16)}}
+    jw = ActorWrapper(jtree)
+    jout = jw.load()
+    assert isinstance(jout["a"], jax.Array)
+    np.testing.assert_array_equal(np.asarray(jout["a"]), np.asarray(jtree["a"]))
+    assert jout["b"]["c"].dtype == jax.numpy.bfloat16
+    assert isinstance(jw.load(framework="numpy")["a"], np.ndarray)
+
+
+def test_from_safetensors(ray_cluster, tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int32), "h": torch.ones(2, dtype=torch.bfloat16)}
+    path = tmp_path / "ckpt.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    w = ActorWrapper.from_safetensors(path)
+    out = w.load()
+    assert set(out) == set(tensors)
+    for k in tensors:
+        assert torch.equal(out[k], tensors[k])
+    np.testing.assert_array_equal(w.load(framework="numpy")["w"], tensors["w"].numpy())
+    jax = pytest.importorskip("jax")
+    assert isinstance(w.load(framework="jax")["b"], jax.Array)
+
+
+def test_clear_errors_at_wrap_time(ray_cluster, tmp_path):
+    with pytest.raises(ValueError, match="not understood"):
+        ActorWrapper(Pipeline(), device="gpu0")
+    with pytest.raises(UnsupportedDtypeError, match="complex128"):
+        ActorWrapper({"c": torch.zeros(2, dtype=torch.complex128)})
+    with pytest.raises(ValueError, match="no tensors"):
+        ActorWrapper(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="meta device"):
+        with torch.device("meta"):
+            m = torch.nn.Linear(2, 2)
+        ActorWrapper(m)
+
+    class Holder:
+        def __init__(self):
+            self.model = Encoder()
+            self.lock = threading.Lock()
+
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        ActorWrapper(Holder())
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((100).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="runs past the end"):
+        ActorWrapper.from_safetensors(bad)
+    with pytest.raises(ValueError, match="framework"):
+        ActorWrapper(Pipeline()).load(framework="tf")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_request_without_cuda_says_what_to_do(ray_cluster):
+    w = ActorWrapper(Pipeline(), device="cuda:0")  # wrapping on a CPU driver is fine
+    with pytest.raises(RuntimeError, match="no CUDA device.*num_gpus=1"):
+        w.load()
+    assert w.load(device="cpu") is not None
+
+
+def test_wrapper_before_ray_init_says_what_to_do():
+    code = (
+        "import numpy as np\n"
+        "from ray_zerocopy import ActorWrapper\n"
+        "try:\n"
+        "    ActorWrapper({'a': np.zeros(3)})\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "ERR ray.init() has not been called" in out, out
