@@ -14,7 +14,7 @@ VALGRIND := valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-k
 FUZZ_SECONDS ?= 20
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup native venv python fixtures header test test-rust test-c test-header-c test-python fuzz bench bench-core examples clean
+.PHONY: demo bench-actors setup native venv python fixtures header test test-rust test-c test-header-c test-python fuzz bench bench-core examples clean
 
 setup: venv native python
 
@@ -75,10 +75,18 @@ fuzz:
 	mkdir -p fuzz/corpus/open_memory
 	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run open_memory corpus/open_memory seeds -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096
 
-bench: bench-core
+# A Ray Data batch-inference job on local Ray, zero-copy vs plain.
+demo: setup
+	$(VPY) examples/python/ray_data_demo.py
+
+bench: bench-core bench-actors
 
 bench-core:
 	cargo bench -p rzc-core --bench core
+
+# ~1 GiB model, 4 actors: load time and memory, zero-copy vs plain vs pure-Python.
+bench-actors: setup
+	$(VPY) benchmarks/bench_actors.py
 
 clean:
 	cargo clean

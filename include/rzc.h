@@ -65,6 +65,27 @@
 #define DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED 4
 
 /**
+ * Let the library choose: register the source, fall back to pinned bounce
+ * buffers when the driver refuses.
+ */
+#define RZC_STAGING_AUTO 0
+
+/**
+ * Register (page-lock) the source in place, read-only where supported.
+ */
+#define RZC_STAGING_REGISTER 1
+
+/**
+ * Copy through pinned bounce buffers filled by several threads.
+ */
+#define RZC_STAGING_PINNED 2
+
+/**
+ * Copy straight from pageable memory (slow; for comparison).
+ */
+#define RZC_STAGING_PAGEABLE 3
+
+/**
  * Kind of device a DLPack tensor lives on.
  */
 typedef enum DLDeviceType {
@@ -370,6 +391,11 @@ typedef enum DLDataTypeCode {
 } DLDataTypeCode;
 
 /**
+ * Tensors uploaded to a CUDA device (opaque). Read-only after creation.
+ */
+typedef struct rzc_device_weights rzc_device_weights;
+
+/**
  * A computed layout (opaque). Holds the data pointers it was given: they must
  * stay valid until `rzc_pack_plan_write` returns.
  */
@@ -505,6 +531,56 @@ typedef struct DLManagedTensor {
    */
   void (*deleter)(struct DLManagedTensor*);
 } DLManagedTensor;
+
+/**
+ * Options of `rzc_device_upload`. Zero-initialise, then set what you need:
+ * zero fields take their defaults.
+ */
+typedef struct rzc_upload_options {
+  /**
+   * Bytes per chunk (registration unit, bounce buffer size); 0 = 64 MiB.
+   */
+  uint64_t chunk_bytes;
+  /**
+   * One of `RZC_STAGING_*`; 0 = `RZC_STAGING_AUTO`.
+   */
+  uint32_t staging;
+  /**
+   * Host threads registering or filling bounce buffers; 0 = up to 8.
+   */
+  uint32_t threads;
+  /**
+   * A `CUstream` to copy on, or NULL for a private one. Either way the
+   * copy has completed when `rzc_device_upload` returns.
+   */
+  void *stream;
+} rzc_upload_options;
+
+/**
+ * What an upload did.
+ */
+typedef struct rzc_device_info {
+  /**
+   * Device address of the single allocation (a `CUdeviceptr`).
+   */
+  uint64_t device_ptr;
+  /**
+   * Bytes of the allocation: tensor bytes plus alignment padding.
+   */
+  uint64_t nbytes;
+  /**
+   * Device ordinal.
+   */
+  int32_t ordinal;
+  /**
+   * The `RZC_STAGING_*` mode that was used.
+   */
+  uint32_t staging;
+  /**
+   * Seconds the upload took, allocation included.
+   */
+  double seconds;
+} rzc_device_info;
 
 /**
  * A tensor to pack.
@@ -693,6 +769,83 @@ void rzc_dlpack_versioned_free(struct DLManagedTensorVersioned *tensor);
  * `tensor` is NULL or a live tensor whose deleter has not run.
  */
 void rzc_dlpack_legacy_free(struct DLManagedTensor *tensor);
+
+/**
+ * Number of CUDA devices this process can see. Fails with `RZC_NO_CUDA`
+ * (and a message saying why) when no CUDA driver can be loaded.
+ *
+ * # Safety
+ * `count_out` is valid for a write.
+ */
+enum rzc_status rzc_cuda_device_count(int32_t *count_out);
+
+/**
+ * Uploads every tensor of `w` to CUDA device `ordinal`: ONE allocation in
+ * the device's primary context (the one torch, JAX and CuPy use), each
+ * tensor at a 256-byte aligned offset. The copy has completed when this
+ * returns; `w` may then be freed. `options` may be NULL.
+ *
+ * Errors: `RZC_NO_CUDA` (no driver or no device), `RZC_BAD_DEVICE` (bad
+ * ordinal), `RZC_OUT_OF_MEMORY` (device memory), `RZC_CUDA_ERROR` (anything
+ * else the driver reports), each with a message.
+ *
+ * # Safety
+ * `w` is a live handle; `options` is NULL or valid; `out` is valid for a write.
+ */
+enum rzc_status rzc_device_upload(const struct rzc_weights *w,
+                                  int32_t ordinal,
+                                  const struct rzc_upload_options *options,
+                                  struct rzc_device_weights **out);
+
+/**
+ * Number of tensors (0 for NULL).
+ *
+ * # Safety
+ * `dev` is NULL or a live handle.
+ */
+size_t rzc_device_weights_len(const struct rzc_device_weights *dev);
+
+/**
+ * Describes the upload (allocation, size, staging used, time taken).
+ *
+ * # Safety
+ * `dev` is a live handle; `out` is valid for a write.
+ */
+enum rzc_status rzc_device_weights_info(const struct rzc_device_weights *dev,
+                                        struct rzc_device_info *out);
+
+/**
+ * Exports tensor `index` (same order as the source's table) as a versioned
+ * DLPack tensor: kDLCUDA, `device_id` = the ordinal, data inside the single
+ * allocation, `DLPACK_FLAG_BITMASK_IS_COPIED` set. The tensor keeps the
+ * allocation alive after `rzc_device_weights_free`.
+ *
+ * # Safety
+ * `dev` is a live handle; `out` is valid for a write.
+ */
+enum rzc_status rzc_device_weights_to_dlpack(const struct rzc_device_weights *dev,
+                                             size_t index,
+                                             struct DLManagedTensorVersioned **out);
+
+/**
+ * Same as `rzc_device_weights_to_dlpack` in the legacy form (for JAX and
+ * CuPy versions that take only it).
+ *
+ * # Safety
+ * `dev` is a live handle; `out` is valid for a write.
+ */
+enum rzc_status rzc_device_weights_to_dlpack_legacy(const struct rzc_device_weights *dev,
+                                                    size_t index,
+                                                    struct DLManagedTensor **out);
+
+/**
+ * Frees the handle; the allocation lives on while exported tensors do.
+ * NULL is a no-op.
+ *
+ * # Safety
+ * `dev` is NULL or a handle not yet freed.
+ */
+void rzc_device_weights_free(struct rzc_device_weights *dev);
 
 /**
  * Plans the layout of `n_tensors` tensors (kept in the given order) and

@@ -19,16 +19,18 @@ def pack_input(a, name: str):
     return _numpy.pack_input(np.asarray(a), name)
 
 
-def arrays(weights: Weights, layout, device=None) -> list:
+def arrays(weights: Weights, layout) -> list:
     """The tensors described by ``layout`` as JAX arrays (zero-copy on CPU)."""
     out = []
     for i, t in enumerate(layout):
         try:
-            arr = jax.dlpack.from_dlpack(weights.dlpack(i))
+            out.append(jax.dlpack.from_dlpack(weights.dlpack(i)))
         except Exception:
             # A dtype JAX's DLPack import does not take: go through numpy.
-            arr = jax.numpy.asarray(_numpy.arrays(weights, [t])[0])
-        if device is not None:
-            arr = jax.device_put(arr, device)
-        out.append(arr)
+            out.append(jax.numpy.asarray(_numpy.arrays(weights, [t])[0]))
     return out
+
+
+def cuda_arrays(device_weights, indices) -> list:
+    """Tensors ``indices`` of an upload as JAX arrays on that GPU."""
+    return [jax.dlpack.from_dlpack(device_weights.dlpack(i)) for i in indices]

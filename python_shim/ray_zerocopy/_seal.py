@@ -210,8 +210,38 @@ def rebuild(skeleton: bytes, tensors: list, wrap_param) -> object:
 
     obj = _Unpickler(io.BytesIO(skeleton), resolve).load()
     for _, module in walk_modules(obj):
-        module.eval()
+        if any(m.training for m in module.modules()):
+            module.eval()
     return obj
+
+
+def referenced_modules(skeleton: bytes) -> tuple:
+    """Names of the modules whose classes or functions ``skeleton`` refers to."""
+    import pickletools
+
+    names, strings = set(), []
+    for op, arg, _ in pickletools.genops(skeleton):
+        if op.name in ("GLOBAL", "INST"):
+            names.add(arg.split(" ")[0])
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.add(strings[-2])
+        if isinstance(arg, str):
+            strings.append(arg)
+    return tuple(sorted(n for n in names if n != "__main__"))
+
+
+def import_modules(names, kinds) -> None:
+    """Imports ``names`` and the adapters ``kinds`` need; a module that does
+    not import here is left for unpickling to report."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
+    if TORCH in kinds or TORCH_PARAM in kinds:
+        from . import _torch  # noqa: F401
 
 
 class _Ref:

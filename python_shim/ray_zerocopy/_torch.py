@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ._dlpack import versioned_capsule
 from ._native import DTYPE_CODES
 from .errors import UnsupportedDtypeError
 from .weights import PackInput, Weights
@@ -62,14 +63,18 @@ def pack_input(t: "torch.Tensor", name: str) -> tuple[PackInput, object]:
     return PackInput(name, code, tuple(t.shape), t.data_ptr(), t.numel() * t.element_size()), t
 
 
-def tensors(weights: Weights, layout, fast: bool) -> list:
-    """The tensors described by ``layout`` as CPU torch tensors, zero-copy.
+def tensors(weights: Weights, indices, layout, fast: bool) -> list:
+    """Tensors ``indices`` (described by ``layout``) as CPU torch tensors,
+    zero-copy.
 
     Default: one DLPack export per tensor. ``fast``: one export of the whole
     data section, each tensor a typed view of it (one trip through the DLPack
     machinery instead of one per tensor)."""
     if not fast:
-        return [torch.from_dlpack(weights.dlpack(i)) for i in range(len(layout))]
+        # Our own capsules straight to torch (a documented input of
+        # torch.from_dlpack): the same DLPack tensors, without the protocol
+        # negotiation a producer object costs per tensor.
+        return [torch.from_dlpack(versioned_capsule(weights.export_versioned(i))) for i in indices]
     section = torch.from_dlpack(weights.data_section())
     start = weights.data_start
     out = []
@@ -79,18 +84,14 @@ def tensors(weights: Weights, layout, fast: bool) -> list:
     return out
 
 
+def cuda_tensors(device_weights, indices) -> list:
+    """Tensors ``indices`` of an upload, adopted by torch on their GPU (the
+    upload used the primary context torch uses; the copy is complete)."""
+    return [torch.from_dlpack(versioned_capsule(device_weights.export_versioned(i))) for i in indices]
+
+
 def as_parameter(t):
     return torch.nn.Parameter(t, requires_grad=False)
-
-
-def finalize(obj) -> None:
-    """Eval mode for a loaded module (recursively)."""
-    if isinstance(obj, torch.nn.Module):
-        obj.eval()
-
-
-def is_module(obj) -> bool:
-    return isinstance(obj, torch.nn.Module)
 
 
 def named_tensors(module, prefix: str):
@@ -101,6 +102,3 @@ def named_tensors(module, prefix: str):
     for name, b in module.named_buffers(prefix=prefix, remove_duplicate=True):
         yield name, b
 
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()

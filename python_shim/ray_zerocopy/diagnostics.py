@@ -29,3 +29,11 @@ def pss_bytes(pid: int | None = None) -> int:
 def rss_bytes(pid: int | None = None) -> int:
     """Resident set size of a process (this one by default), in bytes."""
     return _rollup(pid)["Rss"]
+
+
+def pss_breakdown(pid: int | None = None) -> dict[str, int]:
+    """PSS in bytes, split by what backs it: ``anon`` (private heap, copies),
+    ``shmem`` (shared memory such as Ray's object store), ``file`` (mapped
+    files, mostly shared libraries) and ``total``."""
+    r = _rollup(pid)
+    return {"total": r["Pss"], "anon": r.get("Pss_Anon", 0), "shmem": r.get("Pss_Shmem", 0), "file": r.get("Pss_File", 0)}

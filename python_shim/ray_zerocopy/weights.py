@@ -19,7 +19,7 @@ import numpy as np
 from ._dlpack import DLPackTensor, export_checked
 from ._native import DTYPE_NAMES, check, ffi, lib
 
-__all__ = ["Weights", "TensorInfo", "PackInput", "pack"]
+__all__ = ["Weights", "DeviceWeights", "TensorInfo", "PackInput", "pack", "cuda_device_count"]
 
 # Owners of opened memory, keyed by the integer passed to the native release
 # callback. A dict entry is the only strong reference the library needs.
@@ -197,6 +197,67 @@ class Weights:
 
     def export_legacy(self, index: int):
         return export_checked(lib.rzc_weights_to_dlpack_legacy, self._live(), index, "DLManagedTensor")
+
+    # CUDA -----------------------------------------------------------------
+    def upload(self, ordinal: int = 0, *, staging: str = "auto", chunk_bytes: int = 0, threads: int = 0) -> "DeviceWeights":
+        """Copies every tensor to CUDA device ``ordinal`` in ONE allocation in
+        the device's primary context (shared with torch, JAX and CuPy), each
+        at a 256-byte aligned offset. ``staging``: ``"auto"`` (register the
+        source with the driver, else pinned bounce buffers), ``"register"``,
+        ``"pinned"`` or ``"pageable"``. The copy is complete on return."""
+        modes = {"auto": 0, "register": 1, "pinned": 2, "pageable": 3}
+        if staging not in modes:
+            raise ValueError(f"staging {staging!r} is not one of {sorted(modes)}")
+        opts = ffi.new("rzc_upload_options *", {"chunk_bytes": chunk_bytes, "staging": modes[staging], "threads": threads})
+        out = ffi.new("rzc_device_weights **")
+        check(lib.rzc_device_upload(self._live(), ordinal, opts, out))
+        return DeviceWeights(out[0])
+
+
+def cuda_device_count() -> int:
+    """CUDA devices this process sees (``NoCudaError`` when there is no driver)."""
+    out = ffi.new("int32_t *")
+    check(lib.rzc_cuda_device_count(out))
+    return out[0]
+
+
+_STAGING_NAMES = {0: "auto", 1: "register", 2: "pinned", 3: "pageable"}
+
+
+class DeviceWeights:
+    """Tensors uploaded to one CUDA device allocation. Exported tensors keep
+    the allocation alive after this handle is closed."""
+
+    __slots__ = ("_handle", "_device")
+
+    def __init__(self, handle):
+        self._handle = ffi.gc(handle, lib.rzc_device_weights_free)
+        self._device = (2, self.info()["ordinal"])  # kDLCUDA
+
+    def __len__(self) -> int:
+        return lib.rzc_device_weights_len(self._handle)
+
+    def info(self) -> dict:
+        """Allocation address and size, ordinal, staging used, seconds taken."""
+        i = ffi.new("rzc_device_info *")
+        check(lib.rzc_device_weights_info(self._handle, i))
+        return {
+            "device_ptr": i.device_ptr,
+            "nbytes": i.nbytes,
+            "ordinal": i.ordinal,
+            "staging": _STAGING_NAMES.get(i.staging, str(i.staging)),
+            "seconds": i.seconds,
+        }
+
+    def dlpack(self, index: int) -> DLPackTensor:
+        """Tensor ``index`` as a kDLCUDA DLPack producer (torch, JAX, CuPy)."""
+        return DLPackTensor(self, index, self._device)
+
+    def export_versioned(self, index: int):
+        return export_checked(lib.rzc_device_weights_to_dlpack, self._handle, index, "DLManagedTensorVersioned")
+
+    def export_legacy(self, index: int):
+        return export_checked(lib.rzc_device_weights_to_dlpack_legacy, self._handle, index, "DLManagedTensor")
 
 
 class _SectionExporter:

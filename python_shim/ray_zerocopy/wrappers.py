@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
 import sys
 import threading
 import weakref
@@ -75,6 +76,7 @@ class ActorWrapper:
         self._adopt(ray, packed)
 
     def _adopt(self, ray, packed: "_seal.Packed") -> None:
+        self._modules = _seal.referenced_modules(packed.skeleton)
         self._skeleton = packed.skeleton
         self._kinds = packed.kinds
         self._layout = packed.layout
@@ -94,6 +96,13 @@ class ActorWrapper:
         kind = {"torch": _seal.TORCH, "numpy": _seal.NUMPY, "jax": _seal.JAX}[framework]
         self._adopt(ray, _seal.seal_file(path, kind))
         return self
+
+    def __setstate__(self, state):
+        # Arriving in an actor: import what the skeleton's classes live in
+        # now, while Ray builds the actor, as it does for any argument's
+        # classes, so that load() only assembles the pipeline.
+        self.__dict__.update(state)
+        _seal.import_modules(self._modules, self._kinds)
 
     # ------------------------------------------------------------------
     @property
@@ -134,13 +143,22 @@ class ActorWrapper:
         weights = _open_sealed(self._ref)
         if len(weights) != len(self._layout):
             raise RuntimeError("the sealed buffer does not match this wrapper (different tensor count)")
-        tensors = _materialize(weights, self._layout, self._kinds, framework, dev, self.use_fast_load)
         wrap = None
         if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in self._kinds)):
             from . import _torch
 
             wrap = _torch.as_parameter
-        return _seal.rebuild(self._skeleton, tensors, wrap)
+        # Everything a load allocates stays alive, so a garbage collection
+        # during it finds nothing to free; with a large heap (torch imported)
+        # a full one can take longer than the load itself.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            tensors = _materialize(weights, self._layout, self._kinds, framework, dev, self.use_fast_load)
+            return _seal.rebuild(self._skeleton, tensors, wrap)
+        finally:
+            if was_enabled:
+                gc.enable()
 
     def as_udf(self, predict_fn, *, device=None, framework: str | None = None):
         """A callable class for ``Dataset.map_batches``: each actor loads the
@@ -165,11 +183,9 @@ def _materialize(weights, layout, kinds, framework, dev: Device, fast: bool) -> 
             from . import _torch
 
             if dev.kind == "cuda":
-                arrays = _torch_cuda(weights, idx, sub, dev, fast)
-            elif fast:
-                arrays = _torch.tensors(weights, sub, fast=True)
+                arrays = _torch.cuda_tensors(_upload(weights, dev), idx)
             else:
-                arrays = [_torch.torch.from_dlpack(weights.dlpack(i)) for i in idx]
+                arrays = _torch.tensors(weights, idx, sub, fast)
         elif fw == "numpy":
             if dev.kind != "cpu":
                 raise ValueError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
@@ -179,34 +195,33 @@ def _materialize(weights, layout, kinds, framework, dev: Device, fast: bool) -> 
         else:
             from . import _jax
 
-            arrays = _jax.arrays(weights, sub, device=_jax_device(dev))
+            if dev.kind == "cuda":
+                arrays = _jax.cuda_arrays(_upload(weights, dev), idx)
+            else:
+                arrays = _jax.arrays(weights, sub)
         for i, a in zip(idx, arrays):
             out[i] = a
     return out
 
 
-def _torch_cuda(weights, idx, layout, dev: Device, fast: bool) -> list:
-    from . import _torch
+def _upload(weights: Weights, dev: Device):
+    """The buffer on GPU ``dev``, or an error that says what to do."""
+    from .errors import NoCudaError
+    from .weights import cuda_device_count
 
-    if not _torch.cuda_available():
-        raise RuntimeError(
-            f"device {str(dev)!r} was requested, but this process sees no CUDA device "
-            "(torch.cuda.is_available() is False). On Ray, give the actor a GPU "
-            "(num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'."
+    try:
+        count = cuda_device_count()
+    except NoCudaError as e:
+        count, why = 0, e.message
+    else:
+        why = f"this process sees {count} CUDA device(s)"
+    if dev.index >= count:
+        raise NoCudaError(
+            "RZC_NO_CUDA",
+            f"device {str(dev)!r} was requested, but this process sees no CUDA device {dev.index} ({why}). "
+            "On Ray, give the actor a GPU (num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'.",
         )
-    cpu = _torch.tensors(weights, layout, fast=True) if fast else [_torch.torch.from_dlpack(weights.dlpack(i)) for i in idx]
-    return [t.to(str(dev)) for t in cpu]
-
-
-def _jax_device(dev: Device):
-    if dev.kind == "cpu":
-        return None
-    import jax
-
-    gpus = [d for d in jax.devices() if d.platform == "gpu"]
-    if dev.index >= len(gpus):
-        raise RuntimeError(f"device {str(dev)!r} was requested, but JAX sees {len(gpus)} GPU(s)")
-    return gpus[dev.index]
+    return weights.upload(dev.index)
 
 
 def _make_udf(wrapper: ActorWrapper, predict_fn, device, framework):

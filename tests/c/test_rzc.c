@@ -208,6 +208,36 @@ static void test_pack(void) {
   CHECK(rzc_pack_plan_new(in, 2, NULL, 0, NULL, &plan) == RZC_INVALID_ARGUMENT);
 }
 
+/* Without a CUDA driver every device call is a status, not an abort; with
+ * one, an upload round-trips (checked in depth by the GPU suite). */
+static void test_device(const char *dir) {
+  char *path = path_join(dir, "sample.safetensors");
+  rzc_weights *w = NULL;
+  CHECK(rzc_weights_open_file(path, &w) == RZC_OK);
+  int32_t count = -1;
+  rzc_status s = rzc_cuda_device_count(&count);
+  rzc_device_weights *dev = NULL;
+  if (s == RZC_NO_CUDA) {
+    printf("no CUDA driver here: %s\n", rzc_last_error_message());
+    CHECK(count == -1);
+    CHECK(strlen(rzc_last_error_message()) > 0);
+    CHECK(rzc_device_upload(w, 0, NULL, &dev) == RZC_NO_CUDA && dev == NULL);
+  } else {
+    CHECK(s == RZC_OK && count >= 0);
+    if (count > 0) {
+      CHECK(rzc_device_upload(w, count, NULL, &dev) == RZC_BAD_DEVICE);
+      CHECK(rzc_device_upload(w, 0, NULL, &dev) == RZC_OK);
+      CHECK(rzc_device_weights_len(dev) == rzc_weights_len(w));
+      rzc_device_weights_free(dev);
+    }
+  }
+  CHECK(rzc_cuda_device_count(NULL) == RZC_NULL_ARGUMENT);
+  rzc_upload_options bad = {0, 99, 0, NULL};
+  CHECK(rzc_device_upload(w, 0, &bad, &dev) == RZC_INVALID_ARGUMENT); /* options are checked before the driver */
+  rzc_weights_free(w);
+  free(path);
+}
+
 int main(int argc, char **argv) {
   if (argc != 2) {
     fprintf(stderr, "usage: %s FIXTURE_DIR\n", argv[0]);
@@ -218,6 +248,7 @@ int main(int argc, char **argv) {
   test_memory(argv[1]);
   test_errors(argv[1]);
   test_pack();
+  test_device(argv[1]);
   printf("C: %d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -11,6 +11,7 @@
 // thin and call the helpers in `handle`.
 #![allow(clippy::missing_safety_doc, unused_unsafe)]
 
+pub mod device;
 mod handle;
 pub mod pack;
 pub mod status;

@@ -50,8 +50,12 @@ fn cdylib() -> Library {
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     ));
-    unsafe { Library::new(&path) }
-        .unwrap_or_else(|e| panic!("load {}: {e} (build it first: `cargo build -p rzc-capi`)", path.display()))
+    unsafe { Library::new(&path) }.unwrap_or_else(|e| {
+        panic!(
+            "load {}: {e} (build it first: `cargo build -p rzc-capi`)",
+            path.display()
+        )
+    })
 }
 
 fn official_buffer() -> Vec<u8> {

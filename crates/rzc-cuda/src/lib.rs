@@ -1,1 +1,34 @@
+//! Device layer of ray-zerocopy: uploads an opened safetensors buffer to a
+//! CUDA device through the driver API (cudarc, loaded at run time), into one
+//! allocation in the device's primary context, and exports the tensors as
+//! kDLCUDA DLPack tensors. Without a CUDA driver every entry point returns a
+//! "no CUDA" error; nothing panics.
 
+mod driver;
+mod upload;
+
+pub use driver::{device_count, library_present};
+pub use upload::{upload, DeviceTensor, DeviceWeights, Staging, UploadOptions, DEVICE_ALIGNMENT};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn without_a_driver_every_entry_point_says_no_cuda() {
+        if super::library_present() {
+            eprintln!("skipped: a CUDA driver is present; the no-driver path is not exercised");
+            return;
+        }
+        let e = super::device_count().unwrap_err();
+        assert_eq!(e.kind(), rzc_core::ErrorKind::NoCuda);
+        assert!(e.message().contains("libcuda"), "{}", e.message());
+        let w = rzc_core::Weights::from_vec({
+            let h = b"{}";
+            let mut v = (h.len() as u64).to_le_bytes().to_vec();
+            v.extend_from_slice(h);
+            v
+        })
+        .unwrap();
+        let e = super::upload(&w, 0, &super::UploadOptions::default()).unwrap_err();
+        assert_eq!(e.kind(), rzc_core::ErrorKind::NoCuda);
+    }
+}
