@@ -98,4 +98,4 @@ python: venv native
 	$(VPY) -m pip install -q --force-reinstall --no-deps $$(ls -t $(BUILD)/wheels/ray_zerocopy-*.whl | head -1)
 
 test-python: python
-	$(VPY) -m pytest -q tests/python
+	$(VPY) -m pytest -q -rs tests/python tests/gpu

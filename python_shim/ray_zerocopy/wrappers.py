@@ -135,30 +135,15 @@ class ActorWrapper:
         by default each comes back as the kind it was. Torch modules come back
         in eval mode with ``requires_grad=False``.
         """
-        dev = parse_device(self.device if device is None else device)
-        if framework is not None and framework not in FRAMEWORKS:
-            raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
-        if framework not in (None, "torch") and _seal.TORCH_PARAM in self._kinds:
-            raise ValueError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
-        weights = _open_sealed(self._ref)
-        if len(weights) != len(self._layout):
-            raise RuntimeError("the sealed buffer does not match this wrapper (different tensor count)")
-        wrap = None
-        if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in self._kinds)):
-            from . import _torch
-
-            wrap = _torch.as_parameter
-        # Everything a load allocates stays alive, so a garbage collection
-        # during it finds nothing to free; with a large heap (torch imported)
-        # a full one can take longer than the load itself.
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            tensors = _materialize(weights, self._layout, self._kinds, framework, dev, self.use_fast_load)
-            return _seal.rebuild(self._skeleton, tensors, wrap)
-        finally:
-            if was_enabled:
-                gc.enable()
+        return assemble(
+            _open_sealed(self._ref),
+            self._skeleton,
+            self._kinds,
+            self._layout,
+            self.device if device is None else device,
+            framework,
+            self.use_fast_load,
+        )
 
     def as_udf(self, predict_fn, *, device=None, framework: str | None = None):
         """A callable class for ``Dataset.map_batches``: each actor loads the
@@ -169,6 +154,35 @@ class ActorWrapper:
                            compute=ActorPoolStrategy(size=4))
         """
         return _make_udf(self, predict_fn, device, framework)
+
+
+def assemble(weights: Weights, skeleton: bytes, kinds, layout, device="cpu", framework=None, fast: bool = False):
+    """Builds the pipeline from an opened sealed buffer: what ``load()`` does
+    once it has the buffer (no Ray involved, so it also serves buffers that
+    reach a process some other way)."""
+    dev = parse_device(device)
+    if framework is not None and framework not in FRAMEWORKS:
+        raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
+    if framework not in (None, "torch") and _seal.TORCH_PARAM in kinds:
+        raise ValueError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
+    if len(weights) != len(layout):
+        raise RuntimeError("the sealed buffer does not match this wrapper (different tensor count)")
+    wrap = None
+    if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in kinds)):
+        from . import _torch
+
+        wrap = _torch.as_parameter
+    # Everything a load allocates stays alive, so a garbage collection during
+    # it finds nothing to free; with a large heap (torch imported) a full one
+    # can take longer than the load itself.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        tensors = _materialize(weights, layout, kinds, framework, dev, fast)
+        return _seal.rebuild(skeleton, tensors, wrap)
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _materialize(weights, layout, kinds, framework, dev: Device, fast: bool) -> list:

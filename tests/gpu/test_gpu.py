@@ -1,0 +1,113 @@
+"""The CUDA path on a real GPU: uploads are bit-exact for every dtype, land in
+one allocation, frameworks adopt the tensors, freeing order is safe, errors
+are statuses. The source buffer lives in shared memory, standing in for
+Ray's object store (no Ray on the GPU machine)."""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+import ray_zerocopy as rzc
+from ray_zerocopy import _seal, wrappers
+from ray_zerocopy.weights import cuda_device_count
+
+DTYPES = [
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
+    torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2,
+]
+
+
+def sealed(obj, shm, name):
+    packed = _seal.seal(obj)
+    return packed, rzc.Weights.from_buffer(shm(packed.buffer, name))
+
+
+def sample():
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for i, dt in enumerate(DTYPES):
+        base = torch.randn(37, 5 + i, generator=g) * 3
+        out[f"t{i}"] = torch.complex(base, -base) if dt == torch.complex64 else base.to(dt)
+    out["scalar"] = torch.tensor(1.5)
+    out["empty"] = torch.zeros(0, 7)
+    return out
+
+
+@pytest.mark.parametrize("staging", ["auto", "register", "pinned", "pageable"])
+def test_every_dtype_bit_for_bit(shm, staging):
+    tensors = sample()
+    packed, w = sealed(tensors, shm, staging)
+    dev = w.upload(0, staging=staging, chunk_bytes=1 << 16)  # small chunks: many pieces
+    info = dev.info()
+    expected = ("register", "pinned") if staging == "auto" else (staging,)
+    assert info["staging"] in expected
+    lo, hi = info["device_ptr"], info["device_ptr"] + info["nbytes"]
+    for i, (name, ref) in enumerate(tensors.items()):
+        t = torch.from_dlpack(dev.dlpack(i))
+        assert t.device == torch.device("cuda", 0) and t.dtype == ref.dtype and t.shape == ref.shape, name
+        if t.numel():
+            assert lo <= t.data_ptr() < hi and (t.data_ptr() - lo) % 256 == 0, "inside the one allocation, 256-aligned"
+        assert torch.equal(t.cpu().reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), name
+
+
+def test_device_memory_is_model_plus_padding(shm):
+    tensors = {f"w{i}": torch.randn(1000 + i) for i in range(50)}
+    _, w = sealed(tensors, shm, "mem")
+    payload = sum(t.numel() * 4 for t in tensors.values())
+    dev = w.upload(0)
+    assert payload <= dev.info()["nbytes"] <= payload + 256 * len(tensors)
+
+
+def test_model_outputs_equal_to_dot_cuda(shm):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.LayerNorm(128), torch.nn.Linear(128, 8)).eval()
+    packed, w = sealed(model, shm, "model")
+    loaded = wrappers.assemble(w, packed.skeleton, packed.kinds, packed.layout, device="cuda:0")
+    x = torch.randn(16, 64, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.to("cuda")(x))
+    assert all(p.device.type == "cuda" and not p.requires_grad for p in loaded.parameters())
+
+
+def test_jax_and_cupy_adopt_the_same_memory(shm):
+    tensors = {"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(3, 3)}
+    _, w = sealed(tensors, shm, "fw")
+    dev = w.upload(0)
+    t = torch.from_dlpack(dev.dlpack(0))
+    jax = pytest.importorskip("jax")
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if gpus:
+        j = jax.dlpack.from_dlpack(dev.dlpack(0))
+        assert j.unsafe_buffer_pointer() == t.data_ptr()
+        np.testing.assert_array_equal(np.asarray(j), np.arange(64, dtype=np.float32))
+    cupy = pytest.importorskip("cupy")
+    c = cupy.from_dlpack(dev.dlpack(0))
+    assert c.data.ptr == t.data_ptr()
+    assert float(c.sum()) == float(t.sum())
+
+
+def test_freeing_order_is_safe(shm):
+    tensors = {"a": torch.arange(1 << 20, dtype=torch.float32)}
+    _, w = sealed(tensors, shm, "order")
+    torch.cuda.synchronize()
+    free0 = torch.cuda.mem_get_info()[0]
+    dev = w.upload(0)
+    t = torch.from_dlpack(dev.dlpack(0))
+    del dev, w  # handles first: the tensor keeps the allocation
+    gc.collect()
+    assert float(t[-1]) == float((1 << 20) - 1)
+    del t
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.mem_get_info()[0] >= free0 - (1 << 20), "the allocation is freed with its last tensor"
+
+
+def test_errors_are_statuses(shm):
+    _, w = sealed({"a": torch.ones(4)}, shm, "err")
+    with pytest.raises(rzc.NoCudaError, match="out of range") as e:
+        w.upload(cuda_device_count())
+    assert e.value.status == "RZC_BAD_DEVICE"
+    with pytest.raises(ValueError, match="staging"):
+        w.upload(0, staging="teleport")
