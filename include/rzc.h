@@ -86,6 +86,17 @@
 #define RZC_STAGING_PAGEABLE 3
 
 /**
+ * Flag of `rzc_open_options`: make the pages holding tensor data read-only
+ * in this process while the buffer is open (any handle or tensor alive), so
+ * that a write through a tensor faults in the writer instead of changing
+ * memory other processes share. Needs a page of non-tensor bytes before the
+ * first and after the last tensor (`rzc_pack_options.guard_bytes`), else
+ * the open fails with `RZC_INVALID_ARGUMENT`. Protection is lifted before
+ * `release` runs.
+ */
+#define RZC_OPEN_WRITE_PROTECT 1
+
+/**
  * Kind of device a DLPack tensor lives on.
  */
 typedef enum DLDeviceType {
@@ -679,7 +690,7 @@ typedef struct rzc_open_options {
    */
   void *release_ctx;
   /**
-   * Reserved; must be 0.
+   * `RZC_OPEN_*` bits.
    */
   uint32_t flags;
 } rzc_open_options;
@@ -926,7 +937,9 @@ void rzc_pack_plan_free(struct rzc_pack_plan *plan);
 enum rzc_status rzc_weights_open_memory(const uint8_t *data, size_t len, struct rzc_weights **out);
 
 /**
- * Same as `rzc_weights_open_memory`, and when `options->release` is set the
+ * Same as `rzc_weights_open_memory`, with options: `RZC_OPEN_WRITE_PROTECT`
+ * in `options->flags` write-protects the tensor pages while open; and when
+ * `options->release` is set the
  * library calls it once the handle and every tensor exported from it are
  * gone: the caller's owner of the bytes (e.g. a Python object holding Ray's
  * shared-memory buffer) can live exactly as long as it is needed. When the

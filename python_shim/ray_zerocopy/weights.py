@@ -80,9 +80,15 @@ class Weights:
         return cls(out[0])
 
     @classmethod
-    def from_buffer(cls, buffer) -> "Weights":
+    def from_buffer(cls, buffer, *, write_protect: bool = False) -> "Weights":
         """Opens any contiguous buffer (numpy array, bytes, memoryview, a Ray
-        object's view) without copying; it stays referenced as long as needed."""
+        object's view) without copying; it stays referenced as long as needed.
+
+        ``write_protect``: make the pages holding tensor data read-only in this
+        process while anything from the buffer is alive, so that an in-place
+        write through a tensor faults (killing the writer) instead of changing
+        memory that other processes share. Needs the page of non-tensor bytes
+        around the tensors that ``pack(guard_bytes=4096)`` leaves."""
         view = ffi.from_buffer("uint8_t[]", buffer)  # keeps `buffer` alive
         if len(view) == 0:
             # Nothing to borrow; let the parser say what is wrong.
@@ -95,6 +101,7 @@ class Weights:
         opts = ffi.new("rzc_open_options *")
         opts.release = _release
         opts.release_ctx = ffi.cast("void *", key)
+        opts.flags = lib.RZC_OPEN_WRITE_PROTECT if write_protect else 0
         out = ffi.new("rzc_weights **")
         try:
             check(lib.rzc_weights_open_memory_ex(view, size, opts, out))

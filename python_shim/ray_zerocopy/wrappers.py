@@ -32,12 +32,12 @@ def _require_ray():
 
 # Opened buffers, per process, by object ID. Weak: the handle goes when no
 # load is in progress; tensors keep the buffer itself alive on their own.
-_opened: "weakref.WeakValueDictionary[str, Weights]" = weakref.WeakValueDictionary()
+_opened: "weakref.WeakValueDictionary[tuple, Weights]" = weakref.WeakValueDictionary()
 _opened_lock = threading.Lock()
 
 
-def _open_sealed(ref) -> Weights:
-    key = ref.hex()
+def _open_sealed(ref, write_protect: bool) -> Weights:
+    key = (ref.hex(), write_protect)
     with _opened_lock:
         w = _opened.get(key)
         if w is not None:
@@ -48,10 +48,10 @@ def _open_sealed(ref) -> Weights:
             buffer = ray.get(ref)
         except (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFreedError, ray.exceptions.OwnerDiedError) as e:
             raise RuntimeError(
-                f"the sealed weights (object {key}) are no longer in Ray's object store ({type(e).__name__}); "
+                f"the sealed weights (object {key[0]}) are no longer in Ray's object store ({type(e).__name__}); "
                 "the driver that created the wrapper must keep it (and Ray) alive while actors load it"
             ) from e
-        w = Weights.from_buffer(buffer)
+        w = Weights.from_buffer(buffer, write_protect=write_protect)
         _opened[key] = w
         return w
 
@@ -65,13 +65,18 @@ class ActorWrapper:
     tensors, numpy arrays or JAX arrays. Everything that is not a tensor is
     pickled as Ray would pickle it. ``device``: where ``load()`` puts the
     tensors (``"cpu"``, ``"cuda:N"``). ``use_fast_load``: adopt all tensors
-    through one DLPack export instead of one per tensor.
+    through one DLPack export instead of one per tensor. ``write_protect``
+    (default on): in each process that loads, the pages holding the weights
+    are read-only, so an in-place write through a loaded tensor kills the
+    writing actor instead of silently changing the weights every actor
+    shares.
     """
 
-    def __init__(self, pipeline, device="cpu", use_fast_load: bool = False, *, metadata=None):
+    def __init__(self, pipeline, device="cpu", use_fast_load: bool = False, *, write_protect: bool = True, metadata=None):
         ray = _require_ray()
         self.device = str(parse_device(device))
         self.use_fast_load = bool(use_fast_load)
+        self.write_protect = bool(write_protect)
         packed = _seal.seal(pipeline, metadata)
         self._adopt(ray, packed)
 
@@ -84,7 +89,9 @@ class ActorWrapper:
         self._ref = ray.put(packed.buffer)
 
     @classmethod
-    def from_safetensors(cls, path, device="cpu", use_fast_load: bool = False, framework: str = "torch") -> "ActorWrapper":
+    def from_safetensors(
+        cls, path, device="cpu", use_fast_load: bool = False, framework: str = "torch", *, write_protect: bool = True
+    ) -> "ActorWrapper":
         """Seals an existing safetensors file (e.g. a Hugging Face checkpoint);
         ``load()`` returns ``{name: tensor}`` of ``framework``."""
         if framework not in FRAMEWORKS:
@@ -93,6 +100,7 @@ class ActorWrapper:
         self = cls.__new__(cls)
         self.device = str(parse_device(device))
         self.use_fast_load = bool(use_fast_load)
+        self.write_protect = bool(write_protect)
         kind = {"torch": _seal.TORCH, "numpy": _seal.NUMPY, "jax": _seal.JAX}[framework]
         self._adopt(ray, _seal.seal_file(path, kind))
         return self
@@ -122,7 +130,7 @@ class ActorWrapper:
     def __repr__(self) -> str:
         return (
             f"ActorWrapper({self.num_tensors} tensors, {self._nbytes / 2**20:.1f} MiB sealed, "
-            f"device={self.device!r}, use_fast_load={self.use_fast_load})"
+            f"device={self.device!r}, use_fast_load={self.use_fast_load}, write_protect={self.write_protect})"
         )
 
     # ------------------------------------------------------------------
@@ -136,7 +144,7 @@ class ActorWrapper:
         in eval mode with ``requires_grad=False``.
         """
         return assemble(
-            _open_sealed(self._ref),
+            _open_sealed(self._ref, self.write_protect),
             self._skeleton,
             self._kinds,
             self._layout,
@@ -299,9 +307,9 @@ class TaskWrapper:
     loaded it already reuses it) and return the result. ``ray_options``
     (``num_cpus``, ``num_gpus``, ...) go to every task."""
 
-    def __init__(self, pipeline, device="cpu", use_fast_load: bool = False, **ray_options):
+    def __init__(self, pipeline, device="cpu", use_fast_load: bool = False, *, write_protect: bool = True, **ray_options):
         ray = _require_ray()
-        self._wrapper = ActorWrapper(pipeline, device=device, use_fast_load=use_fast_load)
+        self._wrapper = ActorWrapper(pipeline, device=device, use_fast_load=use_fast_load, write_protect=write_protect)
         # One small object the tasks resolve, instead of the skeleton in every call.
         self._wrapper_ref = ray.put(self._wrapper)
         self._options = ray_options

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rzc_core::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
+use rzc_core::guard::WriteGuard;
 use rzc_core::{Bytes, Dtype, Weights};
 
 use crate::handle::{c_str, str_n, write_out, Handle};
@@ -91,9 +92,18 @@ pub struct rzc_open_options {
     pub release: rzc_release_fn,
     /// Passed to `release`.
     pub release_ctx: *mut c_void,
-    /// Reserved; must be 0.
+    /// `RZC_OPEN_*` bits.
     pub flags: u32,
 }
+
+/// Flag of `rzc_open_options`: make the pages holding tensor data read-only
+/// in this process while the buffer is open (any handle or tensor alive), so
+/// that a write through a tensor faults in the writer instead of changing
+/// memory other processes share. Needs a page of non-tensor bytes before the
+/// first and after the last tensor (`rzc_pack_options.guard_bytes`), else
+/// the open fails with `RZC_INVALID_ARGUMENT`. Protection is lifted before
+/// `release` runs.
+pub const RZC_OPEN_WRITE_PROTECT: u32 = 1;
 
 /// Borrowed bytes whose owner is told, through its callback, when the last
 /// reference is dropped.
@@ -102,6 +112,7 @@ struct Released {
     len: usize,
     release: rzc_release_fn,
     ctx: *mut c_void,
+    guard: Option<WriteGuard>,
 }
 
 // SAFETY: the caller of `rzc_weights_open_memory_ex` keeps the bytes valid and
@@ -118,6 +129,8 @@ impl Bytes for Released {
 
 impl Drop for Released {
     fn drop(&mut self) {
+        // Writable again before the owner may hand the memory back.
+        drop(self.guard.take());
         if let Some(release) = self.release {
             // SAFETY: the caller's callback, called exactly once.
             unsafe { release(self.ctx) };
@@ -125,7 +138,9 @@ impl Drop for Released {
     }
 }
 
-/// Same as `rzc_weights_open_memory`, and when `options->release` is set the
+/// Same as `rzc_weights_open_memory`, with options: `RZC_OPEN_WRITE_PROTECT`
+/// in `options->flags` write-protects the tensor pages while open; and when
+/// `options->release` is set the
 /// library calls it once the handle and every tensor exported from it are
 /// gone: the caller's owner of the bytes (e.g. a Python object holding Ray's
 /// shared-memory buffer) can live exactly as long as it is needed. When the
@@ -149,12 +164,18 @@ pub unsafe extern "C" fn rzc_weights_open_memory_ex(
             Some(o) => (o.release, o.release_ctx, o.flags),
             None => (None, std::ptr::null_mut(), 0),
         };
-        if flags != 0 {
+        if flags & !RZC_OPEN_WRITE_PROTECT != 0 {
             return Err(Failure::new(RZC_INVALID_ARGUMENT, format!("unknown open flags {flags:#x}")));
         }
         // SAFETY: the caller keeps `len` bytes at `data` alive until `release`.
         let bytes = unsafe { std::slice::from_raw_parts(data, len) };
-        let w = Weights::from_validated(bytes, || Arc::new(Released { ptr: data, len, release, ctx }))?;
+        let w = Weights::from_validated(bytes, |header| {
+            let guard = match (flags & RZC_OPEN_WRITE_PROTECT != 0, header.tensor_span()) {
+                (true, Some((start, end))) => WriteGuard::protect(bytes, start, end)?,
+                _ => None,
+            };
+            Ok(Arc::new(Released { ptr: data, len, release, ctx, guard }))
+        })?;
         unsafe { write_out(out, "out", rzc_weights::into_raw(w)) }
     }
 }

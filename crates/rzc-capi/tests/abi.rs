@@ -297,7 +297,10 @@ fn release_runs_once_after_the_last_tensor() {
         BAD_FORMAT
     );
     assert_eq!(released.load(Ordering::SeqCst), 0);
-    let bad_flags = OpenOptions { flags: 8, ..opts };
+    let bad_flags = OpenOptions {
+        flags: 0x80,
+        ..opts
+    };
     assert_eq!(
         unsafe { open_ex(buf.as_ptr(), buf.len(), &bad_flags, &mut w) },
         2

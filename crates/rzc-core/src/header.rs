@@ -105,6 +105,20 @@ impl<'de> Deserialize<'de> for RawHeader {
     }
 }
 
+impl Header {
+    /// Byte range `[start, end)` from the buffer start spanned by the tensors
+    /// (padding entries excluded); `None` when there are none.
+    pub fn tensor_span(&self) -> Option<(usize, usize)> {
+        let real = self
+            .tensors
+            .iter()
+            .filter(|t| !t.name.starts_with(crate::PAD_PREFIX));
+        let start = real.clone().map(|t| t.offset).min()?;
+        let end = real.map(|t| t.offset + t.nbytes).max()?;
+        Some((start, end))
+    }
+}
+
 /// Reads and validates the header of `buf`, a whole safetensors buffer.
 pub fn parse(buf: &[u8]) -> Result<Header> {
     let len = buf.len() as u64;

@@ -8,6 +8,7 @@
 pub mod dlpack;
 mod dtype;
 mod error;
+pub mod guard;
 pub mod header;
 pub mod pack;
 mod weights;

@@ -86,13 +86,17 @@ impl Weights {
         Ok(Weights::with_header(owner, header))
     }
 
-    /// Validates `bytes` and only when they are valid calls `make_owner` for
-    /// the owner that keeps them alive (which must own exactly these bytes).
+    /// Validates `bytes` and only when they are valid calls `make_owner` (with
+    /// the parsed header) for the owner that keeps them alive (which must own
+    /// exactly these bytes).
     /// An owner with side effects on drop (a release callback) is thus never
     /// created for a buffer that fails to open.
-    pub fn from_validated(bytes: &[u8], make_owner: impl FnOnce() -> Storage) -> Result<Weights> {
+    pub fn from_validated(
+        bytes: &[u8],
+        make_owner: impl FnOnce(&header::Header) -> Result<Storage>,
+    ) -> Result<Weights> {
         let header = header::parse(bytes)?;
-        let owner = make_owner();
+        let owner = make_owner(&header)?;
         assert!(
             std::ptr::eq(owner.bytes().as_ptr(), bytes.as_ptr())
                 && owner.bytes().len() == bytes.len(),

@@ -1,0 +1,224 @@
+//! Write protection of shared weights in the process that maps them.
+//!
+//! The buffer is shared by every process on the machine (Ray's object
+//! store), and torch ignores DLPack's read-only flag: an in-place write
+//! through one actor's tensor would change the weights of every actor. A
+//! [`WriteGuard`] makes the pages holding tensor data read-only in this
+//! process, so such a write faults in the writer instead. mprotect works on
+//! whole pages, so only pages lying entirely inside the buffer are touched
+//! (never a neighbour's memory): the buffer needs a page of non-tensor bytes
+//! before its first tensor and after its last (the packer's `guard_bytes`).
+//!
+//! Several handles may guard the same pages (one buffer opened twice): the
+//! protection is counted per page range and lifted when the last goes. It is
+//! lifted before the buffer's owner is released, so memory the owner hands
+//! back for reuse is writable again.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use crate::{fail, Error, ErrorKind, Result};
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
+
+struct Entry {
+    count: usize,
+    /// Whether this guard changed the protection (false when the pages were
+    /// read-only already: then there is nothing to restore).
+    changed: bool,
+}
+
+fn registry() -> &'static Mutex<HashMap<(usize, usize), Entry>> {
+    static R: OnceLock<Mutex<HashMap<(usize, usize), Entry>>> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+/// Whether every page of `[lo, hi)` is mapped writable in this process,
+/// read from `/proc/self/maps`. `None` when part of the range is not mapped.
+fn writable(lo: usize, hi: usize) -> Result<Option<bool>> {
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .map_err(|e| Error::new(ErrorKind::Io, format!("/proc/self/maps: {e}")))?;
+    let mut covered = lo;
+    let mut all_writable = true;
+    let mut spans: Vec<(usize, usize, bool)> = maps
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let range = it.next()?;
+            let perms = it.next()?;
+            let (a, b) = range.split_once('-')?;
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+                perms.as_bytes().get(1) == Some(&b'w'),
+            ))
+        })
+        .filter(|&(a, b, _)| a < hi && b > lo)
+        .collect();
+    spans.sort_unstable();
+    for (a, b, w) in spans {
+        if a > covered {
+            return Ok(None);
+        }
+        covered = covered.max(b);
+        all_writable &= w;
+    }
+    Ok((covered >= hi).then_some(all_writable))
+}
+
+/// Pages of a buffer made read-only in this process; restored on drop.
+#[derive(Debug)]
+pub struct WriteGuard {
+    lo: usize,
+    hi: usize,
+}
+
+impl WriteGuard {
+    /// Protects the pages covering bytes `[start, end)` of `buffer` (the
+    /// tensor data). Fails, changing nothing, when those pages are not
+    /// entirely inside the buffer. An empty range guards nothing.
+    pub fn protect(buffer: &[u8], start: usize, end: usize) -> Result<Option<WriteGuard>> {
+        if start >= end {
+            return Ok(None);
+        }
+        let page = page_size();
+        let base = buffer.as_ptr() as usize;
+        let lo = (base + start) / page * page;
+        let hi = (base + end).div_ceil(page) * page;
+        if lo < base || hi > base + buffer.len() {
+            fail!(
+                InvalidArgument,
+                "cannot write-protect this buffer: its tensors are not surrounded by a page ({page} bytes) of other \
+                 bytes, so protecting them would also protect memory outside it (pack with guard_bytes >= {page})"
+            );
+        }
+        let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = reg.get_mut(&(lo, hi)) {
+            e.count += 1;
+            return Ok(Some(WriteGuard { lo, hi }));
+        }
+        let changed = match writable(lo, hi)? {
+            None => fail!(
+                InvalidArgument,
+                "cannot write-protect: part of the buffer is not mapped in this process"
+            ),
+            Some(false) => false, // read-only already
+            Some(true) => {
+                // SAFETY: [lo, hi) is page-aligned and inside the buffer,
+                // which the caller keeps mapped while the guard lives.
+                if unsafe { libc::mprotect(lo as *mut _, hi - lo, libc::PROT_READ) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    fail!(Io, "mprotect(PROT_READ) of the weights failed: {e}");
+                }
+                true
+            }
+        };
+        reg.insert((lo, hi), Entry { count: 1, changed });
+        Ok(Some(WriteGuard { lo, hi }))
+    }
+
+    /// The protected range `[lo, hi)` of addresses.
+    pub fn range(&self) -> (usize, usize) {
+        (self.lo, self.hi)
+    }
+
+    /// Whether `addr` lies in a range some guard of this process protects.
+    pub fn covers(addr: usize) -> bool {
+        let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+        reg.iter()
+            .any(|(&(lo, hi), e)| e.changed && (lo..hi).contains(&addr))
+    }
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = reg.get_mut(&(self.lo, self.hi)) else {
+            return;
+        };
+        e.count -= 1;
+        if e.count == 0 {
+            let changed = e.changed;
+            reg.remove(&(self.lo, self.hi));
+            if changed {
+                // SAFETY: restores what `protect` changed, on the same range.
+                unsafe {
+                    libc::mprotect(
+                        self.lo as *mut _,
+                        self.hi - self.lo,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                    )
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapped(pages: usize) -> &'static mut [u8] {
+        let len = pages * page_size();
+        // SAFETY: a fresh anonymous mapping, leaked for the test's duration.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        unsafe { std::slice::from_raw_parts_mut(p.cast(), len) }
+    }
+
+    #[test]
+    fn protects_counts_and_restores() {
+        let page = page_size();
+        let buf = mapped(4);
+        let (lo, hi) = (
+            buf.as_ptr() as usize + page,
+            buf.as_ptr() as usize + 3 * page,
+        );
+        let g1 = WriteGuard::protect(buf, page + 10, 2 * page + 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!(g1.range(), (lo, hi));
+        assert_eq!(writable(lo, hi).unwrap(), Some(false));
+        assert!(WriteGuard::covers(lo + 100));
+        let g2 = WriteGuard::protect(buf, page + 10, 2 * page + 5)
+            .unwrap()
+            .unwrap();
+        drop(g1);
+        assert_eq!(
+            writable(lo, hi).unwrap(),
+            Some(false),
+            "still guarded by the second handle"
+        );
+        drop(g2);
+        assert_eq!(writable(lo, hi).unwrap(), Some(true));
+        buf[page + 20] = 1; // writable again
+        assert!(!WriteGuard::covers(lo + 100));
+    }
+
+    #[test]
+    fn refuses_to_protect_outside_the_buffer() {
+        let page = page_size();
+        let buf = mapped(2);
+        let inner = &buf[10..2 * page - 10];
+        let e = WriteGuard::protect(inner, 0, 100).unwrap_err();
+        assert!(e.message().contains("guard_bytes"), "{}", e.message());
+        assert!(WriteGuard::protect(inner, 5, 5).unwrap().is_none());
+    }
+}

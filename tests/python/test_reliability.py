@@ -1,0 +1,361 @@
+"""Reliability: shared weights cannot be corrupted through a loaded tensor,
+buffers live exactly as long as their tensors, bad input fails cleanly,
+faults under Ray are survived, and concurrent use is safe."""
+
+import gc
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from models import Pipeline, ids  # noqa: E402
+
+import ray_zerocopy as rzc  # noqa: E402
+from ray_zerocopy import ActorWrapper  # noqa: E402
+from ray_zerocopy.weights import live_buffers  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _actor_class(ray):
+    @ray.remote(num_cpus=0.25, max_restarts=0)
+    class Actor:
+        def __init__(self, wrapper):
+            self.p = wrapper.load()
+
+        def predict(self, x):
+            with torch.no_grad():
+                return self.p(x)
+
+        def corrupt(self):
+            with torch.no_grad():
+                self.p.encoder.emb.weight.add_(1.0)  # in place, into shared memory
+            return "wrote"
+
+    return Actor
+
+
+# -- 1. read-only weights ----------------------------------------------------
+def test_a_write_kills_the_writer_and_spares_the_others(ray_cluster):
+    ray = ray_cluster
+    pipe = Pipeline()
+    w = ActorWrapper(pipe)  # write_protect is on by default
+    Actor = _actor_class(ray)
+    writer, reader = Actor.remote(w), Actor.remote(w)
+    x = ids()
+    before = ray.get(reader.predict.remote(x))
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(writer.corrupt.remote())
+    assert torch.equal(ray.get(reader.predict.remote(x)), before)
+    late = Actor.remote(w)  # an actor started after the attempt sees the original
+    with torch.no_grad():
+        assert torch.equal(ray.get(late.predict.remote(x)), pipe(x))
+
+
+def test_without_the_guard_one_write_changes_every_actor(ray_cluster):
+    """What the guard prevents (write_protect=False): the write succeeds and
+    silently changes another actor's model."""
+    ray = ray_cluster
+    w = ActorWrapper(Pipeline(), write_protect=False)
+    Actor = _actor_class(ray)
+    writer, reader = Actor.remote(w), Actor.remote(w)
+    x = ids()
+    before = ray.get(reader.predict.remote(x))
+    assert ray.get(writer.corrupt.remote()) == "wrote"
+    assert not torch.equal(ray.get(reader.predict.remote(x)), before)
+
+
+def test_guard_in_one_process_faults_then_lifts(tmp_path):
+    """In one process: a write through a guarded tensor is a segmentation
+    fault (the process dies), and once the last tensor is gone the memory is
+    writable again."""
+    script = textwrap.dedent(
+        """
+        import sys, numpy as np, torch
+        import ray_zerocopy as rzc
+        from ray_zerocopy import _seal
+        buf = _seal.seal({"w": torch.ones(5000)}).buffer
+        w = rzc.Weights.from_buffer(buf, write_protect=True)
+        t = torch.from_dlpack(w.dlpack(0))
+        if sys.argv[1] == "write":
+            t.add_(1)
+            print("wrote")
+        del w, t
+        buf[-5000] = 7  # writable again after release
+        print("lifted")
+        """
+    )
+    path = tmp_path / "guard.py"
+    path.write_text(script)
+    crash = subprocess.run([sys.executable, str(path), "write"], capture_output=True, text=True, timeout=120)
+    assert crash.returncode == -11 and "wrote" not in crash.stdout, (crash.returncode, crash.stdout, crash.stderr[-500:])
+    ok = subprocess.run([sys.executable, str(path), "read"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "lifted" in ok.stdout, ok.stderr[-2000:]
+
+
+def test_guard_needs_guard_pages():
+    data = np.ones(3000, np.float32)
+    buf = rzc.pack([rzc.PackInput("x", 11, data.shape, data.ctypes.data, data.nbytes)])  # no guard bytes
+    with pytest.raises(rzc.InvalidArgumentError, match="guard_bytes"):
+        rzc.Weights.from_buffer(buf, write_protect=True)
+
+
+# -- 2. lifetimes ------------------------------------------------------------
+def test_tensors_outlive_wrapper_handle_and_refs_then_store_returns_to_baseline(ray_cluster):
+    ray = ray_cluster
+
+    def free_store():
+        return ray.available_resources().get("object_store_memory", 0)
+
+    def wait_for(cond, seconds=20):
+        deadline = time.time() + seconds
+        while not cond() and time.time() < deadline:
+            time.sleep(0.2)
+        return cond()
+
+    gc.collect()
+    base_store, base_live = free_store(), live_buffers()
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB: large objects live in plasma
+    w = ActorWrapper(model)
+    loaded = w.load()
+    weight = loaded.weight
+    assert wait_for(lambda: free_store() <= base_store - 4 * 2**20), "the sealed object occupies the store"
+    del w, loaded  # wrapper, pipeline and every handle gone: one tensor remains
+    gc.collect()
+    assert live_buffers() == base_live + 1, "the tensor keeps the buffer"
+    assert torch.equal(weight, model.weight), "its memory is still valid"
+    del weight
+    gc.collect()
+    assert live_buffers() == base_live, "the buffer is released with the last tensor"
+    assert wait_for(lambda: free_store() >= base_store), "Ray's object store usage returns to its baseline"
+
+
+def test_ten_thousand_cycles_keep_rss_flat():
+    data = np.arange(4096, dtype=np.float32)
+    buf = rzc.pack([rzc.PackInput(f"t{i}", 11, (1024,), data.ctypes.data + 4096 * (i % 4), 4096) for i in range(8)], guard_bytes=4096)
+
+    def cycle():
+        w = rzc.Weights.from_buffer(buf, write_protect=True)
+        ts = [torch.from_dlpack(w.dlpack(i)) for i in range(len(w))]
+        arr = np.from_dlpack(w.dlpack(0))
+        del w, ts, arr
+
+    for _ in range(1000):  # warm-up: allocator pools, caches
+        cycle()
+    gc.collect()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = live_buffers()
+    for _ in range(10_000):
+        cycle()
+    gc.collect()
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    assert live_buffers() == base
+    assert grown_kb < 8 * 1024, f"peak RSS grew {grown_kb} KiB over 10,000 cycles"
+
+
+# -- 3. bad input ------------------------------------------------------------
+def test_a_malformed_file_never_reaches_an_actor(ray_cluster, tmp_path):
+    p = tmp_path / "m.safetensors"
+    header = b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,99]}}'
+    p.write_bytes(len(header).to_bytes(8, "little") + header + bytes(99))
+    with pytest.raises(rzc.BadFormatError, match="needs 16 bytes"):
+        ActorWrapper.from_safetensors(p)
+
+
+# -- 4. faults under Ray -----------------------------------------------------
+def test_lost_object_gives_a_clear_error(ray_cluster):
+    """The sealed object is owned by whoever created the wrapper; when that
+    owner dies the object is gone, and load() says so."""
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0.25)
+    class Owner:
+        def make(self):
+            return ActorWrapper(torch.nn.Linear(512, 512))  # 1 MiB: in plasma
+
+    owner = Owner.remote()
+    w = ray.get(owner.make.remote())
+    ray.kill(owner)
+    time.sleep(1.0)
+    with pytest.raises(RuntimeError, match="no longer in Ray's object store"):
+        w.load()
+
+
+class _DiesOnce:
+    """A map_batches actor that kills its process on its first batch if the
+    marker file is there (and removes it), so exactly one actor dies once."""
+
+    def __init__(self, actor_wrapper, marker):
+        self.pipeline = actor_wrapper.load()
+        self.marker = marker
+
+    def __call__(self, batch):
+        try:
+            os.remove(self.marker)
+            os._exit(1)
+        except FileNotFoundError:
+            pass
+        with torch.no_grad():
+            return {"i": batch["i"], "y": self.pipeline(torch.as_tensor(batch["data"])).numpy()}
+
+
+def test_map_batches_survives_a_killed_actor(ray_cluster, tmp_path):
+    ray = ray_cluster
+    from ray.data import ActorPoolStrategy
+
+    pipe = Pipeline()
+    w = ActorWrapper(pipe)
+    marker = tmp_path / "die"
+    marker.write_text("once")
+    data = ids(n=48).numpy()
+    ds = ray.data.from_items([{"i": i, "data": data[i]} for i in range(48)])
+    out = ds.map_batches(
+        _DiesOnce,
+        fn_constructor_kwargs={"actor_wrapper": w, "marker": str(marker)},
+        batch_size=8,
+        compute=ActorPoolStrategy(size=2),
+        num_cpus=0.5,
+        max_restarts=2,
+        max_task_retries=2,
+    ).take_all()
+    assert not marker.exists(), "an actor was killed during the run"
+    got = np.stack([r["y"] for r in sorted(out, key=lambda r: r["i"])])
+    with torch.no_grad():
+        np.testing.assert_array_equal(got, pipe(torch.as_tensor(data)).numpy())
+
+
+def _run_script(body: str, timeout=600):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_spilled_objects_are_restored_and_load():
+    """An object store small enough to force spilling to disk: every wrapper
+    still loads, equal to its model."""
+    out = _run_script(
+        """
+        import ray, torch
+        from ray_zerocopy import ActorWrapper
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 2**20)
+        models = [torch.nn.Linear(2048, 2048) for _ in range(4)]   # 16 MiB each, 64 MiB in all
+        wrappers = [ActorWrapper(m) for m in models]
+        filler = [ray.put(torch.zeros(4 * 2**20).numpy()) for _ in range(4)]  # 64 MiB more
+        x = torch.randn(3, 2048)
+        for m, w in zip(models, wrappers):
+            with torch.no_grad():
+                assert torch.equal(w.load()(x), m(x))
+        print("restored", len(wrappers))
+        """
+    )
+    assert "restored 4" in out
+
+
+def test_several_nodes_one_copy_each():
+    """Ray's multi-node test cluster on this machine: actors on every node
+    load the model; each node maps its own single copy (one plasma file per
+    node, shared by that node's actors); results are equal."""
+    out = _run_script(
+        """
+        import ray, torch
+        from ray.cluster_utils import Cluster
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from ray_zerocopy import ActorWrapper
+
+
+        @ray.remote(num_cpus=0.25)
+        class Probe:
+            def __init__(self, wrapper):
+                self.p = wrapper.load()
+
+            def run(self, x):
+                # The mapping backing the weights: (device, inode) of the
+                # node's plasma file (unlinked after mapping, so no name).
+                ptr = self.p[0].weight.data_ptr()
+                backing = None
+                for line in open("/proc/self/maps"):
+                    f = line.split()
+                    a, b = (int(v, 16) for v in f[0].split("-"))
+                    if a <= ptr < b:
+                        backing = (f[3], f[4])
+                with torch.no_grad():
+                    return ray.get_runtime_context().get_node_id(), backing, self.p(x)
+
+
+        def main():
+            torch.manual_seed(0)
+            pipe = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 8))  # 4 MiB: in plasma
+            w = ActorWrapper(pipe)
+            nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+            assert len(nodes) == 3, nodes
+            probes = [
+                Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(w)
+                for n in nodes
+                for _ in range(2)
+            ]
+            x = torch.randn(4, 1024)
+            with torch.no_grad():
+                expected = pipe(x)
+            per_node = {}
+            for node, backing, y in ray.get([p.run.remote(x) for p in probes]):
+                assert torch.equal(y, expected)
+                per_node.setdefault(node, set()).add(backing)
+            assert len(per_node) == 3, per_node
+            assert all(len(b) == 1 and None not in b for b in per_node.values()), per_node  # one copy per node
+            assert len({next(iter(b)) for b in per_node.values()}) == 3, per_node  # a distinct copy on each node
+            print("nodes", len(per_node))
+
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            for _ in range(2):
+                cluster.add_node(num_cpus=1)
+            ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+            cluster.wait_for_nodes()
+            main()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        """
+    )
+    assert "nodes 3" in out
+
+
+# -- 6. concurrency ----------------------------------------------------------
+def test_threads_open_export_free_concurrently():
+    data = np.arange(1 << 16, dtype=np.float32)
+    buf = rzc.pack([rzc.PackInput(f"t{i}", 11, (1 << 14,), data.ctypes.data + (1 << 16) * i, 1 << 16) for i in range(4)], guard_bytes=4096)
+    base = live_buffers()
+    errors = []
+    deadline = time.time() + 30
+
+    def work(seed):
+        try:
+            for k in range(400):
+                if time.time() > deadline:
+                    return
+                w = rzc.Weights.from_buffer(buf, write_protect=(k % 2 == 0))
+                t = torch.from_dlpack(w.dlpack((seed + k) % 4))
+                a = np.from_dlpack(w.dlpack(k % 4))
+                assert float(t[0]) == float(((seed + k) % 4) << 14) and a.shape == (1 << 14,)
+                del w, t, a
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    assert not errors, errors[:3]
+    assert live_buffers() == base
+    buf[-1] = 1  # every guard lifted: writable again
