@@ -11,10 +11,11 @@ LIBDIR := target/release
 LIB    := $(LIBDIR)/librzc.so
 FIXTURES := $(BUILD)/fixtures
 VALGRIND := valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=all
-FUZZ_SECONDS ?= 20
+FUZZ_SECONDS ?= 60
+TEST_FUZZ_SECONDS ?= 20
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo bench-actors setup native venv python fixtures header test test-rust test-c test-header-c test-python fuzz bench bench-core examples clean
+.PHONY: demo bench-actors test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python fuzz bench bench-core examples clean
 
 setup: venv native python
 
@@ -35,7 +36,7 @@ fixtures: venv
 header:
 	RZC_BLESS_HEADER=1 cargo test -q -p rzc-capi --test header
 
-test: setup test-rust test-c test-python
+test: setup test-rust test-c test-python test-fuzz
 	@echo "all tests passed"
 
 # `cargo test` links tests against the rlib only; the libloading tests need
@@ -68,6 +69,11 @@ examples: native fixtures
 	$(BUILD)/list_tensors_cpp $(FIXTURES)/sample.safetensors
 	cargo run -q --release -p rzc-core --example list_tensors -- $(FIXTURES)/sample.safetensors
 
+# A short, fixed fuzzing budget in every test run; `make fuzz FUZZ_SECONDS=600`
+# for a longer one.
+test-fuzz:
+	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
+
 # libFuzzer on open-from-memory for FUZZ_SECONDS (cargo-fuzz needs nightly
 # flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them).
 fuzz:
@@ -80,6 +86,7 @@ demo: setup
 	$(VPY) examples/python/ray_data_demo.py
 
 bench: bench-core bench-actors
+	$(VPY) benchmarks/bench_guard.py
 
 bench-core:
 	cargo bench -p rzc-core --bench core

@@ -1,8 +1,8 @@
 """Load time and memory of N Ray actors serving one model, three ways, in one
 run on a real local Ray cluster:
 
-- zero-copy: ``ActorWrapper(model).load()`` (default path, and
-  ``use_fast_load=True``);
+- zero-copy: ``ActorWrapper(model).load()`` (default path, with
+  ``use_fast_load=True``, and without the write guard);
 - plain: the model passed to each actor as a normal Ray object (``ray.get``
   unpickles a private copy in every actor);
 - pure-Python: numpy arrays in the object store, ``torch.as_tensor`` per
@@ -193,6 +193,7 @@ def main() -> None:
     ways = {
         "zero-copy": lambda: ActorWrapper(model, device="cpu"),
         "zero-copy (use_fast_load)": lambda: ActorWrapper(model, device="cpu", use_fast_load=True),
+        "zero-copy (write_protect=False)": lambda: ActorWrapper(model, device="cpu", write_protect=False),
         "plain": lambda: [ray.put(model)],
         "pure-python": lambda: (skeleton, ray.put({k: v.numpy() for k, v in model.state_dict().items()})),
     }

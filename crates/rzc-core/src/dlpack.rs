@@ -225,6 +225,56 @@ unsafe extern "C" fn delete_holder<M, O>(managed: *mut M) {
     }));
 }
 
+/// The two managed-tensor forms, built the same way.
+trait Managed: Sized {
+    fn new(tensor: DLTensor, deleter: unsafe extern "C" fn(*mut Self), flags: u64) -> Self;
+    fn set_context(&mut self, ctx: *mut c_void);
+}
+
+impl Managed for DLManagedTensorVersioned {
+    fn new(dl_tensor: DLTensor, deleter: unsafe extern "C" fn(*mut Self), flags: u64) -> Self {
+        DLManagedTensorVersioned {
+            version: DLPackVersion {
+                major: DLPACK_MAJOR_VERSION,
+                minor: DLPACK_MINOR_VERSION,
+            },
+            manager_ctx: std::ptr::null_mut(),
+            deleter: Some(deleter),
+            flags,
+            dl_tensor,
+        }
+    }
+    fn set_context(&mut self, ctx: *mut c_void) {
+        self.manager_ctx = ctx;
+    }
+}
+
+impl Managed for DLManagedTensor {
+    fn new(dl_tensor: DLTensor, deleter: unsafe extern "C" fn(*mut Self), _flags: u64) -> Self {
+        DLManagedTensor {
+            dl_tensor,
+            manager_ctx: std::ptr::null_mut(),
+            deleter: Some(deleter),
+        }
+    }
+    fn set_context(&mut self, ctx: *mut c_void) {
+        self.manager_ctx = ctx;
+    }
+}
+
+fn export<M: Managed, O: Send + 'static>(owner: O, desc: &TensorDesc<'_>, flags: u64) -> *mut M {
+    let mut shape: Box<[i64]> = desc.shape.into();
+    let managed = M::new(dl_tensor(desc, &mut shape), delete_holder::<M, O>, flags);
+    let holder = Box::into_raw(Box::new(Holder {
+        managed,
+        shape,
+        owner,
+    }));
+    // SAFETY: `holder` is a fresh, valid allocation.
+    unsafe { (*holder).managed.set_context(holder.cast()) };
+    holder.cast()
+}
+
 /// Exports a tensor as a `DLManagedTensorVersioned` that keeps `owner` alive
 /// until its deleter runs. `owner` must keep `desc.data` valid.
 pub fn export_versioned<O: Send + 'static>(
@@ -232,45 +282,14 @@ pub fn export_versioned<O: Send + 'static>(
     desc: &TensorDesc<'_>,
     flags: u64,
 ) -> *mut DLManagedTensorVersioned {
-    let mut shape: Box<[i64]> = desc.shape.into();
-    let managed = DLManagedTensorVersioned {
-        version: DLPackVersion {
-            major: DLPACK_MAJOR_VERSION,
-            minor: DLPACK_MINOR_VERSION,
-        },
-        manager_ctx: std::ptr::null_mut(),
-        deleter: Some(delete_holder::<DLManagedTensorVersioned, O>),
-        flags,
-        dl_tensor: dl_tensor(desc, &mut shape),
-    };
-    let holder = Box::into_raw(Box::new(Holder {
-        managed,
-        shape,
-        owner,
-    }));
-    // SAFETY: `holder` is a fresh, valid allocation.
-    unsafe { (*holder).managed.manager_ctx = holder.cast() };
-    holder.cast()
+    export(owner, desc, flags)
 }
 
 /// Exports a tensor as a legacy `DLManagedTensor` that keeps `owner` alive
 /// until its deleter runs. The legacy form has no flags: a consumer cannot
 /// learn that the memory is read-only.
 pub fn export_legacy<O: Send + 'static>(owner: O, desc: &TensorDesc<'_>) -> *mut DLManagedTensor {
-    let mut shape: Box<[i64]> = desc.shape.into();
-    let managed = DLManagedTensor {
-        dl_tensor: dl_tensor(desc, &mut shape),
-        manager_ctx: std::ptr::null_mut(),
-        deleter: Some(delete_holder::<DLManagedTensor, O>),
-    };
-    let holder = Box::into_raw(Box::new(Holder {
-        managed,
-        shape,
-        owner,
-    }));
-    // SAFETY: `holder` is a fresh, valid allocation.
-    unsafe { (*holder).managed.manager_ctx = holder.cast() };
-    holder.cast()
+    export(owner, desc, 0)
 }
 
 #[cfg(test)]

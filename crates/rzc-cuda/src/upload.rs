@@ -188,6 +188,18 @@ fn split(ops: &[CopyOp], chunk: usize) -> Vec<CopyOp> {
     out
 }
 
+/// Issues one asynchronous host-to-device copy of `op` into the allocation.
+fn issue_copy(dst: CUdeviceptr, op: &CopyOp, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: `op.src` points to `op.len` readable host bytes kept alive
+    // until the stream is drained; the destination lies inside the allocation.
+    check(
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst + op.dst as u64, op.src as *const _, op.len, stream)
+        },
+        "cuMemcpyHtoDAsync",
+    )
+}
+
 struct Stream {
     raw: sys::CUstream,
     owned: bool,
@@ -311,17 +323,7 @@ fn copy_registered(
             other => check(other, "cuMemHostRegister")?,
         }
         for p in parts {
-            check(
-                unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(
-                        dst + p.dst as u64,
-                        p.src as *const _,
-                        p.len,
-                        raw_stream as sys::CUstream,
-                    )
-                },
-                "cuMemcpyHtoDAsync",
-            )?;
+            issue_copy(dst, p, raw_stream as sys::CUstream)?;
         }
         Ok(())
     });
@@ -446,17 +448,7 @@ fn copy_pinned(
 
 fn copy_pageable(dst: CUdeviceptr, ops: &[CopyOp], stream: &Stream) -> Result<()> {
     for op in ops {
-        check(
-            unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    dst + op.dst as u64,
-                    op.src as *const _,
-                    op.len,
-                    stream.raw,
-                )
-            },
-            "cuMemcpyHtoDAsync",
-        )?;
+        issue_copy(dst, op, stream.raw)?;
     }
     check(
         unsafe { sys::cuStreamSynchronize(stream.raw) },
