@@ -74,8 +74,8 @@ def test_without_the_guard_one_write_changes_every_actor(ray_cluster):
 
 def test_guard_in_one_process_faults_then_lifts(tmp_path):
     """In one process: a write through a guarded tensor is a segmentation
-    fault (the process dies), and once the last tensor is gone the memory is
-    writable again."""
+    fault (the process dies) with a message that says why and what to do; once
+    the last tensor is gone the memory is writable again."""
     script = textwrap.dedent(
         """
         import sys, numpy as np, torch
@@ -96,6 +96,8 @@ def test_guard_in_one_process_faults_then_lifts(tmp_path):
     path.write_text(script)
     crash = subprocess.run([sys.executable, str(path), "write"], capture_output=True, text=True, timeout=120)
     assert crash.returncode == -11 and "wrote" not in crash.stdout, (crash.returncode, crash.stdout, crash.stderr[-500:])
+    assert "ray-zerocopy: a write to read-only shared weights" in crash.stderr, crash.stderr[-2000:]
+    assert "clone() a tensor" in crash.stderr
     ok = subprocess.run([sys.executable, str(path), "read"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "lifted" in ok.stdout, ok.stderr[-2000:]
 

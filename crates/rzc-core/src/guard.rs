@@ -15,7 +15,8 @@
 //! back for reuse is writable again.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, Once, OnceLock};
 
 use crate::{fail, Error, ErrorKind, Result};
 
@@ -57,9 +58,15 @@ fn writable(lo: usize, hi: usize) -> Result<Option<bool>> {
     for line in std::io::BufReader::with_capacity(4096, file).lines() {
         let line = line.map_err(io)?;
         let mut it = line.split_whitespace();
-        let (Some(range), Some(perms)) = (it.next(), it.next()) else { continue };
-        let Some((a, b)) = range.split_once('-') else { continue };
-        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
+        let (Some(range), Some(perms)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
         if a >= hi {
             break;
         }
@@ -76,6 +83,111 @@ fn writable(lo: usize, hi: usize) -> Result<Option<bool>> {
         }
     }
     Ok((covered >= hi).then_some(all_writable))
+}
+
+// -- A message for writes that hit a guard -----------------------------------
+//
+// A write into guarded pages is a SIGSEGV, which on its own reads like a bug
+// in whatever crashed. The handler below recognises faults inside guarded
+// ranges, says what happened and what to do, then hands the signal to
+// whoever handled it before (Python's faulthandler prints the traceback) or
+// to the default action. It only reads atomics and calls write(2): both are
+// async-signal-safe.
+
+const SLOTS: usize = 128;
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: (AtomicUsize, AtomicUsize) = (AtomicUsize::new(0), AtomicUsize::new(0));
+static GUARDED: [(AtomicUsize, AtomicUsize); SLOTS] = [EMPTY; SLOTS];
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+fn publish(lo: usize, hi: usize) {
+    for (a, b) in GUARDED.iter() {
+        if a.compare_exchange(0, lo, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            b.store(hi, Ordering::Release);
+            return;
+        }
+    }
+}
+
+fn unpublish(lo: usize) {
+    for (a, b) in GUARDED.iter() {
+        if a.load(Ordering::Acquire) == lo {
+            b.store(0, Ordering::Release);
+            a.store(0, Ordering::Release);
+            return;
+        }
+    }
+}
+
+fn write_stderr(bytes: &[u8]) {
+    // SAFETY: write(2) on a valid buffer; async-signal-safe.
+    unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+}
+
+extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let guarded = GUARDED.iter().any(|(a, b)| {
+        let lo = a.load(Ordering::Acquire);
+        lo != 0 && (lo..b.load(Ordering::Acquire)).contains(&addr)
+    });
+    if guarded {
+        let mut hex = [0u8; 18];
+        hex[0] = b'0';
+        hex[1] = b'x';
+        for i in 0..16 {
+            let d = ((addr >> ((15 - i) * 4)) & 0xf) as u8;
+            hex[2 + i] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        }
+        write_stderr(b"\nray-zerocopy: a write to read-only shared weights at ");
+        write_stderr(&hex);
+        write_stderr(
+            b" was stopped. These weights are shared by every process on this machine that loaded them; \
+              an in-place write (param.add_(), an optimizer step, .train() with BatchNorm) would change them \
+              for all. clone() a tensor before modifying it, or load with write_protect=False to opt out.\n",
+        );
+    }
+    // Hand the signal on as if this handler were not there.
+    let Some(prev) = PREVIOUS.get() else { return };
+    let handler = prev.sa_sigaction;
+    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        // Back to the default action: returning re-runs the faulting
+        // instruction, which now terminates the process as it would have.
+        // SAFETY: installs the default disposition; async-signal-safe.
+        unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGSEGV, &dfl, std::ptr::null_mut());
+        }
+    } else if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the previous handler was installed with this signature.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { std::mem::transmute(handler) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: the previous handler was installed with this signature.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
+        f(sig);
+    }
+}
+
+fn install_handler() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: installs a handler for SIGSEGV, keeping the previous one.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_segv as *const () as usize;
+            act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut act.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGSEGV, &act, &mut old) == 0 {
+                let _ = PREVIOUS.set(old);
+            }
+        }
+    });
 }
 
 /// Pages of a buffer made read-only in this process; restored on drop.
@@ -118,8 +230,11 @@ impl WriteGuard {
             Some(true) => {
                 // SAFETY: [lo, hi) is page-aligned and inside the buffer,
                 // which the caller keeps mapped while the guard lives.
+                install_handler();
+                publish(lo, hi);
                 if unsafe { libc::mprotect(lo as *mut _, hi - lo, libc::PROT_READ) } != 0 {
                     let e = std::io::Error::last_os_error();
+                    unpublish(lo);
                     fail!(Io, "mprotect(PROT_READ) of the weights failed: {e}");
                 }
                 true

@@ -501,7 +501,11 @@ pub fn upload(w: &Weights, ordinal: i32, opts: &UploadOptions) -> Result<DeviceW
                 Staging::Pageable => copy_pageable(ptr, &ops, &stream).map(|_| Staging::Pageable),
                 Staging::Auto => match copy_registered(&ctx, ptr, &ops, opts, &stream) {
                     Ok(()) => Ok(Staging::Register),
-                    Err(e) if e.kind() == ErrorKind::Cuda => {
+                    // Registration refused (read-only pages without read-only
+                    // registration, pages registered in another way, too much
+                    // to pin): bounce buffers need a few chunks of pinned
+                    // memory only.
+                    Err(e) if matches!(e.kind(), ErrorKind::Cuda | ErrorKind::OutOfMemory) => {
                         copy_pinned(&ctx, ptr, &ops, opts, &stream).map(|_| Staging::Pinned)
                     }
                     Err(e) => Err(e),
