@@ -121,6 +121,15 @@ fn unpublish(lo: usize) {
     }
 }
 
+/// Whether `addr` lies in a range a guard of this process protects (reads
+/// atomics only: safe inside the signal handler).
+fn guarded(addr: usize) -> bool {
+    GUARDED.iter().any(|(a, b)| {
+        let lo = a.load(Ordering::Acquire);
+        lo != 0 && (lo..b.load(Ordering::Acquire)).contains(&addr)
+    })
+}
+
 fn write_stderr(bytes: &[u8]) {
     // SAFETY: write(2) on a valid buffer; async-signal-safe.
     unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
@@ -129,11 +138,7 @@ fn write_stderr(bytes: &[u8]) {
 extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
-    let guarded = GUARDED.iter().any(|(a, b)| {
-        let lo = a.load(Ordering::Acquire);
-        lo != 0 && (lo..b.load(Ordering::Acquire)).contains(&addr)
-    });
-    if guarded {
+    if guarded(addr) {
         let mut hex = [0u8; 18];
         hex[0] = b'0';
         hex[1] = b'x';
@@ -249,11 +254,10 @@ impl WriteGuard {
         (self.lo, self.hi)
     }
 
-    /// Whether `addr` lies in a range some guard of this process protects.
+    /// Whether `addr` lies in a range some guard of this process protects
+    /// (the lookup the fault handler makes).
     pub fn covers(addr: usize) -> bool {
-        let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
-        reg.iter()
-            .any(|(&(lo, hi), e)| e.changed && (lo..hi).contains(&addr))
+        guarded(addr)
     }
 }
 
@@ -276,6 +280,7 @@ impl Drop for WriteGuard {
                         libc::PROT_READ | libc::PROT_WRITE,
                     )
                 };
+                unpublish(self.lo);
             }
         }
     }
