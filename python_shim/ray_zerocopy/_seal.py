@@ -178,10 +178,13 @@ def seal(obj, metadata=None) -> Packed:
             "held by something other than torch tensors, numpy or JAX arrays?)"
         )
     buffer = pack(inputs, metadata, guard_bytes=GUARD_BYTES)
+    return Packed(f.getvalue(), tuple(kinds), _layout(buffer), buffer)
+
+
+def _layout(buffer) -> tuple:
+    """Where each tensor of a freshly packed buffer lies (in packing order)."""
     with Weights.from_buffer(buffer) as w:
-        infos = w.infos()
-    layout = tuple(Layout(i.offset, i.dtype, i.shape, i.nbytes) for i in infos)
-    return Packed(f.getvalue(), tuple(kinds), layout, buffer)
+        return tuple(Layout(i.offset, i.dtype, i.shape, i.nbytes) for i in w.infos())
 
 
 class _Unpickler(pickle.Unpickler):
@@ -272,6 +275,4 @@ def seal_file(path, kind: str) -> Packed:
 
     f = io.BytesIO()
     _Pickler(f, protocol=5).dump({info.name: _Ref(i) for i, info in enumerate(infos)})
-    with Weights.from_buffer(buffer) as w:
-        layout = tuple(Layout(i.offset, i.dtype, i.shape, i.nbytes) for i in w.infos())
-    return Packed(f.getvalue(), (kind,) * len(inputs), layout, buffer)
+    return Packed(f.getvalue(), (kind,) * len(inputs), _layout(buffer), buffer)

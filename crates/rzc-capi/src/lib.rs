@@ -52,24 +52,7 @@ pub extern "C" fn rzc_last_error_message() -> *const c_char {
 /// Stable name of a status code (`"RZC_BAD_FORMAT"`), or `"RZC_UNKNOWN"`.
 #[no_mangle]
 pub extern "C" fn rzc_status_name(status: u32) -> *const c_char {
-    use status::rzc_status::*;
-    let all = [
-        RZC_OK,
-        RZC_NULL_ARGUMENT,
-        RZC_INVALID_ARGUMENT,
-        RZC_BAD_FORMAT,
-        RZC_IO,
-        RZC_NOT_FOUND,
-        RZC_UNSUPPORTED_DTYPE,
-        RZC_OUT_OF_RANGE,
-        RZC_BUFFER_TOO_SMALL,
-        RZC_NO_CUDA,
-        RZC_CUDA_ERROR,
-        RZC_OUT_OF_MEMORY,
-        RZC_BAD_DEVICE,
-        RZC_PANIC,
-    ];
-    match all.iter().find(|s| **s as u32 == status) {
+    match rzc_status::from_u32(status) {
         Some(s) => s.name().as_ptr(),
         None => c"RZC_UNKNOWN".as_ptr(),
     }

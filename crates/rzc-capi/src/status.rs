@@ -43,7 +43,31 @@ pub enum rzc_status {
 
 pub use rzc_status::*;
 
+// Every code, in numeric order. A free constant: cbindgen would export an
+// associated one into the header.
+const ALL: [rzc_status; 14] = [
+    RZC_OK,
+    RZC_NULL_ARGUMENT,
+    RZC_INVALID_ARGUMENT,
+    RZC_BAD_FORMAT,
+    RZC_IO,
+    RZC_NOT_FOUND,
+    RZC_UNSUPPORTED_DTYPE,
+    RZC_OUT_OF_RANGE,
+    RZC_BUFFER_TOO_SMALL,
+    RZC_NO_CUDA,
+    RZC_CUDA_ERROR,
+    RZC_OUT_OF_MEMORY,
+    RZC_BAD_DEVICE,
+    RZC_PANIC,
+];
+
 impl rzc_status {
+    /// The code with number `value`, if any.
+    pub fn from_u32(value: u32) -> Option<rzc_status> {
+        ALL.iter().copied().find(|s| *s as u32 == value)
+    }
+
     /// Stable name of the code, e.g. `"RZC_BAD_FORMAT"`.
     pub fn name(self) -> &'static std::ffi::CStr {
         match self {

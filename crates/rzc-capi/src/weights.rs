@@ -71,13 +71,8 @@ pub unsafe extern "C" fn rzc_weights_open_memory(
     len: usize,
     out: *mut *mut rzc_weights,
 ) -> rzc_status {
-    ffi_boundary! {
-        crate::handle::not_null(out, "out")?;
-        crate::handle::not_null(data, "data")?;
-        // SAFETY: the caller keeps `data` alive, as documented.
-        let w = unsafe { Weights::from_borrowed(data, len)? };
-        unsafe { write_out(out, "out", rzc_weights::into_raw(w)) }
-    }
+    // SAFETY: forwarded; NULL options mean no release callback, no flags.
+    unsafe { rzc_weights_open_memory_ex(data, len, std::ptr::null(), out) }
 }
 
 /// Called exactly once with `ctx` when the last user of a borrowed buffer is
