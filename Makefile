@@ -45,14 +45,19 @@ test-rust:
 	cargo build --workspace
 	cargo test --workspace
 
-# The header compiles standalone as C99 and C++17; the C and C++ callers run
-# under valgrind (no leaks, no invalid reads).
-test-header-c:
+# The header compiles standalone as C99 and C++17, and after a real dlpack.h
+# (the copy torch ships, DLPack 1.3); the C and C++ callers run under
+# valgrind (no leaks, no invalid reads).
+test-header-c: venv
 	@mkdir -p $(BUILD)
 	echo '#include "rzc.h"' > $(BUILD)/header_only.c
+	printf '#include "dlpack.h"\n#include "rzc.h"\n' > $(BUILD)/header_after_dlpack.c
 	gcc -std=c99 -pedantic -Wall -Wextra -Werror -Iinclude -fsyntax-only $(BUILD)/header_only.c
 	g++ -std=c++17 -pedantic -Wall -Wextra -Werror -Iinclude -fsyntax-only -x c++ $(BUILD)/header_only.c
 	g++ -std=c++17 -pedantic -Wall -Wextra -Werror -Iinclude -fsyntax-only -x c++ include/rzc.hpp
+	DLPACK_DIR=$$($(VPY) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include", "ATen"))') && \
+	  gcc -std=c99 -pedantic -Wall -Wextra -Werror -Iinclude -I$$DLPACK_DIR -fsyntax-only $(BUILD)/header_after_dlpack.c && \
+	  g++ -std=c++17 -pedantic -Wall -Wextra -Werror -Iinclude -I$$DLPACK_DIR -fsyntax-only -x c++ $(BUILD)/header_after_dlpack.c
 
 test-c: native fixtures test-header-c
 	gcc -std=c99 -Wall -Wextra -Werror -Iinclude tests/c/test_rzc.c -L$(LIBDIR) -lrzc -Wl,-rpath,$(CURDIR)/$(LIBDIR) -o $(BUILD)/test_rzc_c

@@ -8,10 +8,18 @@
  * lays tensors out as an aligned safetensors buffer (rzc_pack_plan_*).
  *
  * API conventions
- *  - Names are rzc_<type>_<verb>. A function that creates a handle
- *    (_open_*, _new) pairs with a _free that accepts NULL.
- *  - Arguments come in the order: handle, inputs, outputs (named *_out or out).
- *    Outputs are written only when the call returns RZC_OK.
+ *  - Names are rzc_<type>_<verb>. A function that creates a handle is named
+ *    for the type it creates (rzc_weights_open_*, rzc_pack_plan_new,
+ *    rzc_device_weights_upload) and pairs with a _free that accepts NULL.
+ *  - Arguments come in the order: handle, inputs, outputs (named *_out or
+ *    out). Every output pointer is checked before anything is created, and
+ *    outputs are written only when the call returns RZC_OK.
+ *  - Sizes: a pointer and its element count are `x` and `x_len` (bytes for
+ *    byte pointers and strings); a size in bytes on its own is `nbytes`.
+ *  - Option structs (and rzc_device_info) start with `size_t struct_nbytes`,
+ *    set by the caller to the sizeof it was compiled with:
+ *      rzc_open_options o = {.struct_nbytes = sizeof(rzc_open_options)};
+ *    Fields are only ever appended; zero fields take their defaults.
  *  - Every fallible function returns rzc_status. On failure,
  *    rzc_last_error_message() returns a message for this thread that names
  *    the problem; it stays valid until this thread's next call.
@@ -20,8 +28,10 @@
  *    uses it is an error of the caller.
  *  - No Rust panic crosses this boundary: an internal bug returns RZC_PANIC.
  *  - The DLPack types below are those of dlpack.h (DLPack 1.1), under their
- *    standard names. A DLPack tensor keeps the memory it points into alive
- *    until its deleter runs, even after the rzc_weights handle is freed.
+ *    standard names; a program that includes dlpack.h (>= 1.0) itself
+ *    includes it before this header. A DLPack tensor keeps the memory it
+ *    points into alive until its deleter runs, even after the handle it came
+ *    from is freed.
  */
 
 
@@ -38,6 +48,13 @@
 #define RZC_VERSION_MINOR 1
 /** Patch version of this header. */
 #define RZC_VERSION_PATCH 0
+
+/*
+ * The DLPack 1.1 declarations this header uses, as dlpack.h has them. A
+ * program that also includes dlpack.h (>= 1.0) includes it first; these
+ * then give way to it.
+ */
+#ifndef DLPACK_DLPACK_H_
 
 /**
  * DLPack major version of the structs in this header.
@@ -63,38 +80,6 @@
  * `DLManagedTensorVersioned::flags` bit: sub-byte elements are padded to bytes.
  */
 #define DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED 4
-
-/**
- * Let the library choose: register the source, fall back to pinned bounce
- * buffers when the driver refuses.
- */
-#define RZC_STAGING_AUTO 0
-
-/**
- * Register (page-lock) the source in place, read-only where supported.
- */
-#define RZC_STAGING_REGISTER 1
-
-/**
- * Copy through pinned bounce buffers filled by several threads.
- */
-#define RZC_STAGING_PINNED 2
-
-/**
- * Copy straight from pageable memory (slow; for comparison).
- */
-#define RZC_STAGING_PAGEABLE 3
-
-/**
- * Flag of `rzc_open_options`: make the pages holding tensor data read-only
- * in this process while the buffer is open (any handle or tensor alive), so
- * that a write through a tensor faults in the writer instead of changing
- * memory other processes share. Needs a page of non-tensor bytes before the
- * first and after the last tensor (`rzc_pack_options.guard_bytes`), else
- * the open fails with `RZC_INVALID_ARGUMENT`. Protection is lifted before
- * `release` runs.
- */
-#define RZC_OPEN_WRITE_PROTECT 1
 
 /**
  * Kind of device a DLPack tensor lives on.
@@ -163,8 +148,251 @@ typedef enum DLDeviceType {
 } DLDeviceType;
 
 /**
+ * Type codes of `DLDataType::code`.
+ */
+typedef enum DLDataTypeCode {
+  /**
+   * Signed integer.
+   */
+  kDLInt = 0,
+  /**
+   * Unsigned integer.
+   */
+  kDLUInt = 1,
+  /**
+   * IEEE float.
+   */
+  kDLFloat = 2,
+  /**
+   * Opaque handle.
+   */
+  kDLOpaqueHandle = 3,
+  /**
+   * bfloat16.
+   */
+  kDLBfloat = 4,
+  /**
+   * Complex number (two floats).
+   */
+  kDLComplex = 5,
+  /**
+   * Boolean.
+   */
+  kDLBool = 6,
+  /**
+   * FP8 e3m4.
+   */
+  kDLFloat8_e3m4 = 7,
+  /**
+   * FP8 e4m3.
+   */
+  kDLFloat8_e4m3 = 8,
+  /**
+   * FP8 e4m3 with bias 11, finite, unsigned zero.
+   */
+  kDLFloat8_e4m3b11fnuz = 9,
+  /**
+   * FP8 e4m3, finite.
+   */
+  kDLFloat8_e4m3fn = 10,
+  /**
+   * FP8 e4m3, finite, unsigned zero.
+   */
+  kDLFloat8_e4m3fnuz = 11,
+  /**
+   * FP8 e5m2.
+   */
+  kDLFloat8_e5m2 = 12,
+  /**
+   * FP8 e5m2, finite, unsigned zero.
+   */
+  kDLFloat8_e5m2fnuz = 13,
+  /**
+   * FP8 e8m0, finite, unsigned.
+   */
+  kDLFloat8_e8m0fnu = 14,
+  /**
+   * FP6 e2m3, finite.
+   */
+  kDLFloat6_e2m3fn = 15,
+  /**
+   * FP6 e3m2, finite.
+   */
+  kDLFloat6_e3m2fn = 16,
+  /**
+   * FP4 e2m1, finite.
+   */
+  kDLFloat4_e2m1fn = 17,
+} DLDataTypeCode;
+
+/**
+ * The DLPack ABI version of a `DLManagedTensorVersioned`.
+ */
+typedef struct DLPackVersion {
+  /**
+   * Major version; a consumer refuses a different major version.
+   */
+  uint32_t major;
+  /**
+   * Minor version.
+   */
+  uint32_t minor;
+} DLPackVersion;
+
+/**
+ * A device: its type and ordinal.
+ */
+typedef struct DLDevice {
+  /**
+   * The kind of device.
+   */
+  enum DLDeviceType device_type;
+  /**
+   * The device ordinal (0 for the CPU).
+   */
+  int32_t device_id;
+} DLDevice;
+
+/**
+ * An element type: a `DLDataTypeCode`, a bit width and a lane count.
+ */
+typedef struct DLDataType {
+  /**
+   * A `DLDataTypeCode` value.
+   */
+  uint8_t code;
+  /**
+   * Bits per lane.
+   */
+  uint8_t bits;
+  /**
+   * Lanes per element (1 for scalars).
+   */
+  uint16_t lanes;
+} DLDataType;
+
+/**
+ * A tensor: pointer, device, dtype, shape and strides, owned by someone else.
+ */
+typedef struct DLTensor {
+  /**
+   * Start of the allocation the tensor lives in (the tensor starts at
+   * `data + byte_offset`).
+   */
+  void *data;
+  /**
+   * Where `data` lives.
+   */
+  struct DLDevice device;
+  /**
+   * Number of dimensions (0 for a scalar).
+   */
+  int32_t ndim;
+  /**
+   * Element type.
+   */
+  struct DLDataType dtype;
+  /**
+   * `ndim` extents.
+   */
+  int64_t *shape;
+  /**
+   * `ndim` strides in elements, or NULL for a compact row-major tensor.
+   */
+  int64_t *strides;
+  /**
+   * Offset in bytes from `data` to the first element.
+   */
+  uint64_t byte_offset;
+} DLTensor;
+
+/**
+ * Versioned (DLPack >= 1.0) managed tensor.
+ */
+typedef struct DLManagedTensorVersioned {
+  /**
+   * ABI version of this struct.
+   */
+  struct DLPackVersion version;
+  /**
+   * Producer's context; opaque to the consumer.
+   */
+  void *manager_ctx;
+  /**
+   * Called once by the consumer when it no longer needs the tensor.
+   */
+  void (*deleter)(struct DLManagedTensorVersioned*);
+  /**
+   * `DLPACK_FLAG_BITMASK_*` bits.
+   */
+  uint64_t flags;
+  /**
+   * The tensor.
+   */
+  struct DLTensor dl_tensor;
+} DLManagedTensorVersioned;
+
+/**
+ * Legacy (pre-1.0) managed tensor, still the only form some consumers take.
+ */
+typedef struct DLManagedTensor {
+  /**
+   * The tensor.
+   */
+  struct DLTensor dl_tensor;
+  /**
+   * Producer's context; opaque to the consumer.
+   */
+  void *manager_ctx;
+  /**
+   * Called once by the consumer when it no longer needs the tensor.
+   */
+  void (*deleter)(struct DLManagedTensor*);
+} DLManagedTensor;
+#elif DLPACK_MAJOR_VERSION < 1
+#error "rzc.h needs dlpack.h 1.0 or later (DLManagedTensorVersioned)"
+#endif /* DLPACK_DLPACK_H_ */
+
+/**
+ * Let the library choose: register the source, fall back to pinned bounce
+ * buffers when the driver refuses.
+ */
+#define RZC_STAGING_AUTO 0
+
+/**
+ * Register (page-lock) the source in place, read-only where supported.
+ */
+#define RZC_STAGING_REGISTER 1
+
+/**
+ * Copy through pinned bounce buffers filled by several threads.
+ */
+#define RZC_STAGING_PINNED 2
+
+/**
+ * Copy straight from pageable memory (slow; for comparison).
+ */
+#define RZC_STAGING_PAGEABLE 3
+
+/**
+ * Flag of `rzc_open_options`: make the pages holding tensor data read-only
+ * in this process while the buffer is open (any handle or tensor alive), so
+ * that a write through a tensor faults in the writer instead of changing
+ * memory other processes share. Needs a page of non-tensor bytes before the
+ * first and after the last tensor (`rzc_pack_options.guard_nbytes`), else
+ * the open fails with `RZC_INVALID_ARGUMENT`. Protection is lifted before
+ * `release` runs.
+ */
+#define RZC_OPEN_WRITE_PROTECT 1
+
+/**
  * Result of every fallible call. The numbers are stable: a code is never
- * renumbered or reused.
+ * renumbered or reused, and new codes are appended.
+ *
+ * This enum is the one list of statuses: the header's enum, the names
+ * `rzc_status_name` returns (the variant names, through `Debug`) and the
+ * Python exception classes (matched by name in `ray_zerocopy.errors`) all
+ * come from it.
  */
 typedef enum rzc_status {
   /**
@@ -324,84 +552,6 @@ typedef enum rzc_dtype {
 } rzc_dtype;
 
 /**
- * Type codes of `DLDataType::code`.
- */
-typedef enum DLDataTypeCode {
-  /**
-   * Signed integer.
-   */
-  kDLInt = 0,
-  /**
-   * Unsigned integer.
-   */
-  kDLUInt = 1,
-  /**
-   * IEEE float.
-   */
-  kDLFloat = 2,
-  /**
-   * Opaque handle.
-   */
-  kDLOpaqueHandle = 3,
-  /**
-   * bfloat16.
-   */
-  kDLBfloat = 4,
-  /**
-   * Complex number (two floats).
-   */
-  kDLComplex = 5,
-  /**
-   * Boolean.
-   */
-  kDLBool = 6,
-  /**
-   * FP8 e3m4.
-   */
-  kDLFloat8_e3m4 = 7,
-  /**
-   * FP8 e4m3.
-   */
-  kDLFloat8_e4m3 = 8,
-  /**
-   * FP8 e4m3 with bias 11, finite, unsigned zero.
-   */
-  kDLFloat8_e4m3b11fnuz = 9,
-  /**
-   * FP8 e4m3, finite.
-   */
-  kDLFloat8_e4m3fn = 10,
-  /**
-   * FP8 e4m3, finite, unsigned zero.
-   */
-  kDLFloat8_e4m3fnuz = 11,
-  /**
-   * FP8 e5m2.
-   */
-  kDLFloat8_e5m2 = 12,
-  /**
-   * FP8 e5m2, finite, unsigned zero.
-   */
-  kDLFloat8_e5m2fnuz = 13,
-  /**
-   * FP8 e8m0, finite, unsigned.
-   */
-  kDLFloat8_e8m0fnu = 14,
-  /**
-   * FP6 e2m3, finite.
-   */
-  kDLFloat6_e2m3fn = 15,
-  /**
-   * FP6 e3m2, finite.
-   */
-  kDLFloat6_e3m2fn = 16,
-  /**
-   * FP4 e2m1, finite.
-   */
-  kDLFloat4_e2m1fn = 17,
-} DLDataTypeCode;
-
-/**
  * Tensors uploaded to a CUDA device (opaque). Read-only after creation.
  */
 typedef struct rzc_device_weights rzc_device_weights;
@@ -419,139 +569,20 @@ typedef struct rzc_pack_plan rzc_pack_plan;
 typedef struct rzc_weights rzc_weights;
 
 /**
- * The DLPack ABI version of a `DLManagedTensorVersioned`.
- */
-typedef struct DLPackVersion {
-  /**
-   * Major version; a consumer refuses a different major version.
-   */
-  uint32_t major;
-  /**
-   * Minor version.
-   */
-  uint32_t minor;
-} DLPackVersion;
-
-/**
- * A device: its type and ordinal.
- */
-typedef struct DLDevice {
-  /**
-   * The kind of device.
-   */
-  enum DLDeviceType device_type;
-  /**
-   * The device ordinal (0 for the CPU).
-   */
-  int32_t device_id;
-} DLDevice;
-
-/**
- * An element type: a `DLDataTypeCode`, a bit width and a lane count.
- */
-typedef struct DLDataType {
-  /**
-   * A `DLDataTypeCode` value.
-   */
-  uint8_t code;
-  /**
-   * Bits per lane.
-   */
-  uint8_t bits;
-  /**
-   * Lanes per element (1 for scalars).
-   */
-  uint16_t lanes;
-} DLDataType;
-
-/**
- * A tensor: pointer, device, dtype, shape and strides, owned by someone else.
- */
-typedef struct DLTensor {
-  /**
-   * Start of the allocation the tensor lives in (the tensor starts at
-   * `data + byte_offset`).
-   */
-  void *data;
-  /**
-   * Where `data` lives.
-   */
-  struct DLDevice device;
-  /**
-   * Number of dimensions (0 for a scalar).
-   */
-  int32_t ndim;
-  /**
-   * Element type.
-   */
-  struct DLDataType dtype;
-  /**
-   * `ndim` extents.
-   */
-  int64_t *shape;
-  /**
-   * `ndim` strides in elements, or NULL for a compact row-major tensor.
-   */
-  int64_t *strides;
-  /**
-   * Offset in bytes from `data` to the first element.
-   */
-  uint64_t byte_offset;
-} DLTensor;
-
-/**
- * Versioned (DLPack >= 1.0) managed tensor.
- */
-typedef struct DLManagedTensorVersioned {
-  /**
-   * ABI version of this struct.
-   */
-  struct DLPackVersion version;
-  /**
-   * Producer's context; opaque to the consumer.
-   */
-  void *manager_ctx;
-  /**
-   * Called once by the consumer when it no longer needs the tensor.
-   */
-  void (*deleter)(struct DLManagedTensorVersioned*);
-  /**
-   * `DLPACK_FLAG_BITMASK_*` bits.
-   */
-  uint64_t flags;
-  /**
-   * The tensor.
-   */
-  struct DLTensor dl_tensor;
-} DLManagedTensorVersioned;
-
-/**
- * Legacy (pre-1.0) managed tensor, still the only form some consumers take.
- */
-typedef struct DLManagedTensor {
-  /**
-   * The tensor.
-   */
-  struct DLTensor dl_tensor;
-  /**
-   * Producer's context; opaque to the consumer.
-   */
-  void *manager_ctx;
-  /**
-   * Called once by the consumer when it no longer needs the tensor.
-   */
-  void (*deleter)(struct DLManagedTensor*);
-} DLManagedTensor;
-
-/**
- * Options of `rzc_device_upload`. Zero-initialise, then set what you need:
- * zero fields take their defaults.
+ * Options of `rzc_device_weights_upload`. Initialise as
+ * `rzc_upload_options o = {.struct_nbytes = sizeof(rzc_upload_options)};`
+ * (every other field zero: its default), then set what you need.
  */
 typedef struct rzc_upload_options {
   /**
+   * `sizeof(rzc_upload_options)` as the caller was compiled: lets the
+   * struct grow in later versions without breaking callers.
+   */
+  size_t struct_nbytes;
+  /**
    * Bytes per chunk (registration unit, bounce buffer size); 0 = 64 MiB.
    */
-  uint64_t chunk_bytes;
+  uint64_t chunk_nbytes;
   /**
    * One of `RZC_STAGING_*`; 0 = `RZC_STAGING_AUTO`.
    */
@@ -562,15 +593,21 @@ typedef struct rzc_upload_options {
   uint32_t threads;
   /**
    * A `CUstream` to copy on, or NULL for a private one. Either way the
-   * copy has completed when `rzc_device_upload` returns.
+   * copy has completed when `rzc_device_weights_upload` returns.
    */
   void *stream;
 } rzc_upload_options;
 
 /**
- * What an upload did.
+ * What an upload did. Initialise as
+ * `rzc_device_info i = {.struct_nbytes = sizeof(rzc_device_info)};` before
+ * `rzc_device_weights_info` fills it: it may grow in later versions.
  */
 typedef struct rzc_device_info {
+  /**
+   * `sizeof(rzc_device_info)` as the caller was compiled.
+   */
+  size_t struct_nbytes;
   /**
    * Device address of the single allocation (a `CUdeviceptr`).
    */
@@ -653,10 +690,17 @@ typedef struct rzc_metadata_entry {
 } rzc_metadata_entry;
 
 /**
- * Layout options. Zero-initialise and set what you need; NULL options mean
- * the defaults (alignment 64, no guard bytes).
+ * Layout options. Initialise as
+ * `rzc_pack_options o = {.struct_nbytes = sizeof(rzc_pack_options)};`
+ * (every other field zero: its default), then set what you need; NULL
+ * options mean the defaults (alignment 64, no guard bytes).
  */
 typedef struct rzc_pack_options {
+  /**
+   * `sizeof(rzc_pack_options)` as the caller was compiled: lets the struct
+   * grow in later versions without breaking callers.
+   */
+  size_t struct_nbytes;
   /**
    * Power of two; every tensor's data starts at a multiple of it from the
    * buffer start. 0 means the default, 64.
@@ -667,7 +711,7 @@ typedef struct rzc_pack_options {
    * last one (e.g. 4096, so that a reader can write-protect every page
    * holding tensor data). 0 for none.
    */
-  uint64_t guard_bytes;
+  uint64_t guard_nbytes;
 } rzc_pack_options;
 
 /**
@@ -678,9 +722,16 @@ typedef struct rzc_pack_options {
 typedef void (*rzc_release_fn)(void *ctx);
 
 /**
- * Options of `rzc_weights_open_memory_ex`. Zero-initialise, then set fields.
+ * Options of `rzc_weights_open_memory_ex`. Initialise as
+ * `rzc_open_options o = {.struct_nbytes = sizeof(rzc_open_options)};`
+ * (every other field zero: its default), then set what you need.
  */
 typedef struct rzc_open_options {
+  /**
+   * `sizeof(rzc_open_options)` as the caller was compiled: lets the struct
+   * grow in later versions without breaking callers.
+   */
+  size_t struct_nbytes;
   /**
    * Called once when the buffer is no longer used (may be NULL).
    */
@@ -730,6 +781,29 @@ typedef struct rzc_tensor_info {
    */
   uint64_t nbytes;
 } rzc_tensor_info;
+
+/**
+ * Where an opened buffer lies and where its tensor data starts and ends.
+ */
+typedef struct rzc_buffer_layout {
+  /**
+   * First byte of the buffer (the header's length field).
+   */
+  const uint8_t *bytes;
+  /**
+   * Length of the whole buffer in bytes.
+   */
+  size_t bytes_len;
+  /**
+   * Offset of the data section (the end of the header) from `bytes`.
+   */
+  size_t data_start;
+  /**
+   * Offset one past the end of the data section (= `bytes_len`).
+   */
+  size_t data_end;
+} rzc_buffer_layout;
+
 
 #ifdef __cplusplus
 extern "C" {
@@ -788,7 +862,7 @@ void rzc_dlpack_legacy_free(struct DLManagedTensor *tensor);
  * # Safety
  * `count_out` is valid for a write.
  */
-enum rzc_status rzc_cuda_device_count(int32_t *count_out);
+enum rzc_status rzc_cuda_count_devices(int32_t *count_out);
 
 /**
  * Uploads every tensor of `w` to CUDA device `ordinal`: ONE allocation in
@@ -803,10 +877,10 @@ enum rzc_status rzc_cuda_device_count(int32_t *count_out);
  * # Safety
  * `w` is a live handle; `options` is NULL or valid; `out` is valid for a write.
  */
-enum rzc_status rzc_device_upload(const struct rzc_weights *w,
-                                  int32_t ordinal,
-                                  const struct rzc_upload_options *options,
-                                  struct rzc_device_weights **out);
+enum rzc_status rzc_device_weights_upload(const struct rzc_weights *w,
+                                          int32_t ordinal,
+                                          const struct rzc_upload_options *options,
+                                          struct rzc_device_weights **out);
 
 /**
  * Number of tensors (0 for NULL).
@@ -820,7 +894,8 @@ size_t rzc_device_weights_len(const struct rzc_device_weights *dev);
  * Describes the upload (allocation, size, staging used, time taken).
  *
  * # Safety
- * `dev` is a live handle; `out` is valid for a write.
+ * `dev` is a live handle; `out` points to an `rzc_device_info` whose
+ * `struct_nbytes` is set.
  */
 enum rzc_status rzc_device_weights_info(const struct rzc_device_weights *dev,
                                         struct rzc_device_info *out);
@@ -859,19 +934,19 @@ enum rzc_status rzc_device_weights_to_dlpack_legacy(const struct rzc_device_weig
 void rzc_device_weights_free(struct rzc_device_weights *dev);
 
 /**
- * Plans the layout of `n_tensors` tensors (kept in the given order) and
- * `n_metadata` `__metadata__` entries. On success `*out` receives a plan to
+ * Plans the layout of `tensors_len` tensors (kept in the given order) and
+ * `metadata_len` `__metadata__` entries. On success `*out` receives a plan to
  * free with `rzc_pack_plan_free`.
  *
  * # Safety
- * `tensors` points to `n_tensors` entries and `metadata` to `n_metadata`
+ * `tensors` points to `tensors_len` entries and `metadata` to `metadata_len`
  * (either may be NULL when its count is 0); `options` is NULL or valid;
  * `out` is valid for a write.
  */
 enum rzc_status rzc_pack_plan_new(const struct rzc_pack_tensor *tensors,
-                                  size_t n_tensors,
+                                  size_t tensors_len,
                                   const struct rzc_metadata_entry *metadata,
-                                  size_t n_metadata,
+                                  size_t metadata_len,
                                   const struct rzc_pack_options *options,
                                   struct rzc_pack_plan **out);
 
@@ -881,7 +956,7 @@ enum rzc_status rzc_pack_plan_new(const struct rzc_pack_tensor *tensors,
  * # Safety
  * `plan` is NULL or a live plan.
  */
-uint64_t rzc_pack_plan_total_size(const struct rzc_pack_plan *plan);
+uint64_t rzc_pack_plan_nbytes(const struct rzc_pack_plan *plan);
 
 /**
  * Byte offset of tensor `index`'s data from the buffer start.
@@ -931,20 +1006,19 @@ void rzc_pack_plan_free(struct rzc_pack_plan *plan);
  * free with `rzc_weights_free`.
  *
  * # Safety
- * `data` points to `len` readable bytes (it may be NULL when `len` is 0);
- * `out` is valid for a write.
+ * `data` points to `len` readable bytes; `out` is valid for a write.
  */
 enum rzc_status rzc_weights_open_memory(const uint8_t *data, size_t len, struct rzc_weights **out);
 
 /**
  * Same as `rzc_weights_open_memory`, with options: `RZC_OPEN_WRITE_PROTECT`
  * in `options->flags` write-protects the tensor pages while open; and when
- * `options->release` is set the
- * library calls it once the handle and every tensor exported from it are
- * gone: the caller's owner of the bytes (e.g. a Python object holding Ray's
- * shared-memory buffer) can live exactly as long as it is needed. When the
- * call fails, `release` is not called and the caller still owns the bytes.
- * NULL `options` behaves as `rzc_weights_open_memory`.
+ * `options->release` is set the library calls it once the handle and every
+ * tensor exported from it are gone: the caller's owner of the bytes (e.g. a
+ * Python object holding Ray's shared-memory buffer) can live exactly as long
+ * as it is needed. When the call fails, `release` is not called and the
+ * caller still owns the bytes. NULL `options` behaves as
+ * `rzc_weights_open_memory`.
  *
  * # Safety
  * As for `rzc_weights_open_memory`, with the bytes kept valid until
@@ -990,6 +1064,20 @@ size_t rzc_weights_len(const struct rzc_weights *w);
 enum rzc_status rzc_weights_get(const struct rzc_weights *w,
                                 size_t index,
                                 struct rzc_tensor_info *out);
+
+/**
+ * Describes every tensor at once: fills `infos_out[0 .. rzc_weights_len(w))`.
+ * One call instead of one per tensor, for callers that want the whole table
+ * (a load of a few hundred tensors). Fails with `RZC_BUFFER_TOO_SMALL`,
+ * writing nothing, when `infos_len` is less than `rzc_weights_len(w)`.
+ *
+ * # Safety
+ * `w` is a live handle; `infos_out` has room for `infos_len` entries (may be
+ * NULL when `infos_len` is 0).
+ */
+enum rzc_status rzc_weights_get_all(const struct rzc_weights *w,
+                                    struct rzc_tensor_info *infos_out,
+                                    size_t infos_len);
 
 /**
  * Finds the index of the tensor called `name` (NUL-terminated UTF-8).
@@ -1042,8 +1130,9 @@ enum rzc_status rzc_weights_to_dlpack_legacy(const struct rzc_weights *w,
 /**
  * Exports the whole data section (everything after the header) as one
  * read-only 1-D `U8` versioned DLPack tensor. Tensor `i` lies at byte
- * `info.data - data_start` of it (see `rzc_weights_layout`): a consumer can
- * cut every tensor out of this one export as a view.
+ * `info.data - (layout.bytes + layout.data_start)` of it (see
+ * `rzc_weights_get_layout`): a consumer can cut every tensor out of this one
+ * export as a view.
  *
  * # Safety
  * `w` is a live handle; `out` is valid for a write.
@@ -1082,18 +1171,12 @@ enum rzc_status rzc_weights_metadata_find(const struct rzc_weights *w,
                                           size_t *value_len_out);
 
 /**
- * Where the buffer's tensor data lies: `*data_start_out` and `*data_end_out`
- * receive byte offsets from the buffer start (header excluded), and
- * `*bytes_out` and `*len_out` the whole buffer. Any out may be NULL.
+ * Where the buffer lies and where its tensor data starts and ends.
  *
  * # Safety
- * `w` is a live handle; each non-NULL out is valid for a write.
+ * `w` is a live handle; `out` is valid for a write.
  */
-enum rzc_status rzc_weights_layout(const struct rzc_weights *w,
-                                   const uint8_t **bytes_out,
-                                   size_t *len_out,
-                                   size_t *data_start_out,
-                                   size_t *data_end_out);
+enum rzc_status rzc_weights_get_layout(const struct rzc_weights *w, struct rzc_buffer_layout *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -85,6 +85,17 @@ class Weights {
     return TensorInfo{std::string_view(t.name, t.name_len), t.dtype,
                       std::vector<int64_t>(t.shape, t.shape + t.ndim), t.data, t.nbytes};
   }
+  /// Describes every tensor (one call into the library).
+  std::vector<TensorInfo> infos() const {
+    std::vector<rzc_tensor_info> raw(size());
+    check(rzc_weights_get_all(handle_.get(), raw.data(), raw.size()));
+    std::vector<TensorInfo> out;
+    out.reserve(raw.size());
+    for (const rzc_tensor_info &t : raw)
+      out.push_back(TensorInfo{std::string_view(t.name, t.name_len), t.dtype,
+                               std::vector<int64_t>(t.shape, t.shape + t.ndim), t.data, t.nbytes});
+    return out;
+  }
   /// Exports tensor `index` zero-copy; it may outlive these Weights.
   DLPackTensor to_dlpack(size_t index) const {
     DLManagedTensorVersioned *t = nullptr;

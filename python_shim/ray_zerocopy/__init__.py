@@ -9,17 +9,26 @@ Importing this package needs only numpy and the native library; torch, JAX
 and Ray are imported when used.
 """
 
+from ._native import Dtype
 from ._native import version as _native_version
 from .errors import (
+    BadDeviceError,
     BadFormatError,
+    BufferTooSmallError,
     CudaError,
     InvalidArgumentError,
+    IOFailure,
+    IoError,
     NoCudaError,
     NotFoundError,
+    NullArgumentError,
+    OutOfMemoryError,
+    OutOfRangeError,
+    PanicError,
     RzcError,
     UnsupportedDtypeError,
 )
-from .weights import PackInput, TensorInfo, Weights, pack
+from .weights import DeviceWeights, PackInput, TensorInfo, Weights, pack
 
 __version__ = _native_version()
 
@@ -27,16 +36,26 @@ __all__ = [
     "ActorWrapper",
     "TaskWrapper",
     "Weights",
+    "DeviceWeights",
     "TensorInfo",
+    "Dtype",
     "PackInput",
     "pack",
     "RzcError",
     "BadFormatError",
     "InvalidArgumentError",
+    "NullArgumentError",
+    "OutOfRangeError",
+    "BufferTooSmallError",
     "NotFoundError",
     "UnsupportedDtypeError",
+    "IoError",
+    "IOFailure",
     "NoCudaError",
+    "BadDeviceError",
     "CudaError",
+    "OutOfMemoryError",
+    "PanicError",
 ]
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from . import _numpy
-from .weights import Weights
+from .weights import DeviceWeights
 
 
 def accepts(obj) -> bool:
@@ -19,18 +19,16 @@ def pack_input(a, name: str):
     return _numpy.pack_input(np.asarray(a), name)
 
 
-def arrays(weights: Weights, layout) -> list:
-    """The tensors described by ``layout`` as JAX arrays (zero-copy on CPU)."""
+def adopt(source, indices, fast: bool = False) -> list:
+    """Tensors ``indices`` of ``source`` (an opened buffer, or its upload to a
+    GPU) as JAX arrays: zero-copy on the CPU, on the upload's GPU otherwise."""
     out = []
-    for i, t in enumerate(layout):
+    for i in indices:
         try:
-            out.append(jax.dlpack.from_dlpack(weights.dlpack(i)))
+            out.append(jax.dlpack.from_dlpack(source.dlpack(i)))
         except Exception:
+            if isinstance(source, DeviceWeights):
+                raise
             # A dtype JAX's DLPack import does not take: go through numpy.
-            out.append(jax.numpy.asarray(_numpy.arrays(weights, [t])[0]))
+            out.append(jax.numpy.asarray(_numpy.adopt(source, [i])[0]))
     return out
-
-
-def cuda_arrays(device_weights, indices) -> list:
-    """Tensors ``indices`` of an upload as JAX arrays on that GPU."""
-    return [jax.dlpack.from_dlpack(device_weights.dlpack(i)) for i in indices]

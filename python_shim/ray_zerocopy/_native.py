@@ -1,12 +1,15 @@
 """The native library (librzc through cffi) and the few helpers every other
-module needs: status checking and dtype codes."""
+module needs: status checking and the dtype table, both read from the library
+itself so that Python never keeps a second copy of either list."""
 
 from __future__ import annotations
+
+import enum
 
 from ._rzc import ffi, lib
 from .errors import error_for
 
-__all__ = ["ffi", "lib", "check", "DTYPE_NAMES", "version"]
+__all__ = ["ffi", "lib", "check", "Dtype", "DTYPE_NAMES", "DTYPE_CODES", "STATUS_NAMES", "version"]
 
 
 def check(status: int) -> None:
@@ -22,15 +25,27 @@ def version() -> str:
     return ffi.string(lib.rzc_version()).decode()
 
 
+def _table(name_of, stop) -> dict[int, str]:
+    """``{code: name}`` for codes 0, 1, ... until ``name_of`` says ``stop``."""
+    out, code = {}, 0
+    while (name := name_of(code)) != stop:
+        out[code] = name
+        code += 1
+    return out
+
+
+def _dtype_name(code: int) -> str | None:
+    name = lib.rzc_dtype_name(code)
+    return None if name == ffi.NULL else ffi.string(name).decode()
+
+
 #: rzc_dtype code -> safetensors spelling ("F32", "BF16", ...).
-DTYPE_NAMES = {}
-_code = 0
-while True:
-    _name = lib.rzc_dtype_name(_code)
-    if _name == ffi.NULL:
-        break
-    DTYPE_NAMES[_code] = ffi.string(_name).decode()
-    _code += 1
+DTYPE_NAMES = _table(_dtype_name, None)
 #: safetensors spelling -> rzc_dtype code.
 DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
-del _code, _name
+#: rzc_status code -> name ("RZC_OK", "RZC_BAD_FORMAT", ...).
+STATUS_NAMES = _table(lambda c: ffi.string(lib.rzc_status_name(c)).decode(), "RZC_UNKNOWN")
+
+#: The element types of safetensors, by their header spelling: ``Dtype.F32``,
+#: ``Dtype.BF16``, ... (an ``IntEnum`` whose values are the C ABI's codes).
+Dtype = enum.IntEnum("Dtype", {name: code for code, name in DTYPE_NAMES.items()}, module=__name__)

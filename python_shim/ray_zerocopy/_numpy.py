@@ -62,18 +62,19 @@ def pack_input(a: np.ndarray, name: str) -> tuple[PackInput, object]:
     return PackInput(name, DTYPE_CODES[st], a.shape, a.ctypes.data, a.nbytes), a
 
 
-def arrays(weights: Weights, layout) -> list:
-    """Read-only numpy views of the tensors described by ``layout``, all cut
-    from one export of the data section (numpy honours DLPack's read-only
-    flag)."""
+def adopt(weights: Weights, indices, fast: bool = False) -> list:
+    """Read-only numpy views of tensors ``indices``, all cut from one export
+    of the data section by the handle's table (numpy honours DLPack's
+    read-only flag). ``fast`` changes nothing: this is the fast way."""
     section = np.from_dlpack(weights.data_section())
-    start = weights.data_start
+    start, table = weights.data_start, weights.table()
     out = []
-    for t in layout:
+    for i in indices:
+        t = table[i]
         dt = TO_NUMPY.get(t.dtype)
         if dt is None:
             raise UnsupportedDtypeError(
-                "RZC_UNSUPPORTED_DTYPE", f"a tensor has dtype {t.dtype}; install ml_dtypes to read it with numpy"
+                "RZC_UNSUPPORTED_DTYPE", f"tensor {t.name!r} has dtype {t.dtype}; install ml_dtypes to read it with numpy"
             )
         off = t.offset - start
         out.append(section[off : off + t.nbytes].view(dt).reshape(t.shape))

@@ -1,12 +1,13 @@
-"""Sealing an object's tensors into one buffer, and rebuilding the object.
+"""Sealing an object's tensors into one buffer.
 
 The object (an ``nn.Module``, a pipeline holding modules at any depth, a
 pytree of arrays) is pickled once with every tensor or array replaced by a
 reference (pickle's ``persistent_id``): the result is the small *skeleton*.
-The tensors are packed into one aligned safetensors buffer. Loading unpickles
-the skeleton and resolves each reference to a tensor adopted zero-copy from
-the buffer. The same tensor object reached twice (tied weights) is one
-reference, so it is stored once and comes back tied.
+The tensors are packed into one aligned safetensors buffer, whose header is
+the only table of where each tensor lies: loading (``_load``) reads it back
+through the native library, which validates it, and resolves reference ``i``
+to tensor ``i`` of that table. The same tensor object reached twice (tied
+weights) is one reference, so it is stored once and comes back tied.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import io
 import pickle
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from .errors import RzcError
 from .weights import PackInput, Weights, pack
@@ -29,24 +29,25 @@ TORCH, TORCH_PARAM, NUMPY, JAX = "torch", "torch.param", "numpy", "jax"
 FRAMEWORK_OF = {TORCH: "torch", TORCH_PARAM: "torch", NUMPY: "numpy", JAX: "jax"}
 
 
-class Layout(NamedTuple):
-    """Where one tensor lies in the packed buffer (a named tuple: it travels
-    with every wrapper, and tuples pickle small)."""
-
-    offset: int  # from the buffer start
-    dtype: str
-    shape: tuple
-    nbytes: int
-
-
 @dataclass(frozen=True)
-class Packed:
-    """What sealing produces before the buffer goes to the object store."""
+class Sealed:
+    """What a wrapper carries to every process that loads its buffer: the
+    skeleton, each tensor's framework, the modules the skeleton refers to, and
+    what identifies the buffer it was sealed with (checked at load)."""
 
     skeleton: bytes
-    kinds: tuple  # per tensor: TORCH, TORCH_PARAM, NUMPY or JAX
-    layout: tuple  # per tensor: Layout
-    buffer: object  # numpy uint8 array: the safetensors buffer
+    kinds: tuple  # per tensor, in the buffer's order: TORCH, TORCH_PARAM, NUMPY or JAX
+    modules: tuple  # imported when the wrapper arrives in a process
+    nbytes: int  # size of the sealed buffer
+    header_digest: bytes  # Weights.header_digest() of the sealed buffer
+
+
+def _sealed(skeleton: bytes, kinds, buffer) -> Sealed:
+    with Weights.from_buffer(buffer) as w:
+        if len(w) != len(kinds):
+            raise AssertionError(f"packed {len(w)} tensors for {len(kinds)} references")
+        digest = w.header_digest()
+    return Sealed(skeleton, tuple(kinds), referenced_modules(skeleton), int(buffer.nbytes), digest)
 
 
 def _adapters():
@@ -120,8 +121,9 @@ def _names(obj, adapters) -> dict[int, str]:
     return names
 
 
-def seal(obj, metadata=None) -> Packed:
-    """Packs every tensor/array reachable from ``obj`` and pickles the rest."""
+def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
+    """Packs every tensor/array reachable from ``obj`` and pickles the rest:
+    the description a wrapper carries, and the buffer to put in the store."""
     adapters = _adapters()
     known = _names(obj, adapters)
     refs: dict[int, int] = {}  # id(tensor) -> index
@@ -178,44 +180,7 @@ def seal(obj, metadata=None) -> Packed:
             "held by something other than torch tensors, numpy or JAX arrays?)"
         )
     buffer = pack(inputs, metadata, guard_bytes=GUARD_BYTES)
-    return Packed(f.getvalue(), tuple(kinds), _layout(buffer), buffer)
-
-
-def _layout(buffer) -> tuple:
-    """Where each tensor of a freshly packed buffer lies (in packing order)."""
-    with Weights.from_buffer(buffer) as w:
-        return tuple(Layout(i.offset, i.dtype, i.shape, i.nbytes) for i in w.infos())
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, f, resolve):
-        super().__init__(f)
-        self._resolve = resolve
-
-    def persistent_load(self, pid):
-        return self._resolve(pid)
-
-
-def rebuild(skeleton: bytes, tensors: list, wrap_param) -> object:
-    """Unpickles ``skeleton`` with reference ``i`` resolved to ``tensors[i]``
-    (as a frozen ``nn.Parameter`` where it was one), then puts every module
-    in eval mode."""
-    params: dict[int, object] = {}
-
-    def resolve(pid):
-        i, kind = pid
-        if kind == TORCH_PARAM and wrap_param is not None:
-            p = params.get(i)
-            if p is None:
-                p = params[i] = wrap_param(tensors[i])
-            return p
-        return tensors[i]
-
-    obj = _Unpickler(io.BytesIO(skeleton), resolve).load()
-    for _, module in walk_modules(obj):
-        if any(m.training for m in module.modules()):
-            module.eval()
-    return obj
+    return _sealed(f.getvalue(), kinds, buffer), buffer
 
 
 def referenced_modules(skeleton: bytes) -> tuple:
@@ -256,11 +221,11 @@ class _Ref:
         self.index = index
 
 
-def seal_file(path, kind: str) -> Packed:
+def seal_file(path, kind: str) -> tuple[Sealed, "np.ndarray"]:
     """Re-packs a safetensors file (64-byte aligned, guard pages) and makes a
     skeleton that loads as ``{name: tensor}``."""
     src = Weights.open_file(path)
-    infos = src.infos()
+    infos = src.table()
     from ._native import DTYPE_CODES
 
     inputs = [PackInput(i.name, DTYPE_CODES[i.dtype], i.shape, src.address + i.offset, i.nbytes) for i in infos]
@@ -275,4 +240,4 @@ def seal_file(path, kind: str) -> Packed:
 
     f = io.BytesIO()
     _Pickler(f, protocol=5).dump({info.name: _Ref(i) for i, info in enumerate(infos)})
-    return Packed(f.getvalue(), (kind,) * len(inputs), _layout(buffer), buffer)
+    return _sealed(f.getvalue(), (kind,) * len(inputs), buffer), buffer

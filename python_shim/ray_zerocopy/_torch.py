@@ -8,7 +8,7 @@ import torch
 from ._dlpack import versioned_capsule
 from ._native import DTYPE_CODES
 from .errors import UnsupportedDtypeError
-from .weights import PackInput, Weights
+from .weights import DeviceWeights, PackInput
 
 _BY_NAME = {
     "F32": "float32",
@@ -63,31 +63,27 @@ def pack_input(t: "torch.Tensor", name: str) -> tuple[PackInput, object]:
     return PackInput(name, code, tuple(t.shape), t.data_ptr(), t.numel() * t.element_size()), t
 
 
-def tensors(weights: Weights, indices, layout, fast: bool) -> list:
-    """Tensors ``indices`` (described by ``layout``) as CPU torch tensors,
-    zero-copy.
+def adopt(source, indices, fast: bool = False) -> list:
+    """Tensors ``indices`` of ``source`` (an opened buffer, or its upload to
+    a GPU) as torch tensors, zero-copy.
 
-    Default: one DLPack export per tensor. ``fast``: one export of the whole
-    data section, each tensor a typed view of it (one trip through the DLPack
+    Default: one DLPack export per tensor, our own capsules straight to torch
+    (a documented input of ``torch.from_dlpack``: the same DLPack tensors,
+    without the protocol negotiation a producer object costs per tensor).
+    ``fast`` (CPU): one export of the whole data section, each tensor a typed
+    view of it cut by the handle's table (one trip through the DLPack
     machinery instead of one per tensor)."""
-    if not fast:
-        # Our own capsules straight to torch (a documented input of
-        # torch.from_dlpack): the same DLPack tensors, without the protocol
-        # negotiation a producer object costs per tensor.
-        return [torch.from_dlpack(versioned_capsule(weights.export_versioned(i))) for i in indices]
-    section = torch.from_dlpack(weights.data_section())
-    start = weights.data_start
+    if isinstance(source, DeviceWeights) or not fast:
+        # An upload used the primary context torch uses and is complete.
+        return [torch.from_dlpack(versioned_capsule(source.export_versioned(i))) for i in indices]
+    section = torch.from_dlpack(source.data_section())
+    start, table = source.data_start, source.table()
     out = []
-    for t in layout:
+    for i in indices:
+        t = table[i]
         off = t.offset - start
         out.append(section[off : off + t.nbytes].view(TO_TORCH[t.dtype]).view(t.shape))
     return out
-
-
-def cuda_tensors(device_weights, indices) -> list:
-    """Tensors ``indices`` of an upload, adopted by torch on their GPU (the
-    upload used the primary context torch uses; the copy is complete)."""
-    return [torch.from_dlpack(versioned_capsule(device_weights.export_versioned(i))) for i in indices]
 
 
 def as_parameter(t):

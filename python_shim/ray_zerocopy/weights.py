@@ -9,10 +9,11 @@ tensor* are gone: the native library calls back when the last one goes.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -41,15 +42,19 @@ def live_buffers() -> int:
     return len(_owners)
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of an opened buffer."""
+class TensorInfo(NamedTuple):
+    """One tensor of an opened buffer, as the native library validated it."""
 
     name: str
-    dtype: str
+    dtype: str  # safetensors spelling: "F32", "BF16", ...
     shape: tuple
     nbytes: int
     offset: int  # from the start of the buffer
+
+
+def _new(ctype: str, **fields):
+    """A new cffi struct of an extensible type, its ``struct_nbytes`` set."""
+    return ffi.new(ctype + " *", {"struct_nbytes": ffi.sizeof(ctype), **fields})
 
 
 class Weights:
@@ -60,17 +65,16 @@ class Weights:
     several threads.
     """
 
-    __slots__ = ("_handle", "_base", "_data_start", "_data_end", "__weakref__")
+    __slots__ = ("_handle", "_base", "_data_start", "_data_end", "_table", "__weakref__")
 
     def __init__(self, handle):
         self._handle = handle
-        base = ffi.new("const uint8_t **")
-        start = ffi.new("size_t *")
-        end = ffi.new("size_t *")
-        check(lib.rzc_weights_layout(handle, base, ffi.NULL, start, end))
-        self._base = int(ffi.cast("uintptr_t", base[0]))
-        self._data_start = start[0]
-        self._data_end = end[0]
+        layout = ffi.new("rzc_buffer_layout *")
+        check(lib.rzc_weights_get_layout(handle, layout))
+        self._base = int(ffi.cast("uintptr_t", layout.bytes))
+        self._data_start = layout.data_start
+        self._data_end = layout.data_end
+        self._table = None
 
     @classmethod
     def open_file(cls, path: str | os.PathLike) -> "Weights":
@@ -98,10 +102,12 @@ class Weights:
             size = len(view)
         key = next(_owner_keys)
         _owners[key] = view
-        opts = ffi.new("rzc_open_options *")
-        opts.release = _release
-        opts.release_ctx = ffi.cast("void *", key)
-        opts.flags = lib.RZC_OPEN_WRITE_PROTECT if write_protect else 0
+        opts = _new(
+            "rzc_open_options",
+            release=_release,
+            release_ctx=ffi.cast("void *", key),
+            flags=lib.RZC_OPEN_WRITE_PROTECT if write_protect else 0,
+        )
         out = ffi.new("rzc_weights **")
         try:
             check(lib.rzc_weights_open_memory_ex(view, size, opts, out))
@@ -136,24 +142,37 @@ class Weights:
     def __len__(self) -> int:
         return lib.rzc_weights_len(self._live())
 
+    def table(self) -> tuple[TensorInfo, ...]:
+        """Every tensor's description, in the order of the data: the tensor
+        table the native library validated, fetched with one call the first
+        time it is asked for."""
+        if self._table is None:
+            n = len(self)
+            raw = ffi.new("rzc_tensor_info[]", n)
+            check(lib.rzc_weights_get_all(self._live(), raw, n))
+            base, names = self._base, DTYPE_NAMES
+            self._table = tuple(
+                TensorInfo(
+                    ffi.unpack(t.name, t.name_len).decode("utf-8"),
+                    names[t.dtype],
+                    tuple(ffi.unpack(t.shape, t.ndim)),
+                    t.nbytes,
+                    int(ffi.cast("uintptr_t", t.data)) - base,
+                )
+                for t in raw
+            )
+        return self._table
+
     def info(self, index: int) -> TensorInfo:
         """Describes tensor ``index`` (in the order of the data)."""
-        t = ffi.new("rzc_tensor_info *")
-        check(lib.rzc_weights_get(self._live(), index, t))
-        return TensorInfo(
-            name=ffi.unpack(t.name, t.name_len).decode("utf-8"),
-            dtype=DTYPE_NAMES[t.dtype],
-            shape=tuple(t.shape[d] for d in range(t.ndim)),
-            nbytes=t.nbytes,
-            offset=int(ffi.cast("uintptr_t", t.data)) - self._base,
-        )
+        return self.table()[index]
 
     def infos(self) -> list[TensorInfo]:
         """Every tensor's description."""
-        return [self.info(i) for i in range(len(self))]
+        return list(self.table())
 
     def names(self) -> list[str]:
-        return [i.name for i in self.infos()]
+        return [i.name for i in self.table()]
 
     def find(self, name: str) -> int:
         """Index of the tensor called ``name`` (``NotFoundError`` otherwise)."""
@@ -172,6 +191,12 @@ class Weights:
             check(lib.rzc_weights_metadata_get(h, i, e))
             out[ffi.unpack(e.key, e.key_len).decode()] = ffi.unpack(e.value, e.value_len).decode()
         return out
+
+    def header_digest(self) -> bytes:
+        """A digest of the header (the tensor table and metadata): two buffers
+        with equal digests hold the same tensors at the same offsets."""
+        header = ffi.buffer(ffi.cast("const char *", self._base), self._data_start)
+        return hashlib.blake2b(header, digest_size=16).digest()
 
     @property
     def data_start(self) -> int:
@@ -215,16 +240,16 @@ class Weights:
         modes = {"auto": 0, "register": 1, "pinned": 2, "pageable": 3}
         if staging not in modes:
             raise ValueError(f"staging {staging!r} is not one of {sorted(modes)}")
-        opts = ffi.new("rzc_upload_options *", {"chunk_bytes": chunk_bytes, "staging": modes[staging], "threads": threads})
+        opts = _new("rzc_upload_options", chunk_nbytes=chunk_bytes, staging=modes[staging], threads=threads)
         out = ffi.new("rzc_device_weights **")
-        check(lib.rzc_device_upload(self._live(), ordinal, opts, out))
+        check(lib.rzc_device_weights_upload(self._live(), ordinal, opts, out))
         return DeviceWeights(out[0])
 
 
 def cuda_device_count() -> int:
     """CUDA devices this process sees (``NoCudaError`` when there is no driver)."""
     out = ffi.new("int32_t *")
-    check(lib.rzc_cuda_device_count(out))
+    check(lib.rzc_cuda_count_devices(out))
     return out[0]
 
 
@@ -246,7 +271,7 @@ class DeviceWeights:
 
     def info(self) -> dict:
         """Allocation address and size, ordinal, staging used, seconds taken."""
-        i = ffi.new("rzc_device_info *")
+        i = _new("rzc_device_info")
         check(lib.rzc_device_weights_info(self._handle, i))
         return {
             "device_ptr": i.device_ptr,
@@ -290,12 +315,10 @@ class PackInput:
     """A tensor to pack: its bytes at ``address`` stay valid during ``pack``."""
 
     name: str
-    dtype: int  # an rzc_dtype code
+    dtype: int  # a Dtype, e.g. Dtype.F32
     shape: Sequence[int]
     address: int
     nbytes: int
-
-
 
 
 def pack(
@@ -331,11 +354,11 @@ def pack(
         keep += [kb, vb]
         marr[i].key, marr[i].key_len = kb, len(kb) - 1
         marr[i].value, marr[i].value_len = vb, len(vb) - 1
-    opts = ffi.new("rzc_pack_options *", {"alignment": alignment, "guard_bytes": guard_bytes})
+    opts = _new("rzc_pack_options", alignment=alignment, guard_nbytes=guard_bytes)
     plan_out = ffi.new("rzc_pack_plan **")
     check(lib.rzc_pack_plan_new(arr, len(tensors), marr, len(meta), opts, plan_out))
     plan = ffi.gc(plan_out[0], lib.rzc_pack_plan_free)
-    total = lib.rzc_pack_plan_total_size(plan)
+    total = lib.rzc_pack_plan_nbytes(plan)
     # Offsets are aligned from the buffer start, so the buffer itself must be
     # (numpy guarantees only 16 bytes).
     raw = np.empty(total + alignment, dtype=np.uint8)

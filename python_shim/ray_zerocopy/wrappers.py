@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import collections
 import functools
-import gc
 import sys
-import threading
-import weakref
 
-from . import _seal
-from ._device import Device, parse_device
-from .weights import Weights
+from . import _load, _seal
+from ._device import parse_device
 
 __all__ = ["ActorWrapper", "TaskWrapper"]
-
-FRAMEWORKS = ("torch", "numpy", "jax")
 
 
 def _require_ray():
@@ -28,32 +22,6 @@ def _require_ray():
             "wrapping a pipeline; its weights are sealed into Ray's object store"
         )
     return ray
-
-
-# Opened buffers, per process, by object ID. Weak: the handle goes when no
-# load is in progress; tensors keep the buffer itself alive on their own.
-_opened: "weakref.WeakValueDictionary[tuple, Weights]" = weakref.WeakValueDictionary()
-_opened_lock = threading.Lock()
-
-
-def _open_sealed(ref, write_protect: bool) -> Weights:
-    key = (ref.hex(), write_protect)
-    with _opened_lock:
-        w = _opened.get(key)
-        if w is not None:
-            return w
-        import ray
-
-        try:
-            buffer = ray.get(ref)
-        except (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFreedError, ray.exceptions.OwnerDiedError) as e:
-            raise RuntimeError(
-                f"the sealed weights (object {key[0]}) are no longer in Ray's object store ({type(e).__name__}); "
-                "the driver that created the wrapper must keep it (and Ray) alive while actors load it"
-            ) from e
-        w = Weights.from_buffer(buffer, write_protect=write_protect)
-        _opened[key] = w
-        return w
 
 
 class ActorWrapper:
@@ -77,16 +45,14 @@ class ActorWrapper:
         self.device = str(parse_device(device))
         self.use_fast_load = bool(use_fast_load)
         self.write_protect = bool(write_protect)
-        packed = _seal.seal(pipeline, metadata)
-        self._adopt(ray, packed)
+        self._put(ray, *_seal.seal(pipeline, metadata))
 
-    def _adopt(self, ray, packed: "_seal.Packed") -> None:
-        self._modules = _seal.referenced_modules(packed.skeleton)
-        self._skeleton = packed.skeleton
-        self._kinds = packed.kinds
-        self._layout = packed.layout
-        self._nbytes = int(packed.buffer.nbytes)
-        self._ref = ray.put(packed.buffer)
+    def _put(self, ray, sealed: "_seal.Sealed", buffer) -> None:
+        # What travels with the wrapper: the description of the sealed
+        # buffer (skeleton, kinds, digest) and its reference, never a second
+        # table of where tensors lie.
+        self._sealed = sealed
+        self._ref = ray.put(buffer)
 
     @classmethod
     def from_safetensors(
@@ -94,15 +60,15 @@ class ActorWrapper:
     ) -> "ActorWrapper":
         """Seals an existing safetensors file (e.g. a Hugging Face checkpoint);
         ``load()`` returns ``{name: tensor}`` of ``framework``."""
-        if framework not in FRAMEWORKS:
-            raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
+        if framework not in _load.FRAMEWORKS:
+            raise ValueError(f"framework {framework!r} is not one of {_load.FRAMEWORKS}")
         ray = _require_ray()
         self = cls.__new__(cls)
         self.device = str(parse_device(device))
         self.use_fast_load = bool(use_fast_load)
         self.write_protect = bool(write_protect)
         kind = {"torch": _seal.TORCH, "numpy": _seal.NUMPY, "jax": _seal.JAX}[framework]
-        self._adopt(ray, _seal.seal_file(path, kind))
+        self._put(ray, *_seal.seal_file(path, kind))
         return self
 
     def __setstate__(self, state):
@@ -110,7 +76,7 @@ class ActorWrapper:
         # now, while Ray builds the actor, as it does for any argument's
         # classes, so that load() only assembles the pipeline.
         self.__dict__.update(state)
-        _seal.import_modules(self._modules, self._kinds)
+        _seal.import_modules(self._sealed.modules, self._sealed.kinds)
 
     # ------------------------------------------------------------------
     @property
@@ -121,15 +87,15 @@ class ActorWrapper:
     @property
     def nbytes(self) -> int:
         """Size of the sealed buffer (weights, header and alignment padding)."""
-        return self._nbytes
+        return self._sealed.nbytes
 
     @property
     def num_tensors(self) -> int:
-        return len(self._layout)
+        return len(self._sealed.kinds)
 
     def __repr__(self) -> str:
         return (
-            f"ActorWrapper({self.num_tensors} tensors, {self._nbytes / 2**20:.1f} MiB sealed, "
+            f"ActorWrapper({self.num_tensors} tensors, {self.nbytes / 2**20:.1f} MiB sealed, "
             f"device={self.device!r}, use_fast_load={self.use_fast_load}, write_protect={self.write_protect})"
         )
 
@@ -143,11 +109,9 @@ class ActorWrapper:
         by default each comes back as the kind it was. Torch modules come back
         in eval mode with ``requires_grad=False``.
         """
-        return assemble(
-            _open_sealed(self._ref, self.write_protect),
-            self._skeleton,
-            self._kinds,
-            self._layout,
+        return _load.assemble(
+            _load.open_sealed(self._ref, self.write_protect),
+            self._sealed,
             self.device if device is None else device,
             framework,
             self.use_fast_load,
@@ -162,88 +126,6 @@ class ActorWrapper:
                            compute=ActorPoolStrategy(size=4))
         """
         return _make_udf(self, predict_fn, device, framework)
-
-
-def assemble(weights: Weights, skeleton: bytes, kinds, layout, device="cpu", framework=None, fast: bool = False):
-    """Builds the pipeline from an opened sealed buffer: what ``load()`` does
-    once it has the buffer (no Ray involved, so it also serves buffers that
-    reach a process some other way)."""
-    dev = parse_device(device)
-    if framework is not None and framework not in FRAMEWORKS:
-        raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
-    if framework not in (None, "torch") and _seal.TORCH_PARAM in kinds:
-        raise ValueError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
-    if len(weights) != len(layout):
-        raise RuntimeError("the sealed buffer does not match this wrapper (different tensor count)")
-    wrap = None
-    if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in kinds)):
-        from . import _torch
-
-        wrap = _torch.as_parameter
-    # Everything a load allocates stays alive, so a garbage collection during
-    # it finds nothing to free; with a large heap (torch imported) a full one
-    # can take longer than the load itself.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        tensors = _materialize(weights, layout, kinds, framework, dev, fast)
-        return _seal.rebuild(skeleton, tensors, wrap)
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _materialize(weights, layout, kinds, framework, dev: Device, fast: bool) -> list:
-    """Every tensor as an array of its framework (or of ``framework``)."""
-    groups: dict[str, list[int]] = collections.defaultdict(list)
-    for i, kind in enumerate(kinds):
-        groups[framework or _seal.FRAMEWORK_OF[kind]].append(i)
-    out: list = [None] * len(kinds)
-    for fw, idx in groups.items():
-        sub = [layout[i] for i in idx]
-        if fw == "torch":
-            from . import _torch
-
-            if dev.kind == "cuda":
-                arrays = _torch.cuda_tensors(_upload(weights, dev), idx)
-            else:
-                arrays = _torch.tensors(weights, idx, sub, fast)
-        elif fw == "numpy":
-            if dev.kind != "cpu":
-                raise ValueError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
-            from . import _numpy
-
-            arrays = _numpy.arrays(weights, sub)
-        else:
-            from . import _jax
-
-            if dev.kind == "cuda":
-                arrays = _jax.cuda_arrays(_upload(weights, dev), idx)
-            else:
-                arrays = _jax.arrays(weights, sub)
-        for i, a in zip(idx, arrays):
-            out[i] = a
-    return out
-
-
-def _upload(weights: Weights, dev: Device):
-    """The buffer on GPU ``dev``, or an error that says what to do."""
-    from .errors import NoCudaError
-    from .weights import cuda_device_count
-
-    try:
-        count = cuda_device_count()
-    except NoCudaError as e:
-        count, why = 0, e.message
-    else:
-        why = f"this process sees {count} CUDA device(s)"
-    if dev.index >= count:
-        raise NoCudaError(
-            "RZC_NO_CUDA",
-            f"device {str(dev)!r} was requested, but this process sees no CUDA device {dev.index} ({why}). "
-            "On Ray, give the actor a GPU (num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'.",
-        )
-    return weights.upload(dev.index)
 
 
 def _make_udf(wrapper: ActorWrapper, predict_fn, device, framework):

@@ -60,10 +60,11 @@ static void test_file(const char *dir) {
   CHECK(w != NULL);
   CHECK(rzc_weights_len(w) == 13);
 
-  const uint8_t *bytes = NULL;
-  size_t len = 0, data_start = 0, data_end = 0;
-  CHECK(rzc_weights_layout(w, &bytes, &len, &data_start, &data_end) == RZC_OK);
-  CHECK(data_end == len && data_start > 8 && data_start < len);
+  rzc_buffer_layout layout;
+  CHECK(rzc_weights_get_layout(w, &layout) == RZC_OK);
+  const uint8_t *bytes = layout.bytes;
+  size_t len = layout.bytes_len, data_start = layout.data_start;
+  CHECK(layout.data_end == len && data_start > 8 && data_start < len);
 
   /* Every tensor: name, sizes, and a data pointer inside the mapping. */
   for (size_t i = 0; i < rzc_weights_len(w); i++) {
@@ -129,6 +130,8 @@ static void test_file(const char *dir) {
   free(path);
 }
 
+static void on_release(void *ctx) { *(int *)ctx += 1; }
+
 static void test_memory(const char *dir) {
   char *path = path_join(dir, "sample.safetensors");
   size_t len = 0;
@@ -142,6 +145,24 @@ static void test_memory(const char *dir) {
   CHECK(info.data > buf && info.data + info.nbytes <= buf + len);
   CHECK(((const int16_t *)info.data)[1] == -300);
   rzc_weights_free(w);
+
+  /* With options: the release callback runs once the last tensor is gone;
+   * a NULL out-pointer creates nothing (the buffer is still released). */
+  int released = 0;
+  rzc_open_options opts = {.struct_nbytes = sizeof(rzc_open_options)};
+  opts.release = on_release;
+  opts.release_ctx = &released;
+  CHECK(rzc_weights_open_memory_ex(buf, len, &opts, &w) == RZC_OK);
+  DLManagedTensorVersioned *t = NULL;
+  CHECK(rzc_weights_data_to_dlpack(w, NULL) == RZC_NULL_ARGUMENT);
+  CHECK(rzc_weights_data_to_dlpack(w, &t) == RZC_OK);
+  rzc_weights_free(w);
+  CHECK(released == 0);
+  rzc_dlpack_versioned_free(t);
+  CHECK(released == 1);
+  rzc_open_options unset = {0};
+  CHECK(rzc_weights_open_memory_ex(buf, len, &unset, &w) == RZC_INVALID_ARGUMENT);
+  CHECK(strstr(rzc_last_error_message(), "struct_nbytes") != NULL);
   free(buf);
   free(path);
 }
@@ -183,7 +204,7 @@ static void test_pack(void) {
   rzc_metadata_entry meta = {"format", 6, "pt", 2};
   rzc_pack_plan *plan = NULL;
   CHECK(rzc_pack_plan_new(in, 2, &meta, 1, NULL, &plan) == RZC_OK);
-  size_t total = (size_t)rzc_pack_plan_total_size(plan);
+  size_t total = (size_t)rzc_pack_plan_nbytes(plan);
   uint8_t *dst = NULL;
   CHECK(posix_memalign((void **)&dst, 64, total) == 0);
   CHECK(rzc_pack_plan_write(plan, dst, total - 1) == RZC_BUFFER_TOO_SMALL);
@@ -215,25 +236,25 @@ static void test_device(const char *dir) {
   rzc_weights *w = NULL;
   CHECK(rzc_weights_open_file(path, &w) == RZC_OK);
   int32_t count = -1;
-  rzc_status s = rzc_cuda_device_count(&count);
+  rzc_status s = rzc_cuda_count_devices(&count);
   rzc_device_weights *dev = NULL;
   if (s == RZC_NO_CUDA) {
     printf("no CUDA driver here: %s\n", rzc_last_error_message());
     CHECK(count == -1);
     CHECK(strlen(rzc_last_error_message()) > 0);
-    CHECK(rzc_device_upload(w, 0, NULL, &dev) == RZC_NO_CUDA && dev == NULL);
+    CHECK(rzc_device_weights_upload(w, 0, NULL, &dev) == RZC_NO_CUDA && dev == NULL);
   } else {
     CHECK(s == RZC_OK && count >= 0);
     if (count > 0) {
-      CHECK(rzc_device_upload(w, count, NULL, &dev) == RZC_BAD_DEVICE);
-      CHECK(rzc_device_upload(w, 0, NULL, &dev) == RZC_OK);
+      CHECK(rzc_device_weights_upload(w, count, NULL, &dev) == RZC_BAD_DEVICE);
+      CHECK(rzc_device_weights_upload(w, 0, NULL, &dev) == RZC_OK);
       CHECK(rzc_device_weights_len(dev) == rzc_weights_len(w));
       rzc_device_weights_free(dev);
     }
   }
-  CHECK(rzc_cuda_device_count(NULL) == RZC_NULL_ARGUMENT);
-  rzc_upload_options bad = {0, 99, 0, NULL};
-  CHECK(rzc_device_upload(w, 0, &bad, &dev) == RZC_INVALID_ARGUMENT); /* options are checked before the driver */
+  CHECK(rzc_cuda_count_devices(NULL) == RZC_NULL_ARGUMENT);
+  rzc_upload_options bad = {.struct_nbytes = sizeof(rzc_upload_options), .staging = 99};
+  CHECK(rzc_device_weights_upload(w, 0, &bad, &dev) == RZC_INVALID_ARGUMENT); /* options are checked before the driver */
   rzc_weights_free(w);
   free(path);
 }

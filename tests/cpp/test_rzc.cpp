@@ -27,6 +27,8 @@ int main(int argc, char **argv) {
     CHECK(w.size() == 13);
     auto info = w.info(w.find("ramp_f32"));
     CHECK(info.name == "ramp_f32");
+    auto all = w.infos();
+    CHECK(all.size() == 13 && all[w.find("ramp_f32")].data == info.data);
     CHECK(info.dtype == RZC_DTYPE_F32);
     CHECK((info.shape == std::vector<int64_t>{2, 3, 4}));
     CHECK(reinterpret_cast<const float *>(info.data)[7] == 7.0f);

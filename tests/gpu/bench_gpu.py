@@ -63,8 +63,8 @@ def main():
     torch.cuda.init()
     state = model_state(args.size_gb)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    packed = _seal.seal(state)
-    shm = shared_buffer(packed.buffer, "bench")
+    _, buffer = _seal.seal(state)
+    shm = shared_buffer(buffer, "bench")
     w = rzc.Weights.from_buffer(shm)
     gb = nbytes / 1e9
     rows = {}
@@ -78,7 +78,7 @@ def main():
         rows[f"rzc upload, cold shared memory, staging={staging}"] = timed(lambda s=staging: w.upload(0, staging=s))
 
     # Already pinned source: the same buffer in page-locked memory.
-    src = torch.from_numpy(np.asarray(packed.buffer)).pin_memory()
+    src = torch.from_numpy(np.asarray(buffer)).pin_memory()
     wp = rzc.Weights.from_buffer(src.numpy())
     rows["rzc upload, source already pinned"] = timed(lambda: wp.upload(0))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ray_zerocopy as rzc
-from ray_zerocopy import _seal, wrappers
+from ray_zerocopy import _load, _seal
 from ray_zerocopy.weights import cuda_device_count
 
 DTYPES = [
@@ -20,8 +20,8 @@ DTYPES = [
 
 
 def sealed(obj, shm, name):
-    packed = _seal.seal(obj)
-    return packed, rzc.Weights.from_buffer(shm(packed.buffer, name))
+    description, buffer = _seal.seal(obj)
+    return description, rzc.Weights.from_buffer(shm(buffer, name))
 
 
 def sample():
@@ -38,7 +38,7 @@ def sample():
 @pytest.mark.parametrize("staging", ["auto", "register", "pinned", "pageable"])
 def test_every_dtype_bit_for_bit(shm, staging):
     tensors = sample()
-    packed, w = sealed(tensors, shm, staging)
+    _, w = sealed(tensors, shm, staging)
     dev = w.upload(0, staging=staging, chunk_bytes=1 << 16)  # small chunks: many pieces
     info = dev.info()
     expected = ("register", "pinned") if staging == "auto" else (staging,)
@@ -63,8 +63,8 @@ def test_device_memory_is_model_plus_padding(shm):
 def test_model_outputs_equal_to_dot_cuda(shm):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.LayerNorm(128), torch.nn.Linear(128, 8)).eval()
-    packed, w = sealed(model, shm, "model")
-    loaded = wrappers.assemble(w, packed.skeleton, packed.kinds, packed.layout, device="cuda:0")
+    description, w = sealed(model, shm, "model")
+    loaded = _load.assemble(w, description, device="cuda:0")
     x = torch.randn(16, 64, device="cuda")
     with torch.no_grad():
         assert torch.equal(loaded(x), model.to("cuda")(x))
@@ -111,3 +111,25 @@ def test_errors_are_statuses(shm):
     assert e.value.status == "RZC_BAD_DEVICE"
     with pytest.raises(ValueError, match="staging"):
         w.upload(0, staging="teleport")
+
+
+def test_torch_and_jax_tensors_of_one_pipeline_share_one_upload(shm, monkeypatch):
+    """A pipeline holding torch and JAX tensors is uploaded once, and both
+    frameworks adopt their tensors from that one allocation."""
+    jax = pytest.importorskip("jax")
+    if not [d for d in jax.devices() if d.platform == "gpu"]:
+        pytest.skip("skipped: JAX has no GPU backend in this environment")
+    tree = {"t": torch.arange(64, dtype=torch.float32), "j": jax.numpy.arange(32, dtype=jax.numpy.int32)}
+    description, w = sealed(tree, shm, "mixed")
+    uploads = []
+    real_upload = rzc.Weights.upload
+
+    def counting_upload(self, *args, **kwargs):
+        uploads.append(args)
+        return real_upload(self, *args, **kwargs)
+
+    monkeypatch.setattr(rzc.Weights, "upload", counting_upload)
+    out = _load.assemble(w, description, device="cuda:0")
+    assert len(uploads) == 1, "one upload for both frameworks"
+    assert out["t"].device == torch.device("cuda", 0) and torch.equal(out["t"].cpu(), tree["t"])
+    assert np.array_equal(np.asarray(out["j"]), np.arange(32, dtype=np.int32))

@@ -81,7 +81,7 @@ def test_guard_in_one_process_faults_then_lifts(tmp_path):
         import sys, numpy as np, torch
         import ray_zerocopy as rzc
         from ray_zerocopy import _seal
-        buf = _seal.seal({"w": torch.ones(5000)}).buffer
+        _, buf = _seal.seal({"w": torch.ones(5000)})
         w = rzc.Weights.from_buffer(buf, write_protect=True)
         t = torch.from_dlpack(w.dlpack(0))
         if sys.argv[1] == "write":
@@ -104,7 +104,7 @@ def test_guard_in_one_process_faults_then_lifts(tmp_path):
 
 def test_guard_needs_guard_pages():
     data = np.ones(3000, np.float32)
-    buf = rzc.pack([rzc.PackInput("x", 11, data.shape, data.ctypes.data, data.nbytes)])  # no guard bytes
+    buf = rzc.pack([rzc.PackInput("x", rzc.Dtype.F32, data.shape, data.ctypes.data, data.nbytes)])  # no guard bytes
     with pytest.raises(rzc.InvalidArgumentError, match="guard_bytes"):
         rzc.Weights.from_buffer(buf, write_protect=True)
 
@@ -141,7 +141,7 @@ def test_tensors_outlive_wrapper_handle_and_refs_then_store_returns_to_baseline(
 
 def test_ten_thousand_cycles_keep_rss_flat():
     data = np.arange(4096, dtype=np.float32)
-    buf = rzc.pack([rzc.PackInput(f"t{i}", 11, (1024,), data.ctypes.data + 4096 * (i % 4), 4096) for i in range(8)], guard_bytes=4096)
+    buf = rzc.pack([rzc.PackInput(f"t{i}", rzc.Dtype.F32, (1024,), data.ctypes.data + 4096 * (i % 4), 4096) for i in range(8)], guard_bytes=4096)
 
     def cycle():
         w = rzc.Weights.from_buffer(buf, write_protect=True)
@@ -334,7 +334,7 @@ def test_several_nodes_one_copy_each():
 # -- 6. concurrency ----------------------------------------------------------
 def test_threads_open_export_free_concurrently():
     data = np.arange(1 << 16, dtype=np.float32)
-    buf = rzc.pack([rzc.PackInput(f"t{i}", 11, (1 << 14,), data.ctypes.data + (1 << 16) * i, 1 << 16) for i in range(4)], guard_bytes=4096)
+    buf = rzc.pack([rzc.PackInput(f"t{i}", rzc.Dtype.F32, (1 << 14,), data.ctypes.data + (1 << 16) * i, 1 << 16) for i in range(4)], guard_bytes=4096)
     base = live_buffers()
     errors = []
     deadline = time.time() + 30

@@ -50,7 +50,8 @@ def test_every_dtype_round_trips_zero_copy(tmp_path):
 
 def test_numpy_views_are_read_only_and_equal(tmp_path):
     arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([True, False])}
-    w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput(k, {"float32": 11, "bool": 0}[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()]))
+    codes = {"float32": rzc.Dtype.F32, "bool": rzc.Dtype.BOOL}
+    w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput(k, codes[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()]))
     a = np.from_dlpack(w.dlpack(w.find("a")))
     np.testing.assert_array_equal(a, arrays["a"])
     assert not a.flags.writeable, "numpy must honour DLPack's READ_ONLY flag"
@@ -61,7 +62,7 @@ def test_numpy_views_are_read_only_and_equal(tmp_path):
 def test_tensors_outlive_the_handle_and_the_buffer_owner():
     data = np.arange(1000, dtype=np.float32)
     base = live_buffers()
-    buf = rzc.pack([rzc.PackInput("x", 11, data.shape, data.ctypes.data, data.nbytes)])
+    buf = rzc.pack([rzc.PackInput("x", rzc.Dtype.F32, data.shape, data.ctypes.data, data.nbytes)])
     w = rzc.Weights.from_buffer(buf)
     t = torch.from_dlpack(w.dlpack(0))
     del w, buf
@@ -77,7 +78,7 @@ def test_pack_is_read_by_the_official_library_bit_for_bit():
     rng = np.random.default_rng(0)
     arrays = {f"w{i}": rng.standard_normal((i + 1, 3)).astype(np.float32) for i in range(7)}
     arrays["ids"] = np.arange(5, dtype=np.int64)
-    codes = {"float32": 11, "int64": 7}
+    codes = {"float32": rzc.Dtype.F32, "int64": rzc.Dtype.I64}
     buf = rzc.pack(
         [rzc.PackInput(k, codes[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()],
         {"format": "np"},
@@ -94,7 +95,7 @@ def test_pack_is_read_by_the_official_library_bit_for_bit():
 
 def test_versioned_capsule_when_asked_legacy_otherwise():
     data = np.zeros(4, np.float32)
-    w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput("x", 11, (4,), data.ctypes.data, 16)]))
+    w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput("x", rzc.Dtype.F32, (4,), data.ctypes.data, 16)]))
     name = ctypes.pythonapi.PyCapsule_GetName
     name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     assert name(w.dlpack(0).__dlpack__(max_version=(1, 1))) == b"dltensor_versioned"
@@ -104,14 +105,22 @@ def test_versioned_capsule_when_asked_legacy_otherwise():
         w.dlpack(0).__dlpack__(copy=True)
     with pytest.raises(BufferError):
         w.dlpack(0).__dlpack__(dl_device=(2, 0))
-    # Unconsumed capsules free their tensors through the capsule destructor.
+    # An unconsumed capsule frees its tensor (and so its hold on the buffer)
+    # through the capsule destructor.
     gc.collect()
+    unconsumed = [w.dlpack(0).__dlpack__(max_version=(1, 1)), w.dlpack(0).__dlpack__()]
+    before = live_buffers()
+    w.close()
+    assert live_buffers() == before, "the capsules' tensors still hold the buffer"
+    del unconsumed
+    gc.collect()
+    assert live_buffers() == before - 1, "dropping unconsumed capsules released the buffer"
 
 
 def test_jax_adopts_without_copy():
     jax = pytest.importorskip("jax")
     data = np.arange(64, dtype=np.float32)
-    buf = rzc.pack([rzc.PackInput("x", 11, (64,), data.ctypes.data, data.nbytes)])
+    buf = rzc.pack([rzc.PackInput("x", rzc.Dtype.F32, (64,), data.ctypes.data, data.nbytes)])
     w = rzc.Weights.from_buffer(buf)
     arr = jax.dlpack.from_dlpack(w.dlpack(0))
     assert arr.unsafe_buffer_pointer() == w.address + w.info(0).offset
@@ -144,5 +153,42 @@ def test_truncated_official_file_and_missing_names(tmp_path):
     w = rzc.Weights.from_buffer(blob)
     with pytest.raises(rzc.NotFoundError, match="nope"):
         w.find("nope")
-    with pytest.raises(rzc.IOFailure if hasattr(rzc, "IOFailure") else OSError):
+    with pytest.raises(rzc.IoError) as e:
         rzc.Weights.open_file(tmp_path / "missing.safetensors")
+    assert isinstance(e.value, OSError) and "missing.safetensors" in str(e.value)
+    with pytest.raises(rzc.IoError, match="is a directory"):
+        rzc.Weights.open_file(tmp_path)
+
+
+def test_every_status_raises_its_own_class():
+    """The native library lists the statuses; each failure status maps to its
+    own exception class by name (none falls back to the bare base class)."""
+    from ray_zerocopy._native import STATUS_NAMES
+    from ray_zerocopy.errors import class_for
+
+    assert STATUS_NAMES[0] == "RZC_OK" and len(STATUS_NAMES) >= 14
+    for name in list(STATUS_NAMES.values())[1:]:
+        cls = class_for(name)
+        assert cls is not rzc.RzcError and cls.__name__ in rzc.__all__, name
+    assert class_for("RZC_CUDA_ERROR") is rzc.CudaError
+    assert class_for("RZC_BAD_DEVICE") is rzc.BadDeviceError and issubclass(rzc.BadDeviceError, rzc.NoCudaError)
+
+
+def test_the_table_is_the_validated_header(tmp_path):
+    """Weights.table() is the header the native library validated, in one
+    call: the official library reads the same names, dtypes, shapes and
+    offsets."""
+    from safetensors import safe_open
+
+    tensors = sample_tensors()
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    w = rzc.Weights.open_file(path)
+    table = w.table()
+    assert table is w.table(), "fetched once"
+    with safe_open(str(path), "pt") as f:
+        for t in table:
+            assert list(t.shape) == list(f.get_slice(t.name).get_shape()), t.name
+            assert t.dtype == f.get_slice(t.name).get_dtype(), t.name
+    ends = [t.offset + t.nbytes for t in table]
+    assert ends[-1] == w.nbytes and all(a <= b.offset for a, b in zip(ends, table[1:])), "in the order of the data"

@@ -6,7 +6,7 @@ use std::ffi::c_void;
 use rzc_core::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
 use rzc_cuda::{DeviceWeights, Staging, UploadOptions};
 
-use crate::handle::{write_out, Handle};
+use crate::handle::{read_options, Extensible, Handle, Out, OutExtensible};
 use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
 use crate::weights::rzc_weights;
 
@@ -20,24 +20,39 @@ pub const RZC_STAGING_PINNED: u32 = 2;
 /// Copy straight from pageable memory (slow; for comparison).
 pub const RZC_STAGING_PAGEABLE: u32 = 3;
 
-/// Options of `rzc_device_upload`. Zero-initialise, then set what you need:
-/// zero fields take their defaults.
+/// Options of `rzc_device_weights_upload`. Initialise as
+/// `rzc_upload_options o = {.struct_nbytes = sizeof(rzc_upload_options)};`
+/// (every other field zero: its default), then set what you need.
 #[repr(C)]
 pub struct rzc_upload_options {
+    /// `sizeof(rzc_upload_options)` as the caller was compiled: lets the
+    /// struct grow in later versions without breaking callers.
+    pub struct_nbytes: usize,
     /// Bytes per chunk (registration unit, bounce buffer size); 0 = 64 MiB.
-    pub chunk_bytes: u64,
+    pub chunk_nbytes: u64,
     /// One of `RZC_STAGING_*`; 0 = `RZC_STAGING_AUTO`.
     pub staging: u32,
     /// Host threads registering or filling bounce buffers; 0 = up to 8.
     pub threads: u32,
     /// A `CUstream` to copy on, or NULL for a private one. Either way the
-    /// copy has completed when `rzc_device_upload` returns.
+    /// copy has completed when `rzc_device_weights_upload` returns.
     pub stream: *mut c_void,
 }
 
-/// What an upload did.
+// SAFETY: all-zero is valid (defaults, NULL stream); the first field is
+// `struct_nbytes`.
+unsafe impl Extensible for rzc_upload_options {
+    const NAME: &'static str = "rzc_upload_options";
+    const MIN_NBYTES: usize = std::mem::size_of::<rzc_upload_options>();
+}
+
+/// What an upload did. Initialise as
+/// `rzc_device_info i = {.struct_nbytes = sizeof(rzc_device_info)};` before
+/// `rzc_device_weights_info` fills it: it may grow in later versions.
 #[repr(C)]
 pub struct rzc_device_info {
+    /// `sizeof(rzc_device_info)` as the caller was compiled.
+    pub struct_nbytes: usize,
     /// Device address of the single allocation (a `CUdeviceptr`).
     pub device_ptr: u64,
     /// Bytes of the allocation: tensor bytes plus alignment padding.
@@ -48,6 +63,13 @@ pub struct rzc_device_info {
     pub staging: u32,
     /// Seconds the upload took, allocation included.
     pub seconds: f64,
+}
+
+// SAFETY: all-zero is valid (plain numbers); the first field is
+// `struct_nbytes`.
+unsafe impl Extensible for rzc_device_info {
+    const NAME: &'static str = "rzc_device_info";
+    const MIN_NBYTES: usize = std::mem::size_of::<rzc_device_info>();
 }
 
 /// Tensors uploaded to a CUDA device (opaque). Read-only after creation.
@@ -65,11 +87,10 @@ impl Handle for rzc_device_weights {
 /// # Safety
 /// `count_out` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_cuda_device_count(count_out: *mut i32) -> rzc_status {
+pub unsafe extern "C" fn rzc_cuda_count_devices(count_out: *mut i32) -> rzc_status {
     ffi_boundary! {
-        crate::handle::not_null(count_out, "count_out")?;
-        let n = rzc_cuda::device_count()?;
-        unsafe { write_out(count_out, "count_out", n) }
+        let out = unsafe { Out::new(count_out, "count_out")? };
+        out.write(rzc_cuda::device_count()?)
     }
 }
 
@@ -85,7 +106,7 @@ pub unsafe extern "C" fn rzc_cuda_device_count(count_out: *mut i32) -> rzc_statu
 /// # Safety
 /// `w` is a live handle; `options` is NULL or valid; `out` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_device_upload(
+pub unsafe extern "C" fn rzc_device_weights_upload(
     w: *const rzc_weights,
     ordinal: i32,
     options: *const rzc_upload_options,
@@ -93,11 +114,11 @@ pub unsafe extern "C" fn rzc_device_upload(
 ) -> rzc_status {
     ffi_boundary! {
         let w = unsafe { rzc_weights::borrow(w, "w")? };
-        crate::handle::not_null(out, "out")?;
+        let out = unsafe { Out::new(out, "out")? };
         let mut opts = UploadOptions::default();
-        if let Some(o) = unsafe { options.as_ref() } {
-            if o.chunk_bytes != 0 {
-                opts.chunk_bytes = usize::try_from(o.chunk_bytes).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "chunk_bytes too large"))?;
+        if let Some(o) = unsafe { read_options(options)? } {
+            if o.chunk_nbytes != 0 {
+                opts.chunk_bytes = usize::try_from(o.chunk_nbytes).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "chunk_nbytes too large"))?;
             }
             if o.threads != 0 {
                 opts.threads = o.threads as usize;
@@ -111,8 +132,8 @@ pub unsafe extern "C" fn rzc_device_upload(
             };
             opts.stream = o.stream.cast();
         }
-        let dev = rzc_cuda::upload(w, ordinal, &opts)?;
-        unsafe { write_out(out, "out", rzc_device_weights::into_raw(dev)) }
+        let dev = rzc_cuda::upload(&w.weights, ordinal, &opts)?;
+        out.write(rzc_device_weights::into_raw(dev))
     }
 }
 
@@ -133,7 +154,8 @@ pub unsafe extern "C" fn rzc_device_weights_len(dev: *const rzc_device_weights) 
 /// Describes the upload (allocation, size, staging used, time taken).
 ///
 /// # Safety
-/// `dev` is a live handle; `out` is valid for a write.
+/// `dev` is a live handle; `out` points to an `rzc_device_info` whose
+/// `struct_nbytes` is set.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_device_weights_info(
     dev: *const rzc_device_weights,
@@ -141,14 +163,21 @@ pub unsafe extern "C" fn rzc_device_weights_info(
 ) -> rzc_status {
     ffi_boundary! {
         let d = unsafe { rzc_device_weights::borrow(dev, "dev")? };
+        let out = unsafe { OutExtensible::new(out, "out")? };
         let staging = match d.staging() {
             Staging::Auto => RZC_STAGING_AUTO,
             Staging::Register => RZC_STAGING_REGISTER,
             Staging::Pinned => RZC_STAGING_PINNED,
             Staging::Pageable => RZC_STAGING_PAGEABLE,
         };
-        let info = rzc_device_info { device_ptr: d.device_ptr(), nbytes: d.nbytes() as u64, ordinal: d.ordinal(), staging, seconds: d.seconds() };
-        unsafe { write_out(out, "out", info) }
+        out.write(rzc_device_info {
+            struct_nbytes: std::mem::size_of::<rzc_device_info>(),
+            device_ptr: d.device_ptr(),
+            nbytes: d.nbytes() as u64,
+            ordinal: d.ordinal(),
+            staging,
+            seconds: d.seconds(),
+        })
     }
 }
 
@@ -167,8 +196,8 @@ pub unsafe extern "C" fn rzc_device_weights_to_dlpack(
 ) -> rzc_status {
     ffi_boundary! {
         let d = unsafe { rzc_device_weights::borrow(dev, "dev")? };
-        crate::handle::not_null(out, "out")?;
-        unsafe { write_out(out, "out", d.to_dlpack(index)?) }
+        let out = unsafe { Out::new(out, "out")? };
+        out.write(d.to_dlpack(index)?)
     }
 }
 
@@ -185,8 +214,8 @@ pub unsafe extern "C" fn rzc_device_weights_to_dlpack_legacy(
 ) -> rzc_status {
     ffi_boundary! {
         let d = unsafe { rzc_device_weights::borrow(dev, "dev")? };
-        crate::handle::not_null(out, "out")?;
-        unsafe { write_out(out, "out", d.to_dlpack_legacy(index)?) }
+        let out = unsafe { Out::new(out, "out")? };
+        out.write(d.to_dlpack_legacy(index)?)
     }
 }
 

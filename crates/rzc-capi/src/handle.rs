@@ -1,7 +1,11 @@
-//! Conversions between opaque C handles and the Rust objects behind them, and
-//! the checks for NULL arguments.
+//! Conversions between C arguments and Rust values: opaque handles, checked
+//! out-parameters, borrowed slices and strings, and option structs that can
+//! grow.
 
-use crate::status::{Failure, FfiResult};
+use std::mem::size_of;
+use std::ptr::NonNull;
+
+use crate::status::{Failure, FfiResult, RZC_BUFFER_TOO_SMALL, RZC_INVALID_ARGUMENT};
 
 /// A C handle type whose pointers point to a boxed `Self::Rust`.
 pub trait Handle {
@@ -42,17 +46,68 @@ pub trait Handle {
     }
 }
 
-/// Writes `value` to the out-parameter `out`, failing on NULL.
-///
-/// # Safety
-/// `out` is NULL or valid for a write of `T`.
-pub unsafe fn write_out<T>(out: *mut T, arg: &str, value: T) -> FfiResult {
-    if out.is_null() {
-        return Err(Failure::null(arg));
+/// An out-parameter, checked for NULL when it is made. Every export makes its
+/// `Out`s first, before it creates anything, so a NULL out-pointer is reported
+/// before any work (and never leaves an object behind that nobody can free);
+/// the value is written with [`Out::write`], only on success.
+pub struct Out<T> {
+    ptr: NonNull<T>,
+}
+
+impl<T> Out<T> {
+    /// Checks `ptr`; `arg` names the argument in the error.
+    ///
+    /// # Safety
+    /// `ptr` is NULL or valid for a write of a `T` until the export returns.
+    pub unsafe fn new(ptr: *mut T, arg: &str) -> FfiResult<Out<T>> {
+        NonNull::new(ptr)
+            .map(|ptr| Out { ptr })
+            .ok_or_else(|| Failure::null(arg))
     }
-    // SAFETY: non-NULL and valid per the caller.
-    unsafe { out.write(value) };
-    Ok(())
+
+    /// Writes the result.
+    pub fn write(self, value: T) -> FfiResult {
+        // SAFETY: non-NULL and valid for a write (`Out::new`'s contract).
+        unsafe { self.ptr.as_ptr().write(value) };
+        Ok(())
+    }
+}
+
+/// A caller's array to fill: `ptr` with room for `len` elements.
+pub struct OutSlice<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+impl<T> OutSlice<T> {
+    /// Checks the array (NULL only when `len` is 0).
+    ///
+    /// # Safety
+    /// `ptr` is NULL or valid for writes of `len` elements until the export
+    /// returns.
+    pub unsafe fn new(ptr: *mut T, len: usize, arg: &str) -> FfiResult<OutSlice<T>> {
+        if ptr.is_null() && len > 0 {
+            return Err(Failure::null(arg));
+        }
+        Ok(OutSlice { ptr, len })
+    }
+
+    /// Writes `values` to the start of the array, or fails with
+    /// `RZC_BUFFER_TOO_SMALL` (writing nothing) when they do not fit.
+    pub fn write(self, values: impl ExactSizeIterator<Item = T>, arg: &str) -> FfiResult {
+        let n = values.len();
+        if n > self.len {
+            return Err(Failure::new(
+                RZC_BUFFER_TOO_SMALL,
+                format!("`{arg}` has room for {} entries, {n} are needed", self.len),
+            ));
+        }
+        for (i, v) in values.enumerate() {
+            // SAFETY: i < n <= len, valid per `OutSlice::new`'s contract.
+            unsafe { self.ptr.add(i).write(v) };
+        }
+        Ok(())
+    }
 }
 
 /// Fails with `RZC_NULL_ARGUMENT` when `ptr` is NULL.
@@ -77,19 +132,18 @@ pub unsafe fn slice<'a, T>(ptr: *const T, len: usize, arg: &str) -> FfiResult<&'
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
+fn utf8<'a>(bytes: &'a [u8], arg: &str) -> FfiResult<&'a str> {
+    std::str::from_utf8(bytes)
+        .map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, format!("`{arg}` is not valid UTF-8")))
+}
+
 /// A `&str` from a pointer and byte length, checked as UTF-8.
 ///
 /// # Safety
 /// As for [`slice`].
 pub unsafe fn str_n<'a>(ptr: *const std::ffi::c_char, len: usize, arg: &str) -> FfiResult<&'a str> {
     // SAFETY: forwarded.
-    let bytes = unsafe { slice(ptr.cast::<u8>(), len, arg)? };
-    std::str::from_utf8(bytes).map_err(|_| {
-        Failure::new(
-            crate::status::RZC_INVALID_ARGUMENT,
-            format!("`{arg}` is not valid UTF-8"),
-        )
-    })
+    utf8(unsafe { slice(ptr.cast::<u8>(), len, arg)? }, arg)
 }
 
 /// A `&str` from a NUL-terminated C string, checked as UTF-8.
@@ -99,11 +153,121 @@ pub unsafe fn str_n<'a>(ptr: *const std::ffi::c_char, len: usize, arg: &str) -> 
 pub unsafe fn c_str<'a>(ptr: *const std::ffi::c_char, arg: &str) -> FfiResult<&'a str> {
     not_null(ptr, arg)?;
     // SAFETY: non-NULL and NUL-terminated per the caller.
-    let c = unsafe { std::ffi::CStr::from_ptr(ptr) };
-    c.to_str().map_err(|_| {
-        Failure::new(
-            crate::status::RZC_INVALID_ARGUMENT,
-            format!("`{arg}` is not valid UTF-8"),
-        )
-    })
+    utf8(unsafe { std::ffi::CStr::from_ptr(ptr) }.to_bytes(), arg)
+}
+
+/// A struct passed by pointer that may grow in later versions: its first
+/// field is `size_t struct_nbytes`, set by the caller to the `sizeof` it was
+/// compiled with. This is the scheme of the Linux kernel's extensible
+/// structs (`openat2`, `clone3`): fields are only ever appended; the library
+/// reads what the caller's size covers and takes zeros (the defaults) for
+/// the rest; a caller built against a newer header may pass a larger struct
+/// as long as the fields this library does not know are zero.
+///
+/// # Safety
+/// An all-zero `Self` is a valid value, and the first field is a `usize`.
+pub unsafe trait Extensible: Sized {
+    /// The C type name, for messages.
+    const NAME: &'static str;
+    /// The size of the first published version: never changes.
+    const MIN_NBYTES: usize;
+
+    /// All fields zero (their defaults).
+    fn zeroed() -> Self {
+        // SAFETY: all-zero is valid (the trait's contract).
+        unsafe { std::mem::zeroed() }
+    }
+}
+
+/// How many bytes of a caller's `T` at `ptr` this library may use, after
+/// checking its `struct_nbytes`.
+///
+/// # Safety
+/// `ptr` is non-NULL and points to at least `struct_nbytes` readable bytes
+/// (and at least one `usize`).
+unsafe fn usable<T: Extensible>(ptr: *const T) -> FfiResult<usize> {
+    // SAFETY: the first field is a usize (the trait's contract).
+    let declared = unsafe { ptr.cast::<usize>().read() };
+    let ours = size_of::<T>();
+    if declared < T::MIN_NBYTES {
+        return Err(Failure::new(
+            RZC_INVALID_ARGUMENT,
+            format!(
+                "{}.struct_nbytes is {declared}; set it to sizeof({}) ({ours} in this library's rzc.h)",
+                T::NAME,
+                T::NAME
+            ),
+        ));
+    }
+    if declared > ours {
+        // SAFETY: the caller's struct has `declared` readable bytes.
+        let extra =
+            unsafe { std::slice::from_raw_parts(ptr.cast::<u8>().add(ours), declared - ours) };
+        if extra.iter().any(|&b| b != 0) {
+            return Err(Failure::new(
+                RZC_INVALID_ARGUMENT,
+                format!(
+                    "{} is {declared} bytes and sets fields this library ({}, {ours} bytes) does not know: \
+                     the program was built against a newer rzc.h than the library it runs with",
+                    T::NAME,
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ));
+        }
+    }
+    Ok(declared.min(ours))
+}
+
+/// Reads a caller's extensible options struct; NULL gives `None`.
+///
+/// # Safety
+/// `ptr` is NULL or points to at least `struct_nbytes` readable bytes.
+pub unsafe fn read_options<T: Extensible>(ptr: *const T) -> FfiResult<Option<T>> {
+    if ptr.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: non-NULL, readable per the caller.
+    let n = unsafe { usable(ptr)? };
+    let mut value = T::zeroed();
+    // SAFETY: both sides have at least `n` bytes and do not overlap; any
+    // prefix of a valid T over zeros is valid (all fields take zero, and a
+    // caller's value in each field it sets).
+    unsafe {
+        std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&mut value as *mut T).cast::<u8>(), n)
+    };
+    Ok(Some(value))
+}
+
+/// An extensible struct the library fills in: checked when made, written
+/// (as much of it as the caller's `struct_nbytes` covers) on success.
+pub struct OutExtensible<T> {
+    ptr: NonNull<T>,
+    nbytes: usize,
+}
+
+impl<T: Extensible> OutExtensible<T> {
+    /// # Safety
+    /// `ptr` is NULL or points to a caller's struct of `struct_nbytes`
+    /// readable and writable bytes.
+    pub unsafe fn new(ptr: *mut T, arg: &str) -> FfiResult<OutExtensible<T>> {
+        let ptr = NonNull::new(ptr).ok_or_else(|| Failure::null(arg))?;
+        // SAFETY: forwarded.
+        let nbytes = unsafe { usable(ptr.as_ptr())? };
+        Ok(OutExtensible { ptr, nbytes })
+    }
+
+    /// Writes `value` except its `struct_nbytes`, which stays the caller's.
+    pub fn write(self, value: T) -> FfiResult {
+        let skip = size_of::<usize>();
+        // SAFETY: `nbytes` bytes of the caller's struct are writable and
+        // `value` has at least as many.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&value as *const T).cast::<u8>().add(skip),
+                self.ptr.as_ptr().cast::<u8>().add(skip),
+                self.nbytes - skip,
+            )
+        };
+        Ok(())
+    }
 }

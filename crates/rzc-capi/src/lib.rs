@@ -8,8 +8,10 @@
 //! boundary.
 #![allow(non_camel_case_types)]
 // Each export documents its contract in a `# Safety` section; the bodies are
-// thin and call the helpers in `handle`.
-#![allow(clippy::missing_safety_doc, unused_unsafe)]
+// thin and call the helpers in `handle`. Inside them every unsafe operation
+// sits in its own `unsafe` block, as in the 2024 edition.
+#![allow(clippy::missing_safety_doc)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod device;
 mod handle;
@@ -17,7 +19,8 @@ pub mod pack;
 pub mod status;
 pub mod weights;
 
-use std::ffi::c_char;
+use std::ffi::{c_char, CStr};
+use std::sync::OnceLock;
 
 pub use rzc_core::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
 use rzc_core::Dtype;
@@ -65,9 +68,31 @@ pub extern "C" fn rzc_dtype_name(dtype: u32) -> *const c_char {
     ffi_value_boundary!(
         std::ptr::null(),
         Dtype::from_u32(dtype)
-            .map(|d| d.c_name().as_ptr())
+            .map(|d| dtype_c_name(d).as_ptr())
             .unwrap_or(std::ptr::null())
     )
+}
+
+/// `name` and a NUL in a fixed array. The tables of names C callers get
+/// pointers into are built once into static memory, not the heap: a heap
+/// block held until exit is what valgrind (rightly) reports as a leak.
+pub(crate) fn nul_terminated<const N: usize>(name: &str) -> [u8; N] {
+    assert!(
+        name.len() < N && !name.contains('\0'),
+        "name {name:?} does not fit"
+    );
+    let mut out = [0; N];
+    out[..name.len()].copy_from_slice(name.as_bytes());
+    out
+}
+
+/// A dtype's header spelling, NUL-terminated for C (static storage).
+fn dtype_c_name(dtype: Dtype) -> &'static CStr {
+    static NAMES: OnceLock<[[u8; 16]; 32]> = OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        std::array::from_fn(|i| nul_terminated(Dtype::from_u32(i as u32).map_or("", Dtype::name)))
+    });
+    CStr::from_bytes_until_nul(&names[dtype as usize]).expect("NUL-terminated")
 }
 
 /// Bits per element of a dtype (4 and 6 for the packed sub-byte floats), or 0

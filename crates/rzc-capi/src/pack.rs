@@ -7,7 +7,7 @@ use std::ffi::c_char;
 use rzc_core::pack::{PackOptions, Plan, TensorSpec};
 use rzc_core::Dtype;
 
-use crate::handle::{slice, str_n, write_out, Handle};
+use crate::handle::{read_options, slice, str_n, Extensible, Handle, Out};
 use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
 use crate::weights::rzc_metadata_entry;
 
@@ -33,17 +33,29 @@ pub struct rzc_pack_tensor {
     pub nbytes: u64,
 }
 
-/// Layout options. Zero-initialise and set what you need; NULL options mean
-/// the defaults (alignment 64, no guard bytes).
+/// Layout options. Initialise as
+/// `rzc_pack_options o = {.struct_nbytes = sizeof(rzc_pack_options)};`
+/// (every other field zero: its default), then set what you need; NULL
+/// options mean the defaults (alignment 64, no guard bytes).
 #[repr(C)]
 pub struct rzc_pack_options {
+    /// `sizeof(rzc_pack_options)` as the caller was compiled: lets the struct
+    /// grow in later versions without breaking callers.
+    pub struct_nbytes: usize,
     /// Power of two; every tensor's data starts at a multiple of it from the
     /// buffer start. 0 means the default, 64.
     pub alignment: u64,
     /// Bytes belonging to no tensor before the first tensor and after the
     /// last one (e.g. 4096, so that a reader can write-protect every page
     /// holding tensor data). 0 for none.
-    pub guard_bytes: u64,
+    pub guard_nbytes: u64,
+}
+
+// SAFETY: all-zero is valid (the defaults); the first field is
+// `struct_nbytes`.
+unsafe impl Extensible for rzc_pack_options {
+    const NAME: &'static str = "rzc_pack_options";
+    const MIN_NBYTES: usize = std::mem::size_of::<rzc_pack_options>();
 }
 
 /// A computed layout (opaque). Holds the data pointers it was given: they must
@@ -61,38 +73,38 @@ impl Handle for rzc_pack_plan {
     type Rust = PlanState;
 }
 
-/// Plans the layout of `n_tensors` tensors (kept in the given order) and
-/// `n_metadata` `__metadata__` entries. On success `*out` receives a plan to
+/// Plans the layout of `tensors_len` tensors (kept in the given order) and
+/// `metadata_len` `__metadata__` entries. On success `*out` receives a plan to
 /// free with `rzc_pack_plan_free`.
 ///
 /// # Safety
-/// `tensors` points to `n_tensors` entries and `metadata` to `n_metadata`
+/// `tensors` points to `tensors_len` entries and `metadata` to `metadata_len`
 /// (either may be NULL when its count is 0); `options` is NULL or valid;
 /// `out` is valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_plan_new(
     tensors: *const rzc_pack_tensor,
-    n_tensors: usize,
+    tensors_len: usize,
     metadata: *const rzc_metadata_entry,
-    n_metadata: usize,
+    metadata_len: usize,
     options: *const rzc_pack_options,
     out: *mut *mut rzc_pack_plan,
 ) -> rzc_status {
     ffi_boundary! {
-        crate::handle::not_null(out, "out")?;
-        let inputs = unsafe { slice(tensors, n_tensors, "tensors")? };
+        let out = unsafe { Out::new(out, "out")? };
+        let inputs = unsafe { slice(tensors, tensors_len, "tensors")? };
         let mut meta = BTreeMap::new();
-        for m in unsafe { slice(metadata, n_metadata, "metadata")? } {
+        for m in unsafe { slice(metadata, metadata_len, "metadata")? } {
             let k = unsafe { str_n(m.key, m.key_len, "metadata key")? };
             let v = unsafe { str_n(m.value, m.value_len, "metadata value")? };
             meta.insert(k.to_owned(), v.to_owned());
         }
         let mut opts = PackOptions::default();
-        if let Some(o) = unsafe { options.as_ref() } {
+        if let Some(o) = unsafe { read_options(options)? } {
             if o.alignment != 0 {
                 opts.alignment = usize::try_from(o.alignment).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "alignment too large"))?;
             }
-            opts.guard_bytes = usize::try_from(o.guard_bytes).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "guard_bytes too large"))?;
+            opts.guard_bytes = usize::try_from(o.guard_nbytes).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "guard_nbytes too large"))?;
         }
         let mut specs = Vec::with_capacity(inputs.len());
         let mut data = Vec::with_capacity(inputs.len());
@@ -114,7 +126,7 @@ pub unsafe extern "C" fn rzc_pack_plan_new(
                 ));
             }
         }
-        unsafe { write_out(out, "out", rzc_pack_plan::into_raw(PlanState { plan, data })) }
+        out.write(rzc_pack_plan::into_raw(PlanState { plan, data }))
     }
 }
 
@@ -123,7 +135,7 @@ pub unsafe extern "C" fn rzc_pack_plan_new(
 /// # Safety
 /// `plan` is NULL or a live plan.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_pack_plan_total_size(plan: *const rzc_pack_plan) -> u64 {
+pub unsafe extern "C" fn rzc_pack_plan_nbytes(plan: *const rzc_pack_plan) -> u64 {
     ffi_value_boundary!(
         0,
         unsafe { rzc_pack_plan::borrow(plan, "plan") }
@@ -144,7 +156,8 @@ pub unsafe extern "C" fn rzc_pack_plan_offset(
 ) -> rzc_status {
     ffi_boundary! {
         let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
-        unsafe { write_out(offset_out, "offset_out", p.plan.offset(index)? as u64) }
+        let out = unsafe { Out::new(offset_out, "offset_out")? };
+        out.write(p.plan.offset(index)? as u64)
     }
 }
 

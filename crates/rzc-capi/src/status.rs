@@ -2,12 +2,18 @@
 //! wraps every export.
 
 use std::cell::RefCell;
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, CStr, CString};
+use std::sync::OnceLock;
 
 use rzc_core::ErrorKind;
 
 /// Result of every fallible call. The numbers are stable: a code is never
-/// renumbered or reused.
+/// renumbered or reused, and new codes are appended.
+///
+/// This enum is the one list of statuses: the header's enum, the names
+/// `rzc_status_name` returns (the variant names, through `Debug`) and the
+/// Python exception classes (matched by name in `ray_zerocopy.errors`) all
+/// come from it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum rzc_status {
@@ -43,49 +49,28 @@ pub enum rzc_status {
 
 pub use rzc_status::*;
 
-// Every code, in numeric order. A free constant: cbindgen would export an
-// associated one into the header.
-const ALL: [rzc_status; 14] = [
-    RZC_OK,
-    RZC_NULL_ARGUMENT,
-    RZC_INVALID_ARGUMENT,
-    RZC_BAD_FORMAT,
-    RZC_IO,
-    RZC_NOT_FOUND,
-    RZC_UNSUPPORTED_DTYPE,
-    RZC_OUT_OF_RANGE,
-    RZC_BUFFER_TOO_SMALL,
-    RZC_NO_CUDA,
-    RZC_CUDA_ERROR,
-    RZC_OUT_OF_MEMORY,
-    RZC_BAD_DEVICE,
-    RZC_PANIC,
-];
+/// The highest code. Codes are numbered 0, 1, 2, ... without gaps (the header
+/// test checks the generated enum), so this one bound covers them all.
+const LAST: rzc_status = RZC_PANIC;
 
 impl rzc_status {
     /// The code with number `value`, if any.
     pub fn from_u32(value: u32) -> Option<rzc_status> {
-        ALL.iter().copied().find(|s| *s as u32 == value)
+        // SAFETY: `rzc_status` is a fieldless repr(C) enum (a C int) whose
+        // discriminants are exactly 0..=LAST, and `value` is in that range.
+        (value <= LAST as u32).then(|| unsafe { std::mem::transmute::<u32, rzc_status>(value) })
     }
 
     /// Stable name of the code, e.g. `"RZC_BAD_FORMAT"`.
-    pub fn name(self) -> &'static std::ffi::CStr {
-        match self {
-            RZC_OK => c"RZC_OK",
-            RZC_NULL_ARGUMENT => c"RZC_NULL_ARGUMENT",
-            RZC_INVALID_ARGUMENT => c"RZC_INVALID_ARGUMENT",
-            RZC_BAD_FORMAT => c"RZC_BAD_FORMAT",
-            RZC_IO => c"RZC_IO",
-            RZC_NOT_FOUND => c"RZC_NOT_FOUND",
-            RZC_UNSUPPORTED_DTYPE => c"RZC_UNSUPPORTED_DTYPE",
-            RZC_OUT_OF_RANGE => c"RZC_OUT_OF_RANGE",
-            RZC_BUFFER_TOO_SMALL => c"RZC_BUFFER_TOO_SMALL",
-            RZC_NO_CUDA => c"RZC_NO_CUDA",
-            RZC_CUDA_ERROR => c"RZC_CUDA_ERROR",
-            RZC_OUT_OF_MEMORY => c"RZC_OUT_OF_MEMORY",
-            RZC_BAD_DEVICE => c"RZC_BAD_DEVICE",
-            RZC_PANIC => c"RZC_PANIC",
-        }
+    pub fn name(self) -> &'static CStr {
+        static NAMES: OnceLock<[[u8; 32]; LAST as usize + 1]> = OnceLock::new();
+        let names = NAMES.get_or_init(|| {
+            std::array::from_fn(|i| {
+                let status = rzc_status::from_u32(i as u32).expect("dense codes");
+                crate::nul_terminated(&format!("{status:?}"))
+            })
+        });
+        CStr::from_bytes_until_nul(&names[self as usize]).expect("NUL-terminated")
     }
 }
 

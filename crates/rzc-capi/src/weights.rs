@@ -2,14 +2,15 @@
 
 use std::ffi::{c_char, c_void};
 use std::path::Path;
-use std::sync::Arc;
 
 use rzc_core::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
-use rzc_core::guard::WriteGuard;
-use rzc_core::{Bytes, Dtype, Weights};
+use rzc_core::{Borrowed, Dtype, OpenOptions, Weights};
 
-use crate::handle::{c_str, str_n, write_out, Handle};
-use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
+use crate::handle::{c_str, read_options, str_n, Extensible, Handle, Out, OutSlice};
+use crate::status::{
+    ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT, RZC_NOT_FOUND,
+    RZC_OUT_OF_RANGE,
+};
 
 /// An opened, validated safetensors buffer (opaque). Read-only after opening:
 /// every call taking a `const rzc_weights *` may run on several threads.
@@ -17,8 +18,49 @@ pub struct rzc_weights {
     _private: [u8; 0],
 }
 
+/// What a `rzc_weights` handle points to: the core's weights, plus each
+/// tensor name NUL-terminated for C (a C concern, so it lives here).
+pub struct WeightsHandle {
+    pub weights: Weights,
+    /// Every name followed by a NUL, back to back.
+    names: Box<[u8]>,
+    /// Where each name starts in `names`.
+    name_at: Box<[usize]>,
+}
+
+impl WeightsHandle {
+    fn new(weights: Weights) -> WeightsHandle {
+        let mut names = Vec::new();
+        let mut name_at = Vec::with_capacity(weights.len());
+        for t in weights.tensors() {
+            name_at.push(names.len());
+            names.extend_from_slice(t.name.as_bytes());
+            names.push(0);
+        }
+        WeightsHandle {
+            weights,
+            names: names.into(),
+            name_at: name_at.into(),
+        }
+    }
+
+    /// Tensor `index` as C sees it (the index is in range).
+    fn info(&self, index: usize) -> rzc_tensor_info {
+        let t = &self.weights.tensors()[index];
+        rzc_tensor_info {
+            name: self.names[self.name_at[index]..].as_ptr().cast(),
+            name_len: t.name.len(),
+            dtype: t.dtype,
+            ndim: t.shape.len() as u32,
+            shape: t.shape.as_ptr(),
+            data: self.weights.bytes()[t.offset..].as_ptr(),
+            nbytes: t.nbytes as u64,
+        }
+    }
+}
+
 impl Handle for rzc_weights {
-    type Rust = Weights;
+    type Rust = WeightsHandle;
 }
 
 /// One tensor of an opened buffer. Every pointer stays valid until the handle
@@ -55,6 +97,19 @@ pub struct rzc_metadata_entry {
     pub value_len: usize,
 }
 
+/// Where an opened buffer lies and where its tensor data starts and ends.
+#[repr(C)]
+pub struct rzc_buffer_layout {
+    /// First byte of the buffer (the header's length field).
+    pub bytes: *const u8,
+    /// Length of the whole buffer in bytes.
+    pub bytes_len: usize,
+    /// Offset of the data section (the end of the header) from `bytes`.
+    pub data_start: usize,
+    /// Offset one past the end of the data section (= `bytes_len`).
+    pub data_end: usize,
+}
+
 /// Opens `len` bytes at `data` as a safetensors buffer without copying them.
 ///
 /// The whole header is validated before this returns. The handle borrows the
@@ -63,8 +118,7 @@ pub struct rzc_metadata_entry {
 /// free with `rzc_weights_free`.
 ///
 /// # Safety
-/// `data` points to `len` readable bytes (it may be NULL when `len` is 0);
-/// `out` is valid for a write.
+/// `data` points to `len` readable bytes; `out` is valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_weights_open_memory(
     data: *const u8,
@@ -80,9 +134,14 @@ pub unsafe extern "C" fn rzc_weights_open_memory(
 /// thread: whichever frees the last of them.
 pub type rzc_release_fn = Option<unsafe extern "C" fn(ctx: *mut c_void)>;
 
-/// Options of `rzc_weights_open_memory_ex`. Zero-initialise, then set fields.
+/// Options of `rzc_weights_open_memory_ex`. Initialise as
+/// `rzc_open_options o = {.struct_nbytes = sizeof(rzc_open_options)};`
+/// (every other field zero: its default), then set what you need.
 #[repr(C)]
 pub struct rzc_open_options {
+    /// `sizeof(rzc_open_options)` as the caller was compiled: lets the struct
+    /// grow in later versions without breaking callers.
+    pub struct_nbytes: usize,
     /// Called once when the buffer is no longer used (may be NULL).
     pub release: rzc_release_fn,
     /// Passed to `release`.
@@ -91,56 +150,48 @@ pub struct rzc_open_options {
     pub flags: u32,
 }
 
+// SAFETY: all-zero is valid (NULL callback and context, no flags); the first
+// field is `struct_nbytes`.
+unsafe impl Extensible for rzc_open_options {
+    const NAME: &'static str = "rzc_open_options";
+    const MIN_NBYTES: usize = std::mem::size_of::<rzc_open_options>();
+}
+
 /// Flag of `rzc_open_options`: make the pages holding tensor data read-only
 /// in this process while the buffer is open (any handle or tensor alive), so
 /// that a write through a tensor faults in the writer instead of changing
 /// memory other processes share. Needs a page of non-tensor bytes before the
-/// first and after the last tensor (`rzc_pack_options.guard_bytes`), else
+/// first and after the last tensor (`rzc_pack_options.guard_nbytes`), else
 /// the open fails with `RZC_INVALID_ARGUMENT`. Protection is lifted before
 /// `release` runs.
 pub const RZC_OPEN_WRITE_PROTECT: u32 = 1;
 
-/// Borrowed bytes whose owner is told, through its callback, when the last
-/// reference is dropped.
-struct Released {
-    ptr: *const u8,
-    len: usize,
-    release: rzc_release_fn,
+/// A C callback and its context, called once when dropped.
+struct ReleaseCallback {
+    release: unsafe extern "C" fn(*mut c_void),
     ctx: *mut c_void,
-    guard: Option<WriteGuard>,
 }
 
-// SAFETY: the caller of `rzc_weights_open_memory_ex` keeps the bytes valid and
-// unchanged until `release` runs, and the callback may run on any thread.
-unsafe impl Send for Released {}
-unsafe impl Sync for Released {}
+// SAFETY: the caller of `rzc_weights_open_memory_ex` accepts that `release`
+// runs on whichever thread frees the last reference.
+unsafe impl Send for ReleaseCallback {}
 
-impl Bytes for Released {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: see above; `ptr` is non-NULL (checked at open).
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Released {
-    fn drop(&mut self) {
-        // Writable again before the owner may hand the memory back.
-        drop(self.guard.take());
-        if let Some(release) = self.release {
-            // SAFETY: the caller's callback, called exactly once.
-            unsafe { release(self.ctx) };
-        }
+impl ReleaseCallback {
+    fn call(self) {
+        // SAFETY: the caller's callback, called exactly once (this consumes
+        // the only value holding it).
+        unsafe { (self.release)(self.ctx) }
     }
 }
 
 /// Same as `rzc_weights_open_memory`, with options: `RZC_OPEN_WRITE_PROTECT`
 /// in `options->flags` write-protects the tensor pages while open; and when
-/// `options->release` is set the
-/// library calls it once the handle and every tensor exported from it are
-/// gone: the caller's owner of the bytes (e.g. a Python object holding Ray's
-/// shared-memory buffer) can live exactly as long as it is needed. When the
-/// call fails, `release` is not called and the caller still owns the bytes.
-/// NULL `options` behaves as `rzc_weights_open_memory`.
+/// `options->release` is set the library calls it once the handle and every
+/// tensor exported from it are gone: the caller's owner of the bytes (e.g. a
+/// Python object holding Ray's shared-memory buffer) can live exactly as long
+/// as it is needed. When the call fails, `release` is not called and the
+/// caller still owns the bytes. NULL `options` behaves as
+/// `rzc_weights_open_memory`.
 ///
 /// # Safety
 /// As for `rzc_weights_open_memory`, with the bytes kept valid until
@@ -153,25 +204,24 @@ pub unsafe extern "C" fn rzc_weights_open_memory_ex(
     out: *mut *mut rzc_weights,
 ) -> rzc_status {
     ffi_boundary! {
-        crate::handle::not_null(out, "out")?;
+        let out = unsafe { Out::new(out, "out")? };
         crate::handle::not_null(data, "data")?;
-        let (release, ctx, flags) = match unsafe { options.as_ref() } {
-            Some(o) => (o.release, o.release_ctx, o.flags),
-            None => (None, std::ptr::null_mut(), 0),
-        };
-        if flags & !RZC_OPEN_WRITE_PROTECT != 0 {
-            return Err(Failure::new(RZC_INVALID_ARGUMENT, format!("unknown open flags {flags:#x}")));
+        let mut opts = OpenOptions::default();
+        if let Some(o) = unsafe { read_options(options)? } {
+            if o.flags & !RZC_OPEN_WRITE_PROTECT != 0 {
+                return Err(Failure::new(RZC_INVALID_ARGUMENT, format!("unknown open flags {:#x}", o.flags)));
+            }
+            opts.write_protect = o.flags & RZC_OPEN_WRITE_PROTECT != 0;
+            if let Some(release) = o.release {
+                let callback = ReleaseCallback { release, ctx: o.release_ctx };
+                opts.on_release = Some(Box::new(move || callback.call()));
+            }
         }
-        // SAFETY: the caller keeps `len` bytes at `data` alive until `release`.
-        let bytes = unsafe { std::slice::from_raw_parts(data, len) };
-        let w = Weights::from_validated(bytes, |header| {
-            let guard = match (flags & RZC_OPEN_WRITE_PROTECT != 0, header.tensor_span()) {
-                (true, Some((start, end))) => WriteGuard::protect(bytes, start, end)?,
-                _ => None,
-            };
-            Ok(Arc::new(Released { ptr: data, len, release, ctx, guard }))
-        })?;
-        unsafe { write_out(out, "out", rzc_weights::into_raw(w)) }
+        // SAFETY: the caller keeps `len` bytes at `data` alive and unchanged
+        // until `release` runs (or, without one, until everything is freed).
+        let bytes = unsafe { Borrowed::new(data, len)? };
+        let w = Weights::open_borrowed(bytes, opts)?;
+        out.write(rzc_weights::into_raw(WeightsHandle::new(w)))
     }
 }
 
@@ -186,10 +236,10 @@ pub unsafe extern "C" fn rzc_weights_open_file(
     out: *mut *mut rzc_weights,
 ) -> rzc_status {
     ffi_boundary! {
-        crate::handle::not_null(out, "out")?;
+        let out = unsafe { Out::new(out, "out")? };
         let path = unsafe { c_str(path, "path")? };
         let w = Weights::open_file(Path::new(path))?;
-        unsafe { write_out(out, "out", rzc_weights::into_raw(w)) }
+        out.write(rzc_weights::into_raw(WeightsHandle::new(w)))
     }
 }
 
@@ -212,7 +262,7 @@ pub unsafe extern "C" fn rzc_weights_len(w: *const rzc_weights) -> usize {
     ffi_value_boundary!(
         0,
         unsafe { rzc_weights::borrow(w, "w") }
-            .map(Weights::len)
+            .map(|h| h.weights.len())
             .unwrap_or(0)
     )
 }
@@ -228,19 +278,31 @@ pub unsafe extern "C" fn rzc_weights_get(
     out: *mut rzc_tensor_info,
 ) -> rzc_status {
     ffi_boundary! {
-        let w = unsafe { rzc_weights::borrow(w, "w")? };
-        crate::handle::not_null(out, "out")?;
-        let t = w.get(index)?;
-        let info = rzc_tensor_info {
-            name: t.name_nul.as_ptr().cast(),
-            name_len: t.name.len(),
-            dtype: t.dtype,
-            ndim: t.shape.len() as u32,
-            shape: t.shape.as_ptr(),
-            data: w.data(index)?.as_ptr(),
-            nbytes: t.nbytes as u64,
-        };
-        unsafe { write_out(out, "out", info) }
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { Out::new(out, "out")? };
+        h.weights.get(index)?;
+        out.write(h.info(index))
+    }
+}
+
+/// Describes every tensor at once: fills `infos_out[0 .. rzc_weights_len(w))`.
+/// One call instead of one per tensor, for callers that want the whole table
+/// (a load of a few hundred tensors). Fails with `RZC_BUFFER_TOO_SMALL`,
+/// writing nothing, when `infos_len` is less than `rzc_weights_len(w)`.
+///
+/// # Safety
+/// `w` is a live handle; `infos_out` has room for `infos_len` entries (may be
+/// NULL when `infos_len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_get_all(
+    w: *const rzc_weights,
+    infos_out: *mut rzc_tensor_info,
+    infos_len: usize,
+) -> rzc_status {
+    ffi_boundary! {
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { OutSlice::new(infos_out, infos_len, "infos_out")? };
+        out.write((0..h.weights.len()).map(|i| h.info(i)), "infos_out")
     }
 }
 
@@ -255,9 +317,10 @@ pub unsafe extern "C" fn rzc_weights_find(
     index_out: *mut usize,
 ) -> rzc_status {
     ffi_boundary! {
-        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { Out::new(index_out, "index_out")? };
         let name = unsafe { c_str(name, "name")? };
-        unsafe { write_out(index_out, "index_out", w.find(name)?) }
+        out.write(h.weights.find(name)?)
     }
 }
 
@@ -274,9 +337,10 @@ pub unsafe extern "C" fn rzc_weights_find_n(
     index_out: *mut usize,
 ) -> rzc_status {
     ffi_boundary! {
-        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { Out::new(index_out, "index_out")? };
         let name = unsafe { str_n(name, name_len, "name")? };
-        unsafe { write_out(index_out, "index_out", w.find(name)?) }
+        out.write(h.weights.find(name)?)
     }
 }
 
@@ -297,9 +361,9 @@ pub unsafe extern "C" fn rzc_weights_to_dlpack(
     out: *mut *mut DLManagedTensorVersioned,
 ) -> rzc_status {
     ffi_boundary! {
-        let w = unsafe { rzc_weights::borrow(w, "w")? };
-        crate::handle::not_null(out, "out")?;
-        unsafe { write_out(out, "out", w.to_dlpack(index)?) }
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { Out::new(out, "out")? };
+        out.write(h.weights.to_dlpack(index)?)
     }
 }
 
@@ -316,16 +380,17 @@ pub unsafe extern "C" fn rzc_weights_to_dlpack_legacy(
     out: *mut *mut DLManagedTensor,
 ) -> rzc_status {
     ffi_boundary! {
-        let w = unsafe { rzc_weights::borrow(w, "w")? };
-        crate::handle::not_null(out, "out")?;
-        unsafe { write_out(out, "out", w.to_dlpack_legacy(index)?) }
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { Out::new(out, "out")? };
+        out.write(h.weights.to_dlpack_legacy(index)?)
     }
 }
 
 /// Exports the whole data section (everything after the header) as one
 /// read-only 1-D `U8` versioned DLPack tensor. Tensor `i` lies at byte
-/// `info.data - data_start` of it (see `rzc_weights_layout`): a consumer can
-/// cut every tensor out of this one export as a view.
+/// `info.data - (layout.bytes + layout.data_start)` of it (see
+/// `rzc_weights_get_layout`): a consumer can cut every tensor out of this one
+/// export as a view.
 ///
 /// # Safety
 /// `w` is a live handle; `out` is valid for a write.
@@ -335,8 +400,9 @@ pub unsafe extern "C" fn rzc_weights_data_to_dlpack(
     out: *mut *mut DLManagedTensorVersioned,
 ) -> rzc_status {
     ffi_boundary! {
-        let w = unsafe { rzc_weights::borrow(w, "w")? };
-        unsafe { write_out(out, "out", w.data_section_to_dlpack()) }
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { Out::new(out, "out")? };
+        out.write(h.weights.data_section_to_dlpack())
     }
 }
 
@@ -349,7 +415,7 @@ pub unsafe extern "C" fn rzc_weights_metadata_len(w: *const rzc_weights) -> usiz
     ffi_value_boundary!(
         0,
         unsafe { rzc_weights::borrow(w, "w") }
-            .map(|w| w.metadata().len())
+            .map(|h| h.weights.metadata().len())
             .unwrap_or(0)
     )
 }
@@ -365,16 +431,16 @@ pub unsafe extern "C" fn rzc_weights_metadata_get(
     out: *mut rzc_metadata_entry,
 ) -> rzc_status {
     ffi_boundary! {
-        let w = unsafe { rzc_weights::borrow(w, "w")? };
-        crate::handle::not_null(out, "out")?;
-        let Some((k, v)) = w.metadata().iter().nth(index) else {
-            return Err(crate::status::Failure::new(
-                crate::status::RZC_OUT_OF_RANGE,
-                format!("metadata index {index} is out of range (the buffer has {} entries)", w.metadata().len()),
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { Out::new(out, "out")? };
+        let meta = h.weights.metadata();
+        let Some((k, v)) = meta.iter().nth(index) else {
+            return Err(Failure::new(
+                RZC_OUT_OF_RANGE,
+                format!("metadata index {index} is out of range (the buffer has {} entries)", meta.len()),
             ));
         };
-        let entry = rzc_metadata_entry { key: k.as_ptr().cast(), key_len: k.len(), value: v.as_ptr().cast(), value_len: v.len() };
-        unsafe { write_out(out, "out", entry) }
+        out.write(rzc_metadata_entry { key: k.as_ptr().cast(), key_len: k.len(), value: v.as_ptr().cast(), value_len: v.len() })
     }
 }
 
@@ -391,42 +457,36 @@ pub unsafe extern "C" fn rzc_weights_metadata_find(
     value_len_out: *mut usize,
 ) -> rzc_status {
     ffi_boundary! {
-        let w = unsafe { rzc_weights::borrow(w, "w")? };
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let value_out = unsafe { Out::new(value_out, "value_out")? };
+        let value_len_out = unsafe { Out::new(value_len_out, "value_len_out")? };
         let key = unsafe { c_str(key, "key")? };
-        crate::handle::not_null(value_out, "value_out")?;
-        crate::handle::not_null(value_len_out, "value_len_out")?;
-        let Some(v) = w.metadata().get(key) else {
-            return Err(crate::status::Failure::new(crate::status::RZC_NOT_FOUND, format!("no metadata key {key:?}")));
+        let Some(v) = h.weights.metadata().get(key) else {
+            return Err(Failure::new(RZC_NOT_FOUND, format!("no metadata key {key:?}")));
         };
-        unsafe {
-            write_out(value_out, "value_out", v.as_ptr().cast())?;
-            write_out(value_len_out, "value_len_out", v.len())
-        }
+        value_out.write(v.as_ptr().cast())?;
+        value_len_out.write(v.len())
     }
 }
 
-/// Where the buffer's tensor data lies: `*data_start_out` and `*data_end_out`
-/// receive byte offsets from the buffer start (header excluded), and
-/// `*bytes_out` and `*len_out` the whole buffer. Any out may be NULL.
+/// Where the buffer lies and where its tensor data starts and ends.
 ///
 /// # Safety
-/// `w` is a live handle; each non-NULL out is valid for a write.
+/// `w` is a live handle; `out` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn rzc_weights_layout(
+pub unsafe extern "C" fn rzc_weights_get_layout(
     w: *const rzc_weights,
-    bytes_out: *mut *const u8,
-    len_out: *mut usize,
-    data_start_out: *mut usize,
-    data_end_out: *mut usize,
+    out: *mut rzc_buffer_layout,
 ) -> rzc_status {
     ffi_boundary! {
-        let w = unsafe { rzc_weights::borrow(w, "w")? };
-        unsafe {
-            if !bytes_out.is_null() { *bytes_out = w.bytes().as_ptr(); }
-            if !len_out.is_null() { *len_out = w.bytes().len(); }
-            if !data_start_out.is_null() { *data_start_out = w.data_start(); }
-            if !data_end_out.is_null() { *data_end_out = w.data_end(); }
-        }
-        Ok(())
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { Out::new(out, "out")? };
+        let w = &h.weights;
+        out.write(rzc_buffer_layout {
+            bytes: w.bytes().as_ptr(),
+            bytes_len: w.bytes().len(),
+            data_start: w.data_start(),
+            data_end: w.data_end(),
+        })
     }
 }

@@ -263,7 +263,9 @@ fn concurrent_readers_share_one_handle() {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct OpenOptions {
+    struct_nbytes: usize,
     release: Option<unsafe extern "C" fn(*mut c_void)>,
     release_ctx: *mut c_void,
     flags: u32,
@@ -285,6 +287,7 @@ fn release_runs_once_after_the_last_tensor() {
     let buf = official_buffer();
     let released = AtomicUsize::new(0);
     let opts = OpenOptions {
+        struct_nbytes: std::mem::size_of::<OpenOptions>(),
         release: Some(count_release),
         release_ctx: &released as *const _ as *mut c_void,
         flags: 0,
@@ -328,4 +331,176 @@ fn release_runs_once_after_the_last_tensor() {
     .join()
     .unwrap();
     assert_eq!(released.load(Ordering::SeqCst), 1);
+}
+
+type OpenEx = unsafe extern "C" fn(*const u8, usize, *const OpenOptions, *mut *mut Weights) -> u32;
+
+/// Opens `buf` with a release callback counting into `released`.
+fn open_counted(
+    lib: &Library,
+    buf: &[u8],
+    released: &std::sync::atomic::AtomicUsize,
+) -> *mut Weights {
+    let open_ex: Symbol<OpenEx> = unsafe { lib.get(b"rzc_weights_open_memory_ex") }.unwrap();
+    let opts = OpenOptions {
+        struct_nbytes: std::mem::size_of::<OpenOptions>(),
+        release: Some(count_release),
+        release_ctx: released as *const _ as *mut c_void,
+        flags: 0,
+    };
+    let mut w = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { open_ex(buf.as_ptr(), buf.len(), &opts, &mut w) },
+        OK
+    );
+    w
+}
+
+/// Every export that creates something checks its out-pointer first: a NULL
+/// one is an error that leaves nothing behind (the buffer is still released
+/// once the handle goes).
+#[test]
+fn null_out_pointers_create_nothing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let lib = cdylib();
+    let api = Api::new(&lib);
+    let buf = official_buffer();
+    let released = AtomicUsize::new(0);
+    let w = open_counted(&lib, &buf, &released);
+    type Export = unsafe extern "C" fn(*const Weights, *mut *mut DLManagedTensorVersioned) -> u32;
+    type ExportAt = unsafe extern "C" fn(*const Weights, usize, *mut *mut c_void) -> u32;
+    let data_to_dlpack: Symbol<Export> = unsafe { lib.get(b"rzc_weights_data_to_dlpack") }.unwrap();
+    assert_eq!(
+        unsafe { data_to_dlpack(w, std::ptr::null_mut()) },
+        NULL_ARGUMENT
+    );
+    assert!(api.message().contains("out"), "{}", api.message());
+    for name in [
+        &b"rzc_weights_to_dlpack"[..],
+        b"rzc_weights_to_dlpack_legacy",
+    ] {
+        let f: Symbol<ExportAt> = unsafe { lib.get(name) }.unwrap();
+        assert_eq!(unsafe { f(w, 0, std::ptr::null_mut()) }, NULL_ARGUMENT);
+    }
+    let get_layout: Symbol<unsafe extern "C" fn(*const Weights, *mut c_void) -> u32> =
+        unsafe { lib.get(b"rzc_weights_get_layout") }.unwrap();
+    assert_eq!(
+        unsafe { get_layout(w, std::ptr::null_mut()) },
+        NULL_ARGUMENT
+    );
+    unsafe { (api.free)(w) };
+    assert_eq!(
+        released.load(Ordering::SeqCst),
+        1,
+        "no export kept the buffer alive"
+    );
+}
+
+#[test]
+fn options_structs_carry_their_size() {
+    let lib = cdylib();
+    let api = Api::new(&lib);
+    let open_ex: Symbol<OpenEx> = unsafe { lib.get(b"rzc_weights_open_memory_ex") }.unwrap();
+    let buf = official_buffer();
+    let size = std::mem::size_of::<OpenOptions>();
+    let base = OpenOptions {
+        struct_nbytes: size,
+        release: None,
+        release_ctx: std::ptr::null_mut(),
+        flags: 0,
+    };
+    let mut w = std::ptr::null_mut();
+    // Unset (zero-initialised without the size): refused with what to do.
+    let unset = OpenOptions {
+        struct_nbytes: 0,
+        ..base
+    };
+    assert_eq!(
+        unsafe { open_ex(buf.as_ptr(), buf.len(), &unset, &mut w) },
+        2
+    );
+    assert!(
+        api.message().contains("sizeof(rzc_open_options)"),
+        "{}",
+        api.message()
+    );
+    // A newer caller's larger struct: fine while the fields we do not know are zero.
+    #[repr(C)]
+    struct Newer {
+        base: OpenOptions,
+        future: u64,
+    }
+    let mut newer = Newer {
+        base: OpenOptions {
+            struct_nbytes: std::mem::size_of::<Newer>(),
+            ..base
+        },
+        future: 0,
+    };
+    assert_eq!(
+        unsafe { open_ex(buf.as_ptr(), buf.len(), &newer.base, &mut w) },
+        OK
+    );
+    unsafe { (api.free)(w) };
+    newer.future = 1;
+    let mut w2 = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { open_ex(buf.as_ptr(), buf.len(), &newer.base, &mut w2) },
+        2
+    );
+    assert!(api.message().contains("newer rzc.h"), "{}", api.message());
+    assert!(w2.is_null());
+}
+
+#[test]
+fn one_call_describes_every_tensor() {
+    let lib = cdylib();
+    let api = Api::new(&lib);
+    type GetAll = unsafe extern "C" fn(*const Weights, *mut TensorInfo, usize) -> u32;
+    let get_all: Symbol<GetAll> = unsafe { lib.get(b"rzc_weights_get_all") }.unwrap();
+    let buf = official_buffer();
+    let mut w = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { (api.open_memory)(buf.as_ptr(), buf.len(), &mut w) },
+        OK
+    );
+    let mut infos: Vec<TensorInfo> = (0..3).map(|_| unsafe { std::mem::zeroed() }).collect();
+    assert_eq!(
+        unsafe { get_all(w, infos.as_mut_ptr(), 1) },
+        8,
+        "BUFFER_TOO_SMALL"
+    );
+    assert!(infos[0].name.is_null(), "nothing written on failure");
+    assert_eq!(unsafe { get_all(w, infos.as_mut_ptr(), 3) }, OK);
+    for (i, info) in infos.iter().take(2).enumerate() {
+        let mut one: TensorInfo = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { (api.get)(w, i, &mut one) }, OK);
+        assert_eq!(
+            (info.name, info.data, info.nbytes, info.dtype),
+            (one.name, one.data, one.nbytes, one.dtype)
+        );
+    }
+    assert!(
+        infos[2].name.is_null(),
+        "only rzc_weights_len entries are written"
+    );
+    unsafe { (api.free)(w) };
+}
+
+#[test]
+fn every_status_has_its_name() {
+    let lib = cdylib();
+    let name: Symbol<unsafe extern "C" fn(u32) -> *const c_char> =
+        unsafe { lib.get(b"rzc_status_name") }.unwrap();
+    let get = |code| {
+        unsafe { CStr::from_ptr(name(code)) }
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(get(0), "RZC_OK");
+    assert_eq!(get(3), "RZC_BAD_FORMAT");
+    assert_eq!(get(13), "RZC_PANIC");
+    assert_eq!(get(14), "RZC_UNKNOWN");
+    assert_eq!(get(u32::MAX), "RZC_UNKNOWN");
 }

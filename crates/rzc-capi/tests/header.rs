@@ -23,7 +23,50 @@ fn generate() -> String {
         .expect("cbindgen");
     let mut out = Vec::new();
     bindings.write(&mut out);
-    String::from_utf8(out).expect("UTF-8 header")
+    guard_dlpack(&String::from_utf8(out).expect("UTF-8 header"))
+}
+
+/// Whether a header item (doc comment plus declaration) declares a DLPack
+/// name: `DL*` types and `DLPACK_*` macros.
+fn is_dlpack(item: &str) -> bool {
+    item.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('/') && !l.starts_with('*'))
+        .any(|l| {
+            l.starts_with("#define DLPACK_")
+                || l.starts_with("typedef enum DL")
+                || l.starts_with("typedef struct DL")
+        })
+}
+
+/// Gathers the DLPack declarations into one block that gives way to a
+/// `dlpack.h` included before this header, so that a program may use both.
+/// (cbindgen cannot wrap a chosen set of items in `#if`; maturin generates its
+/// cffi declarations from the unwrapped output, which cffi needs.)
+fn guard_dlpack(header: &str) -> String {
+    let patch = header
+        .find("#define RZC_VERSION_PATCH")
+        .expect("the version macros");
+    let body_start = patch + header[patch..].find("\n\n").expect("a blank line") + 2;
+    let body_end = header.find("\n#ifdef __cplusplus").expect("the functions");
+    let (mut dl, mut rest) = (Vec::new(), Vec::new());
+    for item in header[body_start..body_end].split("\n\n") {
+        if is_dlpack(item) {
+            dl.push(item)
+        } else {
+            rest.push(item)
+        }
+    }
+    assert!(dl.len() >= 8, "the DLPack declarations were not found");
+    format!(
+        "{}{}\n\n{}\n{}\n\n{}\n{}",
+        &header[..body_start],
+        "/*\n * The DLPack 1.1 declarations this header uses, as dlpack.h has them. A\n * program that also includes dlpack.h (>= 1.0) includes it first; these\n * then give way to it.\n */\n#ifndef DLPACK_DLPACK_H_",
+        dl.join("\n\n"),
+        "#elif DLPACK_MAJOR_VERSION < 1\n#error \"rzc.h needs dlpack.h 1.0 or later (DLManagedTensorVersioned)\"\n#endif /* DLPACK_DLPACK_H_ */",
+        rest.join("\n\n"),
+        &header[body_end..]
+    )
 }
 
 #[test]
@@ -91,5 +134,37 @@ fn the_doc_check_sees_a_bare_item() {
     assert_eq!(
         undocumented(bare),
         vec!["  int y;".to_string(), "int f(void);".to_string()]
+    );
+}
+
+/// `rzc_status_name` relies on the status codes being 0, 1, 2, ... without
+/// gaps (see `status.rs`); the generated enum shows whether they are.
+#[test]
+fn status_codes_are_dense() {
+    let header = generate();
+    let start = header
+        .find("typedef enum rzc_status {")
+        .expect("the status enum");
+    let body = &header[start..start + header[start..].find("} rzc_status;").unwrap()];
+    let values: Vec<u32> = body
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("RZC_"))
+        .map(|l| {
+            l.split('=')
+                .nth(1)
+                .unwrap()
+                .trim_end_matches(',')
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(values.len() > 10, "{values:?}");
+    assert_eq!(values, (0..values.len() as u32).collect::<Vec<_>>());
+    let n = values.len() as u32;
+    assert!(rzc::status::rzc_status::from_u32(n - 1).is_some());
+    assert!(
+        rzc::status::rzc_status::from_u32(n).is_none(),
+        "`LAST` in status.rs is not the last code"
     );
 }

@@ -87,9 +87,9 @@ fn main() {
     }));
 
     let open = median(time(201, || {
-        black_box(unsafe { Weights::from_borrowed(dst.as_ptr(), dst.len()) }.unwrap());
+        black_box(open_borrowed(&dst));
     }));
-    let w = unsafe { Weights::from_borrowed(dst.as_ptr(), dst.len()) }.unwrap();
+    let w = open_borrowed(&dst);
     assert_eq!(w.len(), n_tensors);
     assert_eq!(w.data(0).unwrap(), slices[0]);
     let export = median(time(201, || {
@@ -141,4 +141,11 @@ fn main() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench-results/core.json");
     std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).ok();
     std::fs::write(path, json).unwrap();
+}
+
+/// Opens `bytes` in place (no copy), as the C ABI and Python do.
+fn open_borrowed(bytes: &[u8]) -> Weights {
+    // SAFETY: `bytes` outlives the returned weights in every caller here.
+    let b = unsafe { rzc_core::Borrowed::new(bytes.as_ptr(), bytes.len()) }.unwrap();
+    Weights::open_borrowed(b, rzc_core::OpenOptions::default()).unwrap()
 }

@@ -1,7 +1,5 @@
 //! Element types of safetensors buffers and their DLPack encodings.
 
-use std::ffi::CStr;
-
 use crate::dlpack::{DLDataType, DLDataTypeCode};
 
 /// Every dtype the safetensors format defines (as of safetensors 0.8).
@@ -92,37 +90,32 @@ impl Dtype {
         &ALL
     }
 
-    /// The spelling used in safetensors headers, NUL-terminated for C.
-    pub fn c_name(self) -> &'static CStr {
-        match self {
-            Dtype::Bool => c"BOOL",
-            Dtype::U8 => c"U8",
-            Dtype::I8 => c"I8",
-            Dtype::I16 => c"I16",
-            Dtype::U16 => c"U16",
-            Dtype::I32 => c"I32",
-            Dtype::U32 => c"U32",
-            Dtype::I64 => c"I64",
-            Dtype::U64 => c"U64",
-            Dtype::F16 => c"F16",
-            Dtype::Bf16 => c"BF16",
-            Dtype::F32 => c"F32",
-            Dtype::F64 => c"F64",
-            Dtype::C64 => c"C64",
-            Dtype::F8E5m2 => c"F8_E5M2",
-            Dtype::F8E4m3 => c"F8_E4M3",
-            Dtype::F8E8m0 => c"F8_E8M0",
-            Dtype::F8E4m3Fnuz => c"F8_E4M3FNUZ",
-            Dtype::F8E5m2Fnuz => c"F8_E5M2FNUZ",
-            Dtype::F4 => c"F4",
-            Dtype::F6E2m3 => c"F6_E2M3",
-            Dtype::F6E3m2 => c"F6_E3M2",
-        }
-    }
-
     /// The spelling used in safetensors headers (`"F32"`, `"BF16"`, ...).
     pub fn name(self) -> &'static str {
-        self.c_name().to_str().expect("ASCII")
+        match self {
+            Dtype::Bool => "BOOL",
+            Dtype::U8 => "U8",
+            Dtype::I8 => "I8",
+            Dtype::I16 => "I16",
+            Dtype::U16 => "U16",
+            Dtype::I32 => "I32",
+            Dtype::U32 => "U32",
+            Dtype::I64 => "I64",
+            Dtype::U64 => "U64",
+            Dtype::F16 => "F16",
+            Dtype::Bf16 => "BF16",
+            Dtype::F32 => "F32",
+            Dtype::F64 => "F64",
+            Dtype::C64 => "C64",
+            Dtype::F8E5m2 => "F8_E5M2",
+            Dtype::F8E4m3 => "F8_E4M3",
+            Dtype::F8E8m0 => "F8_E8M0",
+            Dtype::F8E4m3Fnuz => "F8_E4M3FNUZ",
+            Dtype::F8E5m2Fnuz => "F8_E5M2FNUZ",
+            Dtype::F4 => "F4",
+            Dtype::F6E2m3 => "F6_E2M3",
+            Dtype::F6E3m2 => "F6_E3M2",
+        }
     }
 
     /// Parses a safetensors header spelling (`"F32"`, `"BF16"`, ...).

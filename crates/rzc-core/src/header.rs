@@ -24,9 +24,6 @@ pub const METADATA_KEY: &str = "__metadata__";
 pub struct TensorMeta {
     /// Tensor name.
     pub name: String,
-    /// The name followed by a NUL byte, for C callers (the name itself may
-    /// contain NUL bytes; its length is `name.len()`).
-    pub name_nul: Box<[u8]>,
     /// Element type.
     pub dtype: Dtype,
     /// Extents (all non-negative).
@@ -188,11 +185,7 @@ pub fn parse(buf: &[u8]) -> Result<Header> {
             );
         }
         spans.push((begin, end, tensors.len()));
-        let mut name_nul = Vec::with_capacity(name.len() + 1);
-        name_nul.extend_from_slice(name.as_bytes());
-        name_nul.push(0);
         tensors.push(TensorMeta {
-            name_nul: name_nul.into(),
             name,
             dtype,
             shape: t.shape,

@@ -1,22 +1,38 @@
-//! Safe core of ray-zerocopy.
+//! Core of ray-zerocopy.
 //!
 //! Turns a safetensors buffer (borrowed memory, an owned vector or a mapped
 //! file) into a validated tensor table whose entries point into the buffer,
-//! exports tensors as DLPack without copying, and lays out tensors as a
-//! standard, aligned safetensors buffer ([`pack`]).
+//! exports tensors as DLPack without copying, write-protects the pages it
+//! shares, and lays out tensors as a standard, aligned safetensors buffer
+//! ([`pack`]).
+//!
+//! Safe code, with three fenced exceptions, each a module whose very purpose
+//! is a contract the compiler cannot check:
+//! - [`dlpack`]: DLPack hands out raw pointers and a C deleter that frees them;
+//! - `storage`: memory borrowed from the caller (a raw pointer kept valid by
+//!   the caller's promise) and memory-mapped files;
+//! - `platform`: page protection, the SIGSEGV handler, libc calls.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
+#[allow(unsafe_code)] // raw pointers and deleters are the DLPack contract
 pub mod dlpack;
 mod dtype;
 mod error;
-pub mod guard;
 pub mod header;
 pub mod pack;
+#[allow(unsafe_code)] // libc: mprotect, sigaction, write(2) in a signal handler
+mod platform;
+#[allow(unsafe_code)] // borrowed raw memory and mmap
+mod storage;
 mod weights;
 
 pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};
 pub use header::TensorMeta;
-pub use weights::{Bytes, Storage, Weights, PAD_PREFIX};
+pub use platform::{page_size, WriteGuard};
+pub use storage::{map_file, Borrowed, Bytes, Storage};
+pub use weights::{OpenOptions, Weights, PAD_PREFIX};
 
 /// The library version, from Cargo.toml.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,64 +1,76 @@
 //! An opened safetensors buffer: the bytes' owner plus the parsed tensor table.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::dlpack::{
     self, DLDevice, DLDeviceType, DLManagedTensor, DLManagedTensorVersioned, TensorDesc,
 };
 use crate::header::{self, TensorMeta};
-use crate::{fail, Error, ErrorKind, Result};
+use crate::platform::WriteGuard;
+use crate::storage::{self, Borrowed, Bytes, Storage};
+use crate::{fail, Result};
 
 /// Prefix of the padding entries the packer inserts to align tensor data.
 /// Entries with this prefix are part of the file (so that any reader sees a
 /// standard, hole-free buffer) but are not listed in the tensor table.
 pub const PAD_PREFIX: &str = "__rzc_pad__.";
 
-/// Something that owns a byte buffer and keeps it at a fixed address.
-pub trait Bytes: Send + Sync + 'static {
-    /// The bytes; the same address every call.
-    fn bytes(&self) -> &[u8];
+/// How to open a buffer. `OpenOptions::default()` guards nothing and calls
+/// nothing back.
+#[derive(Default)]
+pub struct OpenOptions {
+    /// Make the pages holding tensor data read-only in this process while the
+    /// buffer is open (the handle or any exported tensor alive), so that a
+    /// write through a tensor faults in the writer instead of changing memory
+    /// that other processes share. Needs a page of non-tensor bytes before the
+    /// first and after the last tensor (`PackOptions::guard_bytes`).
+    pub write_protect: bool,
+    /// Called once when the last user of the bytes is gone (the handle and
+    /// every exported tensor), after the protection is lifted: the owner of
+    /// borrowed memory learns when it may let go. Never called when opening
+    /// fails.
+    pub on_release: Option<Box<dyn FnOnce() + Send>>,
 }
 
-impl Bytes for Vec<u8> {
-    fn bytes(&self) -> &[u8] {
-        self
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("write_protect", &self.write_protect)
+            .field("on_release", &self.on_release.is_some())
+            .finish()
     }
 }
 
-impl Bytes for memmap2::Mmap {
+/// An owner wrapped with what opening added: the write guard, lifted first
+/// when the last reference goes, then the release callback.
+struct Opened {
+    inner: Storage,
+    guard: Option<WriteGuard>,
+    on_release: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Bytes for Opened {
     fn bytes(&self) -> &[u8] {
-        self
+        self.inner.bytes()
     }
 }
 
-/// Memory owned by the caller, who promises to keep it alive and unchanged for
-/// as long as the weights or any tensor exported from them exist.
-struct Borrowed {
-    ptr: *const u8,
-    len: usize,
-}
-
-// SAFETY: the caller of `Weights::from_borrowed` promises the memory stays
-// valid and unmodified; it is only ever read.
-unsafe impl Send for Borrowed {}
-unsafe impl Sync for Borrowed {}
-
-impl Bytes for Borrowed {
-    fn bytes(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
+impl Drop for Opened {
+    fn drop(&mut self) {
+        // Writable again before the owner may hand the memory back.
+        drop(self.guard.take());
+        let release = self
+            .on_release
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(release) = release {
+            release();
         }
-        // SAFETY: see `Weights::from_borrowed`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
-
-/// Shared owner of an opened buffer: the handle and every exported tensor hold
-/// one reference, so the bytes outlive whichever goes last.
-pub type Storage = Arc<dyn Bytes>;
 
 /// An opened, validated safetensors buffer.
 pub struct Weights {
@@ -80,29 +92,39 @@ impl std::fmt::Debug for Weights {
 }
 
 impl Weights {
-    /// Opens bytes that `owner` keeps alive.
-    pub fn from_owner(owner: Storage) -> Result<Weights> {
+    /// Validates the bytes `owner` keeps alive and opens them with `options`.
+    /// Nothing of `options` takes effect unless the whole header is valid.
+    pub fn open(owner: Storage, options: OpenOptions) -> Result<Weights> {
         let header = header::parse(owner.bytes())?;
-        Ok(Weights::with_header(owner, header))
+        let guard = match (options.write_protect, header.tensor_span()) {
+            (true, Some((start, end))) => WriteGuard::protect(owner.bytes(), start, end)?,
+            _ => None,
+        };
+        let storage: Storage = if guard.is_none() && options.on_release.is_none() {
+            owner
+        } else {
+            Arc::new(Opened {
+                inner: owner,
+                guard,
+                on_release: Mutex::new(options.on_release),
+            })
+        };
+        Ok(Weights::with_header(storage, header))
     }
 
-    /// Validates `bytes` and only when they are valid calls `make_owner` (with
-    /// the parsed header) for the owner that keeps them alive (which must own
-    /// exactly these bytes).
-    /// An owner with side effects on drop (a release callback) is thus never
-    /// created for a buffer that fails to open.
-    pub fn from_validated(
-        bytes: &[u8],
-        make_owner: impl FnOnce(&header::Header) -> Result<Storage>,
-    ) -> Result<Weights> {
-        let header = header::parse(bytes)?;
-        let owner = make_owner(&header)?;
-        assert!(
-            std::ptr::eq(owner.bytes().as_ptr(), bytes.as_ptr())
-                && owner.bytes().len() == bytes.len(),
-            "the owner must own the validated bytes"
-        );
-        Ok(Weights::with_header(owner, header))
+    /// Opens memory the caller owns (see [`Borrowed::new`]) without copying.
+    pub fn open_borrowed(bytes: Borrowed, options: OpenOptions) -> Result<Weights> {
+        Weights::open(Arc::new(bytes), options)
+    }
+
+    /// Opens a buffer the weights take ownership of.
+    pub fn from_vec(bytes: Vec<u8>) -> Result<Weights> {
+        Weights::open(Arc::new(bytes), OpenOptions::default())
+    }
+
+    /// Memory-maps a file read-only. The file must not change while mapped.
+    pub fn open_file(path: &Path) -> Result<Weights> {
+        Weights::open(storage::map_file(path)?, OpenOptions::default())
     }
 
     fn with_header(owner: Storage, header: header::Header) -> Weights {
@@ -125,38 +147,6 @@ impl Weights {
             data_start: header.data_start,
             data_end,
         }
-    }
-
-    /// Opens a copy-free view of `len` bytes at `ptr`.
-    ///
-    /// # Safety
-    /// The memory must stay valid and unmodified until the weights and every
-    /// tensor exported from them are dropped.
-    pub unsafe fn from_borrowed(ptr: *const u8, len: usize) -> Result<Weights> {
-        if ptr.is_null() && len != 0 {
-            fail!(InvalidArgument, "data is NULL but len is {len}");
-        }
-        Weights::from_owner(Arc::new(Borrowed { ptr, len }))
-    }
-
-    /// Opens a buffer the weights take ownership of.
-    pub fn from_vec(bytes: Vec<u8>) -> Result<Weights> {
-        Weights::from_owner(Arc::new(bytes))
-    }
-
-    /// Memory-maps a file read-only. The file must not change while mapped.
-    pub fn open_file(path: &Path) -> Result<Weights> {
-        let io = |e: std::io::Error| Error::new(ErrorKind::Io, format!("{}: {e}", path.display()));
-        let file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        if len == 0 {
-            // mmap refuses empty files; the parser gives the real diagnosis.
-            return Weights::from_vec(Vec::new());
-        }
-        // SAFETY: mapped read-only; a file changed by someone else while
-        // mapped is the documented misuse, as with every mmap reader.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Weights::from_owner(Arc::new(map))
     }
 
     /// The whole buffer (header included).

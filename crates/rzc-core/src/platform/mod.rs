@@ -1,0 +1,20 @@
+//! What the core needs from the operating system to guard shared weights:
+//! page protection ([`WriteGuard`]), a SIGSEGV handler that explains a write
+//! the guard stopped ([`fault`]), and reading this process's mappings
+//! ([`maps`]). Linux only, like Ray's shared-memory object store.
+//!
+//! This is one of the core's three places with `unsafe` code (see `lib.rs`):
+//! every libc call is here.
+
+mod fault;
+mod maps;
+mod protect;
+
+pub use protect::WriteGuard;
+
+/// The size of a memory page.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+}

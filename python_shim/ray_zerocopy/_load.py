@@ -1,0 +1,175 @@
+"""Loading a sealed pipeline: the path of a tensor's bytes from Ray's object
+store to the pipeline the caller gets, top to bottom.
+
+1. :func:`open_sealed`: ``ray.get`` gives a read-only view of the sealed
+   object in shared memory; the native library validates it and builds the
+   tensor table (``Weights.from_buffer``), write-protecting its pages.
+2. :func:`assemble`: checks that the buffer is the one the wrapper was sealed
+   with, then
+3. :func:`materialize`: every tensor as an array of its framework, adopted
+   zero-copy from the buffer on the CPU; on a GPU the buffer is uploaded once
+   and every framework adopts its tensors from that one device allocation;
+4. :func:`rebuild`: the skeleton is unpickled with each reference resolved to
+   its tensor, and modules are put in eval mode.
+
+Nothing here but step 1 needs Ray, so :func:`assemble` also serves buffers
+that reach a process some other way.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import io
+import pickle
+import sys
+import threading
+import weakref
+
+from . import _seal
+from ._device import Device, parse_device
+from .errors import NoCudaError
+from .weights import Weights, cuda_device_count
+
+__all__ = ["FRAMEWORKS", "open_sealed", "assemble", "materialize", "rebuild"]
+
+FRAMEWORKS = ("torch", "numpy", "jax")
+
+# -- 1. open ------------------------------------------------------------------
+# Opened buffers, per process, by object ID. Weak: the handle goes when no
+# load is in progress; tensors keep the buffer itself alive on their own.
+_opened: "weakref.WeakValueDictionary[tuple, Weights]" = weakref.WeakValueDictionary()
+_opened_lock = threading.Lock()
+
+
+def open_sealed(ref, write_protect: bool) -> Weights:
+    """The sealed object behind ``ref``, opened (once per process while in
+    use) and validated, its tensor pages read-only when ``write_protect``."""
+    key = (ref.hex(), write_protect)
+    with _opened_lock:
+        w = _opened.get(key)
+        if w is not None:
+            return w
+        import ray
+
+        try:
+            buffer = ray.get(ref)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFreedError, ray.exceptions.OwnerDiedError) as e:
+            raise RuntimeError(
+                f"the sealed weights (object {key[0]}) are no longer in Ray's object store ({type(e).__name__}); "
+                "the driver that created the wrapper must keep it (and Ray) alive while actors load it"
+            ) from e
+        w = Weights.from_buffer(buffer, write_protect=write_protect)
+        _opened[key] = w
+        return w
+
+
+# -- 2. check and assemble ----------------------------------------------------
+def assemble(weights: Weights, sealed: "_seal.Sealed", device="cpu", framework=None, fast: bool = False):
+    """Builds the pipeline described by ``sealed`` from its opened buffer."""
+    dev = parse_device(device)
+    if framework is not None and framework not in FRAMEWORKS:
+        raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
+    if framework not in (None, "torch") and _seal.TORCH_PARAM in sealed.kinds:
+        raise ValueError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
+    if len(weights) != len(sealed.kinds) or weights.header_digest() != sealed.header_digest:
+        raise RuntimeError(
+            f"the buffer ({len(weights)} tensors) is not the one this wrapper was sealed with "
+            f"({len(sealed.kinds)} tensors): its tensor table differs"
+        )
+    wrap = None
+    if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in sealed.kinds)):
+        from . import _torch
+
+        wrap = _torch.as_parameter
+    # Everything a load allocates stays alive, so a garbage collection during
+    # it finds nothing to free; with a large heap (torch imported) a full one
+    # can take longer than the load itself.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        tensors = materialize(weights, sealed.kinds, framework, dev, fast)
+        return rebuild(sealed.skeleton, tensors, wrap)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# -- 3. materialize -----------------------------------------------------------
+def _adapter(framework: str):
+    if framework == "torch":
+        from . import _torch as adapter
+    elif framework == "jax":
+        from . import _jax as adapter
+    else:
+        from . import _numpy as adapter
+    return adapter
+
+
+def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = False) -> list:
+    """Tensor ``i`` of ``weights`` as an array of its framework (or of
+    ``framework`` for all), for every ``i``.
+
+    On a GPU the whole buffer is uploaded once, before any framework adopts
+    its tensors: torch and JAX tensors of one pipeline share the allocation."""
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for i, kind in enumerate(kinds):
+        groups[framework or _seal.FRAMEWORK_OF[kind]].append(i)
+    if dev.kind != "cpu" and "numpy" in groups:
+        raise ValueError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
+    source = weights if dev.kind == "cpu" else upload(weights, dev)
+    out: list = [None] * len(kinds)
+    for fw, indices in groups.items():
+        for i, a in zip(indices, _adapter(fw).adopt(source, indices, fast)):
+            out[i] = a
+    return out
+
+
+def upload(weights: Weights, dev: Device):
+    """The buffer on GPU ``dev`` (one allocation), or an error that says what
+    to do."""
+    try:
+        count = cuda_device_count()
+    except NoCudaError as e:
+        count, why = 0, e.message
+    else:
+        why = f"this process sees {count} CUDA device(s)"
+    if dev.index >= count:
+        raise NoCudaError(
+            "RZC_NO_CUDA",
+            f"device {str(dev)!r} was requested, but this process sees no CUDA device {dev.index} ({why}). "
+            "On Ray, give the actor a GPU (num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'.",
+        )
+    return weights.upload(dev.index)
+
+
+# -- 4. rebuild ---------------------------------------------------------------
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, f, resolve):
+        super().__init__(f)
+        self._resolve = resolve
+
+    def persistent_load(self, pid):
+        return self._resolve(pid)
+
+
+def rebuild(skeleton: bytes, tensors: list, wrap_param) -> object:
+    """Unpickles ``skeleton`` with reference ``i`` resolved to ``tensors[i]``
+    (as a frozen ``nn.Parameter`` where it was one), then puts every module
+    in eval mode."""
+    params: dict[int, object] = {}
+
+    def resolve(pid):
+        i, kind = pid
+        if kind == _seal.TORCH_PARAM and wrap_param is not None:
+            p = params.get(i)
+            if p is None:
+                p = params[i] = wrap_param(tensors[i])
+            return p
+        return tensors[i]
+
+    obj = _Unpickler(io.BytesIO(skeleton), resolve).load()
+    for _, module in _seal.walk_modules(obj):
+        if any(m.training for m in module.modules()):
+            module.eval()
+    return obj
