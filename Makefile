@@ -15,7 +15,7 @@ FUZZ_SECONDS ?= 60
 TEST_FUZZ_SECONDS ?= 20
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo bench-actors test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python fuzz bench bench-core examples clean
+.PHONY: demo bench-actors bench-load test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python fuzz bench bench-core examples clean
 
 setup: venv native python
 
@@ -90,8 +90,13 @@ fuzz:
 demo: setup
 	$(VPY) examples/python/ray_data_demo.py
 
-bench: bench-core bench-actors
+bench: bench-core bench-actors bench-load
 	$(VPY) benchmarks/bench_guard.py
+
+# First load in a fresh actor: ours (guard on/off) beside ray-zerocopy 0.2.0
+# from PyPI and Ray's zero-copy flag, in one run.
+bench-load: setup
+	$(VPY) benchmarks/bench_load.py
 
 bench-core:
 	cargo bench -p rzc-core --bench core

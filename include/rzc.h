@@ -1116,6 +1116,23 @@ enum rzc_status rzc_weights_to_dlpack(const struct rzc_weights *w,
                                       struct DLManagedTensorVersioned **out);
 
 /**
+ * Exports the tensors `indices[0 .. indices_len)` as versioned DLPack
+ * tensors, as `rzc_weights_to_dlpack` does one: `tensors_out[k]` receives
+ * tensor `indices[k]`. One call for a whole model instead of one per tensor.
+ * All or nothing: on failure (an index out of range, a dtype DLPack cannot
+ * carry) no tensor is created and nothing is written.
+ *
+ * # Safety
+ * `w` is a live handle; `indices` points to `indices_len` indices and
+ * `tensors_out` has room for as many pointers (either may be NULL when
+ * `indices_len` is 0).
+ */
+enum rzc_status rzc_weights_to_dlpack_many(const struct rzc_weights *w,
+                                           const size_t *indices,
+                                           size_t indices_len,
+                                           struct DLManagedTensorVersioned **tensors_out);
+
+/**
  * Same as `rzc_weights_to_dlpack` in the legacy, unversioned form, for
  * consumers that only take it. The legacy form cannot say "read-only": the
  * consumer must not write through it.

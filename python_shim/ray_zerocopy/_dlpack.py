@@ -46,8 +46,10 @@ def _free_legacy(capsule):  # pragma: no cover - runs inside capsule dealloc
 
 
 def versioned_capsule(managed) -> object:
-    """Wraps a ``DLManagedTensorVersioned *`` (cffi pointer) in a capsule."""
-    return _api.PyCapsule_New(int(ffi.cast("uintptr_t", managed)), _VERSIONED, _free_versioned)
+    """Wraps a ``DLManagedTensorVersioned *`` (a cffi pointer, or its address
+    as an int) in a capsule."""
+    address = managed if isinstance(managed, int) else int(ffi.cast("uintptr_t", managed))
+    return _api.PyCapsule_New(address, _VERSIONED, _free_versioned)
 
 
 def legacy_capsule(managed) -> object:

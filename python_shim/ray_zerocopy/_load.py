@@ -19,6 +19,7 @@ that reach a process some other way.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import io
 import pickle
@@ -31,9 +32,43 @@ from ._device import Device, parse_device
 from .errors import NoCudaError
 from .weights import Weights, cuda_device_count
 
-__all__ = ["FRAMEWORKS", "open_sealed", "assemble", "materialize", "rebuild"]
+__all__ = ["FRAMEWORKS", "load", "open_sealed", "assemble", "materialize", "rebuild"]
 
 FRAMEWORKS = ("torch", "numpy", "jax")
+
+
+@contextlib.contextmanager
+def _no_collection():
+    """No garbage collection during a load, nor one due right after it.
+
+    A load allocates thousands of objects that all stay alive (the model), so
+    a collection during it finds nothing to free; in a fresh actor one is
+    usually due by then, and scanning the young objects (many of them, just
+    after imports) cost 1.3-1.6 ms of a 6 ms load. ``gc.freeze()`` followed
+    by ``gc.unfreeze()`` moves every live object to the oldest generation in
+    constant time, so the due collection has nothing young to scan; done
+    again at the end, the model's objects join the oldest generation too,
+    where they would end up anyway. The cost: garbage cycles that exist at
+    that moment are freed by the next full collection instead of a young
+    one."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    gc.freeze()
+    gc.unfreeze()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
+def load(ref, sealed: "_seal.Sealed", write_protect: bool, device, framework=None, fast: bool = False):
+    """What ``ActorWrapper.load`` does: open the sealed object behind
+    ``ref`` and assemble the pipeline ``sealed`` describes from it."""
+    with _no_collection():
+        return assemble(open_sealed(ref, write_protect), sealed, device, framework, fast)
 
 # -- 1. open ------------------------------------------------------------------
 # Opened buffers, per process, by object ID. Weak: the handle goes when no
@@ -77,22 +112,15 @@ def assemble(weights: Weights, sealed: "_seal.Sealed", device="cpu", framework=N
             f"the buffer ({len(weights)} tensors) is not the one this wrapper was sealed with "
             f"({len(sealed.kinds)} tensors): its tensor table differs"
         )
-    wrap = None
-    if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in sealed.kinds)):
-        from . import _torch
-
-        wrap = _torch.as_parameter
-    # Everything a load allocates stays alive, so a garbage collection during
-    # it finds nothing to free; with a large heap (torch imported) a full one
-    # can take longer than the load itself.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _no_collection():
         tensors = materialize(weights, sealed.kinds, framework, dev, fast)
-        return rebuild(sealed.skeleton, tensors, wrap)
-    finally:
-        if was_enabled:
-            gc.enable()
+        if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in sealed.kinds)):
+            from ._torch import as_parameter
+
+            # Frozen parameters where the pipeline had parameters (one object
+            # per reference, so tied parameters stay one parameter).
+            tensors = [as_parameter(t) if k == _seal.TORCH_PARAM else t for t, k in zip(tensors, sealed.kinds)]
+        return rebuild(sealed.skeleton, tensors, sealed.needs_eval)
 
 
 # -- 3. materialize -----------------------------------------------------------
@@ -144,32 +172,15 @@ def upload(weights: Weights, dev: Device):
 
 
 # -- 4. rebuild ---------------------------------------------------------------
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, f, resolve):
-        super().__init__(f)
-        self._resolve = resolve
-
-    def persistent_load(self, pid):
-        return self._resolve(pid)
-
-
-def rebuild(skeleton: bytes, tensors: list, wrap_param) -> object:
-    """Unpickles ``skeleton`` with reference ``i`` resolved to ``tensors[i]``
-    (as a frozen ``nn.Parameter`` where it was one), then puts every module
-    in eval mode."""
-    params: dict[int, object] = {}
-
-    def resolve(pid):
-        i, kind = pid
-        if kind == _seal.TORCH_PARAM and wrap_param is not None:
-            p = params.get(i)
-            if p is None:
-                p = params[i] = wrap_param(tensors[i])
-            return p
-        return tensors[i]
-
-    obj = _Unpickler(io.BytesIO(skeleton), resolve).load()
-    for _, module in _seal.walk_modules(obj):
-        if any(m.training for m in module.modules()):
-            module.eval()
+def rebuild(skeleton: bytes, objects: list, needs_eval: bool = True) -> object:
+    """Unpickles ``skeleton`` with reference ``i`` resolved to ``objects[i]``.
+    Sealing pickles modules in eval mode; ``needs_eval`` (some module could
+    not be) walks the result and switches every module to eval mode."""
+    unpickler = pickle.Unpickler(io.BytesIO(skeleton))
+    unpickler.persistent_load = lambda pid: objects[pid[0]]
+    obj = unpickler.load()
+    if needs_eval:
+        for _, module in _seal.walk_modules(obj):
+            if any(m.training for m in module.modules()):
+                module.eval()
     return obj

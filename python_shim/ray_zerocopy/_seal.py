@@ -40,14 +40,15 @@ class Sealed:
     modules: tuple  # imported when the wrapper arrives in a process
     nbytes: int  # size of the sealed buffer
     header_digest: bytes  # Weights.header_digest() of the sealed buffer
+    needs_eval: bool = False  # some module was pickled in training mode: switch after loading
 
 
-def _sealed(skeleton: bytes, kinds, buffer) -> Sealed:
+def _sealed(skeleton: bytes, kinds, buffer, needs_eval: bool = False) -> Sealed:
     with Weights.from_buffer(buffer) as w:
         if len(w) != len(kinds):
             raise AssertionError(f"packed {len(w)} tensors for {len(kinds)} references")
         digest = w.header_digest()
-    return Sealed(skeleton, tuple(kinds), referenced_modules(skeleton), int(buffer.nbytes), digest)
+    return Sealed(skeleton, tuple(kinds), referenced_modules(skeleton), int(buffer.nbytes), digest, needs_eval)
 
 
 def _adapters():
@@ -160,9 +161,23 @@ def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
 
     from ray import cloudpickle
 
+    torch = sys.modules.get("torch")
+    training_left = []  # modules pickled in training mode that we could not switch
+
     class _Pickler(cloudpickle.Pickler):
         def persistent_id(self, o):
             return persistent_id(o)
+
+        def reducer_override(self, o):
+            # Modules are pickled in eval mode, as load() returns them: the
+            # loaded pipeline needs no walk over its modules to switch them,
+            # and the caller's own modules stay as they are.
+            if torch is not None and isinstance(o, torch.nn.Module) and o.training:
+                rv = o.__reduce_ex__(self.proto)
+                if isinstance(rv, tuple) and len(rv) >= 3 and isinstance(rv[2], dict) and "training" in rv[2]:
+                    return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
+                training_left.append(o)
+            return super().reducer_override(o)
 
     f = io.BytesIO()
     try:
@@ -180,7 +195,7 @@ def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
             "held by something other than torch tensors, numpy or JAX arrays?)"
         )
     buffer = pack(inputs, metadata, guard_bytes=GUARD_BYTES)
-    return _sealed(f.getvalue(), kinds, buffer), buffer
+    return _sealed(f.getvalue(), kinds, buffer, needs_eval=bool(training_left)), buffer
 
 
 def referenced_modules(skeleton: bytes) -> tuple:

@@ -67,15 +67,19 @@ def adopt(source, indices, fast: bool = False) -> list:
     """Tensors ``indices`` of ``source`` (an opened buffer, or its upload to
     a GPU) as torch tensors, zero-copy.
 
-    Default: one DLPack export per tensor, our own capsules straight to torch
-    (a documented input of ``torch.from_dlpack``: the same DLPack tensors,
-    without the protocol negotiation a producer object costs per tensor).
-    ``fast`` (CPU): one export of the whole data section, each tensor a typed
-    view of it cut by the handle's table (one trip through the DLPack
-    machinery instead of one per tensor)."""
-    if isinstance(source, DeviceWeights) or not fast:
-        # An upload used the primary context torch uses and is complete.
+    Default: one DLPack tensor per torch tensor (each its own storage, so a
+    tensor sent elsewhere carries its own bytes only), all exported in one
+    native call, as our own capsules straight to torch (a documented input of
+    ``torch.from_dlpack``: the same DLPack tensors, without the protocol
+    negotiation a producer object costs per tensor). ``fast`` (CPU): one
+    export of the whole data section, each tensor a typed view of it cut by
+    the handle's table (all tensors then share one storage)."""
+    if isinstance(source, DeviceWeights):
+        # The upload used the primary context torch uses and is complete.
         return [torch.from_dlpack(versioned_capsule(source.export_versioned(i))) for i in indices]
+    if not fast:
+        from_dlpack = torch.from_dlpack
+        return [from_dlpack(versioned_capsule(a)) for a in source.export_versioned_many(indices)]
     section = torch.from_dlpack(source.data_section())
     start, table = source.data_start, source.table()
     out = []
@@ -86,8 +90,16 @@ def adopt(source, indices, fast: bool = False) -> list:
     return out
 
 
+_make_subclass = torch.Tensor._make_subclass
+
+
 def as_parameter(t):
-    return torch.nn.Parameter(t, requires_grad=False)
+    """``nn.Parameter(t, requires_grad=False)``: what its constructor does for
+    a plain tensor, without the constructor's Python overhead (a few hundred
+    parameters per load)."""
+    if type(t) is not torch.Tensor:
+        return torch.nn.Parameter(t, requires_grad=False)
+    return _make_subclass(torch.nn.Parameter, t, False)
 
 
 def named_tensors(module, prefix: str):

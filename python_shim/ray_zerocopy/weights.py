@@ -196,7 +196,7 @@ class Weights:
         """A digest of the header (the tensor table and metadata): two buffers
         with equal digests hold the same tensors at the same offsets."""
         header = ffi.buffer(ffi.cast("const char *", self._base), self._data_start)
-        return hashlib.blake2b(header, digest_size=16).digest()
+        return hashlib.sha256(header).digest()  # hardware-accelerated on current CPUs
 
     @property
     def data_start(self) -> int:
@@ -226,6 +226,15 @@ class Weights:
 
     def export_versioned(self, index: int):
         return export_checked(lib.rzc_weights_to_dlpack, self._live(), index, "DLManagedTensorVersioned")
+
+    def export_versioned_many(self, indices) -> list[int]:
+        """Tensors ``indices`` exported in one native call (all or none), as
+        the addresses of their ``DLManagedTensorVersioned``: each is owned by
+        the caller, who hands it to a capsule or calls its deleter."""
+        n = len(indices)
+        out = ffi.new("uintptr_t[]", n)
+        check(lib.rzc_weights_to_dlpack_many(self._live(), indices, n, ffi.cast("DLManagedTensorVersioned **", out)))
+        return ffi.unpack(out, n)
 
     def export_legacy(self, index: int):
         return export_checked(lib.rzc_weights_to_dlpack_legacy, self._live(), index, "DLManagedTensor")

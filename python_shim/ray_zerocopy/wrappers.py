@@ -109,9 +109,10 @@ class ActorWrapper:
         by default each comes back as the kind it was. Torch modules come back
         in eval mode with ``requires_grad=False``.
         """
-        return _load.assemble(
-            _load.open_sealed(self._ref, self.write_protect),
+        return _load.load(
+            self._ref,
             self._sealed,
+            self.write_protect,
             self.device if device is None else device,
             framework,
             self.use_fast_load,

@@ -37,6 +37,8 @@ def test_pipeline_loads_zero_copy_and_equal(ray_cluster, fast):
     params = list(loaded.encoder.parameters()) + list(loaded.heads["extra"][0].parameters())
     assert params and all(isinstance(p, torch.nn.Parameter) and not p.requires_grad for p in params)
     assert not loaded.encoder.training and not loaded.heads["extra"][0].training
+    # Pickled in eval mode (no walk at load); the caller's modules are untouched.
+    assert pipe.heads["extra"][0].training and not w._sealed.needs_eval
     # Persistent and non-persistent buffers come back.
     assert torch.equal(loaded.encoder.norm.running_var, pipe.encoder.norm.running_var)
     assert float(loaded.encoder.scale) == 0.5
@@ -208,7 +210,7 @@ def test_the_wrapper_carries_no_table_of_its_own(ray_cluster):
     object reference and the options."""
     w = ActorWrapper(Pipeline())
     assert set(vars(w)) == {"device", "use_fast_load", "write_protect", "_sealed", "_ref"}
-    assert set(vars(w._sealed)) == {"skeleton", "kinds", "modules", "nbytes", "header_digest"}
+    assert set(vars(w._sealed)) == {"skeleton", "kinds", "modules", "nbytes", "header_digest", "needs_eval"}
 
 
 def test_a_buffer_that_is_not_the_wrappers_is_refused(ray_cluster):

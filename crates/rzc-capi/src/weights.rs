@@ -367,6 +367,32 @@ pub unsafe extern "C" fn rzc_weights_to_dlpack(
     }
 }
 
+/// Exports the tensors `indices[0 .. indices_len)` as versioned DLPack
+/// tensors, as `rzc_weights_to_dlpack` does one: `tensors_out[k]` receives
+/// tensor `indices[k]`. One call for a whole model instead of one per tensor.
+/// All or nothing: on failure (an index out of range, a dtype DLPack cannot
+/// carry) no tensor is created and nothing is written.
+///
+/// # Safety
+/// `w` is a live handle; `indices` points to `indices_len` indices and
+/// `tensors_out` has room for as many pointers (either may be NULL when
+/// `indices_len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_to_dlpack_many(
+    w: *const rzc_weights,
+    indices: *const usize,
+    indices_len: usize,
+    tensors_out: *mut *mut DLManagedTensorVersioned,
+) -> rzc_status {
+    ffi_boundary! {
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { OutSlice::new(tensors_out, indices_len, "tensors_out")? };
+        let indices = unsafe { crate::handle::slice(indices, indices_len, "indices")? };
+        // As many tensors as `tensors_out` has room for: the write cannot fail.
+        out.write(h.weights.to_dlpack_many(indices)?.into_iter(), "tensors_out")
+    }
+}
+
 /// Same as `rzc_weights_to_dlpack` in the legacy, unversioned form, for
 /// consumers that only take it. The legacy form cannot say "read-only": the
 /// consumer must not write through it.

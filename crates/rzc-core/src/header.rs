@@ -46,33 +46,36 @@ pub struct Header {
 }
 
 #[derive(Deserialize)]
-struct RawTensor {
-    dtype: String,
+struct RawTensor<'a> {
+    /// Borrowed from the header text (dtype names have no escapes): no
+    /// allocation per tensor.
+    #[serde(borrow)]
+    dtype: std::borrow::Cow<'a, str>,
     shape: Vec<i64>,
     data_offsets: (u64, u64),
 }
 
-struct RawHeader {
-    tensors: Vec<(String, RawTensor)>,
+struct RawHeader<'a> {
+    tensors: Vec<(String, RawTensor<'a>)>,
     metadata: BTreeMap<String, String>,
 }
 
 // A visitor rather than a map type: a JSON object may repeat a key, and a
-// repeated tensor name must be an error, not a silent overwrite.
-impl<'de> Deserialize<'de> for RawHeader {
+// repeated tensor name must be an error (checked in `parse`), not a silent
+// overwrite.
+impl<'de: 'a, 'a> Deserialize<'de> for RawHeader<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawHeader;
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = RawHeader<'a>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object of tensor entries")
             }
             fn visit_map<A: MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> std::result::Result<RawHeader, A::Error> {
+            ) -> std::result::Result<RawHeader<'a>, A::Error> {
                 let mut tensors = Vec::new();
-                let mut seen = HashSet::new();
                 let mut metadata = None;
                 while let Some(key) = map.next_key::<String>()? {
                     if key == METADATA_KEY {
@@ -81,11 +84,6 @@ impl<'de> Deserialize<'de> for RawHeader {
                         }
                         metadata = Some(map.next_value::<BTreeMap<String, String>>()?);
                     } else {
-                        if !seen.insert(key.clone()) {
-                            return Err(de::Error::custom(format!(
-                                "tensor name {key:?} appears twice"
-                            )));
-                        }
                         let entry = map
                             .next_value::<RawTensor>()
                             .map_err(|e| de::Error::custom(format!("tensor {key:?}: {e}")))?;
@@ -98,7 +96,7 @@ impl<'de> Deserialize<'de> for RawHeader {
                 })
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V(std::marker::PhantomData))
     }
 }
 
@@ -158,6 +156,16 @@ pub fn parse(buf: &[u8]) -> Result<Header> {
         )
     })?;
 
+    let mut names = HashSet::with_capacity(raw.tensors.len());
+    for (name, _) in &raw.tensors {
+        if !names.insert(name.as_str()) {
+            fail!(
+                BadFormat,
+                "header is not a valid safetensors JSON header: tensor name {name:?} appears twice"
+            );
+        }
+    }
+    drop(names);
     let mut tensors = Vec::with_capacity(raw.tensors.len());
     let mut spans = Vec::with_capacity(raw.tensors.len());
     for (name, t) in raw.tensors {

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::dlpack::{
     self, DLDevice, DLDeviceType, DLManagedTensor, DLManagedTensorVersioned, TensorDesc,
@@ -76,7 +76,8 @@ impl Drop for Opened {
 pub struct Weights {
     storage: Storage,
     tensors: Vec<TensorMeta>,
-    by_name: HashMap<String, usize>,
+    /// Built on the first lookup by name: a load never needs it.
+    by_name: OnceLock<HashMap<String, usize>>,
     metadata: BTreeMap<String, String>,
     data_start: usize,
     data_end: usize,
@@ -134,15 +135,10 @@ impl Weights {
             .into_iter()
             .filter(|t| !t.name.starts_with(PAD_PREFIX))
             .collect();
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
         Weights {
             storage: owner,
             tensors,
-            by_name,
+            by_name: OnceLock::new(),
             metadata: header.metadata,
             data_start: header.data_start,
             data_end,
@@ -198,7 +194,14 @@ impl Weights {
 
     /// Index of the tensor called `name`.
     pub fn find(&self, name: &str) -> Result<usize> {
-        match self.by_name.get(name) {
+        let by_name = self.by_name.get_or_init(|| {
+            self.tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
+                .collect()
+        });
+        match by_name.get(name) {
             Some(&i) => Ok(i),
             None => fail!(NotFound, "no tensor named {name:?}"),
         }
@@ -246,6 +249,21 @@ impl Weights {
             &desc,
             dlpack::DLPACK_FLAG_BITMASK_READ_ONLY,
         ))
+    }
+
+    /// Exports tensors `indices` as [`Weights::to_dlpack`] does, all or none:
+    /// on an error no tensor is created.
+    pub fn to_dlpack_many(&self, indices: &[usize]) -> Result<Vec<*mut DLManagedTensorVersioned>> {
+        let descs = indices
+            .iter()
+            .map(|&i| self.cpu_desc(i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(descs
+            .into_iter()
+            .map(|(desc, owner)| {
+                dlpack::export_versioned(owner, &desc, dlpack::DLPACK_FLAG_BITMASK_READ_ONLY)
+            })
+            .collect())
     }
 
     /// Exports the whole data section (from the end of the header to the end

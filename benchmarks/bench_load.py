@@ -1,0 +1,406 @@
+"""First load of a model in a fresh Ray actor, four ways, in one run:
+
+  ours_on    ray_zerocopy.ActorWrapper(model) (write guard on, the default); wrapper.load() in the actor
+  ours_off   the same sealed object with write_protect=False
+  peer       ray-zerocopy 0.2.0 from PyPI: ModelWrapper.from_model(model, mode="actor"); wrapper.load()
+  ray_flag   Ray's RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1: ray.put(model); ray.get(ref) in the actor
+
+    python benchmarks/bench_load.py [--actors 8] [--out bench-results/load.json]
+
+The model: 64 blocks of two nn.Linear(1024, 1024) and an nn.LayerNorm(1024),
+plus an nn.Linear(1024, 16) head: 386 fp32 tensors, about 512 MiB. It is
+built once, in this process.
+
+Each load runs in a new actor, one actor at a time: the actor is created and
+made ready (its __init__ imports torch and the package; the wrapper argument
+is unpickled before the load method runs, as Ray does for any argument), then
+only the load call is timed with time.perf_counter inside the actor, then the
+actor is killed and its process waited for (tearing down a process that
+mapped the model must not overlap the next load). The ways take turns round by round (the order rotates), so
+drift hits all of them equally. A second load in the same actor is timed as
+well ("warm"). Every loaded model is checked: its output on a fixed input
+matches the original, and the pages of its parameters lie in Ray's shared
+memory (zero-copy), not in the actor's private memory.
+
+The peer package has the same import name (``ray_zerocopy``) as ours, so it
+is installed with ``pip install --no-deps --target bench-results/peer-site``
+(done here if missing) and only ever imported in Ray workers whose
+PYTHONPATH starts with that directory: its driver-side sealing runs in a
+helper actor (which owns the objects it puts), and its wrapper travels to the
+loading actors as an object reference this process never unpickles. Ray's
+flag is likewise set only in a helper actor that puts the model and in the
+loading actors of that way (it is read when a worker starts).
+
+Prints medians (min, max) per way, each way's ratio to the peer, and the
+median time Python's garbage collector ran inside the timed load (a
+collection that falls into a load is part of that load's cost); writes JSON
+to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+PEER_VERSION = "0.2.0"
+WAYS = ("ours_on", "ours_off", "peer", "ray_flag")
+FLAG = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
+_here = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- the model (module level: workers import this module to unpickle it) ----
+class Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, d: int = 1024, blocks: int = 64, classes: int = 16):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(blocks))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def build(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model = Net()
+        for p in model.parameters():  # LayerNorm starts at 1/0: give every tensor distinct values
+            p.normal_(0, 0.02)
+    return model.eval()
+
+
+def probe_input() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 1024, generator=g)
+
+
+def nbytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# -- in the actors --------------------------------------------------------
+def _private_kib() -> int:
+    """Private (unshared) memory of this process, from smaps_rollup."""
+    out = 0
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                out += int(line.split()[1])
+    return out
+
+
+def _mappings():
+    starts, rows = [], []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            starts.append(lo)
+            rows.append((lo, hi, parts[1], parts[5].strip() if len(parts) > 5 else ""))
+    return starts, rows
+
+
+def _where(model) -> dict:
+    """For every parameter: the mapping its data lies in (path, perms)."""
+    starts, rows = _mappings()
+    paths, perms = {}, {}
+    for p in model.parameters():
+        ptr = p.data_ptr()
+        i = bisect.bisect_right(starts, ptr) - 1
+        lo, hi, perm, path = rows[i] if i >= 0 else (0, 0, "?", "?")
+        if not lo <= ptr < hi:
+            path, perm = "?", "?"
+        key = path or "[anon]"
+        paths[key] = paths.get(key, 0) + 1
+        perms[perm] = perms.get(perm, 0) + 1
+    return {"mappings": paths, "perms": perms}
+
+
+class Loader:
+    """One per load; ``way`` says which package/flags this worker has."""
+
+    def __init__(self, way: str):
+        import torch  # noqa: F401
+
+        self.way = way
+        self.pkg_file = None
+        if way != "ray_flag":
+            import ray_zerocopy
+
+            self.pkg_file = ray_zerocopy.__file__
+
+    def ready(self) -> dict:
+        from ray._private import ray_constants
+
+        self.private_kib = _private_kib()  # read here, not next to the timed load
+        return {"pid": os.getpid(), "pkg_file": self.pkg_file, "flag": bool(ray_constants.RAY_ENABLE_ZERO_COPY_TORCH_TENSORS)}
+
+    @staticmethod
+    def _timed(fn):
+        """Runs ``fn``; returns its result, the ms it took, and the ms that
+        Python's cyclic garbage collector ran inside it (and in which
+        generations): a collection that falls into a load is part of it."""
+        events = []
+
+        def on_gc(phase, info):
+            events.append((time.perf_counter(), info["generation"]))
+
+        gc.callbacks.append(on_gc)
+        try:
+            t = time.perf_counter()
+            model = fn()
+            ms = (time.perf_counter() - t) * 1e3
+        finally:
+            gc.callbacks.remove(on_gc)
+        gc_ms = sum((b[0] - a[0]) * 1e3 for a, b in zip(events[::2], events[1::2]))
+        return model, ms, {"ms": gc_ms, "generations": [g for _, g in events[::2]]}
+
+    def load(self, wrapper) -> dict:
+        """ours_*, peer: ``wrapper`` arrives unpickled; ray_flag: ``[ref]``."""
+        if self.way == "ray_flag":
+            import ray
+
+            ref = wrapper[0]
+            fn = lambda: ray.get(ref)  # noqa: E731
+        else:
+            fn = wrapper.load
+        self.model, ms, gc_info = self._timed(fn)
+        grew = _private_kib() - self.private_kib
+        self.model2, warm_ms, warm_gc = self._timed(fn)  # a second load, the first still alive
+        return {"ms": ms, "gc": gc_info, "warm_ms": warm_ms, "warm_gc": warm_gc, "private_growth_kib": grew}
+
+    def check(self, expected) -> dict:
+        with torch.no_grad():
+            out = self.model(probe_input())
+        where = _where(self.model)
+        return {
+            "output_matches": bool(torch.allclose(out, expected, rtol=1e-5, atol=1e-6)),
+            "params": sum(1 for _ in self.model.parameters()),
+            "training": any(m.training for m in self.model.modules()),
+            **where,
+        }
+
+
+class PeerSealer:
+    """Seals the model with the peer package, in a worker that has it on its
+    PYTHONPATH; lives for the whole run because it owns the objects."""
+
+    def seal(self, model):
+        import ray
+        import ray_zerocopy
+
+        t = time.perf_counter()
+        w = ray_zerocopy.ModelWrapper.from_model(model, mode="actor")
+        ms = (time.perf_counter() - t) * 1e3
+        self.wrapper = w
+        # A nested ref: the driver must never unpickle the peer's classes.
+        return [ray.put(w)], ray_zerocopy.__file__, ms
+
+
+class FlagPutter:
+    """Puts the model with Ray's zero-copy torch flag on; owns the object."""
+
+    def put(self, model):
+        import ray
+        from ray._private import ray_constants
+
+        assert ray_constants.RAY_ENABLE_ZERO_COPY_TORCH_TENSORS, f"{FLAG} is not set in the putting worker"
+        t = time.perf_counter()
+        self.ref = ray.put(model)
+        ms = (time.perf_counter() - t) * 1e3
+        return [self.ref], ms
+
+
+# -- the driver -------------------------------------------------------------
+def ensure_peer(site: str) -> str:
+    if not os.path.isfile(os.path.join(site, "ray_zerocopy", "model_wrappers.py")):
+        os.makedirs(site, exist_ok=True)
+        subprocess.check_call(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, f"ray-zerocopy=={PEER_VERSION}"]
+        )
+    return site
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> None:
+    """Waits for a killed actor's process to exit (tearing down a process that
+    mapped the whole model takes a while; it must not overlap the next load)."""
+    end = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except OSError:
+            return
+        time.sleep(0.005)
+
+
+def summary(xs) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--actors", type=int, default=8, help="loads (fresh actors) per way")
+    ap.add_argument("--out", default="bench-results/load.json")
+    ap.add_argument("--peer-site", default="bench-results/peer-site")
+    args = ap.parse_args()
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.pop(FLAG, None)  # only the ray_flag helper and actors get it
+    # Workers import this module (the model's classes) and, by default, our
+    # package from wherever this process finds it.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PYTHONPATH")) if p)
+    peer_site = os.path.abspath(ensure_peer(args.peer_site))
+
+    import ray
+
+    import ray_zerocopy
+    from ray_zerocopy import ActorWrapper
+
+    ours_file = ray_zerocopy.__file__
+    assert not ours_file.startswith(peer_site)
+
+    model = build()
+    size = nbytes(model)
+    with torch.no_grad():
+        expected = model(probe_input())
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=int(5 * size + 2**30),  # ours, peer, flag, the copy for the helpers: no spilling
+    )
+    envs = {
+        # Every way gets a runtime_env, so every actor starts in a new worker process.
+        "ours_on": {"env_vars": {"RZC_BENCH_WAY": "ours"}},
+        "ours_off": {"env_vars": {"RZC_BENCH_WAY": "ours"}},
+        "peer": {"env_vars": {"RZC_BENCH_WAY": "peer", "PYTHONPATH": os.pathsep.join((peer_site, os.environ["PYTHONPATH"]))}},
+        "ray_flag": {"env_vars": {"RZC_BENCH_WAY": "ray_flag", FLAG: "1"}},
+    }
+
+    # Sealing, once per way.
+    t = time.perf_counter()
+    base = ActorWrapper(model)
+    seal_ms = {"ours": (time.perf_counter() - t) * 1e3}
+    wrappers = {"ours_on": base, "ours_off": copy.copy(base)}
+    wrappers["ours_off"].write_protect = False
+    model_ref = ray.put(model)  # for the helpers (ordinary pickling, no flag here)
+    sealer = ray.remote(num_cpus=0)(PeerSealer).options(runtime_env=envs["peer"]).remote()
+    putter = ray.remote(num_cpus=0)(FlagPutter).options(runtime_env=envs["ray_flag"]).remote()
+    (peer_box, peer_file, seal_ms["peer"]), (flag_box, seal_ms["ray_flag"]) = ray.get(
+        [sealer.seal.remote(model_ref), putter.put.remote(model_ref)]
+    )
+    del model_ref
+    assert peer_file.startswith(peer_site), f"the peer sealed with {peer_file}, not the package in {peer_site}"
+    wrappers["peer"] = peer_box[0]  # passed as a top-level argument: Ray unpickles it in the actor, before load
+    wrappers["ray_flag"] = flag_box  # [ref]: the actor calls ray.get itself, timed
+    print(f"model {size / 2**20:.0f} MiB in {sum(1 for _ in model.parameters())} tensors; ours: {ours_file}; peer: {peer_file}")
+
+    LoaderActor = ray.remote(num_cpus=0.5)(Loader)
+    loads = {w: [] for w in WAYS}
+    warm = {w: [] for w in WAYS}
+    growth = {w: [] for w in WAYS}
+    gcs = {w: [] for w in WAYS}
+    warm_gcs = {w: [] for w in WAYS}
+    checks = {}
+    for r in range(args.actors):
+        order = WAYS[r % len(WAYS):] + WAYS[: r % len(WAYS)]
+        for way in order:
+            actor = LoaderActor.options(runtime_env=envs[way]).remote(way)
+            info = ray.get(actor.ready.remote())
+            if way == "peer":
+                assert info["pkg_file"].startswith(peer_site), f"peer actor imported {info['pkg_file']}"
+            elif way.startswith("ours"):
+                assert info["pkg_file"] == ours_file, f"our actor imported {info['pkg_file']}, not {ours_file}"
+            assert info["flag"] == (way == "ray_flag"), f"{way}: {FLAG} is {info['flag']} in the actor"
+            res = ray.get(actor.load.remote(wrappers[way]))
+            loads[way].append(res["ms"])
+            warm[way].append(res["warm_ms"])
+            growth[way].append(res["private_growth_kib"])
+            gcs[way].append(res["gc"])
+            warm_gcs[way].append(res["warm_gc"])
+            c = ray.get(actor.check.remote(expected))
+            assert c["output_matches"], f"{way}: the loaded model's output differs"
+            shared = sum(n for path, n in c["mappings"].items() if "/dev/shm" in path or "plasma" in path)
+            assert shared == c["params"], f"{way}: parameters outside Ray's shared memory: {c['mappings']}"
+            assert res["private_growth_kib"] < size / 1024 / 4, f"{way}: the actor's private memory grew by {res['private_growth_kib']} KiB"
+            checks.setdefault(way, c)
+            ray.kill(actor)
+            wait_gone(info["pid"])
+
+    peer_med = statistics.median(loads["peer"])
+    print(f"\nfirst load in a fresh actor, ms, {args.actors} actors per way (one at a time):")
+    print(f"{'way':10} {'median':>9} {'min':>9} {'max':>9} {'vs peer':>8} {'gc in it':>9} {'warm 2nd':>9} {'gc in it':>9} {'private +MiB':>12}")
+    result = {
+        "model_bytes": size,
+        "tensors": sum(1 for _ in model.parameters()),
+        "actors_per_way": args.actors,
+        "ours_file": ours_file,
+        "peer_file": peer_file,
+        "peer_version": PEER_VERSION,
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "seal_ms": seal_ms,
+        "ways": {},
+    }
+    for way in WAYS:
+        s = summary(loads[way])
+        ratio = s["median"] / peer_med
+        wm = statistics.median(warm[way])
+        gm = statistics.median(growth[way]) / 1024
+        gcm = statistics.median(g["ms"] for g in gcs[way])
+        wgcm = statistics.median(g["ms"] for g in warm_gcs[way])
+        print(f"{way:10} {s['median']:9.2f} {s['min']:9.2f} {s['max']:9.2f} {ratio:8.3f} {gcm:9.2f} {wm:9.2f} {wgcm:9.2f} {gm:12.1f}")
+        result["ways"][way] = {
+            "load_ms": loads[way],
+            **s,
+            "ratio_to_peer": ratio,
+            "gc": gcs[way],
+            "gc_median_ms": gcm,
+            "warm_ms": warm[way],
+            "warm_median": wm,
+            "warm_gc": warm_gcs[way],
+            "warm_gc_median_ms": wgcm,
+            "private_growth_kib": growth[way],
+            "check": checks[way],
+        }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    # Run as the importable module `bench_load`, so that the model's and the
+    # actors' classes pickle by reference (workers import this file).
+    sys.path.insert(0, _here)
+    import bench_load
+
+    bench_load.main()
