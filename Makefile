@@ -15,7 +15,7 @@ FUZZ_SECONDS ?= 60
 TEST_FUZZ_SECONDS ?= 20
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo bench-actors bench-load test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python fuzz bench bench-core examples clean
+.PHONY: demo bench-actors bench-load test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python test-gpu fakecuda gpu-bundle fuzz bench bench-core examples clean
 
 setup: venv native python
 
@@ -36,7 +36,7 @@ fixtures: venv
 header:
 	RZC_BLESS_HEADER=1 cargo test -q -p rzc-capi --test header
 
-test: setup test-rust test-c test-python test-fuzz
+test: setup test-rust test-c test-python test-gpu test-fuzz
 	@echo "all tests passed"
 
 # `cargo test` links tests against the rlib only; the libloading tests need
@@ -115,4 +115,29 @@ python: venv native
 	$(VPY) -m pip install -q --force-reinstall --no-deps $$(ls -t $(BUILD)/wheels/ray_zerocopy-*.whl | head -1)
 
 test-python: python
-	$(VPY) -m pytest -q -rs tests/python tests/gpu
+	$(VPY) -m pytest -q -rs tests/python tests/hardware
+
+# The stand-in CUDA driver (a test double for CI: host memory, late copies,
+# fault injection, a resource log). See tests/fakecuda/README.md.
+FAKECUDA := $(BUILD)/fakecuda
+fakecuda:
+	bash tests/fakecuda/build.sh $(FAKECUDA)
+
+# The GPU tests on the stand-in driver: its self-test, the C caller, and
+# tests/gpu (every test, fault injection included).
+STANDIN := LD_LIBRARY_PATH=$(CURDIR)/$(FAKECUDA) RZC_FAKECUDA=$(CURDIR)/$(FAKECUDA)
+test-gpu: python fakecuda test-c
+	bash tests/fakecuda/run_selftest.sh $(FAKECUDA)
+	rm -f $(FAKECUDA)/c-log.jsonl $(FAKECUDA)/pytest-log.jsonl
+	# The driver (and dlopen) keep state for the life of the process: here only
+	# definite and indirect leaks are errors; the driver's log says whether
+	# any driver resource was left behind.
+	$(STANDIN) FAKECUDA_LOG=$(CURDIR)/$(FAKECUDA)/c-log.jsonl FAKECUDA_MEM_MB=256 \
+	  valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite,indirect $(BUILD)/test_rzc_c $(FIXTURES)
+	grep -q '"op": *"alloc"' $(FAKECUDA)/c-log.jsonl && grep -q '"leaks": *0' $(FAKECUDA)/c-log.jsonl
+	$(STANDIN) FAKECUDA_LOG=$(CURDIR)/$(FAKECUDA)/pytest-log.jsonl $(VPY) -m pytest -q -rs tests/gpu
+
+# The wheel in .gpu/, for tests/gpu/run_gpu_checks.sh on a GPU machine.
+gpu-bundle: python
+	rm -rf .gpu && mkdir -p .gpu
+	cp $$(ls -t $(BUILD)/wheels/ray_zerocopy-*.whl | head -1) .gpu/

@@ -375,6 +375,28 @@ typedef struct DLManagedTensor {
 #define RZC_STAGING_PAGEABLE 3
 
 /**
+ * Reported by `rzc_device_weights_info` only: this process copied nothing,
+ * it mapped memory another process uploaded (`RZC_SHARING_IMPORTED`).
+ */
+#define RZC_STAGING_NONE 4
+
+/**
+ * `rzc_device_info.sharing`: this process's own upload, shared with no one.
+ */
+#define RZC_SHARING_PRIVATE 0
+
+/**
+ * `rzc_device_info.sharing`: this process uploaded the shared allocation.
+ */
+#define RZC_SHARING_UPLOADED 1
+
+/**
+ * `rzc_device_info.sharing`: this process mapped the allocation another
+ * process uploaded (no copy).
+ */
+#define RZC_SHARING_IMPORTED 2
+
+/**
  * Flag of `rzc_open_options`: make the pages holding tensor data read-only
  * in this process while the buffer is open (any handle or tensor alive), so
  * that a write through a tensor faults in the writer instead of changing
@@ -596,6 +618,24 @@ typedef struct rzc_upload_options {
    * copy has completed when `rzc_device_weights_upload` returns.
    */
   void *stream;
+  /**
+   * Share one device allocation with every process of this user on this
+   * machine that uploads the same buffer under the same key (`share_key_len`
+   * bytes of UTF-8) to the same physical GPU; NULL for a private upload.
+   * Where sharing does not apply (no virtual memory management, another
+   * buffer under the key, ...) the upload is private and
+   * `rzc_device_info.note` says why.
+   */
+  const char *share_key;
+  /**
+   * Length of `share_key` in bytes.
+   */
+  size_t share_key_len;
+  /**
+   * Milliseconds to wait for another process's upload in progress under
+   * the same key before uploading privately; 0 = 30000.
+   */
+  uint32_t share_wait_ms;
 } rzc_upload_options;
 
 /**
@@ -621,14 +661,74 @@ typedef struct rzc_device_info {
    */
   int32_t ordinal;
   /**
-   * The `RZC_STAGING_*` mode that was used.
+   * The `RZC_STAGING_*` mode this process used (`RZC_STAGING_NONE` when
+   * it copied nothing).
    */
   uint32_t staging;
   /**
    * Seconds the upload took, allocation included.
    */
   double seconds;
+  /**
+   * Host-to-device copies the upload was planned as: 1 when the source's
+   * tensors lie 256 bytes apart (buffers this project packs), else one per
+   * tensor.
+   */
+  uint64_t copies;
+  /**
+   * One of `RZC_SHARING_*`.
+   */
+  uint32_t sharing;
+  /**
+   * 1 when the device maps the memory read-only in this process.
+   */
+  uint32_t read_only;
+  /**
+   * Why a requested share did not happen, `note_len` bytes of UTF-8 valid
+   * while the handle lives (empty when it did, or was not asked for).
+   */
+  const char *note;
+  /**
+   * Length of `note` in bytes.
+   */
+  size_t note_len;
 } rzc_device_info;
+
+/**
+ * One tensor of an upload. `name` points into the handle (valid until it is
+ * freed) and is not NUL-terminated: use `name_len`.
+ */
+typedef struct rzc_device_tensor_info {
+  /**
+   * Tensor name, `name_len` bytes of UTF-8.
+   */
+  const char *name;
+  /**
+   * Length of `name` in bytes.
+   */
+  size_t name_len;
+  /**
+   * Element type.
+   */
+  enum rzc_dtype dtype;
+  /**
+   * Number of dimensions.
+   */
+  uint32_t ndim;
+  /**
+   * `ndim` extents.
+   */
+  const int64_t *shape;
+  /**
+   * Device address of the first byte (a `CUdeviceptr`; host code cannot
+   * read it), 256-byte aligned.
+   */
+  uint64_t device_ptr;
+  /**
+   * Size in bytes.
+   */
+  uint64_t nbytes;
+} rzc_device_tensor_info;
 
 /**
  * A tensor to pack.
@@ -899,6 +999,30 @@ size_t rzc_device_weights_len(const struct rzc_device_weights *dev);
  */
 enum rzc_status rzc_device_weights_info(const struct rzc_device_weights *dev,
                                         struct rzc_device_info *out);
+
+/**
+ * Describes tensor `index` of the upload (same order as the source's table).
+ *
+ * # Safety
+ * `dev` is a live handle; `out` is valid for a write.
+ */
+enum rzc_status rzc_device_weights_get(const struct rzc_device_weights *dev,
+                                       size_t index,
+                                       struct rzc_device_tensor_info *out);
+
+/**
+ * Copies tensor `index` back into host memory `dst` of exactly its size
+ * (`rzc_device_weights_get`'s `nbytes`), synchronously: for checking what
+ * an upload wrote, and for debugging.
+ *
+ * # Safety
+ * `dev` is a live handle; `dst` points to `dst_len` writable bytes (may be
+ * NULL when `dst_len` is 0).
+ */
+enum rzc_status rzc_device_weights_read(const struct rzc_device_weights *dev,
+                                        size_t index,
+                                        uint8_t *dst,
+                                        size_t dst_len);
 
 /**
  * Exports tensor `index` (same order as the source's table) as a versioned

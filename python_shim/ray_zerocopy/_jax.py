@@ -1,6 +1,6 @@
 """JAX adapter: arrays come back through DLPack (legacy capsules, which JAX
 asks for); JAX adopts 64-byte aligned host memory without copying, and every
-tensor of a packed buffer is 64-byte aligned."""
+tensor of a sealed buffer is 256-byte aligned."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import gc
 import io
+import logging
 import pickle
 import sys
 import threading
@@ -35,6 +36,8 @@ from .weights import Weights, cuda_device_count
 __all__ = ["FRAMEWORKS", "load", "open_sealed", "assemble", "materialize", "rebuild"]
 
 FRAMEWORKS = ("torch", "numpy", "jax")
+
+log = logging.getLogger("ray_zerocopy")
 
 
 @contextlib.contextmanager
@@ -64,11 +67,14 @@ def _no_collection():
             gc.enable()
 
 
-def load(ref, sealed: "_seal.Sealed", write_protect: bool, device, framework=None, fast: bool = False):
+def load(ref, sealed: "_seal.Sealed", write_protect: bool, device, framework=None, fast: bool = False, share_gpu=True):
     """What ``ActorWrapper.load`` does: open the sealed object behind
-    ``ref`` and assemble the pipeline ``sealed`` describes from it."""
+    ``ref`` and assemble the pipeline ``sealed`` describes from it. On a GPU,
+    ``share_gpu`` shares one device copy among the processes on the node
+    that load this sealed object onto the same GPU (keyed by its object id)."""
     with _no_collection():
-        return assemble(open_sealed(ref, write_protect), sealed, device, framework, fast)
+        share = ref.hex() if share_gpu else None
+        return assemble(open_sealed(ref, write_protect), sealed, device, framework, fast, share)
 
 # -- 1. open ------------------------------------------------------------------
 # Opened buffers, per process, by object ID. Weak: the handle goes when no
@@ -100,8 +106,9 @@ def open_sealed(ref, write_protect: bool) -> Weights:
 
 
 # -- 2. check and assemble ----------------------------------------------------
-def assemble(weights: Weights, sealed: "_seal.Sealed", device="cpu", framework=None, fast: bool = False):
-    """Builds the pipeline described by ``sealed`` from its opened buffer."""
+def assemble(weights: Weights, sealed: "_seal.Sealed", device="cpu", framework=None, fast: bool = False, share=None):
+    """Builds the pipeline described by ``sealed`` from its opened buffer (on
+    a GPU, sharing the device copy under the key ``share`` when given)."""
     dev = parse_device(device)
     if framework is not None and framework not in FRAMEWORKS:
         raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
@@ -113,7 +120,7 @@ def assemble(weights: Weights, sealed: "_seal.Sealed", device="cpu", framework=N
             f"({len(sealed.kinds)} tensors): its tensor table differs"
         )
     with _no_collection():
-        tensors = materialize(weights, sealed.kinds, framework, dev, fast)
+        tensors = materialize(weights, sealed.kinds, framework, dev, fast, share)
         if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in sealed.kinds)):
             from ._torch import as_parameter
 
@@ -134,7 +141,7 @@ def _adapter(framework: str):
     return adapter
 
 
-def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = False) -> list:
+def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = False, share=None) -> list:
     """Tensor ``i`` of ``weights`` as an array of its framework (or of
     ``framework`` for all), for every ``i``.
 
@@ -145,7 +152,7 @@ def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = Fa
         groups[framework or _seal.FRAMEWORK_OF[kind]].append(i)
     if dev.kind != "cpu" and "numpy" in groups:
         raise ValueError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
-    source = weights if dev.kind == "cpu" else upload(weights, dev)
+    source = weights if dev.kind == "cpu" else upload(weights, dev, share)
     out: list = [None] * len(kinds)
     for fw, indices in groups.items():
         for i, a in zip(indices, _adapter(fw).adopt(source, indices, fast)):
@@ -153,9 +160,10 @@ def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = Fa
     return out
 
 
-def upload(weights: Weights, dev: Device):
-    """The buffer on GPU ``dev`` (one allocation), or an error that says what
-    to do."""
+def upload(weights: Weights, dev: Device, share=None):
+    """The buffer on GPU ``dev`` (one allocation, shared under the key
+    ``share`` with the other processes of this node that load it onto that
+    GPU), or an error that says what to do."""
     try:
         count = cuda_device_count()
     except NoCudaError as e:
@@ -168,7 +176,11 @@ def upload(weights: Weights, dev: Device):
             f"device {str(dev)!r} was requested, but this process sees no CUDA device {dev.index} ({why}). "
             "On Ray, give the actor a GPU (num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'.",
         )
-    return weights.upload(dev.index)
+    device_weights = weights.upload(dev.index, share=share)
+    note = device_weights.info()["note"] if share is not None else ""
+    if note:
+        log.warning("the device copy on %s is private to this process: %s", dev, note)
+    return device_weights
 
 
 # -- 4. rebuild ---------------------------------------------------------------

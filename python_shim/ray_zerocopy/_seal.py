@@ -24,6 +24,11 @@ from .weights import PackInput, Weights, pack
 # page each, so the write guard can protect every page holding weights
 # without touching memory outside the buffer.
 GUARD_BYTES = 4096
+# Every tensor starts at a multiple of 256 bytes: JAX adopts 64-byte aligned
+# host memory without copying, and with tensors 256 bytes apart the device
+# layout (256-byte aligned, for cuBLAS) is the host layout, so an upload is
+# one contiguous copy. It costs at most 255 bytes of padding per tensor.
+ALIGNMENT = 256
 
 TORCH, TORCH_PARAM, NUMPY, JAX = "torch", "torch.param", "numpy", "jax"
 FRAMEWORK_OF = {TORCH: "torch", TORCH_PARAM: "torch", NUMPY: "numpy", JAX: "jax"}
@@ -122,6 +127,20 @@ def _names(obj, adapters) -> dict[int, str]:
     return names
 
 
+def _base_pickler():
+    """Ray's cloudpickle (what Ray uses for actor arguments: classes and
+    functions defined in ``__main__`` pickle by value); without Ray (a GPU
+    check machine has none), the standalone cloudpickle, else plain pickle."""
+    try:
+        from ray import cloudpickle
+    except ImportError:
+        try:
+            import cloudpickle
+        except ImportError:
+            return pickle.Pickler
+    return cloudpickle.Pickler
+
+
 def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
     """Packs every tensor/array reachable from ``obj`` and pickles the rest:
     the description a wrapper carries, and the buffer to put in the store."""
@@ -159,12 +178,10 @@ def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
         keep.extend((o, alive))
         return (len(inputs) - 1, kind)
 
-    from ray import cloudpickle
-
     torch = sys.modules.get("torch")
     training_left = []  # modules pickled in training mode that we could not switch
 
-    class _Pickler(cloudpickle.Pickler):
+    class _Pickler(_base_pickler()):
         def persistent_id(self, o):
             return persistent_id(o)
 
@@ -177,7 +194,8 @@ def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
                 if isinstance(rv, tuple) and len(rv) >= 3 and isinstance(rv[2], dict) and "training" in rv[2]:
                     return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
                 training_left.append(o)
-            return super().reducer_override(o)
+            base = getattr(super(), "reducer_override", None)
+            return base(o) if base is not None else NotImplemented
 
     f = io.BytesIO()
     try:
@@ -194,7 +212,7 @@ def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
             "the pipeline holds no tensors or arrays to share (is it an empty model, or are its weights "
             "held by something other than torch tensors, numpy or JAX arrays?)"
         )
-    buffer = pack(inputs, metadata, guard_bytes=GUARD_BYTES)
+    buffer = pack(inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
     return _sealed(f.getvalue(), kinds, buffer, needs_eval=bool(training_left)), buffer
 
 
@@ -237,7 +255,7 @@ class _Ref:
 
 
 def seal_file(path, kind: str) -> tuple[Sealed, "np.ndarray"]:
-    """Re-packs a safetensors file (64-byte aligned, guard pages) and makes a
+    """Re-packs a safetensors file (256-byte aligned, guard pages) and makes a
     skeleton that loads as ``{name: tensor}``."""
     src = Weights.open_file(path)
     infos = src.table()
@@ -246,7 +264,7 @@ def seal_file(path, kind: str) -> tuple[Sealed, "np.ndarray"]:
     inputs = [PackInput(i.name, DTYPE_CODES[i.dtype], i.shape, src.address + i.offset, i.nbytes) for i in infos]
     if not inputs:
         raise ValueError(f"{path} holds no tensors")
-    buffer = pack(inputs, src.metadata, guard_bytes=GUARD_BYTES)
+    buffer = pack(inputs, src.metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
     src.close()
 
     class _Pickler(pickle.Pickler):

@@ -240,16 +240,43 @@ class Weights:
         return export_checked(lib.rzc_weights_to_dlpack_legacy, self._live(), index, "DLManagedTensor")
 
     # CUDA -----------------------------------------------------------------
-    def upload(self, ordinal: int = 0, *, staging: str = "auto", chunk_bytes: int = 0, threads: int = 0) -> "DeviceWeights":
+    def upload(
+        self,
+        ordinal: int = 0,
+        *,
+        staging: str = "auto",
+        chunk_bytes: int = 0,
+        threads: int = 0,
+        share: str | None = None,
+        share_wait: float = 30.0,
+    ) -> "DeviceWeights":
         """Copies every tensor to CUDA device ``ordinal`` in ONE allocation in
         the device's primary context (shared with torch, JAX and CuPy), each
         at a 256-byte aligned offset. ``staging``: ``"auto"`` (register the
         source with the driver, else pinned bounce buffers), ``"register"``,
-        ``"pinned"`` or ``"pageable"``. The copy is complete on return."""
+        ``"pinned"`` or ``"pageable"``. The copy is complete on return.
+
+        ``share``: processes of this user on this machine that upload the
+        same buffer under the same key to the same physical GPU share ONE
+        allocation: the first uploads, the others map it (no copy, no second
+        copy in device memory), read-only where the device allows it. A loader
+        waits up to ``share_wait`` seconds for an upload in progress. Where
+        sharing does not apply the upload is private and
+        ``info()["note"]`` says why."""
         modes = {"auto": 0, "register": 1, "pinned": 2, "pageable": 3}
         if staging not in modes:
             raise ValueError(f"staging {staging!r} is not one of {sorted(modes)}")
-        opts = _new("rzc_upload_options", chunk_nbytes=chunk_bytes, staging=modes[staging], threads=threads)
+        key = share.encode("utf-8") if share is not None else b""
+        key_buf = ffi.new("char[]", key)  # alive until the call returns
+        opts = _new(
+            "rzc_upload_options",
+            chunk_nbytes=chunk_bytes,
+            staging=modes[staging],
+            threads=threads,
+            share_key=key_buf if share is not None else ffi.NULL,
+            share_key_len=len(key),
+            share_wait_ms=max(1, int(share_wait * 1000)),
+        )
         out = ffi.new("rzc_device_weights **")
         check(lib.rzc_device_weights_upload(self._live(), ordinal, opts, out))
         return DeviceWeights(out[0])
@@ -262,7 +289,8 @@ def cuda_device_count() -> int:
     return out[0]
 
 
-_STAGING_NAMES = {0: "auto", 1: "register", 2: "pinned", 3: "pageable"}
+_STAGING_NAMES = {0: "auto", 1: "register", 2: "pinned", 3: "pageable", 4: "none"}
+_SHARING_NAMES = {0: "private", 1: "uploaded", 2: "imported"}
 
 
 class DeviceWeights:
@@ -279,7 +307,12 @@ class DeviceWeights:
         return lib.rzc_device_weights_len(self._handle)
 
     def info(self) -> dict:
-        """Allocation address and size, ordinal, staging used, seconds taken."""
+        """Allocation address and size, ordinal, the staging this process
+        used (``"none"`` when it imported another's upload), seconds taken,
+        how many host-to-device copies it was planned as (1: one contiguous
+        copy), ``sharing`` (``"private"``, ``"uploaded"``, ``"imported"``),
+        whether the device maps it ``read_only``, and the ``note`` saying why
+        a requested share did not happen."""
         i = _new("rzc_device_info")
         check(lib.rzc_device_weights_info(self._handle, i))
         return {
@@ -288,7 +321,26 @@ class DeviceWeights:
             "ordinal": i.ordinal,
             "staging": _STAGING_NAMES.get(i.staging, str(i.staging)),
             "seconds": i.seconds,
+            "copies": i.copies,
+            "sharing": _SHARING_NAMES.get(i.sharing, str(i.sharing)),
+            "read_only": bool(i.read_only),
+            "note": ffi.unpack(i.note, i.note_len).decode("utf-8", "replace") if i.note_len else "",
         }
+
+    def data_ptr(self, index: int) -> int:
+        """Device address of tensor ``index`` (a ``CUdeviceptr``)."""
+        t = ffi.new("rzc_device_tensor_info *")
+        check(lib.rzc_device_weights_get(self._handle, index, t))
+        return t.device_ptr
+
+    def read(self, index: int) -> np.ndarray:
+        """A host copy of tensor ``index``'s bytes (``uint8``), read back from
+        the device: for checking what an upload wrote."""
+        t = ffi.new("rzc_device_tensor_info *")
+        check(lib.rzc_device_weights_get(self._handle, index, t))
+        out = np.empty(t.nbytes, dtype=np.uint8)
+        check(lib.rzc_device_weights_read(self._handle, index, ffi.from_buffer("uint8_t[]", out), out.nbytes))
+        return out
 
     def dlpack(self, index: int) -> DLPackTensor:
         """Tensor ``index`` as a kDLCUDA DLPack producer (torch, JAX, CuPy)."""

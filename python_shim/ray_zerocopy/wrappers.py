@@ -37,14 +37,20 @@ class ActorWrapper:
     (default on): in each process that loads, the pages holding the weights
     are read-only, so an in-place write through a loaded tensor kills the
     writing actor instead of silently changing the weights every actor
-    shares.
+    shares. ``share_gpu`` (default on): on a GPU, the actors of a node that
+    load onto the same GPU share ONE device copy of the weights (the first
+    uploads, the others map it); where the device cannot share, each actor
+    uploads its own and a warning says why.
     """
 
-    def __init__(self, pipeline, device="cpu", use_fast_load: bool = False, *, write_protect: bool = True, metadata=None):
+    def __init__(
+        self, pipeline, device="cpu", use_fast_load: bool = False, *, write_protect: bool = True, share_gpu: bool = True, metadata=None
+    ):
         ray = _require_ray()
         self.device = str(parse_device(device))
         self.use_fast_load = bool(use_fast_load)
         self.write_protect = bool(write_protect)
+        self.share_gpu = bool(share_gpu)
         self._put(ray, *_seal.seal(pipeline, metadata))
 
     def _put(self, ray, sealed: "_seal.Sealed", buffer) -> None:
@@ -56,7 +62,7 @@ class ActorWrapper:
 
     @classmethod
     def from_safetensors(
-        cls, path, device="cpu", use_fast_load: bool = False, framework: str = "torch", *, write_protect: bool = True
+        cls, path, device="cpu", use_fast_load: bool = False, framework: str = "torch", *, write_protect: bool = True, share_gpu: bool = True
     ) -> "ActorWrapper":
         """Seals an existing safetensors file (e.g. a Hugging Face checkpoint);
         ``load()`` returns ``{name: tensor}`` of ``framework``."""
@@ -67,6 +73,7 @@ class ActorWrapper:
         self.device = str(parse_device(device))
         self.use_fast_load = bool(use_fast_load)
         self.write_protect = bool(write_protect)
+        self.share_gpu = bool(share_gpu)
         kind = {"torch": _seal.TORCH, "numpy": _seal.NUMPY, "jax": _seal.JAX}[framework]
         self._put(ray, *_seal.seal_file(path, kind))
         return self
@@ -96,7 +103,8 @@ class ActorWrapper:
     def __repr__(self) -> str:
         return (
             f"ActorWrapper({self.num_tensors} tensors, {self.nbytes / 2**20:.1f} MiB sealed, "
-            f"device={self.device!r}, use_fast_load={self.use_fast_load}, write_protect={self.write_protect})"
+            f"device={self.device!r}, use_fast_load={self.use_fast_load}, write_protect={self.write_protect}, "
+            f"share_gpu={self.share_gpu})"
         )
 
     # ------------------------------------------------------------------
@@ -116,6 +124,7 @@ class ActorWrapper:
             self.device if device is None else device,
             framework,
             self.use_fast_load,
+            self.share_gpu,
         )
 
     def as_udf(self, predict_fn, *, device=None, framework: str | None = None):
@@ -190,9 +199,13 @@ class TaskWrapper:
     loaded it already reuses it) and return the result. ``ray_options``
     (``num_cpus``, ``num_gpus``, ...) go to every task."""
 
-    def __init__(self, pipeline, device="cpu", use_fast_load: bool = False, *, write_protect: bool = True, **ray_options):
+    def __init__(
+        self, pipeline, device="cpu", use_fast_load: bool = False, *, write_protect: bool = True, share_gpu: bool = True, **ray_options
+    ):
         ray = _require_ray()
-        self._wrapper = ActorWrapper(pipeline, device=device, use_fast_load=use_fast_load, write_protect=write_protect)
+        self._wrapper = ActorWrapper(
+            pipeline, device=device, use_fast_load=use_fast_load, write_protect=write_protect, share_gpu=share_gpu
+        )
         # One small object the tasks resolve, instead of the skeleton in every call.
         self._wrapper_ref = ray.put(self._wrapper)
         self._options = ray_options

@@ -247,9 +247,43 @@ static void test_device(const char *dir) {
     CHECK(s == RZC_OK && count >= 0);
     if (count > 0) {
       CHECK(rzc_device_weights_upload(w, count, NULL, &dev) == RZC_BAD_DEVICE);
-      CHECK(rzc_device_weights_upload(w, 0, NULL, &dev) == RZC_OK);
+      rzc_upload_options opts = {.struct_nbytes = sizeof(rzc_upload_options), .staging = RZC_STAGING_PINNED};
+      CHECK(rzc_device_weights_upload(w, 0, &opts, &dev) == RZC_OK);
       CHECK(rzc_device_weights_len(dev) == rzc_weights_len(w));
-      rzc_device_weights_free(dev);
+      rzc_device_info info = {.struct_nbytes = sizeof(rzc_device_info)};
+      CHECK(rzc_device_weights_info(dev, &info) == RZC_OK);
+      CHECK(info.staging == RZC_STAGING_PINNED && info.ordinal == 0 && info.nbytes > 0);
+      /* Every tensor reads back as the source has it, from a 256-byte
+       * aligned place in the one allocation. */
+      for (size_t i = 0; i < rzc_weights_len(w); i++) {
+        rzc_tensor_info host;
+        rzc_device_tensor_info d;
+        CHECK(rzc_weights_get(w, i, &host) == RZC_OK);
+        CHECK(rzc_device_weights_get(dev, i, &d) == RZC_OK);
+        CHECK(d.nbytes == host.nbytes && d.device_ptr >= info.device_ptr && (d.device_ptr - info.device_ptr) % 256 == 0);
+        uint8_t *back = malloc(d.nbytes + 1);
+        CHECK(rzc_device_weights_read(dev, i, back, (size_t)d.nbytes) == RZC_OK);
+        CHECK(memcmp(back, host.data, (size_t)d.nbytes) == 0);
+        CHECK(rzc_device_weights_read(dev, i, back, (size_t)d.nbytes + 1) == RZC_INVALID_ARGUMENT);
+        free(back);
+      }
+      /* Shared under a key: a second upload in this process maps the first. */
+      rzc_upload_options shared = {.struct_nbytes = sizeof(rzc_upload_options), .share_key = "c-test", .share_key_len = 6};
+      rzc_device_weights *s1 = NULL, *s2 = NULL;
+      CHECK(rzc_device_weights_upload(w, 0, &shared, &s1) == RZC_OK);
+      CHECK(rzc_device_weights_upload(w, 0, &shared, &s2) == RZC_OK);
+      rzc_device_info i1 = {.struct_nbytes = sizeof(rzc_device_info)}, i2 = i1;
+      CHECK(rzc_device_weights_info(s1, &i1) == RZC_OK && rzc_device_weights_info(s2, &i2) == RZC_OK);
+      if (i1.sharing == RZC_SHARING_PRIVATE) printf("sharing did not apply: %.*s\n", (int)i1.note_len, i1.note);
+      CHECK(i1.sharing == RZC_SHARING_UPLOADED && i1.note_len == 0);
+      CHECK(i2.device_ptr == i1.device_ptr);
+      rzc_device_weights_free(s1);
+      rzc_device_weights_free(s2);
+      DLManagedTensorVersioned *t = NULL;
+      CHECK(rzc_device_weights_to_dlpack(dev, 0, &t) == RZC_OK);
+      rzc_device_weights_free(dev); /* t keeps the allocation */
+      CHECK(t->dl_tensor.device.device_type == kDLCUDA && (t->flags & DLPACK_FLAG_BITMASK_IS_COPIED));
+      t->deleter(t);
     }
   }
   CHECK(rzc_cuda_count_devices(NULL) == RZC_NULL_ARGUMENT);

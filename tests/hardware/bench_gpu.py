@@ -10,7 +10,7 @@ Figures, all in this run on this GPU:
   ``safetensors.torch.load_file(device="cuda")``;
 - device memory used vs model bytes.
 
-    python tests/gpu/bench_gpu.py [--size-gb 2.5] [--out DIR]
+    python tests/hardware/bench_gpu.py [--size-gb 2.5] [--out DIR]
 """
 
 import argparse
@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import shared_buffer  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gpu"))
+from common import shared_buffer  # noqa: E402
 
 import ray_zerocopy as rzc  # noqa: E402
 from ray_zerocopy import _seal  # noqa: E402

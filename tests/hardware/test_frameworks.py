@@ -1,7 +1,9 @@
-"""The CUDA path on a real GPU: uploads are bit-exact for every dtype, land in
-one allocation, frameworks adopt the tensors, freeing order is safe, errors
-are statuses. The source buffer lives in shared memory, standing in for
-Ray's object store (no Ray on the GPU machine)."""
+"""The CUDA path on a real GPU, as frameworks see it: torch, JAX and CuPy
+adopt uploaded tensors (every dtype, one allocation), a model gives the
+outputs `.to("cuda")` gives, freeing order is safe, a pipeline of torch and
+JAX tensors uploads once. The source buffer lives in shared memory, standing
+in for Ray's object store (no Ray on the GPU machine). The library's own
+device code is tested in tests/gpu, on the stand-in driver as well."""
 
 import gc
 
@@ -11,7 +13,6 @@ import torch
 
 import ray_zerocopy as rzc
 from ray_zerocopy import _load, _seal
-from ray_zerocopy.weights import cuda_device_count
 
 DTYPES = [
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
@@ -36,7 +37,7 @@ def sample():
 
 
 @pytest.mark.parametrize("staging", ["auto", "register", "pinned", "pageable"])
-def test_every_dtype_bit_for_bit(shm, staging):
+def test_torch_adopts_every_dtype_bit_for_bit(shm, staging):
     tensors = sample()
     _, w = sealed(tensors, shm, staging)
     dev = w.upload(0, staging=staging, chunk_bytes=1 << 16)  # small chunks: many pieces
@@ -50,14 +51,6 @@ def test_every_dtype_bit_for_bit(shm, staging):
         if t.numel():
             assert lo <= t.data_ptr() < hi and (t.data_ptr() - lo) % 256 == 0, "inside the one allocation, 256-aligned"
         assert torch.equal(t.cpu().reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), name
-
-
-def test_device_memory_is_model_plus_padding(shm):
-    tensors = {f"w{i}": torch.randn(1000 + i) for i in range(50)}
-    _, w = sealed(tensors, shm, "mem")
-    payload = sum(t.numel() * 4 for t in tensors.values())
-    dev = w.upload(0)
-    assert payload <= dev.info()["nbytes"] <= payload + 256 * len(tensors)
 
 
 def test_model_outputs_equal_to_dot_cuda(shm):
@@ -102,15 +95,6 @@ def test_freeing_order_is_safe(shm):
     gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.mem_get_info()[0] >= free0 - (1 << 20), "the allocation is freed with its last tensor"
-
-
-def test_errors_are_statuses(shm):
-    _, w = sealed({"a": torch.ones(4)}, shm, "err")
-    with pytest.raises(rzc.NoCudaError, match="out of range") as e:
-        w.upload(cuda_device_count())
-    assert e.value.status == "RZC_BAD_DEVICE"
-    with pytest.raises(ValueError, match="staging"):
-        w.upload(0, staging="teleport")
 
 
 def test_torch_and_jax_tensors_of_one_pipeline_share_one_upload(shm, monkeypatch):

@@ -1,10 +1,11 @@
 //! `rzc_device_weights`: an opened buffer's tensors uploaded to one CUDA
 //! device allocation.
 
-use std::ffi::c_void;
+use std::ffi::{c_char, c_void};
 
 use rzc_core::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
-use rzc_cuda::{DeviceWeights, Staging, UploadOptions};
+use rzc_core::Dtype;
+use rzc_cuda::{DeviceWeights, ShareOptions, Sharing, Staging, UploadOptions};
 
 use crate::handle::{read_options, Extensible, Handle, Out, OutExtensible};
 use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
@@ -19,6 +20,17 @@ pub const RZC_STAGING_REGISTER: u32 = 1;
 pub const RZC_STAGING_PINNED: u32 = 2;
 /// Copy straight from pageable memory (slow; for comparison).
 pub const RZC_STAGING_PAGEABLE: u32 = 3;
+/// Reported by `rzc_device_weights_info` only: this process copied nothing,
+/// it mapped memory another process uploaded (`RZC_SHARING_IMPORTED`).
+pub const RZC_STAGING_NONE: u32 = 4;
+
+/// `rzc_device_info.sharing`: this process's own upload, shared with no one.
+pub const RZC_SHARING_PRIVATE: u32 = 0;
+/// `rzc_device_info.sharing`: this process uploaded the shared allocation.
+pub const RZC_SHARING_UPLOADED: u32 = 1;
+/// `rzc_device_info.sharing`: this process mapped the allocation another
+/// process uploaded (no copy).
+pub const RZC_SHARING_IMPORTED: u32 = 2;
 
 /// Options of `rzc_device_weights_upload`. Initialise as
 /// `rzc_upload_options o = {.struct_nbytes = sizeof(rzc_upload_options)};`
@@ -37,6 +49,18 @@ pub struct rzc_upload_options {
     /// A `CUstream` to copy on, or NULL for a private one. Either way the
     /// copy has completed when `rzc_device_weights_upload` returns.
     pub stream: *mut c_void,
+    /// Share one device allocation with every process of this user on this
+    /// machine that uploads the same buffer under the same key (`share_key_len`
+    /// bytes of UTF-8) to the same physical GPU; NULL for a private upload.
+    /// Where sharing does not apply (no virtual memory management, another
+    /// buffer under the key, ...) the upload is private and
+    /// `rzc_device_info.note` says why.
+    pub share_key: *const c_char,
+    /// Length of `share_key` in bytes.
+    pub share_key_len: usize,
+    /// Milliseconds to wait for another process's upload in progress under
+    /// the same key before uploading privately; 0 = 30000.
+    pub share_wait_ms: u32,
 }
 
 // SAFETY: all-zero is valid (defaults, NULL stream); the first field is
@@ -59,10 +83,45 @@ pub struct rzc_device_info {
     pub nbytes: u64,
     /// Device ordinal.
     pub ordinal: i32,
-    /// The `RZC_STAGING_*` mode that was used.
+    /// The `RZC_STAGING_*` mode this process used (`RZC_STAGING_NONE` when
+    /// it copied nothing).
     pub staging: u32,
     /// Seconds the upload took, allocation included.
     pub seconds: f64,
+    /// Host-to-device copies the upload was planned as: 1 when the source's
+    /// tensors lie 256 bytes apart (buffers this project packs), else one per
+    /// tensor.
+    pub copies: u64,
+    /// One of `RZC_SHARING_*`.
+    pub sharing: u32,
+    /// 1 when the device maps the memory read-only in this process.
+    pub read_only: u32,
+    /// Why a requested share did not happen, `note_len` bytes of UTF-8 valid
+    /// while the handle lives (empty when it did, or was not asked for).
+    pub note: *const c_char,
+    /// Length of `note` in bytes.
+    pub note_len: usize,
+}
+
+/// One tensor of an upload. `name` points into the handle (valid until it is
+/// freed) and is not NUL-terminated: use `name_len`.
+#[repr(C)]
+pub struct rzc_device_tensor_info {
+    /// Tensor name, `name_len` bytes of UTF-8.
+    pub name: *const c_char,
+    /// Length of `name` in bytes.
+    pub name_len: usize,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Number of dimensions.
+    pub ndim: u32,
+    /// `ndim` extents.
+    pub shape: *const i64,
+    /// Device address of the first byte (a `CUdeviceptr`; host code cannot
+    /// read it), 256-byte aligned.
+    pub device_ptr: u64,
+    /// Size in bytes.
+    pub nbytes: u64,
 }
 
 // SAFETY: all-zero is valid (plain numbers); the first field is
@@ -131,6 +190,11 @@ pub unsafe extern "C" fn rzc_device_weights_upload(
                 other => return Err(Failure::new(RZC_INVALID_ARGUMENT, format!("unknown staging mode {other}"))),
             };
             opts.stream = o.stream.cast();
+            if !o.share_key.is_null() || o.share_key_len != 0 {
+                let key = unsafe { crate::handle::str_n(o.share_key, o.share_key_len, "share_key")? };
+                let wait_ms = if o.share_wait_ms == 0 { 30_000 } else { o.share_wait_ms };
+                opts.share = Some(ShareOptions { key: key.to_owned(), wait: std::time::Duration::from_millis(wait_ms.into()) });
+            }
         }
         let dev = rzc_cuda::upload(&w.weights, ordinal, &opts)?;
         out.write(rzc_device_weights::into_raw(dev))
@@ -165,10 +229,16 @@ pub unsafe extern "C" fn rzc_device_weights_info(
         let d = unsafe { rzc_device_weights::borrow(dev, "dev")? };
         let out = unsafe { OutExtensible::new(out, "out")? };
         let staging = match d.staging() {
-            Staging::Auto => RZC_STAGING_AUTO,
-            Staging::Register => RZC_STAGING_REGISTER,
-            Staging::Pinned => RZC_STAGING_PINNED,
-            Staging::Pageable => RZC_STAGING_PAGEABLE,
+            None => RZC_STAGING_NONE,
+            Some(Staging::Auto) => RZC_STAGING_AUTO,
+            Some(Staging::Register) => RZC_STAGING_REGISTER,
+            Some(Staging::Pinned) => RZC_STAGING_PINNED,
+            Some(Staging::Pageable) => RZC_STAGING_PAGEABLE,
+        };
+        let sharing = match d.sharing() {
+            Sharing::Private => RZC_SHARING_PRIVATE,
+            Sharing::Uploaded => RZC_SHARING_UPLOADED,
+            Sharing::Imported => RZC_SHARING_IMPORTED,
         };
         out.write(rzc_device_info {
             struct_nbytes: std::mem::size_of::<rzc_device_info>(),
@@ -177,7 +247,69 @@ pub unsafe extern "C" fn rzc_device_weights_info(
             ordinal: d.ordinal(),
             staging,
             seconds: d.seconds(),
+            copies: d.copies() as u64,
+            sharing,
+            read_only: u32::from(d.read_only()),
+            note: d.note().as_ptr().cast(),
+            note_len: d.note().len(),
         })
+    }
+}
+
+/// Describes tensor `index` of the upload (same order as the source's table).
+///
+/// # Safety
+/// `dev` is a live handle; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_device_weights_get(
+    dev: *const rzc_device_weights,
+    index: usize,
+    out: *mut rzc_device_tensor_info,
+) -> rzc_status {
+    ffi_boundary! {
+        let d = unsafe { rzc_device_weights::borrow(dev, "dev")? };
+        let out = unsafe { Out::new(out, "out")? };
+        let device_ptr = d.data_ptr(index)?;
+        let t = &d.tensors()[index];
+        out.write(rzc_device_tensor_info {
+            name: t.name.as_ptr().cast(),
+            name_len: t.name.len(),
+            dtype: t.dtype,
+            ndim: t.shape.len() as u32,
+            shape: t.shape.as_ptr(),
+            device_ptr,
+            nbytes: t.nbytes as u64,
+        })
+    }
+}
+
+/// Copies tensor `index` back into host memory `dst` of exactly its size
+/// (`rzc_device_weights_get`'s `nbytes`), synchronously: for checking what
+/// an upload wrote, and for debugging.
+///
+/// # Safety
+/// `dev` is a live handle; `dst` points to `dst_len` writable bytes (may be
+/// NULL when `dst_len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn rzc_device_weights_read(
+    dev: *const rzc_device_weights,
+    index: usize,
+    dst: *mut u8,
+    dst_len: usize,
+) -> rzc_status {
+    ffi_boundary! {
+        let d = unsafe { rzc_device_weights::borrow(dev, "dev")? };
+        if dst.is_null() && dst_len > 0 {
+            return Err(Failure::null("dst"));
+        }
+        let dst: &mut [u8] = if dst_len == 0 {
+            &mut []
+        } else {
+            // SAFETY: non-NULL, `dst_len` writable bytes per the contract.
+            unsafe { std::slice::from_raw_parts_mut(dst, dst_len) }
+        };
+        d.read(index, dst)?;
+        Ok(())
     }
 }
 

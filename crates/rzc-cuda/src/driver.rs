@@ -1,14 +1,17 @@
-//! Thin, panic-free access to the CUDA driver: is the library there, turn
-//! `CUresult`s into errors of the right class, run work with a device's
-//! primary context current.
+//! Panic-free access to the CUDA driver: is the library there, driver errors
+//! as errors of the right class, devices, and the primary context.
 //!
-//! cudarc loads libcuda lazily and panics when it is absent (and when a symbol
-//! is missing from an old driver), so every entry point first checks that the
-//! library loads and the callers keep a panic boundary around driver calls.
+//! Calls go through cudarc's `result` layer, which checks every `CUresult`;
+//! the raw `sys` layer is used only where `result` has no function (pushing
+//! and popping contexts, host registration, virtual memory management).
+//! cudarc loads libcuda lazily and panics when it is absent (and when a
+//! symbol is missing from an old driver), so every entry point first checks
+//! that the library loads, and the callers keep a panic boundary around
+//! driver calls.
 
-use std::ffi::CStr;
 use std::sync::OnceLock;
 
+use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys::{self, CUresult};
 use rzc_core::{Error, ErrorKind, Result};
 
@@ -20,39 +23,49 @@ pub fn library_present() -> bool {
 }
 
 /// Text of a driver error: its name and description.
-fn describe(r: CUresult) -> String {
-    let mut name: *const std::ffi::c_char = std::ptr::null();
-    let mut text: *const std::ffi::c_char = std::ptr::null();
-    // SAFETY: the driver writes pointers to static strings, or leaves them NULL.
-    unsafe {
-        sys::cuGetErrorName(r, &mut name);
-        sys::cuGetErrorString(r, &mut text);
-    }
-    let s = |p: *const std::ffi::c_char| {
-        if p.is_null() {
-            String::from("?")
-        } else {
-            // SAFETY: non-NULL, NUL-terminated static string from the driver.
-            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-        }
+fn describe(e: DriverError) -> String {
+    let text = |s: std::result::Result<&std::ffi::CStr, DriverError>| {
+        s.map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "?".into())
     };
-    format!("{} ({})", s(name), s(text))
+    format!("{} ({})", text(e.error_name()), text(e.error_string()))
 }
 
-/// Turns a `CUresult` into an error of the matching class; `what` names the
-/// failed operation.
-pub fn check(r: CUresult, what: &str) -> Result<()> {
+/// The error class of a driver error.
+fn kind(r: CUresult) -> ErrorKind {
     use sys::cudaError_enum::*;
-    let kind = match r {
-        CUDA_SUCCESS => return Ok(()),
+    match r {
         CUDA_ERROR_OUT_OF_MEMORY => ErrorKind::OutOfMemory,
         CUDA_ERROR_NO_DEVICE | CUDA_ERROR_NOT_INITIALIZED | CUDA_ERROR_STUB_LIBRARY => {
             ErrorKind::NoCuda
         }
         CUDA_ERROR_INVALID_DEVICE => ErrorKind::BadDevice,
         _ => ErrorKind::Cuda,
-    };
-    Err(Error::new(kind, format!("{what} failed: {}", describe(r))))
+    }
+}
+
+/// A driver error as an error of the matching class; `what` names the
+/// failed operation.
+pub fn error(e: DriverError, what: &str) -> Error {
+    Error::new(kind(e.0), format!("{what} failed: {}", describe(e)))
+}
+
+/// `Result` of a `result`-layer call, with the failed operation named.
+pub trait Checked<T> {
+    /// Turns a driver error into ours, saying that `what` failed.
+    fn or_fail(self, what: &str) -> Result<T>;
+}
+
+impl<T> Checked<T> for std::result::Result<T, DriverError> {
+    fn or_fail(self, what: &str) -> Result<T> {
+        self.map_err(|e| error(e, what))
+    }
+}
+
+impl Checked<()> for CUresult {
+    fn or_fail(self, what: &str) -> Result<()> {
+        self.result().or_fail(what)
+    }
 }
 
 /// Loads and initialises the driver, or says why it cannot.
@@ -64,9 +77,10 @@ pub fn init() -> Result<()> {
         ));
     }
     static INIT: OnceLock<std::result::Result<(), (ErrorKind, String)>> = OnceLock::new();
-    // SAFETY: cuInit(0) may be called any number of times.
     INIT.get_or_init(|| {
-        check(unsafe { sys::cuInit(0) }, "cuInit").map_err(|e| (e.kind(), e.message().to_owned()))
+        result::init()
+            .or_fail("cuInit")
+            .map_err(|e| (e.kind(), e.message().to_owned()))
     })
     .clone()
     .map_err(|(k, m)| Error::new(k, m))
@@ -75,10 +89,7 @@ pub fn init() -> Result<()> {
 /// Number of CUDA devices visible to this process.
 pub fn device_count() -> Result<i32> {
     init()?;
-    let mut n = 0;
-    // SAFETY: writes one int.
-    check(unsafe { sys::cuDeviceGetCount(&mut n) }, "cuDeviceGetCount")?;
-    Ok(n)
+    result::device::get_count().or_fail("cuDeviceGetCount")
 }
 
 /// The device handle of `ordinal`, checked against the device count.
@@ -96,72 +107,71 @@ pub fn device(ordinal: i32) -> Result<sys::CUdevice> {
             format!("device ordinal {ordinal} is out of range: this process sees {n} CUDA device(s) (0..{})", n - 1),
         ));
     }
-    let mut dev = 0;
-    // SAFETY: ordinal checked above.
-    check(
-        unsafe { sys::cuDeviceGet(&mut dev, ordinal) },
-        "cuDeviceGet",
-    )?;
-    Ok(dev)
+    result::device::get(ordinal).or_fail("cuDeviceGet")
 }
 
 /// A retained primary context: the one the CUDA runtime (torch, JAX, CuPy)
 /// uses, so memory allocated in it is theirs to use. Released on drop.
+#[derive(Debug)]
 pub struct PrimaryContext {
     dev: sys::CUdevice,
     ctx: sys::CUcontext,
+    ordinal: i32,
 }
 
-// SAFETY: a CUDA context handle may be used from any thread.
+// SAFETY: a CUDA context handle may be made current on any thread; this type
+// only ever pushes it for the duration of a call.
 unsafe impl Send for PrimaryContext {}
+// SAFETY: as above; shared references only push and pop it.
 unsafe impl Sync for PrimaryContext {}
 
 impl PrimaryContext {
     /// Retains device `ordinal`'s primary context.
     pub fn retain(ordinal: i32) -> Result<PrimaryContext> {
         let dev = device(ordinal)?;
-        let mut ctx = std::ptr::null_mut();
-        // SAFETY: `dev` is a valid device.
-        check(
-            unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
-            "cuDevicePrimaryCtxRetain",
-        )?;
-        Ok(PrimaryContext { dev, ctx })
+        // SAFETY: `dev` came from `cuDeviceGet`.
+        let ctx =
+            unsafe { result::primary_ctx::retain(dev) }.or_fail("cuDevicePrimaryCtxRetain")?;
+        Ok(PrimaryContext { dev, ctx, ordinal })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> i32 {
+        self.ordinal
     }
 
     /// Runs `f` with this context current on the calling thread, restoring
     /// whatever was current before.
     pub fn with<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        // SAFETY: `ctx` is retained and valid.
-        check(
-            unsafe { sys::cuCtxPushCurrent_v2(self.ctx) },
-            "cuCtxPushCurrent",
-        )?;
+        // SAFETY: `ctx` is retained (valid until drop); `result` has no push.
+        unsafe { sys::cuCtxPushCurrent_v2(self.ctx) }.or_fail("cuCtxPushCurrent")?;
         let out = f();
         let mut popped = std::ptr::null_mut();
-        // SAFETY: pops what we pushed.
-        let pop = check(
-            unsafe { sys::cuCtxPopCurrent_v2(&mut popped) },
-            "cuCtxPopCurrent",
-        );
+        // SAFETY: pops what was pushed above, on the same thread.
+        let pop = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) }.or_fail("cuCtxPopCurrent");
         out.and_then(|v| pop.map(|_| v))
     }
 
     /// An integer attribute of the device.
     pub fn attribute(&self, attr: sys::CUdevice_attribute) -> Result<i32> {
-        let mut v = 0;
-        // SAFETY: writes one int.
-        check(
-            unsafe { sys::cuDeviceGetAttribute(&mut v, attr, self.dev) },
-            "cuDeviceGetAttribute",
-        )?;
-        Ok(v)
+        // SAFETY: `dev` came from `cuDeviceGet`.
+        unsafe { result::device::get_attribute(self.dev, attr) }.or_fail("cuDeviceGetAttribute")
+    }
+}
+
+impl PrimaryContext {
+    /// The device's UUID: the same physical GPU has the same UUID in every
+    /// process, whatever its ordinal there (`CUDA_VISIBLE_DEVICES`).
+    pub fn uuid(&self) -> Result<[u8; 16]> {
+        let u = result::device::get_uuid(self.dev).or_fail("cuDeviceGetUuid")?;
+        Ok(u.bytes.map(|b| b as u8))
     }
 }
 
 impl Drop for PrimaryContext {
     fn drop(&mut self) {
-        // SAFETY: balances the retain in `retain`.
-        unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.dev) };
+        // SAFETY: balances the retain in `retain`. An error (the driver shut
+        // down at exit) has nowhere to go.
+        let _ = unsafe { result::primary_ctx::release(self.dev) };
     }
 }

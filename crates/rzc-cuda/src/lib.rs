@@ -3,12 +3,28 @@
 //! allocation in the device's primary context, and exports the tensors as
 //! kDLCUDA DLPack tensors. Without a CUDA driver every entry point returns a
 //! "no CUDA" error; nothing panics.
+//!
+//! A reader's path: [`layout`] is the arithmetic (where tensors go, how copies
+//! are cut), `driver` the checked calls and the primary context, `resources`
+//! the owners of driver objects (each released by `Drop`), `staging` the
+//! three ways bytes reach the device, `share` one device copy per GPU for
+//! every process that loads the same buffer, `upload` the whole operation
+//! and the resulting [`DeviceWeights`].
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod driver;
+pub mod layout;
+mod resources;
+mod share;
+mod staging;
 mod upload;
 
 pub use driver::{device_count, library_present};
-pub use upload::{upload, DeviceTensor, DeviceWeights, Staging, UploadOptions, DEVICE_ALIGNMENT};
+pub use layout::{DeviceTensor, DEVICE_ALIGNMENT};
+pub use share::{ShareOptions, Sharing};
+pub use staging::Staging;
+pub use upload::{upload, DeviceWeights, UploadOptions};
 
 #[cfg(test)]
 mod tests {

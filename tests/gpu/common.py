@@ -1,0 +1,82 @@
+"""What the GPU tests share: which driver this process runs on, a shared
+memory buffer standing in for Ray's object store, and the stand-in driver's
+resource log.
+
+The GPU tests run on one of two drivers:
+- the stand-in (`tests/fakecuda`, built by `make fakecuda`), selected by
+  pointing `LD_LIBRARY_PATH` at `build/fakecuda` and setting `RZC_FAKECUDA`
+  to that directory: `make test` runs `tests/gpu` this way on every machine.
+  It proves control flow, cleanup and error paths; no figure and no claim that
+  something works on a GPU rests on it.
+- a real CUDA driver with a GPU (`tests/gpu/run_gpu_checks.sh`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+STANDIN_DIR = os.environ.get("RZC_FAKECUDA")
+
+
+def backend() -> str:
+    """``"standin"``, ``"cuda"`` or ``"none"`` (no driver or no device)."""
+    from ray_zerocopy.errors import NoCudaError
+    from ray_zerocopy.weights import cuda_device_count
+
+    try:
+        count = cuda_device_count()
+    except NoCudaError:
+        return "none"
+    if count == 0:
+        return "none"
+    return "standin" if STANDIN_DIR and _standin_loaded() else "cuda"
+
+
+def _standin_loaded() -> bool:
+    """Whether the libcuda this process mapped is the stand-in's."""
+    with open("/proc/self/maps") as f:
+        return any("libcuda.so" in line and os.path.realpath(STANDIN_DIR) in line for line in f)
+
+
+def shared_buffer(data: np.ndarray, name: str) -> np.ndarray:
+    """A copy of ``data`` in a /dev/shm file (shared, pageable memory, as
+    Ray's object store is), mapped by this process."""
+    path = os.path.join("/dev/shm", f"rzc-test-{os.getpid()}-{name}")
+    mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=data.shape)
+    mm[:] = data
+    os.unlink(path)  # the mapping stays valid
+    return mm
+
+
+def read_log(path) -> list[dict]:
+    """The stand-in's resource events (``FAKECUDA_LOG``), one dict each."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# The stand-in's events that take a resource, and those that give one back,
+# by kind of resource.
+TAKES = {"alloc": "alloc", "create": "handle", "import": "handle", "register": "register",
+         "host_alloc": "host_alloc", "map": "map"}
+GIVES = {"free": "alloc", "release": "handle", "unregister": "register", "host_free": "host_alloc",
+         "unmap": "map"}
+
+
+def held(events: list[dict], pid: int | None = None) -> dict[str, int]:
+    """Resources taken and not given back, per kind, from a log's events (of
+    process ``pid`` when given)."""
+    out: dict[str, int] = {}
+    for e in events:
+        if pid is not None and e.get("pid") != pid:
+            continue
+        op = e.get("op")
+        if op in TAKES:
+            out[TAKES[op]] = out.get(TAKES[op], 0) + 1
+        elif op in GIVES:
+            out[GIVES[op]] = out.get(GIVES[op], 0) - 1
+    return {k: v for k, v in out.items() if v}

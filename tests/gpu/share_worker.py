@@ -1,0 +1,80 @@
+"""A process that loads a buffer onto the GPU with sharing, for the sharing
+tests: it prints what it got as one JSON line, then holds the memory until it
+reads "exit" on stdin (or is killed).
+
+    python share_worker.py KEY [SEED] [--fork-unprivileged]
+
+SEED picks the buffer's contents (same seed, same buffer). With
+--fork-unprivileged the upload runs in a forked child that first switches to
+the unprivileged user `nobody`.
+"""
+
+import gc
+import json
+import os
+import sys
+
+import torch
+
+import ray_zerocopy as rzc
+from common import shared_buffer
+from ray_zerocopy import _seal
+
+
+def state(seed: int) -> dict:
+    return {f"w{i}": torch.arange(5000 * (i + 1), dtype=torch.float32) * (seed + i) for i in range(6)}
+
+
+def prepare(seed: int):
+    tensors = state(seed)
+    _, buf = _seal.seal(tensors)
+    return tensors, rzc.Weights.from_buffer(shared_buffer(buf, f"share-{os.getpid()}"))
+
+
+def load(key: str, tensors, w) -> tuple[dict, object]:
+    dev = w.upload(0, share=key, share_wait=20)
+    info = dev.info()
+    out = {
+        "pid": os.getpid(),
+        "sharing": info["sharing"],
+        "staging": info["staging"],
+        "ptr": info["device_ptr"],
+        "read_only": info["read_only"],
+        "note": info["note"],
+        "equal": all(dev.read(i).tobytes() == t.numpy().tobytes() for i, t in enumerate(tensors.values())),
+    }
+    return out, (w, dev)
+
+
+def main():
+    key = sys.argv[1]
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 1
+    tensors, w = prepare(seed)  # everything imported before any fork
+    if "--fork-unprivileged" in sys.argv:
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            out, held = load(key, tensors, w)
+            del held
+            gc.collect()
+            os.write(wfd, json.dumps(out).encode())
+            os._exit(0)
+        os.close(wfd)
+        with os.fdopen(r) as f:
+            print(f.read(), flush=True)
+        os.waitpid(pid, 0)
+        return
+    out, held = load(key, tensors, w)
+    print(json.dumps(out), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "exit":
+            break
+    del held, w
+    gc.collect()
+
+
+if __name__ == "__main__":
+    main()
