@@ -17,8 +17,9 @@ import pickle
 import sys
 from dataclasses import dataclass
 
+from . import _checkpoint
 from .errors import RzcError
-from .weights import PackInput, Weights, pack
+from .weights import PackInput, PackPlan, Weights, pack, view_at
 
 # Bytes of non-tensor data before the first and after the last tensor: one
 # page each, so the write guard can protect every page holding weights
@@ -141,79 +142,96 @@ def _base_pickler():
     return cloudpickle.Pickler
 
 
-def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
-    """Packs every tensor/array reachable from ``obj`` and pickles the rest:
-    the description a wrapper carries, and the buffer to put in the store."""
-    adapters = _adapters()
-    known = _names(obj, adapters)
-    refs: dict[int, int] = {}  # id(tensor) -> index
-    inputs: list[PackInput] = []
-    kinds: list[str] = []
-    keep: list[object] = []  # originals and contiguous copies, alive until packed
-    used_names: set[str] = set()
+class _Sealer:
+    """Pickles an object into a skeleton, turning every tensor or array it
+    reaches into a reference (pickle's ``persistent_id``) to an entry of the
+    buffer to be packed: reference ``i`` is ``inputs[i]``. ``preset`` maps
+    tensors (by ``id``) to entries decided beforehand, e.g. a checkpoint's."""
 
-    def persistent_id(o):
-        i = refs.get(id(o))
+    def __init__(self, obj, preset: dict | None = None, inputs=(), kinds=()):
+        self.adapters = _adapters()
+        self.known = _names(obj, self.adapters)
+        self.refs: dict[int, int] = dict(preset or {})  # id(tensor) -> index
+        self.inputs: list = list(inputs)
+        self.kinds: list[str] = list(kinds)
+        self.keep: list[object] = []  # originals and contiguous copies, alive until packed
+        self.used_names: set[str] = {getattr(i, "name", "") for i in self.inputs}
+        self.training_left: list[object] = []  # modules pickled in training mode that we could not switch
+
+    def persistent_id(self, o):
+        i = self.refs.get(id(o))
         if i is not None:
-            return (i, kinds[i])
-        for fw, adapter in adapters:
+            return (i, self.kinds[i])
+        for fw, adapter in self.adapters:
             if adapter.accepts(o):
                 break
         else:
             return None
-        name = known.get(id(o)) or f"tensor.{len(inputs)}"
-        while name in used_names:
+        name = self.known.get(id(o)) or f"tensor.{len(self.inputs)}"
+        while name in self.used_names:
             name += "_"
-        used_names.add(name)
+        self.used_names.add(name)
         inp, alive = adapter.pack_input(o, name)
-        if fw == "torch":
-            import torch
+        self.refs[id(o)] = len(self.inputs)
+        self.inputs.append(inp)
+        self.kinds.append(kind_of(o, fw))
+        self.keep.extend((o, alive))
+        return (len(self.inputs) - 1, self.kinds[-1])
 
-            kind = TORCH_PARAM if isinstance(o, torch.nn.Parameter) else TORCH
-        else:
-            kind = NUMPY if fw == "numpy" else JAX
-        refs[id(o)] = len(inputs)
-        inputs.append(inp)
-        kinds.append(kind)
-        keep.extend((o, alive))
-        return (len(inputs) - 1, kind)
+    def pickle(self, obj) -> bytes:
+        sealer = self
+        torch = sys.modules.get("torch")
 
-    torch = sys.modules.get("torch")
-    training_left = []  # modules pickled in training mode that we could not switch
+        class _Pickler(_base_pickler()):
+            def persistent_id(self, o):
+                return sealer.persistent_id(o)
 
-    class _Pickler(_base_pickler()):
-        def persistent_id(self, o):
-            return persistent_id(o)
+            def reducer_override(self, o):
+                # Modules are pickled in eval mode, as load() returns them: the
+                # loaded pipeline needs no walk over its modules to switch them,
+                # and the caller's own modules stay as they are.
+                if torch is not None and isinstance(o, torch.nn.Module) and o.training:
+                    rv = o.__reduce_ex__(self.proto)
+                    if isinstance(rv, tuple) and len(rv) >= 3 and isinstance(rv[2], dict) and "training" in rv[2]:
+                        return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
+                    sealer.training_left.append(o)
+                base = getattr(super(), "reducer_override", None)
+                return base(o) if base is not None else NotImplemented
 
-        def reducer_override(self, o):
-            # Modules are pickled in eval mode, as load() returns them: the
-            # loaded pipeline needs no walk over its modules to switch them,
-            # and the caller's own modules stay as they are.
-            if torch is not None and isinstance(o, torch.nn.Module) and o.training:
-                rv = o.__reduce_ex__(self.proto)
-                if isinstance(rv, tuple) and len(rv) >= 3 and isinstance(rv[2], dict) and "training" in rv[2]:
-                    return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
-                training_left.append(o)
-            base = getattr(super(), "reducer_override", None)
-            return base(o) if base is not None else NotImplemented
+        f = io.BytesIO()
+        try:
+            _Pickler(f, protocol=5).dump(obj)
+        except RzcError:
+            raise  # a tensor we cannot take: its own message says which and why
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise TypeError(
+                f"the pipeline cannot be pickled ({e}); everything besides tensors must be "
+                "picklable by cloudpickle, as for any object Ray sends to an actor"
+            ) from e
+        if not self.inputs:
+            raise ValueError(
+                "the pipeline holds no tensors or arrays to share (is it an empty model, or are its weights "
+                "held by something other than torch tensors, numpy or JAX arrays?)"
+            )
+        return f.getvalue()
 
-    f = io.BytesIO()
-    try:
-        _Pickler(f, protocol=5).dump(obj)
-    except RzcError:
-        raise  # a tensor we cannot take: its own message says which and why
-    except (pickle.PicklingError, TypeError, AttributeError) as e:
-        raise TypeError(
-            f"the pipeline cannot be pickled ({e}); everything besides tensors must be "
-            "picklable by cloudpickle, as for any object Ray sends to an actor"
-        ) from e
-    if not inputs:
-        raise ValueError(
-            "the pipeline holds no tensors or arrays to share (is it an empty model, or are its weights "
-            "held by something other than torch tensors, numpy or JAX arrays?)"
-        )
-    buffer = pack(inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
-    return _sealed(f.getvalue(), kinds, buffer, needs_eval=bool(training_left)), buffer
+
+def kind_of(o, framework: str) -> str:
+    """The kind of reference a tensor of ``framework`` becomes."""
+    if framework == "torch":
+        import torch
+
+        return TORCH_PARAM if isinstance(o, torch.nn.Parameter) else TORCH
+    return NUMPY if framework == "numpy" else JAX
+
+
+def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
+    """Packs every tensor/array reachable from ``obj`` and pickles the rest:
+    the description a wrapper carries, and the buffer to put in the store."""
+    sealer = _Sealer(obj)
+    skeleton = sealer.pickle(obj)
+    buffer = pack(sealer.inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
+    return _sealed(skeleton, sealer.kinds, buffer, needs_eval=bool(sealer.training_left)), buffer
 
 
 def referenced_modules(skeleton: bytes) -> tuple:
@@ -254,23 +272,86 @@ class _Ref:
         self.index = index
 
 
-def seal_file(path, kind: str) -> tuple[Sealed, "np.ndarray"]:
-    """Re-packs a safetensors file (256-byte aligned, guard pages) and makes a
-    skeleton that loads as ``{name: tensor}``."""
-    src = Weights.open_file(path)
-    infos = src.table()
+def seal_checkpoint(path, kind: str, model=None) -> tuple[Sealed, "np.ndarray"]:
+    """Seals a checkpoint on disk (see ``_checkpoint``): all its shards as ONE
+    buffer, copied one shard at a time. Without ``model`` it loads as
+    ``{name: tensor}`` of ``kind``; with ``model`` (an ``nn.Module``, or a
+    function that makes one) it loads as that module, every parameter and
+    buffer adopted from the checkpoint by its state-dict name."""
     from ._native import DTYPE_CODES
 
-    inputs = [PackInput(i.name, DTYPE_CODES[i.dtype], i.shape, src.address + i.offset, i.nbytes) for i in infos]
-    if not inputs:
-        raise ValueError(f"{path} holds no tensors")
-    buffer = pack(inputs, src.metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
-    src.close()
+    ckpt = _checkpoint.read(path)
+    if model is None:
+        entries = list(ckpt.entries)
 
-    class _Pickler(pickle.Pickler):
-        def persistent_id(self, o):
-            return (o.index, kind) if isinstance(o, _Ref) else None
+        class _Pickler(pickle.Pickler):
+            def persistent_id(self, o):
+                return (o.index, kind) if isinstance(o, _Ref) else None
 
-    f = io.BytesIO()
-    _Pickler(f, protocol=5).dump({info.name: _Ref(i) for i, info in enumerate(infos)})
-    return _sealed(f.getvalue(), (kind,) * len(inputs), buffer), buffer
+        f = io.BytesIO()
+        _Pickler(f, protocol=5).dump({e.name: _Ref(i) for i, e in enumerate(entries)})
+        skeleton, kinds, extras, needs_eval = f.getvalue(), (kind,) * len(entries), [], False
+    else:
+        entries, sealer, model = _fill_model(ckpt, model)
+        skeleton = sealer.pickle(model)
+        kinds, extras, needs_eval = sealer.kinds, sealer.inputs[len(entries) :], bool(sealer.training_left)
+    inputs = [PackInput(e.name, DTYPE_CODES[e.dtype], e.shape, 0, e.nbytes) for e in entries] + extras
+    plan = PackPlan(inputs, ckpt.metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
+    buffer = plan.allocate()
+    plan.write_layout(buffer)
+    _checkpoint.copy_into(buffer, entries, [plan.offset(i) for i in range(len(entries))])
+    for j, inp in enumerate(extras, start=len(entries)):
+        at = plan.offset(j)
+        buffer[at : at + inp.nbytes] = view_at(inp.address, inp.nbytes)
+    return _sealed(skeleton, kinds, buffer, needs_eval), buffer
+
+
+def _fill_model(ckpt, model):
+    """The checkpoint entries ``model`` takes (in the checkpoint's order) and
+    a sealer whose references point at them: each parameter and persistent
+    buffer by its state-dict name (a tied tensor under any of its names),
+    checked for shape and dtype; other tensors of the model (non-persistent
+    buffers) are sealed as the model has them."""
+    import torch
+
+    from ._native import DTYPE_NAMES
+    from ._torch import FROM_TORCH
+
+    if not isinstance(model, torch.nn.Module):
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a function that makes one, not {type(model).__name__}")
+        model = model()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"the model function returned {type(model).__name__}, not an nn.Module")
+    by_name = {e.name: i for i, e in enumerate(ckpt.entries)}
+    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, object] = {}
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(n)
+        tensors[id(t)] = t
+    chosen: dict[int, int] = {}  # id(tensor) -> index into ckpt.entries
+    for tid, ns in names.items():
+        if tid not in persistent:
+            continue  # a non-persistent buffer: sealed as the model has it
+        hit = next((n for n in ns if n in by_name), None)
+        if hit is None:
+            raise ValueError(
+                f"the checkpoint lacks tensor {ns[0]!r}, which the model needs"
+                + (f" (also named {', '.join(map(repr, ns[1:]))})" if len(ns) > 1 else "")
+            )
+        e, t = ckpt.entries[by_name[hit]], tensors[tid]
+        dtype = DTYPE_NAMES.get(FROM_TORCH.get(t.dtype))
+        if tuple(t.shape) != tuple(e.shape) or dtype != e.dtype:
+            raise ValueError(
+                f"tensor {hit!r}: the checkpoint has {e.dtype} {list(e.shape)}, the model {dtype or t.dtype} {list(t.shape)}"
+            )
+        chosen[tid] = by_name[hit]
+    order = sorted(set(chosen.values()))
+    index_of = {ci: k for k, ci in enumerate(order)}
+    entries = [ckpt.entries[ci] for ci in order]
+    preset = {tid: index_of[ci] for tid, ci in chosen.items()}
+    kinds = [None] * len(entries)
+    for tid, ci in chosen.items():
+        kinds[index_of[ci]] = kind_of(tensors[tid], "torch")
+    return entries, _Sealer(model, preset=preset, inputs=entries, kinds=kinds), model

@@ -20,7 +20,7 @@ import numpy as np
 from ._dlpack import DLPackTensor, export_checked
 from ._native import DTYPE_NAMES, check, ffi, lib
 
-__all__ = ["Weights", "DeviceWeights", "TensorInfo", "PackInput", "pack", "cuda_device_count"]
+__all__ = ["Weights", "DeviceWeights", "TensorInfo", "PackInput", "PackPlan", "pack", "cuda_device_count"]
 
 # Owners of opened memory, keyed by the integer passed to the native release
 # callback. A dict entry is the only strong reference the library needs.
@@ -382,6 +382,82 @@ class PackInput:
     nbytes: int
 
 
+def view_at(address: int, nbytes: int) -> np.ndarray:
+    """A ``uint8`` view of ``nbytes`` bytes of this process's memory at
+    ``address`` (which the caller keeps alive while the view is used)."""
+    if nbytes == 0:
+        return np.empty(0, dtype=np.uint8)
+    return np.frombuffer(ffi.buffer(ffi.cast("uint8_t *", address), nbytes), dtype=np.uint8)
+
+
+class PackPlan:
+    """The layout of a safetensors buffer for ``tensors`` (their names,
+    dtypes and shapes; addresses are needed only by :meth:`write`): every
+    tensor's data at a multiple of ``alignment`` from the buffer start, and
+    ``guard_bytes`` of non-tensor bytes before the first tensor and after the
+    last one. Fill a buffer of :attr:`nbytes` bytes either at once
+    (:meth:`write`) or piece by piece (:meth:`write_layout`, then each
+    tensor's bytes at :meth:`offset`), e.g. streaming shards of a checkpoint
+    one at a time."""
+
+    def __init__(self, tensors: Sequence[PackInput], metadata: Mapping[str, str] | None = None, *,
+                 alignment: int = 64, guard_bytes: int = 0):
+        self._keep = []
+        arr = ffi.new("rzc_pack_tensor[]", max(len(tensors), 1))
+        for i, t in enumerate(tensors):
+            name = ffi.new("char[]", t.name.encode("utf-8"))
+            shape = ffi.new("int64_t[]", list(t.shape) or [0])
+            self._keep += [name, shape]
+            arr[i].name = name
+            arr[i].name_len = len(name) - 1
+            arr[i].dtype = t.dtype
+            arr[i].ndim = len(t.shape)
+            arr[i].shape = shape
+            arr[i].data = ffi.cast("const uint8_t *", t.address)
+            arr[i].nbytes = t.nbytes
+        meta = list((metadata or {}).items())
+        marr = ffi.new("rzc_metadata_entry[]", max(len(meta), 1))
+        for i, (k, v) in enumerate(meta):
+            kb, vb = ffi.new("char[]", k.encode()), ffi.new("char[]", v.encode())
+            self._keep += [kb, vb]
+            marr[i].key, marr[i].key_len = kb, len(kb) - 1
+            marr[i].value, marr[i].value_len = vb, len(vb) - 1
+        opts = _new("rzc_pack_options", alignment=alignment, guard_nbytes=guard_bytes)
+        out = ffi.new("rzc_pack_plan **")
+        check(lib.rzc_pack_plan_new(arr, len(tensors), marr, len(meta), opts, out))
+        self._plan = ffi.gc(out[0], lib.rzc_pack_plan_free)
+        self.alignment = alignment
+        #: Size of the buffer in bytes.
+        self.nbytes = lib.rzc_pack_plan_nbytes(self._plan)
+
+    def offset(self, index: int) -> int:
+        """Where tensor ``index``'s bytes go, from the buffer start."""
+        out = ffi.new("uint64_t *")
+        check(lib.rzc_pack_plan_offset(self._plan, index, out))
+        return out[0]
+
+    def allocate(self) -> np.ndarray:
+        """A new ``uint8`` array of :attr:`nbytes` bytes, ``alignment``-aligned
+        (numpy guarantees only 16 bytes)."""
+        raw = np.empty(self.nbytes + self.alignment, dtype=np.uint8)
+        skip = -raw.ctypes.data % self.alignment
+        return raw[skip : skip + self.nbytes]
+
+    def write_layout(self, dst) -> None:
+        """Writes the header and the padding into ``dst``, leaving each
+        tensor's bytes to the caller."""
+        view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+        check(lib.rzc_pack_plan_write_layout(self._plan, view, len(view)))
+
+    def write(self, dst) -> None:
+        """Writes the whole buffer into ``dst``, copying every tensor from the
+        address it was planned with. The copy releases the GIL (cffi does for
+        every call): other Python threads keep running while a large model is
+        packed."""
+        view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+        check(lib.rzc_pack_plan_write(self._plan, view, len(view)))
+
+
 def pack(
     tensors: Iterable[PackInput],
     metadata: Mapping[str, str] | None = None,
@@ -394,39 +470,7 @@ def pack(
     an address that is a multiple of ``alignment``;
     ``guard_bytes`` of non-tensor bytes precede the first tensor and follow the
     last one. The official safetensors library reads the result as is."""
-    tensors = list(tensors)
-    keep = []
-    arr = ffi.new("rzc_pack_tensor[]", max(len(tensors), 1))
-    for i, t in enumerate(tensors):
-        name = ffi.new("char[]", t.name.encode("utf-8"))
-        shape = ffi.new("int64_t[]", list(t.shape) or [0])
-        keep += [name, shape]
-        arr[i].name = name
-        arr[i].name_len = len(name) - 1
-        arr[i].dtype = t.dtype
-        arr[i].ndim = len(t.shape)
-        arr[i].shape = shape
-        arr[i].data = ffi.cast("const uint8_t *", t.address)
-        arr[i].nbytes = t.nbytes
-    meta = list((metadata or {}).items())
-    marr = ffi.new("rzc_metadata_entry[]", max(len(meta), 1))
-    for i, (k, v) in enumerate(meta):
-        kb, vb = ffi.new("char[]", k.encode()), ffi.new("char[]", v.encode())
-        keep += [kb, vb]
-        marr[i].key, marr[i].key_len = kb, len(kb) - 1
-        marr[i].value, marr[i].value_len = vb, len(vb) - 1
-    opts = _new("rzc_pack_options", alignment=alignment, guard_nbytes=guard_bytes)
-    plan_out = ffi.new("rzc_pack_plan **")
-    check(lib.rzc_pack_plan_new(arr, len(tensors), marr, len(meta), opts, plan_out))
-    plan = ffi.gc(plan_out[0], lib.rzc_pack_plan_free)
-    total = lib.rzc_pack_plan_nbytes(plan)
-    # Offsets are aligned from the buffer start, so the buffer itself must be
-    # (numpy guarantees only 16 bytes).
-    raw = np.empty(total + alignment, dtype=np.uint8)
-    skip = -raw.ctypes.data % alignment
-    out = raw[skip : skip + total]
-    dst = ffi.from_buffer("uint8_t[]", out)
-    # The copy releases the GIL (cffi does for every call): other Python
-    # threads keep running while large models are packed.
-    check(lib.rzc_pack_plan_write(plan, dst, total))
+    plan = PackPlan(list(tensors), metadata, alignment=alignment, guard_bytes=guard_bytes)
+    out = plan.allocate()
+    plan.write(out)
     return out

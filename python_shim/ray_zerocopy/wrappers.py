@@ -62,12 +62,33 @@ class ActorWrapper:
 
     @classmethod
     def from_safetensors(
-        cls, path, device="cpu", use_fast_load: bool = False, framework: str = "torch", *, write_protect: bool = True, share_gpu: bool = True
+        cls,
+        path,
+        device="cpu",
+        use_fast_load: bool = False,
+        framework: str = "torch",
+        *,
+        model=None,
+        write_protect: bool = True,
+        share_gpu: bool = True,
     ) -> "ActorWrapper":
-        """Seals an existing safetensors file (e.g. a Hugging Face checkpoint);
-        ``load()`` returns ``{name: tensor}`` of ``framework``."""
+        """Seals a checkpoint on disk: a safetensors file, a list of files, a
+        directory (every ``*.safetensors`` in it, following
+        ``model.safetensors.index.json`` when there is one, as a sharded
+        Hugging Face ``save_pretrained`` directory has it) or the index file
+        itself. All shards become ONE sealed buffer, copied one shard at a
+        time.
+
+        ``load()`` returns ``{name: tensor}`` of ``framework``; or, with
+        ``model`` (an ``nn.Module``, or a function that makes one), that
+        module with every parameter and buffer adopted zero-copy from the
+        checkpoint by its state-dict name (tied parameters stay tied; a
+        tensor the model needs and the checkpoint lacks, or one of another
+        shape or dtype, is an error here that names it)."""
         if framework not in _load.FRAMEWORKS:
             raise ValueError(f"framework {framework!r} is not one of {_load.FRAMEWORKS}")
+        if model is not None and framework != "torch":
+            raise ValueError("a checkpoint filled into a model loads as torch only")
         ray = _require_ray()
         self = cls.__new__(cls)
         self.device = str(parse_device(device))
@@ -75,7 +96,7 @@ class ActorWrapper:
         self.write_protect = bool(write_protect)
         self.share_gpu = bool(share_gpu)
         kind = {"torch": _seal.TORCH, "numpy": _seal.NUMPY, "jax": _seal.JAX}[framework]
-        self._put(ray, *_seal.seal_file(path, kind))
+        self._put(ray, *_seal.seal_checkpoint(path, kind, model))
         return self
 
     def __setstate__(self, state):

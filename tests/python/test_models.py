@@ -1,0 +1,171 @@
+"""The models and checkpoints users have, through ActorWrapper on a real
+local Ray: transformers models built from small configs (no downloads),
+sharded save_pretrained directories filled into their model class, and
+checkpoint layouts that must fail with a clear error."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from ray_zerocopy import ActorWrapper  # noqa: E402
+
+
+def llama():
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg), cfg
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    return transformers.GPT2LMHeadModel(cfg), cfg
+
+
+def bert_bf16():
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32)
+    return transformers.BertModel(cfg).to(torch.bfloat16), cfg
+
+
+def t5():
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg), cfg
+
+
+def vit():
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128)
+    return transformers.ViTModel(cfg), cfg
+
+
+def inputs(name):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 9), generator=g)
+    if name == "t5":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    return {"input_ids": ids}
+
+
+def first_output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def actor(ray_cluster):
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0.25)
+    class Runner:
+        def run(self, wrapper, kwargs):
+            model = wrapper.load()
+            with torch.no_grad():
+                return first_output(model(**kwargs))
+
+    return Runner
+
+
+@pytest.mark.parametrize("make", [llama, gpt2, bert_bf16, t5, vit], ids=lambda f: f.__name__)
+def test_transformers_models_load_in_an_actor(ray_cluster, actor, make):
+    torch.manual_seed(0)
+    model, _ = make()
+    model.eval()
+    kwargs = inputs(make.__name__)
+    w = ActorWrapper(model)
+    with torch.no_grad():
+        expected = first_output(model(**kwargs))
+    got = ray_cluster.get(actor.remote().run.remote(w, kwargs))
+    assert got.dtype == expected.dtype and torch.equal(got, expected), make.__name__
+
+
+def save_sharded(model, path):
+    model.save_pretrained(path, max_shard_size="100KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2, "several shards"
+    return index
+
+
+def test_a_sharded_directory_fills_the_users_model(ray_cluster, actor, tmp_path):
+    torch.manual_seed(0)
+    model, cfg = llama()
+    model.eval()
+    save_sharded(model, tmp_path)
+    torch.manual_seed(1)
+    fresh = transformers.LlamaForCausalLM(cfg)  # other random weights: the checkpoint must replace them
+    w = ActorWrapper.from_safetensors(tmp_path, model=fresh)
+    kwargs = inputs("llama")
+    with torch.no_grad():
+        expected = model(**kwargs).logits
+    assert torch.equal(ray_cluster.get(actor.remote().run.remote(w, kwargs)), expected)
+    loaded = w.load()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight, "tied stays tied"
+    # The same checkpoint through the index file, a list of shards, or a
+    # factory; or without a model, as {name: tensor}.
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    for source in (tmp_path / "model.safetensors.index.json", shards):
+        assert ActorWrapper.from_safetensors(source, model=lambda: transformers.LlamaForCausalLM(cfg)).num_tensors == w.num_tensors
+    tensors = ActorWrapper.from_safetensors(tmp_path).load()
+    assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
+def test_checkpoint_errors_name_the_problem(ray_cluster, tmp_path):
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        ActorWrapper.from_safetensors(empty)
+    torch.manual_seed(0)
+    model, cfg = gpt2()
+    ckpt = tmp_path / "ckpt"
+    index = save_sharded(model, ckpt)
+    missing = sorted(set(index["weight_map"].values()))[1]
+    (ckpt / missing).rename(tmp_path / "moved.safetensors")
+    with pytest.raises(FileNotFoundError, match=f"shard {missing}.*is missing"):
+        ActorWrapper.from_safetensors(ckpt)
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    save_file({"a": torch.ones(2), "b": torch.zeros(3)}, str(twice / "one.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(twice / "two.safetensors"))
+    with pytest.raises(ValueError, match="tensor 'b' is in two shards"):
+        ActorWrapper.from_safetensors(twice)
+    # The model needs what the checkpoint lacks, or has it in another shape or dtype.
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in state.items() if "h.1." not in k}, str(partial))
+    with pytest.raises(ValueError, match=r"lacks tensor 'transformer\.h\.1\."):
+        ActorWrapper.from_safetensors(partial, model=gpt2()[0])
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.to(torch.float16) for k, v in state.items()}, str(other))
+    with pytest.raises(ValueError, match="the checkpoint has F16 .*the model F32"):
+        ActorWrapper.from_safetensors(other, model=gpt2()[0])
+
+
+def test_a_meta_non_persistent_buffer_is_named(ray_cluster, tmp_path):
+    """A model made on the meta device takes its parameters from the
+    checkpoint, but a non-persistent buffer (not in any checkpoint) has no
+    data to share: the error names it."""
+    torch.manual_seed(0)
+    model, cfg = llama()
+    model.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta_model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"inv_freq.*meta device"):
+        ActorWrapper.from_safetensors(tmp_path, model=meta_model)
+
+
+def test_sharded_sealing_is_one_object(ray_cluster, tmp_path):
+    torch.manual_seed(0)
+    model, _ = gpt2()
+    index = save_sharded(model, tmp_path)
+    w = ActorWrapper.from_safetensors(tmp_path)
+    buf = ray_cluster.get(w.object_ref)
+    assert isinstance(buf, np.ndarray) and buf.nbytes == w.nbytes
+    assert w.num_tensors == len(index["weight_map"])
