@@ -22,13 +22,13 @@ import collections
 import contextlib
 import gc
 import io
-import logging
 import pickle
 import sys
 import threading
+import time
 import weakref
 
-from . import _seal
+from . import _seal, _telemetry
 from ._device import Device, parse_device
 from .errors import NoCudaError
 from .weights import Weights, cuda_device_count
@@ -36,8 +36,6 @@ from .weights import Weights, cuda_device_count
 __all__ = ["FRAMEWORKS", "load", "open_sealed", "assemble", "materialize", "rebuild"]
 
 FRAMEWORKS = ("torch", "numpy", "jax")
-
-log = logging.getLogger("ray_zerocopy")
 
 
 @contextlib.contextmanager
@@ -72,9 +70,14 @@ def load(ref, sealed: "_seal.Sealed", write_protect: bool, device, framework=Non
     ``ref`` and assemble the pipeline ``sealed`` describes from it. On a GPU,
     ``share_gpu`` shares one device copy among the processes on the node
     that load this sealed object onto the same GPU (keyed by its object id)."""
+    started = time.perf_counter()
+    report: dict = {}
     with _no_collection():
         share = ref.hex() if share_gpu else None
-        return assemble(open_sealed(ref, write_protect), sealed, device, framework, fast, share)
+        pipeline = assemble(open_sealed(ref, write_protect), sealed, device, framework, fast, share, report)
+    seconds = time.perf_counter() - started
+    _telemetry.loaded(str(parse_device(device)), len(sealed.kinds), seconds, write_protect, report.get("upload"))
+    return pipeline
 
 # -- 1. open ------------------------------------------------------------------
 # Opened buffers, per process, by object ID. Weak: the handle goes when no
@@ -106,9 +109,12 @@ def open_sealed(ref, write_protect: bool) -> Weights:
 
 
 # -- 2. check and assemble ----------------------------------------------------
-def assemble(weights: Weights, sealed: "_seal.Sealed", device="cpu", framework=None, fast: bool = False, share=None):
+def assemble(
+    weights: Weights, sealed: "_seal.Sealed", device="cpu", framework=None, fast: bool = False, share=None, report=None
+):
     """Builds the pipeline described by ``sealed`` from its opened buffer (on
-    a GPU, sharing the device copy under the key ``share`` when given)."""
+    a GPU, sharing the device copy under the key ``share`` when given; the
+    upload's ``info()`` goes to ``report["upload"]`` when a dict is given)."""
     dev = parse_device(device)
     if framework is not None and framework not in FRAMEWORKS:
         raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
@@ -120,7 +126,7 @@ def assemble(weights: Weights, sealed: "_seal.Sealed", device="cpu", framework=N
             f"({len(sealed.kinds)} tensors): its tensor table differs"
         )
     with _no_collection():
-        tensors = materialize(weights, sealed.kinds, framework, dev, fast, share)
+        tensors = materialize(weights, sealed.kinds, framework, dev, fast, share, report)
         if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in sealed.kinds)):
             from ._torch import as_parameter
 
@@ -141,7 +147,7 @@ def _adapter(framework: str):
     return adapter
 
 
-def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = False, share=None) -> list:
+def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = False, share=None, report=None) -> list:
     """Tensor ``i`` of ``weights`` as an array of its framework (or of
     ``framework`` for all), for every ``i``.
 
@@ -153,6 +159,8 @@ def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = Fa
     if dev.kind != "cpu" and "numpy" in groups:
         raise ValueError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
     source = weights if dev.kind == "cpu" else upload(weights, dev, share)
+    if report is not None and source is not weights:
+        report["upload"] = source.info()
     out: list = [None] * len(kinds)
     for fw, indices in groups.items():
         for i, a in zip(indices, _adapter(fw).adopt(source, indices, fast)):
@@ -177,9 +185,14 @@ def upload(weights: Weights, dev: Device, share=None):
             "On Ray, give the actor a GPU (num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'.",
         )
     device_weights = weights.upload(dev.index, share=share)
-    note = device_weights.info()["note"] if share is not None else ""
-    if note:
-        log.warning("the device copy on %s is private to this process: %s", dev, note)
+    info = device_weights.info()
+    if share is not None and info["note"]:
+        _telemetry.fallback("the device copy on %s is private to this process: %s", dev, info["note"])
+    if info["staging"] == "pinned":
+        _telemetry.fallback(
+            "the driver refused to register the sealed buffer on %s; it was copied through pinned bounce buffers "
+            "(slower; registration needs page-lockable shared memory, see docs/performance.md)", dev
+        )
     return device_weights
 
 

@@ -17,6 +17,8 @@ import pickle
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import _checkpoint
 from .errors import RzcError
 from .weights import PackInput, PackPlan, Weights, pack, view_at
@@ -55,6 +57,32 @@ def _sealed(skeleton: bytes, kinds, buffer, needs_eval: bool = False) -> Sealed:
             raise AssertionError(f"packed {len(w)} tensors for {len(kinds)} references")
         digest = w.header_digest()
     return Sealed(skeleton, tuple(kinds), referenced_modules(skeleton), int(buffer.nbytes), digest, needs_eval)
+
+
+@dataclass
+class Packing:
+    """A pickled skeleton and how to write the buffer it refers to: a
+    buffer of ``nbytes`` bytes that ``fill(dst)`` writes, wherever ``dst``
+    lives (straight into Ray's object store, see ``_store``, or a new
+    array: :meth:`to_array`)."""
+
+    skeleton: bytes
+    kinds: tuple
+    needs_eval: bool
+    nbytes: int
+    fill: object  # fill(dst: np.ndarray) -> None
+    keep: object = None  # what the fill reads, alive until it has run
+
+    def describe(self, buffer) -> Sealed:
+        """The description a wrapper carries, checked against the written
+        buffer (the native library validates it)."""
+        return _sealed(self.skeleton, self.kinds, buffer, self.needs_eval)
+
+    def to_array(self) -> tuple[Sealed, "np.ndarray"]:
+        """The buffer as a new array (no Ray needed), and its description."""
+        buffer = np.empty(self.nbytes, dtype=np.uint8)
+        self.fill(buffer)
+        return self.describe(buffer), buffer
 
 
 def _adapters():
@@ -187,6 +215,15 @@ class _Sealer:
                 return sealer.persistent_id(o)
 
             def reducer_override(self, o):
+                # TorchScript modules and exported programs do not pickle (or
+                # come back broken): their code travels without weights, and
+                # their tensors become references like any other.
+                program = _program_reducer(o) if torch is not None else None
+                if program is not None:
+                    rebuild, (blob, tensors) = program(o)
+                    for name, t in tensors.items():
+                        sealer.known.setdefault(id(t), name)
+                    return rebuild, (blob, tensors)
                 # Modules are pickled in eval mode, as load() returns them: the
                 # loaded pipeline needs no walk over its modules to switch them,
                 # and the caller's own modules stay as they are.
@@ -216,6 +253,22 @@ class _Sealer:
         return f.getvalue()
 
 
+def _program_reducer(o):
+    """The reducer of a TorchScript module or an exported program, else None."""
+    import torch
+
+    if isinstance(o, torch.jit.ScriptModule):
+        from . import _script
+
+        return _script.reduce
+    export = getattr(torch, "export", None)
+    if export is not None and isinstance(o, export.ExportedProgram):
+        from . import _exported
+
+        return _exported.reduce
+    return None
+
+
 def kind_of(o, framework: str) -> str:
     """The kind of reference a tensor of ``framework`` becomes."""
     if framework == "torch":
@@ -225,13 +278,19 @@ def kind_of(o, framework: str) -> str:
     return NUMPY if framework == "numpy" else JAX
 
 
-def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
-    """Packs every tensor/array reachable from ``obj`` and pickles the rest:
-    the description a wrapper carries, and the buffer to put in the store."""
+def pack_object(obj, metadata=None) -> Packing:
+    """Pickles ``obj`` into a skeleton and plans the buffer of every
+    tensor/array it reaches (copied from where they are when filled)."""
     sealer = _Sealer(obj)
     skeleton = sealer.pickle(obj)
-    buffer = pack(sealer.inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
-    return _sealed(skeleton, sealer.kinds, buffer, needs_eval=bool(sealer.training_left)), buffer
+    plan = PackPlan(sealer.inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
+    return Packing(skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan.nbytes, plan.write, sealer.keep)
+
+
+def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
+    """Packs every tensor/array reachable from ``obj`` into a new buffer and
+    pickles the rest: the description a wrapper carries, and the buffer."""
+    return pack_object(obj, metadata).to_array()
 
 
 def referenced_modules(skeleton: bytes) -> tuple:
@@ -272,12 +331,12 @@ class _Ref:
         self.index = index
 
 
-def seal_checkpoint(path, kind: str, model=None) -> tuple[Sealed, "np.ndarray"]:
-    """Seals a checkpoint on disk (see ``_checkpoint``): all its shards as ONE
-    buffer, copied one shard at a time. Without ``model`` it loads as
-    ``{name: tensor}`` of ``kind``; with ``model`` (an ``nn.Module``, or a
-    function that makes one) it loads as that module, every parameter and
-    buffer adopted from the checkpoint by its state-dict name."""
+def pack_checkpoint(path, kind: str, model=None) -> Packing:
+    """Plans a checkpoint on disk (see ``_checkpoint``) as ONE buffer, filled
+    one shard at a time. Without ``model`` it loads as ``{name: tensor}`` of
+    ``kind``; with ``model`` (an ``nn.Module``, or a function that makes one)
+    it loads as that module, every parameter and buffer adopted from the
+    checkpoint by its state-dict name."""
     from ._native import DTYPE_CODES
 
     ckpt = _checkpoint.read(path)
@@ -290,20 +349,28 @@ def seal_checkpoint(path, kind: str, model=None) -> tuple[Sealed, "np.ndarray"]:
 
         f = io.BytesIO()
         _Pickler(f, protocol=5).dump({e.name: _Ref(i) for i, e in enumerate(entries)})
-        skeleton, kinds, extras, needs_eval = f.getvalue(), (kind,) * len(entries), [], False
+        skeleton, kinds, extras, needs_eval, keep = f.getvalue(), (kind,) * len(entries), [], False, None
     else:
         entries, sealer, model = _fill_model(ckpt, model)
         skeleton = sealer.pickle(model)
         kinds, extras, needs_eval = sealer.kinds, sealer.inputs[len(entries) :], bool(sealer.training_left)
+        keep = sealer.keep
     inputs = [PackInput(e.name, DTYPE_CODES[e.dtype], e.shape, 0, e.nbytes) for e in entries] + extras
     plan = PackPlan(inputs, ckpt.metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
-    buffer = plan.allocate()
-    plan.write_layout(buffer)
-    _checkpoint.copy_into(buffer, entries, [plan.offset(i) for i in range(len(entries))])
-    for j, inp in enumerate(extras, start=len(entries)):
-        at = plan.offset(j)
-        buffer[at : at + inp.nbytes] = view_at(inp.address, inp.nbytes)
-    return _sealed(skeleton, kinds, buffer, needs_eval), buffer
+    offsets = [plan.offset(i) for i in range(len(inputs))]
+
+    def fill(dst):
+        plan.write_layout(dst)
+        _checkpoint.copy_into(dst, entries, offsets)
+        for j, inp in enumerate(extras, start=len(entries)):
+            dst[offsets[j] : offsets[j] + inp.nbytes] = view_at(inp.address, inp.nbytes)
+
+    return Packing(skeleton, tuple(kinds), needs_eval, plan.nbytes, fill, keep)
+
+
+def seal_checkpoint(path, kind: str, model=None) -> tuple[Sealed, "np.ndarray"]:
+    """:func:`pack_checkpoint` into a new array, and its description."""
+    return pack_checkpoint(path, kind, model).to_array()
 
 
 def _fill_model(ckpt, model):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import collections
 import functools
 import sys
+import time
 
-from . import _load, _seal
+from . import _load, _seal, _store, _telemetry
 from ._device import parse_device
 
 __all__ = ["ActorWrapper", "TaskWrapper"]
@@ -51,14 +52,23 @@ class ActorWrapper:
         self.use_fast_load = bool(use_fast_load)
         self.write_protect = bool(write_protect)
         self.share_gpu = bool(share_gpu)
-        self._put(ray, *_seal.seal(pipeline, metadata))
+        started = time.perf_counter()
+        self._put(ray, _seal.pack_object(pipeline, metadata), started)
 
-    def _put(self, ray, sealed: "_seal.Sealed", buffer) -> None:
-        # What travels with the wrapper: the description of the sealed
-        # buffer (skeleton, kinds, digest) and its reference, never a second
-        # table of where tensors lie.
-        self._sealed = sealed
-        self._ref = ray.put(buffer)
+    def _put(self, ray, packing: "_seal.Packing", started: float) -> None:
+        # The buffer is packed straight into the object store (no second
+        # copy in this process). What travels with the wrapper is the
+        # description of the sealed buffer (skeleton, kinds, digest) and its
+        # reference, never a second table of where tensors lie.
+        described = []
+
+        def fill(dst):
+            packing.fill(dst)
+            described[:] = [packing.describe(dst)]  # validated by the native library
+
+        self._ref = _store.put_buffer(packing.nbytes, fill)
+        self._sealed = described[0]
+        _telemetry.sealed(len(self._sealed.kinds), self._sealed.nbytes, time.perf_counter() - started, self._ref.hex())
 
     @classmethod
     def from_safetensors(
@@ -96,7 +106,8 @@ class ActorWrapper:
         self.write_protect = bool(write_protect)
         self.share_gpu = bool(share_gpu)
         kind = {"torch": _seal.TORCH, "numpy": _seal.NUMPY, "jax": _seal.JAX}[framework]
-        self._put(ray, *_seal.seal_checkpoint(path, kind, model))
+        started = time.perf_counter()
+        self._put(ray, _seal.pack_checkpoint(path, kind, model), started)
         return self
 
     def __setstate__(self, state):

@@ -12,6 +12,7 @@ EXAMPLES = [
     ("task_wrapper.py", []),
     ("frameworks.py", []),
     ("ray_data_demo.py", ["--size-mb", "16", "--rows", "32"]),
+    ("serve_deployment.py", ["--port", "8471"]),
 ]
 
 

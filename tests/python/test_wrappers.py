@@ -288,3 +288,26 @@ def test_wrapper_before_ray_init_says_what_to_do():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert "ERR ray.init() has not been called" in out, out
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def test_sealing_packs_straight_into_the_object_store(ray_cluster):
+    """The driver writes the sealed buffer into the object store itself: its
+    peak memory grows by one copy of the weights (the store's), not two (a
+    packed buffer plus the store's copy of it)."""
+    nbytes = 192 * 2**20  # well above the ~35 MiB Ray itself adds to a put
+    tree = {"w": torch.randn(nbytes // 4)}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets this process's peak RSS
+    base = _status_kib("VmHWM") * 1024
+    w = ActorWrapper(tree)
+    grew = _status_kib("VmHWM") * 1024 - base
+    assert grew < 1.5 * nbytes, f"sealing grew the driver by {grew / nbytes:.2f} x the weights"
+    assert torch.equal(w.load()["w"], tree["w"])

@@ -1,0 +1,213 @@
+"""``torch.export`` programs sealed without their weights: the graph travels
+as torch.export's own versioned JSON (every node's metadata included: what
+``.module()`` needs, and what pickling the program loses), and its
+``state_dict`` and ``constants`` are the tensors adopted from the sealed
+buffer when the program is rebuilt.
+
+The sealer calls :func:`reduce` for an ExportedProgram it meets; unpickling
+the skeleton calls :func:`rebuild`. This module imports torch.export's
+serializer (about a second in a fresh process), so a wrapper that holds a
+program imports it when it arrives in an actor, not during ``load()``.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import torch
+from torch._export.serde import serialize as serde  # private; what torch.export.save/load use
+
+BLOB_VERSION = 1
+
+
+def _meta(t: torch.Tensor) -> dict:
+    """What rebuild checks the supplied tensor against."""
+    return {"shape": tuple(t.shape), "dtype": t.dtype}
+
+
+def _check(name: str, t, meta: dict) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != meta["shape"] or t.dtype != meta["dtype"]:
+        raise ValueError(
+            f"tensor {name!r}: supplied {tuple(t.shape)} {t.dtype}, the stripped object had {meta['shape']} {meta['dtype']}"
+        )
+
+
+def _check_keys(tensors: dict, metas: dict) -> None:
+    missing = metas.keys() - tensors.keys()
+    extra = tensors.keys() - metas.keys()
+    if missing or extra:
+        raise KeyError(f"tensors do not match the blob: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+
+
+
+def _pack(payload: dict) -> bytes:
+    return pickle.dumps({"version": BLOB_VERSION, **payload}, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack(blob: bytes) -> dict:
+    d = pickle.loads(blob)
+    if d.get("version") != BLOB_VERSION:
+        raise ValueError(f"an exported-program blob of version {d.get('version')!r}, this library reads version {BLOB_VERSION}")
+    return d
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """Same dtype and shape, one element of (CPU) storage, never written."""
+    if t.numel() == 0:
+        return torch.empty(t.shape, dtype=t.dtype)
+    return torch.zeros((), dtype=t.dtype).expand(t.shape)
+
+
+# ---------------------------------------------------------------------------
+# torch.export
+# ---------------------------------------------------------------------------
+#
+# Why cloudpickle breaks it: ExportedProgram pickles its GraphModule with
+# GraphModule.__reduce__, which keeps only the generated Python code and
+# re-traces it with torch.fx at unpickle time. The re-traced graph's nodes
+# have no node.meta (no 'val' FakeTensors, no stack traces, no nn_module_stack),
+# and ExportedProgram.module() -> _unlift_exported_program_lifted_states reads
+# node.meta['val'] of the placeholders/outputs: KeyError 'val'.
+#
+# What works: torch.export's own serializer (torch._export.serde.serialize,
+# what torch.export.save uses) writes the graph, with every node's metadata,
+# as JSON; it serializes state_dict/constants/example inputs separately and can
+# skip them (serialize_state_dict=False, serialize_constants=False), and its
+# deserializer accepts them as already-built dicts, which it puts into the new
+# ExportedProgram as they are (no copy).
+
+
+_SMALL_EXAMPLE_INPUTS = 64 * 1024
+
+
+def _example_inputs_bytes(serde, ep, mode: str) -> bytes:
+    """ExportedProgram.example_inputs travel in the blob: ``.module()`` uses
+    them (only their pytree paths) to build its input guards. "keep": as they
+    are; "placeholder": every tensor replaced by a one-element placeholder of
+    its shape and dtype (values meaningless); "drop": none (no guards
+    function); "auto": "keep" up to 64 KiB of tensor data, else "placeholder"."""
+    ex = ep.example_inputs
+    if ex is None or mode == "drop":
+        return b""
+    leaves = [x for x in torch.utils._pytree.tree_leaves(ex) if isinstance(x, torch.Tensor)]
+    if mode == "auto":
+        mode = "keep" if sum(t.numel() * t.element_size() for t in leaves) <= _SMALL_EXAMPLE_INPUTS else "placeholder"
+    if mode == "placeholder":
+        ex = torch.utils._pytree.tree_map_only(torch.Tensor, _placeholder, ex)
+    elif mode != "keep":
+        raise ValueError(f"example_inputs={mode!r}: expected auto, keep, placeholder or drop")
+    return serde.serialize_torch_artifact(ex)
+
+
+def strip(ep, example_inputs: str = "auto") -> tuple[bytes, dict[str, torch.Tensor]]:
+    """An ExportedProgram -> (blob without weights, {name: tensor}) covering
+    its state_dict (parameters, persistent buffers) and its tensor constants
+    (lifted constants, non-persistent buffers). ``example_inputs``: see
+    :func:`_example_inputs_bytes`."""
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise TypeError(f"expected a torch.export.ExportedProgram, got {type(ep).__name__}")
+    sig = ep.graph_signature
+    mutated = _mutated_state(ep)
+    if mutated:
+        # Running it writes into those tensors: shared read-only weights
+        # would fault (or, unguarded, change every process's copy).
+        raise ValueError(
+            f"the program mutates buffers {sorted(mutated)[:5]} when it runs (e.g. BatchNorm in training mode); "
+            "export the model in eval mode to share it read-only"
+        )
+    params = set(sig.parameters)
+    key_of: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    sites = []  # (where, name, key): where in {"state_dict", "constants"}
+    is_param: dict[str, bool] = {}
+    for where, items in (("state_dict", ep.state_dict.items()), ("constants", ep.constants.items())):
+        for name, t in items:
+            if not isinstance(t, torch.Tensor):
+                raise NotImplementedError(f"{where}[{name!r}] is a {type(t).__name__} (torchbind object): not supported")
+            if t.layout != torch.strided or t.is_quantized:
+                raise NotImplementedError(f"{where}[{name!r}]: layout {t.layout} / quantized not supported")
+            key = key_of.get(id(t))
+            if key is None:
+                key = key_of[id(t)] = name
+                if key in tensors:  # a constant named like a state_dict entry
+                    key = key_of[id(t)] = f"constants.{name}"
+                tensors[key] = t
+            sites.append((where, name, key))
+            is_param[key] = is_param.get(key, False) or (where == "state_dict" and name in params)
+    metas = {k: {**_meta(t), "device": str(t.device), "param": is_param[k]} for k, t in tensors.items()}
+    art = serde.serialize(ep, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+    blob = _pack(
+        {
+            "program": art.exported_program,  # JSON, with every node's metadata
+            "example_inputs": _example_inputs_bytes(serde, ep, example_inputs),  # torch.save bytes
+            "sites": sites,
+            "metas": metas,
+        },
+    )
+    return blob, tensors
+
+
+def _mutated_state(ep) -> set:
+    """Names of the program's parameters, buffers and constants that running
+    it writes: those its signature says it mutates, and those an in-place op
+    of the graph writes (export's training IR keeps ops like ``add_`` on a
+    buffer as they are)."""
+    from torch.export.graph_signature import InputKind
+
+    sig = ep.graph_signature
+    state = {
+        spec.arg.name: spec.target
+        for spec in sig.input_specs
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    }
+    out = set(sig.buffers_to_mutate.values())
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        for arg, value in zip(schema.arguments, node.args):
+            written = arg.alias_info is not None and arg.alias_info.is_write
+            if written and isinstance(value, torch.fx.Node) and value.name in state:
+                out.add(state[value.name])
+    return out
+
+
+def _as_param(t: torch.Tensor) -> torch.nn.Parameter:
+    """``nn.Parameter(t, requires_grad=False)`` sharing t's storage (no copy, no write)."""
+    if isinstance(t, torch.nn.Parameter) and not t.requires_grad:
+        return t
+    return torch.nn.Parameter(t.detach(), requires_grad=False)
+
+
+def rebuild(blob: bytes, tensors: dict[str, torch.Tensor]):
+    """blob + {name: tensor} -> ExportedProgram whose state_dict / constants
+    are the supplied tensors (parameters as requires_grad=False
+    nn.Parameter views of them: same storage, same data_ptr)."""
+    d = _unpack(blob)
+    metas = d["metas"]
+    _check_keys(tensors, metas)
+    objs = {}
+    for k, meta in metas.items():
+        t = tensors[k]
+        _check(k, t, meta)
+        # one object per distinct tensor: tied entries stay the same object
+        objs[k] = _as_param(t) if meta["param"] else t
+    state_dict, constants = {}, {}
+    for where, name, key in d["sites"]:
+        (state_dict if where == "state_dict" else constants)[name] = objs[key]
+    art = serde.SerializedArtifact(
+        d["program"],
+        state_dict,  # dicts are taken as they are (deserialize_torch_artifact)
+        constants,
+        d["example_inputs"],
+    )
+    return serde.deserialize(art)
+
+
+def reduce(program):
+    """What the sealer pickles an ExportedProgram as: :func:`rebuild` with
+    the blob and the program's tensors (which the sealer turns into
+    references to the sealed buffer)."""
+    return rebuild, strip(program)

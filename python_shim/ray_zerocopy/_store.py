@@ -1,0 +1,135 @@
+"""Putting a sealed buffer into Ray's object store without a second copy of
+it in the driver.
+
+``ray.put(array)`` copies the array into the object store: the driver holds
+the array and the store's copy at once (twice the model). Ray 2.60 has no
+public call that creates a writable object and seals it afterwards, so
+:func:`put_buffer` does the equivalent with public calls:
+
+1. ``ray.put`` a read-only view of an untouched anonymous mapping of the
+   buffer's size: reading it maps the kernel's zero page, which costs no
+   memory, so Ray creates and seals an object of zeros for free (the same
+   ``uint8`` array object ``ray.put`` of a real array makes);
+2. ``ray.get`` it in the driver: a view into the object store's shared
+   mapping; while the driver holds it, the store cannot spill the object
+   (Ray spills only objects no client holds);
+3. write the buffer into that view (packing straight into the store, shard
+   by shard for a checkpoint), drop the view, and only then hand out the
+   reference: no reader can see the object before it is complete.
+
+This writes into an object after Ray sealed it, which Ray's immutability
+rule allows only because no other process has the reference yet. Every
+assumption is checked, and when one does not hold (Ray Client, a store
+mapping that is not writable shared memory, a spill before the fill) the
+buffer is packed into an anonymous mapping and ``ray.put`` as usual, the
+mapping released right after: twice the model for the length of the put.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import numpy as np
+
+from . import _telemetry
+
+# ray.put keeps objects up to 100 KiB in the owner's memory instead of the
+# object store; small buffers gain nothing from this anyway.
+_MIN_IN_PLACE = 1 << 20
+
+_PyBUF_WRITE = 0x200
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.restype = ctypes.py_object
+_memory_view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+
+
+def put_buffer(nbytes: int, fill):
+    """A reference to a new ``uint8`` array object of ``nbytes`` bytes that
+    ``fill(dst)`` wrote (``dst`` a writable ``uint8`` array; ``fill`` keeps
+    no reference to it). ``fill`` may be called twice (a fallback starts
+    over)."""
+    import ray
+
+    if nbytes >= _MIN_IN_PLACE:
+        why = _in_place_unavailable(ray)
+        if why is None:
+            ref, why = _put_in_place(ray, nbytes, fill)
+            if ref is not None:
+                return ref
+        _telemetry.log.debug("sealing through a copy (%s)", why)
+    return _put_copy(ray, nbytes, fill)
+
+
+def _in_place_unavailable(ray):
+    try:
+        from ray.util.client import ray as client
+
+        if client.is_connected():
+            return "Ray Client: ray.get returns a local copy"
+    except ImportError:
+        pass
+    return None
+
+
+def _shared_writable(addr: int, nbytes: int) -> bool:
+    """Whether ``[addr, addr + nbytes)`` lies in one writable shared mapping."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            rng, perms = line.split(None, 2)[:2]
+            lo, hi = (int(x, 16) for x in rng.split("-"))
+            if lo <= addr and addr + nbytes <= hi:
+                return perms.startswith("rw") and perms[3] == "s"
+            if lo > addr:
+                break
+    return False
+
+
+def _spilled(ray, ref) -> bool:
+    try:
+        return bool(ray.experimental.get_object_locations([ref]).get(ref, {}).get("did_spill", False))
+    except Exception:
+        return True  # cannot tell: do not write
+
+
+def _put_in_place(ray, nbytes: int, fill):
+    zeros = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
+    try:
+        view = np.frombuffer(zeros, dtype=np.uint8)
+        ref = ray.put(view)
+        del view
+    finally:
+        zeros.close()
+    stored = ray.get(ref)  # held: the store cannot spill the object meanwhile
+    if not (isinstance(stored, np.ndarray) and stored.dtype == np.uint8 and stored.nbytes == nbytes and stored.flags.c_contiguous):
+        return None, "ray.get did not return the stored array itself"
+    addr = stored.__array_interface__["data"][0]
+    if not _shared_writable(addr, nbytes):
+        return None, "the object store is not mapped as writable shared memory here"
+    if _spilled(ray, ref):
+        return None, "the object was spilled before it could be filled"
+    dst = np.frombuffer(_memory_view(addr, nbytes, _PyBUF_WRITE), dtype=np.uint8)
+    try:
+        fill(dst)
+    finally:
+        del dst, stored
+    if _spilled(ray, ref):
+        return None, "the object was spilled while it was filled"
+    return ref, None
+
+
+def _put_copy(ray, nbytes: int, fill):
+    """Packs into an anonymous mapping, puts it, releases the mapping."""
+    if nbytes == 0:
+        buf = np.empty(0, dtype=np.uint8)
+        fill(buf)
+        return ray.put(buf)
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = np.frombuffer(area, dtype=np.uint8)
+        fill(buf)
+        ref = ray.put(buf)
+        del buf
+    finally:
+        area.close()
+    return ref

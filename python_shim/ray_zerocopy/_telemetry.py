@@ -1,0 +1,91 @@
+"""What ray-zerocopy tells its users while it works: the standard ``logging``
+logger ``ray_zerocopy`` (one INFO line per seal and per load, a WARNING for
+every fallback) and metrics through ``ray.util.metrics``, which Ray exports
+to its dashboard and to Prometheus (``ray_zerocopy_load_seconds``,
+``ray_zerocopy_sealed_bytes``).
+
+The library adds no handler: configure ``logging`` as usual (Ray's workers
+forward INFO to the driver's console when ``logging.basicConfig(level=INFO)``
+or Ray's logging configuration says so). Metrics are best effort: a failure
+to record one never fails a seal or a load.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger("ray_zerocopy")
+
+_metrics = None
+
+
+def _ray_metrics():
+    """The metrics, made once per process where Ray is initialized (they
+    need a connected worker), else ``None``."""
+    global _metrics
+    if _metrics is None:
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized():
+            return None
+        try:
+            from ray.util import metrics
+
+            _metrics = (
+                metrics.Histogram(
+                    "ray_zerocopy_load_seconds",
+                    description="Time to load a sealed pipeline in a process (open, adopt or upload, rebuild).",
+                    boundaries=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10],
+                    tag_keys=("device", "mode"),
+                ),
+                metrics.Counter(
+                    "ray_zerocopy_sealed_bytes",
+                    description="Bytes sealed into Ray's object store (each a single copy per node).",
+                ),
+            )
+        except Exception as e:  # metrics must never fail the caller
+            log.debug("metrics unavailable: %s", e)
+            _metrics = ()
+    return _metrics or None
+
+
+def sealed(tensors: int, nbytes: int, seconds: float, object_id: str) -> None:
+    """One sealed buffer went into the object store."""
+    log.info("sealed %d tensors, %.1f MiB, in %.2f s as object %s", tensors, nbytes / 2**20, seconds, object_id)
+    m = _ray_metrics()
+    if m:
+        try:
+            m[1].inc(nbytes)
+        except Exception as e:
+            log.debug("could not record a metric: %s", e)
+
+
+def loaded(device: str, tensors: int, seconds: float, write_protected: bool, upload: dict | None) -> None:
+    """A pipeline was loaded in this process; ``upload`` is the device
+    upload's ``info()`` on a GPU."""
+    if upload is None:
+        mode = "zero-copy"
+        how = f"zero-copy, {'write-protected' if write_protected else 'not write-protected'}"
+    else:
+        mode = {"imported": "shared", "uploaded": "upload", "private": "upload"}.get(upload["sharing"], "upload")
+        if upload["sharing"] == "imported":
+            how = "mapped the device copy another process uploaded (no copy)"
+        else:
+            rate = upload["nbytes"] / upload["seconds"] / 1e9 if upload["seconds"] > 0 else float("inf")
+            how = (
+                f"uploaded {upload['nbytes'] / 2**20:.1f} MiB at {rate:.1f} GB/s ({upload['staging']} staging"
+                f"{', shared' if upload['sharing'] == 'uploaded' else ''})"
+            )
+        how += f", host copy {'write-protected' if write_protected else 'not write-protected'}"
+    log.info("loaded %d tensors on %s: %s, in %.1f ms", tensors, device, how, seconds * 1e3)
+    m = _ray_metrics()
+    if m:
+        try:
+            m[0].observe(seconds, tags={"device": device, "mode": mode})
+        except Exception as e:
+            log.debug("could not record a metric: %s", e)
+
+
+def fallback(message: str, *args) -> None:
+    """Something did not go the fast way and took a slower one."""
+    log.warning(message, *args)
