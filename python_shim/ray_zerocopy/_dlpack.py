@@ -25,6 +25,9 @@ _api = ctypes.pythonapi
 _DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _api.PyCapsule_New.restype = ctypes.py_object
 _api.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, _DESTRUCTOR]
+# The same function with no destructor (a NULL pointer), for capsules that
+# are consumed at once (see consume_versioned).
+_new_bare = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(("PyCapsule_New", _api))
 _api.PyCapsule_IsValid.restype = ctypes.c_int
 _api.PyCapsule_IsValid.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _api.PyCapsule_GetPointer.restype = ctypes.c_void_p
@@ -50,6 +53,25 @@ def versioned_capsule(managed) -> object:
     as an int) in a capsule."""
     address = managed if isinstance(managed, int) else int(ffi.cast("uintptr_t", managed))
     return _api.PyCapsule_New(address, _VERSIONED, _free_versioned)
+
+
+def consume_versioned(addresses, consumer) -> list:
+    """``consumer(capsule)`` for a bare capsule around each of
+    ``addresses`` (``DLManagedTensorVersioned *``), for a consumer that takes
+    every capsule it is given (``torch.from_dlpack``). The capsules have no
+    destructor: a ctypes callback per capsule, run even for a consumed one,
+    cost a quarter of a millisecond per load of a few hundred tensors. If the
+    consumer fails, the tensors it did not take are freed here."""
+    new = _new_bare
+    out = []
+    try:
+        for address in addresses:
+            out.append(consumer(new(address, _VERSIONED, None)))
+    except BaseException:
+        for address in addresses[len(out) :]:
+            lib.rzc_dlpack_versioned_free(ffi.cast("DLManagedTensorVersioned *", address))
+        raise
+    return out
 
 
 def legacy_capsule(managed) -> object:

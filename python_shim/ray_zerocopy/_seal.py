@@ -12,6 +12,7 @@ weights) is one reference, so it is stored once and comes back tied.
 
 from __future__ import annotations
 
+import copyreg
 import io
 import pickle
 import sys
@@ -227,11 +228,20 @@ class _Sealer:
                 # Modules are pickled in eval mode, as load() returns them: the
                 # loaded pipeline needs no walk over its modules to switch them,
                 # and the caller's own modules stay as they are.
-                if torch is not None and isinstance(o, torch.nn.Module) and o.training:
-                    rv = o.__reduce_ex__(self.proto)
-                    if isinstance(rv, tuple) and len(rv) >= 3 and isinstance(rv[2], dict) and "training" in rv[2]:
-                        return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
-                    sealer.training_left.append(o)
+                if torch is not None and isinstance(o, torch.nn.Module):
+                    if _plain_module(type(o)):
+                        # Their state is their __dict__: set it back directly,
+                        # without Module.__setstate__'s checks for old
+                        # checkpoints' missing attributes (a load unpickles
+                        # hundreds of modules; this is a third of the time).
+                        state = o.__getstate__()
+                        state["training"] = False
+                        return copyreg.__newobj__, (type(o),), state, None, None, _set_module_state
+                    if o.training:
+                        rv = o.__reduce_ex__(self.proto)
+                        if isinstance(rv, tuple) and len(rv) >= 3 and isinstance(rv[2], dict) and "training" in rv[2]:
+                            return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
+                        sealer.training_left.append(o)
                 base = getattr(super(), "reducer_override", None)
                 return base(o) if base is not None else NotImplemented
 
@@ -251,6 +261,32 @@ class _Sealer:
                 "held by something other than torch tensors, numpy or JAX arrays?)"
             )
         return f.getvalue()
+
+
+_plain: dict = {}
+
+
+def _plain_module(cls) -> bool:
+    """Whether ``cls`` pickles as an ``nn.Module`` does by default: its state
+    is (a copy of) its ``__dict__`` and ``Module.__setstate__`` sets it back."""
+    known = _plain.get(cls)
+    if known is None:
+        import torch
+
+        known = _plain[cls] = (
+            cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__getstate__", None) is torch.nn.Module.__getstate__
+            and cls.__setstate__ is torch.nn.Module.__setstate__
+            and not hasattr(cls, "__slots__")
+        )
+    return known
+
+
+def _set_module_state(obj, state) -> None:
+    """Sets the state of a module pickled by :func:`_plain_module`'s rule (a
+    complete ``__dict__``, so ``Module.__setstate__`` would add nothing)."""
+    obj.__dict__.update(state)
 
 
 def _program_reducer(o):

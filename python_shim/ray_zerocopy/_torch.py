@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dlpack import versioned_capsule
+from ._dlpack import consume_versioned, versioned_capsule
 from ._native import DTYPE_CODES
 from .errors import UnsupportedDtypeError
 from .weights import DeviceWeights, PackInput
@@ -34,6 +34,11 @@ _BY_NAME = {
 # Only the dtypes this torch build has.
 TO_TORCH = {st: getattr(torch, t) for st, t in _BY_NAME.items() if hasattr(torch, t)}
 FROM_TORCH = {t: DTYPE_CODES[st] for st, t in TO_TORCH.items()}
+
+
+# torch.from_dlpack's own capsule path, without its checks for producer
+# objects (a capsule has no __dlpack__); public torch.from_dlpack otherwise.
+_from_capsule = getattr(torch._C, "_from_dlpack", torch.from_dlpack)
 
 
 def accepts(obj) -> bool:
@@ -78,8 +83,7 @@ def adopt(source, indices, fast: bool = False) -> list:
         # The upload used the primary context torch uses and is complete.
         return [torch.from_dlpack(versioned_capsule(source.export_versioned(i))) for i in indices]
     if not fast:
-        from_dlpack = torch.from_dlpack
-        return [from_dlpack(versioned_capsule(a)) for a in source.export_versioned_many(indices)]
+        return consume_versioned(source.export_versioned_many(indices), _from_capsule)
     section = torch.from_dlpack(source.data_section())
     start, table = source.data_start, source.table()
     out = []

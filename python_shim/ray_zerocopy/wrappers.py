@@ -113,9 +113,11 @@ class ActorWrapper:
     def __setstate__(self, state):
         # Arriving in an actor: import what the skeleton's classes live in
         # now, while Ray builds the actor, as it does for any argument's
-        # classes, so that load() only assembles the pipeline.
+        # classes, and make this process's metrics, so that load() only
+        # assembles the pipeline.
         self.__dict__.update(state)
         _seal.import_modules(self._sealed.modules, self._sealed.kinds)
+        _telemetry.prepare()
 
     # ------------------------------------------------------------------
     @property
