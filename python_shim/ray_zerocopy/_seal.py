@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _checkpoint
+from . import _checkpoint, _telemetry
 from .errors import RzcError
 from .weights import PackInput, PackPlan, Weights, pack, view_at
 
@@ -319,8 +319,22 @@ def pack_object(obj, metadata=None) -> Packing:
     tensor/array it reaches (copied from where they are when filled)."""
     sealer = _Sealer(obj)
     skeleton = sealer.pickle(obj)
-    plan = PackPlan(sealer.inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
-    return Packing(skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan.nbytes, plan.write, sealer.keep)
+    inputs = sealer.inputs
+    plan = PackPlan(inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
+
+    def fill(dst):
+        bar = _telemetry.progress(plan.nbytes, "sealing")
+        if isinstance(bar, _telemetry._NoProgress):
+            plan.write(dst)  # one native call
+            return
+        plan.write_layout(dst)  # then tensor by tensor, to show progress
+        for i, inp in enumerate(inputs):
+            at = plan.offset(i)
+            dst[at : at + inp.nbytes] = view_at(inp.address, inp.nbytes)
+            bar.update(inp.nbytes)
+        bar.close()
+
+    return Packing(skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan.nbytes, fill, sealer.keep)
 
 
 def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
@@ -396,10 +410,12 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
     offsets = [plan.offset(i) for i in range(len(inputs))]
 
     def fill(dst):
+        bar = _telemetry.progress(plan.nbytes, "sealing checkpoint")
         plan.write_layout(dst)
-        _checkpoint.copy_into(dst, entries, offsets)
+        _checkpoint.copy_into(dst, entries, offsets, bar.update)
         for j, inp in enumerate(extras, start=len(entries)):
             dst[offsets[j] : offsets[j] + inp.nbytes] = view_at(inp.address, inp.nbytes)
+        bar.close()
 
     return Packing(skeleton, tuple(kinds), needs_eval, plan.nbytes, fill, keep)
 

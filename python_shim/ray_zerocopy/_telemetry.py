@@ -93,6 +93,32 @@ def loaded(device: str, tensors: int, seconds: float, write_protected: bool, upl
             log.debug("could not record a metric: %s", e)
 
 
+#: Sealing shows a progress bar above this size when stderr is a terminal.
+PROGRESS_MIN_BYTES = 1 << 30
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, what: str):
+    """A progress bar over ``total`` bytes (``update(n)``, ``close()``) on
+    stderr, as Ray Data shows one: only for at least ``PROGRESS_MIN_BYTES``,
+    when stderr is a terminal and tqdm is installed; else one that shows
+    nothing."""
+    if total < PROGRESS_MIN_BYTES or not getattr(sys.stderr, "isatty", lambda: False)():
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+
+
 def fallback(message: str, *args) -> None:
     """Something did not go the fast way and took a slower one."""
     log.warning(message, *args)

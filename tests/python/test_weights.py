@@ -3,6 +3,7 @@ numpy and JAX, lifetimes, packing, and errors. No Ray here."""
 
 import ctypes
 import gc
+import sys
 
 import numpy as np
 import pytest
@@ -192,3 +193,18 @@ def test_the_table_is_the_validated_header(tmp_path):
             assert t.dtype == f.get_slice(t.name).get_dtype(), t.name
     ends = [t.offset + t.nbytes for t in table]
     assert ends[-1] == w.nbytes and all(a <= b.offset for a, b in zip(ends, table[1:])), "in the order of the data"
+
+
+def test_sealing_with_a_progress_bar_writes_the_same_buffer(monkeypatch, capsys):
+    """Above the progress threshold on a terminal, sealing copies tensor by
+    tensor to show progress on stderr; the buffer is the same as the one
+    native call writes."""
+    from ray_zerocopy import _seal, _telemetry
+
+    tree = {"a": torch.randn(4096), "b": torch.arange(1000, dtype=torch.int16), "c": torch.ones(3, 7, dtype=torch.bfloat16)}
+    _, quiet = _seal.seal(tree)
+    monkeypatch.setattr(_telemetry, "PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    _, shown = _seal.seal(tree)
+    assert "sealing" in capsys.readouterr().err, "a progress bar was shown"
+    assert quiet.tobytes() == shown.tobytes()
