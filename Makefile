@@ -15,7 +15,7 @@ FUZZ_SECONDS ?= 60
 TEST_FUZZ_SECONDS ?= 20
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo bench-actors bench-load test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python test-gpu fakecuda gpu-bundle fuzz bench bench-core examples clean
+.PHONY: wheel demo bench-actors bench-load test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python test-gpu fakecuda gpu-bundle fuzz bench bench-core examples clean
 
 setup: venv native python
 
@@ -36,7 +36,7 @@ fixtures: venv
 header:
 	RZC_BLESS_HEADER=1 cargo test -q -p rzc-capi --test header
 
-test: setup test-rust test-c test-python test-gpu test-fuzz
+test: setup test-rust test-c test-python test-gpu wheel test-fuzz
 	@echo "all tests passed"
 
 # `cargo test` links tests against the rlib only; the libloading tests need
@@ -137,7 +137,20 @@ test-gpu: python fakecuda test-c
 	grep -q '"op": *"alloc"' $(FAKECUDA)/c-log.jsonl && grep -q '"leaks": *0' $(FAKECUDA)/c-log.jsonl
 	$(STANDIN) FAKECUDA_LOG=$(CURDIR)/$(FAKECUDA)/pytest-log.jsonl $(VPY) -m pytest -q -rs tests/gpu
 
+# The distributions in build/dist: a manylinux_2_28 wheel (one py3 wheel for
+# every CPython 3.10+: the native part is loaded through cffi, not compiled
+# against Python), linked against glibc 2.28 with zig, checked by auditwheel
+# and installed with pip alone on every Python 3.10-3.13 here; and the sdist,
+# checked to build.
+DIST := $(BUILD)/dist
+wheel: venv
+	rm -rf $(DIST)
+	cd python_shim && PATH=$(CURDIR)/$(VENV)/bin:$$PATH ../$(VPY) -m maturin build -q --release --compatibility manylinux_2_28 --zig -o ../$(DIST)
+	cd python_shim && ../$(VPY) -m maturin sdist -o ../$(DIST)
+	$(VPY) -m auditwheel show $(DIST)/*.whl | tr -s ' \n' ' ' | grep -q 'consistent with the following platform tag: "manylinux_2_28_x86_64"'
+	bash tests/wheel/check_wheel.sh $(DIST)
+
 # The wheel in .gpu/, for tests/gpu/run_gpu_checks.sh on a GPU machine.
-gpu-bundle: python
+gpu-bundle: wheel
 	rm -rf .gpu && mkdir -p .gpu
-	cp $$(ls -t $(BUILD)/wheels/ray_zerocopy-*.whl | head -1) .gpu/
+	cp $(DIST)/ray_zerocopy-*-manylinux_2_28_x86_64.whl .gpu/
