@@ -15,7 +15,7 @@ FUZZ_SECONDS ?= 60
 TEST_FUZZ_SECONDS ?= 20
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: wheel demo bench-actors bench-load test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python test-gpu fakecuda gpu-bundle fuzz bench bench-core examples clean
+.PHONY: docs wheel demo bench-actors bench-load test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python test-gpu fakecuda gpu-bundle fuzz bench bench-core examples clean
 
 setup: venv native python
 
@@ -36,7 +36,7 @@ fixtures: venv
 header:
 	RZC_BLESS_HEADER=1 cargo test -q -p rzc-capi --test header
 
-test: setup test-rust test-c test-python test-gpu wheel test-fuzz
+test: setup test-rust test-c test-python test-gpu wheel docs test-fuzz
 	@echo "all tests passed"
 
 # `cargo test` links tests against the rlib only; the libloading tests need
@@ -149,6 +149,12 @@ wheel: venv
 	cd python_shim && ../$(VPY) -m maturin sdist -o ../$(DIST)
 	$(VPY) -m auditwheel show $(DIST)/*.whl | tr -s ' \n' ' ' | grep -q 'consistent with the following platform tag: "manylinux_2_28_x86_64"'
 	bash tests/wheel/check_wheel.sh $(DIST)
+
+# The documentation site (MkDocs, Material theme, the API reference from the
+# docstrings by mkdocstrings), built strictly into build/site: a broken link,
+# page or reference fails. Every Python block in it runs in test-python.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --site-dir $(BUILD)/site
 
 # The wheel in .gpu/, for tests/gpu/run_gpu_checks.sh on a GPU machine.
 gpu-bundle: wheel

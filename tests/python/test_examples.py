@@ -13,6 +13,7 @@ EXAMPLES = [
     ("frameworks.py", []),
     ("ray_data_demo.py", ["--size-mb", "16", "--rows", "32"]),
     ("serve_deployment.py", ["--port", "8471"]),
+    ("checkpoints.py", []),
 ]
 
 
