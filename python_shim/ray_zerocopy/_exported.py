@@ -12,53 +12,10 @@ program imports it when it arrives in an actor, not during ``load()``.
 
 from __future__ import annotations
 
-import pickle
-
 import torch
 from torch._export.serde import serialize as serde  # private; what torch.export.save/load use
 
-BLOB_VERSION = 1
-
-
-def _meta(t: torch.Tensor) -> dict:
-    """What rebuild checks the supplied tensor against."""
-    return {"shape": tuple(t.shape), "dtype": t.dtype}
-
-
-def _check(name: str, t, meta: dict) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != meta["shape"] or t.dtype != meta["dtype"]:
-        raise ValueError(
-            f"tensor {name!r}: supplied {tuple(t.shape)} {t.dtype}, the stripped object had {meta['shape']} {meta['dtype']}"
-        )
-
-
-def _check_keys(tensors: dict, metas: dict) -> None:
-    missing = metas.keys() - tensors.keys()
-    extra = tensors.keys() - metas.keys()
-    if missing or extra:
-        raise KeyError(f"tensors do not match the blob: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
-
-
-
-def _pack(payload: dict) -> bytes:
-    return pickle.dumps({"version": BLOB_VERSION, **payload}, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _unpack(blob: bytes) -> dict:
-    d = pickle.loads(blob)
-    if d.get("version") != BLOB_VERSION:
-        raise ValueError(f"an exported-program blob of version {d.get('version')!r}, this library reads version {BLOB_VERSION}")
-    return d
-
-
-def _placeholder(t: torch.Tensor) -> torch.Tensor:
-    """Same dtype and shape, one element of (CPU) storage, never written."""
-    if t.numel() == 0:
-        return torch.empty(t.shape, dtype=t.dtype)
-    return torch.zeros((), dtype=t.dtype).expand(t.shape)
-
+from ._programs import check, meta, pack, placeholder, unpack
 
 # ---------------------------------------------------------------------------
 # torch.export
@@ -95,7 +52,7 @@ def _example_inputs_bytes(serde, ep, mode: str) -> bytes:
     if mode == "auto":
         mode = "keep" if sum(t.numel() * t.element_size() for t in leaves) <= _SMALL_EXAMPLE_INPUTS else "placeholder"
     if mode == "placeholder":
-        ex = torch.utils._pytree.tree_map_only(torch.Tensor, _placeholder, ex)
+        ex = torch.utils._pytree.tree_map_only(torch.Tensor, placeholder, ex)
     elif mode != "keep":
         raise ValueError(f"example_inputs={mode!r}: expected auto, keep, placeholder or drop")
     return serde.serialize_torch_artifact(ex)
@@ -136,9 +93,10 @@ def strip(ep, example_inputs: str = "auto") -> tuple[bytes, dict[str, torch.Tens
                 tensors[key] = t
             sites.append((where, name, key))
             is_param[key] = is_param.get(key, False) or (where == "state_dict" and name in params)
-    metas = {k: {**_meta(t), "device": str(t.device), "param": is_param[k]} for k, t in tensors.items()}
+    metas = {k: {**meta(t), "device": str(t.device), "param": is_param[k]} for k, t in tensors.items()}
     art = serde.serialize(ep, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
-    blob = _pack(
+    blob = pack(
+        "export",
         {
             "program": art.exported_program,  # JSON, with every node's metadata
             "example_inputs": _example_inputs_bytes(serde, ep, example_inputs),  # torch.save bytes
@@ -185,15 +143,11 @@ def rebuild(blob: bytes, tensors: dict[str, torch.Tensor]):
     """blob + {name: tensor} -> ExportedProgram whose state_dict / constants
     are the supplied tensors (parameters as requires_grad=False
     nn.Parameter views of them: same storage, same data_ptr)."""
-    d = _unpack(blob)
+    d = unpack(blob, "export")
     metas = d["metas"]
-    _check_keys(tensors, metas)
-    objs = {}
-    for k, meta in metas.items():
-        t = tensors[k]
-        _check(k, t, meta)
-        # one object per distinct tensor: tied entries stay the same object
-        objs[k] = _as_param(t) if meta["param"] else t
+    check(tensors, metas)
+    # one object per distinct tensor: tied entries stay the same object
+    objs = {k: _as_param(tensors[k]) if m["param"] else tensors[k] for k, m in metas.items()}
     state_dict, constants = {}, {}
     for where, name, key in d["sites"]:
         (state_dict if where == "state_dict" else constants)[name] = objs[key]

@@ -12,46 +12,11 @@ skeleton calls :func:`rebuild`.
 from __future__ import annotations
 
 import io
-import pickle
 import threading
 
 import torch
 
-BLOB_VERSION = 1
-
-
-def _meta(t: torch.Tensor) -> dict:
-    """What rebuild checks the supplied tensor against."""
-    return {"shape": tuple(t.shape), "dtype": t.dtype}
-
-
-def _check(name: str, t, meta: dict) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != meta["shape"] or t.dtype != meta["dtype"]:
-        raise ValueError(
-            f"tensor {name!r}: supplied {tuple(t.shape)} {t.dtype}, the stripped object had {meta['shape']} {meta['dtype']}"
-        )
-
-
-def _check_keys(tensors: dict, metas: dict) -> None:
-    missing = metas.keys() - tensors.keys()
-    extra = tensors.keys() - metas.keys()
-    if missing or extra:
-        raise KeyError(f"tensors do not match the blob: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
-
-
-
-def _pack(payload: dict) -> bytes:
-    return pickle.dumps({"version": BLOB_VERSION, **payload}, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _unpack(blob: bytes) -> dict:
-    d = pickle.loads(blob)
-    if d.get("version") != BLOB_VERSION:
-        raise ValueError(f"a TorchScript blob of version {d.get('version')!r}, this library reads version {BLOB_VERSION}")
-    return d
-
+from ._programs import check, meta, pack, placeholder, unpack
 
 # ---------------------------------------------------------------------------
 # TorchScript
@@ -108,15 +73,6 @@ def _slot_owner(root_c, path: str):
     for name in mods:
         owner = owner.getattr(name)
     return owner, attr
-
-
-def _placeholder(t: torch.Tensor) -> torch.Tensor:
-    """Same dtype and shape, one element of (CPU) storage, never written."""
-    if t.is_sparse or t.is_quantized or t.layout != torch.strided:
-        raise NotImplementedError(f"tensor layout {t.layout} / quantized tensors are not supported")
-    if t.numel() == 0:
-        return torch.empty(t.shape, dtype=t.dtype)
-    return torch.zeros((), dtype=t.dtype).expand(t.shape)
 
 
 # Tensors embedded in the code as constants (prim::Constant nodes): what a
@@ -190,7 +146,7 @@ def strip(module, constant_min_bytes: int | None = CONSTANT_MIN_BYTES) -> tuple[
         if key is None:
             key = key_of[id(t)] = path
             tensors[key] = t
-            placeholders[id(t)] = _placeholder(t)
+            placeholders[id(t)] = placeholder(t)
         layout.append((path, key))
     # graph constants
     const_nodes = []  # (node, original tensor, key)
@@ -219,7 +175,7 @@ def strip(module, constant_min_bytes: int | None = CONSTANT_MIN_BYTES) -> tuple[
                 const_keys.append(key)
                 const_ph[key] = ph
             const_nodes.append((node, t, key))
-    metas = {k: {**_meta(t), "device": str(t.device), "requires_grad": t.requires_grad} for k, t in tensors.items()}
+    metas = {k: {**meta(t), "device": str(t.device), "requires_grad": t.requires_grad} for k, t in tensors.items()}
 
     buf = io.BytesIO()
     with _script_lock:
@@ -238,7 +194,8 @@ def strip(module, constant_min_bytes: int | None = CONSTANT_MIN_BYTES) -> tuple[
                 owner.setattr(attr, t)
             for node, t in reversed(done_nodes):
                 node.t_("value", t)
-    blob = _pack(
+    blob = pack(
+        "torchscript",
         {
             "archive": buf.getvalue(),
             "layout": layout,
@@ -254,11 +211,9 @@ def rebuild(blob: bytes, tensors: dict[str, torch.Tensor], map_location=None):
     (and stripped graph constants) are exactly the supplied tensor objects.
     ``map_location``: for torch.jit.load, i.e. for what stays in the blob
     (small graph constants; the placeholders are CPU tensors anyway)."""
-    d = _unpack(blob)
+    d = unpack(blob, "torchscript")
     metas = d["metas"]
-    _check_keys(tensors, metas)
-    for k, meta in metas.items():
-        _check(k, tensors[k], meta)
+    check(tensors, metas)
     # The placeholders were saved as CPU tensors: loading allocates one
     # element each. The module's tensors are those supplied, on their device.
     module = torch.jit.load(io.BytesIO(d["archive"]), map_location=map_location)

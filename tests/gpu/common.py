@@ -41,6 +41,35 @@ def _standin_loaded() -> bool:
         return any("libcuda.so" in line and os.path.realpath(STANDIN_DIR) in line for line in f)
 
 
+def sample_tensors() -> dict:
+    """A tensor of every dtype torch and safetensors share, plus a scalar and
+    an empty one, with values that tell them apart."""
+    import torch
+
+    dtypes = [
+        torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
+        torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2,
+    ]
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for i, dt in enumerate(dtypes):
+        base = torch.randn(37, 5 + i, generator=g) * 3
+        out[f"t{i}"] = torch.complex(base, -base) if dt == torch.complex64 else base.to(dt)
+    out["scalar"] = torch.tensor(1.5)
+    out["empty"] = torch.zeros(0, 7)
+    return out
+
+
+def sealed_in_shm(obj, shm, name: str):
+    """``obj`` sealed as an ActorWrapper would (its description), and the
+    buffer opened from shared memory standing in for Ray's object store."""
+    import ray_zerocopy as rzc
+    from ray_zerocopy import _seal
+
+    description, buffer = _seal.seal(obj)
+    return description, rzc.Weights.from_buffer(shm(buffer, name))
+
+
 def shared_buffer(data: np.ndarray, name: str) -> np.ndarray:
     """A copy of ``data`` in a /dev/shm file (shared, pageable memory, as
     Ray's object store is), mapped by this process."""

@@ -8,32 +8,13 @@ import numpy as np
 import pytest
 
 import ray_zerocopy as rzc
-from ray_zerocopy import _seal
+from common import sample_tensors, sealed_in_shm
 from ray_zerocopy.weights import cuda_device_count
 
 torch = pytest.importorskip("torch")
 
-DTYPES = [
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
-    torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2,
-]
-
-
-def sample():
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for i, dt in enumerate(DTYPES):
-        base = torch.randn(37, 5 + i, generator=g) * 3
-        out[f"t{i}"] = torch.complex(base, -base) if dt == torch.complex64 else base.to(dt)
-    out["scalar"] = torch.tensor(1.5)
-    out["empty"] = torch.zeros(0, 7)
-    return out
-
-
 def sealed(obj, shm, name):
-    """``obj`` sealed as an ActorWrapper would, the buffer in shared memory."""
-    _, buffer = _seal.seal(obj)
-    return rzc.Weights.from_buffer(shm(buffer, name))
+    return sealed_in_shm(obj, shm, name)[1]
 
 
 def as_bytes(t):
@@ -42,7 +23,7 @@ def as_bytes(t):
 
 @pytest.mark.parametrize("staging", ["auto", "register", "pinned", "pageable"])
 def test_every_dtype_bit_for_bit(shm, staging, driver_log):
-    tensors = sample()
+    tensors = sample_tensors()
     w = sealed(tensors, shm, staging)
     dev = w.upload(0, staging=staging, chunk_bytes=1 << 16)  # small chunks: many pieces
     info = dev.info()

@@ -12,28 +12,10 @@ import pytest
 import torch
 
 import ray_zerocopy as rzc
-from ray_zerocopy import _load, _seal
+from ray_zerocopy import _load
 
-DTYPES = [
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
-    torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2,
-]
-
-
-def sealed(obj, shm, name):
-    description, buffer = _seal.seal(obj)
-    return description, rzc.Weights.from_buffer(shm(buffer, name))
-
-
-def sample():
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for i, dt in enumerate(DTYPES):
-        base = torch.randn(37, 5 + i, generator=g) * 3
-        out[f"t{i}"] = torch.complex(base, -base) if dt == torch.complex64 else base.to(dt)
-    out["scalar"] = torch.tensor(1.5)
-    out["empty"] = torch.zeros(0, 7)
-    return out
+from common import sample_tensors as sample  # noqa: E402
+from common import sealed_in_shm as sealed  # noqa: E402
 
 
 @pytest.mark.parametrize("staging", ["auto", "register", "pinned", "pageable"])

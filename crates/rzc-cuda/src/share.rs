@@ -229,20 +229,31 @@ fn same_user(s: &UnixStream) -> bool {
 // The handshake: MAGIC, allocation size, identity length (24 bytes, sent
 // with the descriptor in one sendmsg), then the identity's bytes.
 
+/// Room for one control message carrying one descriptor.
+fn control_buffer() -> Vec<u8> {
+    // SAFETY: CMSG_SPACE only computes a size.
+    vec![0u8; unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize]
+}
+
+/// A message over one buffer, with `control` for its ancillary data. The
+/// header points into both: they outlive its use.
+fn message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: all-zero is a valid msghdr; the fields set point to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    msg
+}
+
 fn send_with_fd(s: &UnixStream, bytes: &[u8], fd: RawFd) -> std::io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut _,
         iov_len: bytes.len(),
     };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: all-zero is a valid msghdr; the fields set point to live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let mut control = control_buffer();
+    let msg = message(&mut iov, &mut control);
     // SAFETY: `control` has room for one SCM_RIGHTS header and descriptor.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
@@ -272,15 +283,8 @@ fn recv_with_fd(s: &UnixStream, bytes: &mut [u8]) -> std::io::Result<Option<Owne
         iov_base: bytes.as_mut_ptr().cast(),
         iov_len: bytes.len(),
     };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: all-zero is a valid msghdr; the fields set point to live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let mut control = control_buffer();
+    let mut msg = message(&mut iov, &mut control);
     // SAFETY: `msg` describes live buffers; MSG_CMSG_CLOEXEC keeps a received
     // descriptor out of child processes.
     let n = unsafe {
