@@ -79,6 +79,7 @@ def load(ref, sealed: "_seal.Sealed", write_protect: bool, device, framework=Non
     _telemetry.loaded(str(parse_device(device)), len(sealed.kinds), seconds, write_protect, report.get("upload"))
     return pipeline
 
+
 # -- 1. open ------------------------------------------------------------------
 # Opened buffers, per process, by object ID. Weak: the handle goes when no
 # load is in progress; tensors keep the buffer itself alive on their own.
@@ -158,9 +159,7 @@ def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = Fa
         groups[framework or _seal.FRAMEWORK_OF[kind]].append(i)
     if dev.kind != "cpu" and "numpy" in groups:
         raise ValueError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
-    source = weights if dev.kind == "cpu" else upload(weights, dev, share)
-    if report is not None and source is not weights:
-        report["upload"] = source.info()
+    source = weights if dev.kind == "cpu" else upload(weights, dev, share, report)
     out: list = [None] * len(kinds)
     for fw, indices in groups.items():
         for i, a in zip(indices, _adapter(fw).adopt(source, indices, fast)):
@@ -168,10 +167,11 @@ def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = Fa
     return out
 
 
-def upload(weights: Weights, dev: Device, share=None):
+def upload(weights: Weights, dev: Device, share=None, report=None):
     """The buffer on GPU ``dev`` (one allocation, shared under the key
     ``share`` with the other processes of this node that load it onto that
-    GPU), or an error that says what to do."""
+    GPU), or an error that says what to do. Its ``info()`` goes to
+    ``report["upload"]`` when a dict is given."""
     try:
         count = cuda_device_count()
     except NoCudaError as e:
@@ -186,6 +186,8 @@ def upload(weights: Weights, dev: Device, share=None):
         )
     device_weights = weights.upload(dev.index, share=share)
     info = device_weights.info()
+    if report is not None:
+        report["upload"] = info
     if share is not None and info["note"]:
         _telemetry.fallback("the device copy on %s is private to this process: %s", dev, info["note"])
     if info["staging"] == "pinned":

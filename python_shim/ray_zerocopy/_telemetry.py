@@ -49,6 +49,17 @@ def _ray_metrics():
     return _metrics or None
 
 
+def _record(update) -> None:
+    """``update(load_seconds, sealed_bytes)`` applied to this process's
+    metrics where there are any; a failure is logged, never raised."""
+    m = _ray_metrics()
+    if m:
+        try:
+            update(*m)
+        except Exception as e:
+            log.debug("could not record a metric: %s", e)
+
+
 def prepare() -> None:
     """Makes this process's metrics (half a millisecond in a fresh Ray
     worker): called when a wrapper arrives in a process, so that ``load()``
@@ -59,38 +70,25 @@ def prepare() -> None:
 def sealed(tensors: int, nbytes: int, seconds: float, object_id: str) -> None:
     """One sealed buffer went into the object store."""
     log.info("sealed %d tensors, %.1f MiB, in %.2f s as object %s", tensors, nbytes / 2**20, seconds, object_id)
-    m = _ray_metrics()
-    if m:
-        try:
-            m[1].inc(nbytes)
-        except Exception as e:
-            log.debug("could not record a metric: %s", e)
+    _record(lambda load_seconds, sealed_bytes: sealed_bytes.inc(nbytes))
 
 
 def loaded(device: str, tensors: int, seconds: float, write_protected: bool, upload: dict | None) -> None:
     """A pipeline was loaded in this process; ``upload`` is the device
     upload's ``info()`` on a GPU."""
+    protected = "write-protected" if write_protected else "not write-protected"
     if upload is None:
-        mode = "zero-copy"
-        how = f"zero-copy, {'write-protected' if write_protected else 'not write-protected'}"
+        mode, how = "zero-copy", f"zero-copy, {protected}"
+    elif upload["sharing"] == "imported":
+        mode, how = "shared", f"mapped the device copy another process uploaded (no copy), host copy {protected}"
     else:
-        mode = {"imported": "shared", "uploaded": "upload", "private": "upload"}.get(upload["sharing"], "upload")
-        if upload["sharing"] == "imported":
-            how = "mapped the device copy another process uploaded (no copy)"
-        else:
-            rate = upload["nbytes"] / upload["seconds"] / 1e9 if upload["seconds"] > 0 else float("inf")
-            how = (
-                f"uploaded {upload['nbytes'] / 2**20:.1f} MiB at {rate:.1f} GB/s ({upload['staging']} staging"
-                f"{', shared' if upload['sharing'] == 'uploaded' else ''})"
-            )
-        how += f", host copy {'write-protected' if write_protected else 'not write-protected'}"
+        rate = upload["nbytes"] / upload["seconds"] / 1e9 if upload["seconds"] > 0 else float("inf")
+        mode, how = "upload", (
+            f"uploaded {upload['nbytes'] / 2**20:.1f} MiB at {rate:.1f} GB/s ({upload['staging']} staging"
+            f"{', shared' if upload['sharing'] == 'uploaded' else ''}), host copy {protected}"
+        )
     log.info("loaded %d tensors on %s: %s, in %.1f ms", tensors, device, how, seconds * 1e3)
-    m = _ray_metrics()
-    if m:
-        try:
-            m[0].observe(seconds, tags={"device": device, "mode": mode})
-        except Exception as e:
-            log.debug("could not record a metric: %s", e)
+    _record(lambda load_seconds, sealed_bytes: load_seconds.observe(seconds, tags={"device": device, "mode": mode}))
 
 
 #: Sealing shows a progress bar above this size when stderr is a terminal.

@@ -311,3 +311,48 @@ def test_sealing_packs_straight_into_the_object_store(ray_cluster):
     grew = _status_kib("VmHWM") * 1024 - base
     assert grew < 1.5 * nbytes, f"sealing grew the driver by {grew / nbytes:.2f} x the weights"
     assert torch.equal(w.load()["w"], tree["w"])
+
+
+def test_seal_and_load_each_log_one_info_line_and_record_metrics(ray_cluster, caplog, monkeypatch):
+    from ray_zerocopy import _telemetry
+
+    metrics = _telemetry._ray_metrics()
+    assert metrics and [type(m).__name__ for m in metrics] == ["Histogram", "Counter"], metrics
+    recorded = []
+
+    def spy(metric, method):
+        real = getattr(metric, method)
+        monkeypatch.setattr(metric, method, lambda *a, **k: (recorded.append((method, a, k)), real(*a, **k)))
+
+    spy(metrics[0], "observe")
+    spy(metrics[1], "inc")
+    tree = {"w": torch.arange(1000, dtype=torch.float32)}
+    with caplog.at_level("INFO", logger="ray_zerocopy"):
+        w = ActorWrapper(tree)
+        assert torch.equal(w.load()["w"], tree["w"])
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("sealed 1 tensors, 0.0 MiB, in ") and lines[0].endswith(f"as object {w.object_ref.hex()}"), lines
+    assert lines[1].startswith("loaded 1 tensors on cpu: zero-copy, write-protected, in ") and lines[1].endswith(" ms"), lines
+    assert [r[0] for r in recorded] == ["inc", "observe"], recorded
+    assert recorded[0][1] == (w._sealed.nbytes,) and recorded[1][2] == {"tags": {"device": "cpu", "mode": "zero-copy"}}, recorded
+    # A metric that fails never fails the load.
+    monkeypatch.setattr(metrics[0], "observe", lambda *a, **k: 1 / 0)
+    assert torch.equal(w.load()["w"], tree["w"])
+
+
+@pytest.mark.parametrize(
+    "sharing, expected",
+    [
+        ("uploaded", "uploaded 2.0 MiB at 1.0 GB/s (registered staging, shared), host copy write-protected"),
+        ("private", "uploaded 2.0 MiB at 1.0 GB/s (registered staging), host copy write-protected"),
+        ("imported", "mapped the device copy another process uploaded (no copy), host copy write-protected"),
+    ],
+)
+def test_the_load_line_of_a_gpu_load_says_how_the_device_copy_came(caplog, sharing, expected):
+    from ray_zerocopy import _telemetry
+
+    info = {"sharing": sharing, "nbytes": 2 * 2**20, "seconds": 2 * 2**20 / 1e9, "staging": "registered"}
+    with caplog.at_level("INFO", logger="ray_zerocopy"):
+        _telemetry.loaded("cuda:0", 3, 0.0123, True, info)
+    assert [r.getMessage() for r in caplog.records] == [f"loaded 3 tensors on cuda:0: {expected}, in 12.3 ms"]
