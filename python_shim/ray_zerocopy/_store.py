@@ -57,7 +57,7 @@ def put_buffer(nbytes: int, fill):
             ref, why = _put_in_place(ray, nbytes, fill)
             if ref is not None:
                 return ref
-        _telemetry.log.debug("sealing through a copy (%s)", why)
+        _telemetry.fallback("sealing through a copy, the weights held twice while sealing: %s", why)
     return _put_copy(ray, nbytes, fill)
 
 

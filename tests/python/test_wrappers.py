@@ -356,3 +356,17 @@ def test_the_load_line_of_a_gpu_load_says_how_the_device_copy_came(caplog, shari
     with caplog.at_level("INFO", logger="ray_zerocopy"):
         _telemetry.loaded("cuda:0", 3, 0.0123, True, info)
     assert [r.getMessage() for r in caplog.records] == [f"loaded 3 tensors on cuda:0: {expected}, in 12.3 ms"]
+
+
+def test_sealing_through_a_copy_warns_and_still_seals(ray_cluster, caplog, monkeypatch):
+    from ray_zerocopy import _store
+
+    monkeypatch.setattr(_store, "_shared_writable", lambda addr, nbytes: False)
+    tree = {"w": torch.randn(2**20)}
+    with caplog.at_level("WARNING", logger="ray_zerocopy"):
+        w = ActorWrapper(tree)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sealing through a copy, the weights held twice while sealing: "
+        "the object store is not mapped as writable shared memory here"
+    ]
+    assert torch.equal(w.load()["w"], tree["w"])
