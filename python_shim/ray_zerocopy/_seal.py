@@ -328,13 +328,19 @@ def pack_object(obj, metadata=None) -> Packing:
             plan.write(dst)  # one native call
             return
         plan.write_layout(dst)  # then tensor by tensor, to show progress
-        for i, inp in enumerate(inputs):
-            at = plan.offset(i)
-            dst[at : at + inp.nbytes] = view_at(inp.address, inp.nbytes)
-            bar.update(inp.nbytes)
+        _copy_inputs(dst, plan, inputs, 0, bar)
         bar.close()
 
     return Packing(skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan.nbytes, fill, sealer.keep)
+
+
+def _copy_inputs(dst, plan: PackPlan, inputs, first: int, bar) -> None:
+    """Copies ``inputs`` (tensors ``first``, ``first + 1``, ... of ``plan``)
+    from their addresses into ``dst``, counting each on the progress bar."""
+    for i, inp in enumerate(inputs, start=first):
+        at = plan.offset(i)
+        dst[at : at + inp.nbytes] = view_at(inp.address, inp.nbytes)
+        bar.update(inp.nbytes)
 
 
 def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
@@ -413,8 +419,7 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
         bar = _telemetry.progress(plan.nbytes, "sealing checkpoint")
         plan.write_layout(dst)
         _checkpoint.copy_into(dst, entries, offsets, bar.update)
-        for j, inp in enumerate(extras, start=len(entries)):
-            dst[offsets[j] : offsets[j] + inp.nbytes] = view_at(inp.address, inp.nbytes)
+        _copy_inputs(dst, plan, extras, len(entries), bar)
         bar.close()
 
     return Packing(skeleton, tuple(kinds), needs_eval, plan.nbytes, fill, keep)

@@ -235,3 +235,29 @@ def test_a_program_that_writes_its_buffers_is_refused(ray_cluster):
     ep = torch.export.export(m, (torch.randn(4, 1024),))
     with pytest.raises(ValueError, match="mutates buffers"):
         ActorWrapper(ep)
+
+
+def test_sealing_a_checkpoint_counts_every_tensor_on_its_progress_bar(tmp_path, monkeypatch):
+    """The checkpoint's tensors and the ones only the model holds (here the
+    rotary embedding's non-persistent buffers) all advance the bar."""
+    from ray_zerocopy import _seal, _telemetry
+
+    model, cfg = llama()
+    index = save_sharded(model, tmp_path)
+    counted = []
+
+    class Bar:
+        def update(self, n):
+            counted.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(_telemetry, "progress", lambda total, what: Bar())
+    _, buf = _seal.seal_checkpoint(tmp_path, _seal.TORCH, lambda: transformers.LlamaForCausalLM(cfg))
+    n = int.from_bytes(buf[:8].tobytes(), "little")
+    header = json.loads(buf[8 : 8 + n].tobytes())
+    # Not counted: the header, and the padding entries of the layout.
+    tensors = [v["data_offsets"] for k, v in header.items() if k != "__metadata__" and not k.startswith("__rzc_pad__.")]
+    assert len(tensors) > len(index["weight_map"]), "the model adds tensors the checkpoint lacks"
+    assert sum(counted) == sum(end - start for start, end in tensors)
