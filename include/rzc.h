@@ -397,6 +397,62 @@ typedef struct DLManagedTensor {
 #define RZC_SHARING_IMPORTED 2
 
 /**
+ * `rzc_device_info.fallback`: the share happened, or none was asked for.
+ */
+#define RZC_SHARE_FALLBACK_NONE 0
+
+/**
+ * The device cannot share memory between processes (no virtual memory
+ * management with POSIX descriptors), or cannot say.
+ */
+#define RZC_SHARE_FALLBACK_UNSUPPORTED 1
+
+/**
+ * No rendezvous directory of this user closed to others could be had.
+ */
+#define RZC_SHARE_FALLBACK_NO_DIRECTORY 2
+
+/**
+ * The process serving the key runs as another user.
+ */
+#define RZC_SHARE_FALLBACK_OTHER_USER 3
+
+/**
+ * The serving process accepted the connection but did not answer in time.
+ */
+#define RZC_SHARE_FALLBACK_SILENT 4
+
+/**
+ * Another buffer (another content digest) is shared under the key.
+ */
+#define RZC_SHARE_FALLBACK_OTHER_CONTENT 5
+
+/**
+ * The driver refused to import the shared memory.
+ */
+#define RZC_SHARE_FALLBACK_IMPORT_FAILED 6
+
+/**
+ * The shared memory, read back, differed from this process's buffer.
+ */
+#define RZC_SHARE_FALLBACK_MISMATCH 7
+
+/**
+ * Another process's upload was still in progress after `share_wait_ms`.
+ */
+#define RZC_SHARE_FALLBACK_WAITED 8
+
+/**
+ * The lock file or the socket could not be used.
+ */
+#define RZC_SHARE_FALLBACK_RENDEZVOUS 9
+
+/**
+ * Shareable device memory could not be made.
+ */
+#define RZC_SHARE_FALLBACK_NOT_SHAREABLE 10
+
+/**
  * Flag of `rzc_open_options`: make the pages holding tensor data read-only
  * in this process while the buffer is open (any handle or tensor alive), so
  * that a write through a tensor faults in the writer instead of changing
@@ -591,6 +647,16 @@ typedef struct rzc_pack_plan rzc_pack_plan;
 typedef struct rzc_weights rzc_weights;
 
 /**
+ * A 32-byte BLAKE3 digest.
+ */
+typedef struct rzc_digest {
+  /**
+   * The digest's bytes.
+   */
+  uint8_t bytes[32];
+} rzc_digest;
+
+/**
  * Options of `rzc_device_weights_upload`. Initialise as
  * `rzc_upload_options o = {.struct_nbytes = sizeof(rzc_upload_options)};`
  * (every other field zero: its default), then set what you need.
@@ -636,6 +702,23 @@ typedef struct rzc_upload_options {
    * the same key before uploading privately; 0 = 30000.
    */
   uint32_t share_wait_ms;
+  /**
+   * The buffer's content digest (`rzc_weights_content_digest`) when the
+   * caller already knows it, or NULL: it is then computed from every byte.
+   * Processes share only when their digests are equal.
+   */
+  const struct rzc_digest *share_digest;
+  /**
+   * A directory to meet the other processes in (`share_dir_len` bytes of
+   * UTF-8), tried after `$XDG_RUNTIME_DIR/ray-zerocopy`; NULL for the
+   * default. It is used only if it is a directory of this user closed to
+   * others (created mode 0700 when missing).
+   */
+  const char *share_dir;
+  /**
+   * Length of `share_dir` in bytes.
+   */
+  size_t share_dir_len;
 } rzc_upload_options;
 
 /**
@@ -692,6 +775,31 @@ typedef struct rzc_device_info {
    * Length of `note` in bytes.
    */
   size_t note_len;
+  /**
+   * Why a requested share did not happen, as a code: one of
+   * `RZC_SHARE_FALLBACK_*` (`RZC_SHARE_FALLBACK_NONE` when it did, or was
+   * not asked for); `rzc_share_fallback_name` names it.
+   */
+  uint32_t fallback;
+  /**
+   * Rendezvous directories passed over on the way to the one used, and
+   * why (`dir_note_len` bytes of UTF-8, valid while the handle lives;
+   * empty when the first choice was usable).
+   */
+  const char *dir_note;
+  /**
+   * Length of `dir_note` in bytes.
+   */
+  size_t dir_note_len;
+  /**
+   * Bytes this process read back from device memory it imported, to
+   * check them against its own buffer (0 when it imported nothing).
+   */
+  uint64_t verified_nbytes;
+  /**
+   * Device-to-host copies that read-back took.
+   */
+  uint64_t verified_copies;
 } rzc_device_info;
 
 /**
@@ -812,6 +920,12 @@ typedef struct rzc_pack_options {
    * holding tensor data). 0 for none.
    */
   uint64_t guard_nbytes;
+  /**
+   * 1: reserve room in the header's metadata (`rzc.data_blake3`) for the
+   * digest of the data section, which `rzc_pack_seal` writes once the
+   * buffer is filled. 0: none.
+   */
+  uint32_t reserve_digest;
 } rzc_pack_options;
 
 /**
@@ -954,6 +1068,12 @@ void rzc_dlpack_versioned_free(struct DLManagedTensorVersioned *tensor);
  * `tensor` is NULL or a live tensor whose deleter has not run.
  */
 void rzc_dlpack_legacy_free(struct DLManagedTensor *tensor);
+
+/**
+ * The name of an `RZC_SHARE_FALLBACK_*` code in lower case without the
+ * prefix (`"mismatch"`, ...), or NULL for an unknown code.
+ */
+const char *rzc_share_fallback_name(uint32_t code);
 
 /**
  * Number of CUDA devices this process can see. Fails with `RZC_NO_CUDA`
@@ -1112,6 +1232,20 @@ enum rzc_status rzc_pack_plan_write_layout(const struct rzc_pack_plan *plan,
  * `dst_len` writable bytes that do not overlap them.
  */
 enum rzc_status rzc_pack_plan_write(const struct rzc_pack_plan *plan, uint8_t *dst, size_t dst_len);
+
+/**
+ * Seals a filled buffer planned with `reserve_digest`: computes the BLAKE3
+ * digest of its data section (on every core when it is large), writes it
+ * into the header's `rzc.data_blake3` metadata, and writes the buffer's
+ * content digest (which covers every byte: see `rzc_weights_content_digest`)
+ * to `*out`. Fails, changing nothing, on a buffer that is not valid or has
+ * no room reserved.
+ *
+ * # Safety
+ * `dst` points to `dst_len` writable bytes that no one else uses meanwhile;
+ * `out` is valid for a write.
+ */
+enum rzc_status rzc_pack_seal(uint8_t *dst, size_t dst_len, struct rzc_digest *out);
 
 /**
  * Frees a plan; NULL is a no-op.
@@ -1280,6 +1414,23 @@ enum rzc_status rzc_weights_to_dlpack_legacy(const struct rzc_weights *w,
  */
 enum rzc_status rzc_weights_data_to_dlpack(const struct rzc_weights *w,
                                            struct DLManagedTensorVersioned **out);
+
+/**
+ * The buffer's content digest: BLAKE3 (key derivation mode, context
+ * "ray-zerocopy 2026-11 content digest v1") of the header's length (8 bytes,
+ * little-endian), the header's bytes and the BLAKE3 digest of the data
+ * section. Two buffers with equal content digests are byte for byte equal.
+ * With `trust_claim` nonzero the data digest is the one the header claims
+ * (`rzc.data_blake3`, written by `rzc_pack_seal`) when it has one: only the
+ * header is read. Otherwise every byte of the data is read (on every core
+ * when it is large).
+ *
+ * # Safety
+ * `w` is a live handle; `out` is valid for a write.
+ */
+enum rzc_status rzc_weights_content_digest(const struct rzc_weights *w,
+                                           uint32_t trust_claim,
+                                           struct rzc_digest *out);
 
 /**
  * Number of `__metadata__` entries (0 for a NULL handle).

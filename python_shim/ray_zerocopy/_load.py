@@ -22,6 +22,7 @@ import collections
 import contextlib
 import gc
 import io
+import os
 import pickle
 import sys
 import threading
@@ -65,16 +66,15 @@ def _no_collection():
             gc.enable()
 
 
-def load(ref, sealed: "_seal.Sealed", write_protect: bool, device, framework=None, fast: bool = False, share_gpu=True):
+def load(ref, sealed: "_seal.Sealed", write_protect: bool, device, framework=None, fast: bool = False, share_key=None):
     """What ``ActorWrapper.load`` does: open the sealed object behind
     ``ref`` and assemble the pipeline ``sealed`` describes from it. On a GPU,
-    ``share_gpu`` shares one device copy among the processes on the node
-    that load this sealed object onto the same GPU (keyed by its object id)."""
+    with a ``share_key``, the processes on the node that load the same
+    content under that key onto the same GPU share one device copy."""
     started = time.perf_counter()
     report: dict = {}
     with _no_collection():
-        share = ref.hex() if share_gpu else None
-        pipeline = assemble(open_sealed(ref, write_protect), sealed, device, framework, fast, share, report)
+        pipeline = assemble(open_sealed(ref, write_protect), sealed, device, framework, fast, share_key, report)
     seconds = time.perf_counter() - started
     _telemetry.loaded(str(parse_device(device)), len(sealed.kinds), seconds, write_protect, report.get("upload"))
     return pipeline
@@ -121,11 +121,12 @@ def assemble(
         raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
     if framework not in (None, "torch") and _seal.TORCH_PARAM in sealed.kinds:
         raise ValueError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
-    if len(weights) != len(sealed.kinds) or weights.header_digest() != sealed.header_digest:
+    if len(weights) != len(sealed.kinds) or weights.content_digest() != sealed.content_digest:
         raise RuntimeError(
             f"the buffer ({len(weights)} tensors) is not the one this wrapper was sealed with "
-            f"({len(sealed.kinds)} tensors): its tensor table differs"
+            f"({len(sealed.kinds)} tensors): its header (tensor table or content digest) differs"
         )
+    share = (share, sealed.content_digest) if share is not None else None
     with _no_collection():
         tensors = materialize(weights, sealed.kinds, framework, dev, fast, share, report)
         if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in sealed.kinds)):
@@ -167,11 +168,25 @@ def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = Fa
     return out
 
 
+def _ray_share_dir():
+    """A rendezvous directory for sharing device copies inside this Ray
+    cluster's session directory, or None outside Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        rc = ray.get_runtime_context()
+        return os.path.join(rc.get_temp_dir(), rc.get_session_name(), "ray-zerocopy")
+    except Exception:
+        return None
+
+
 def upload(weights: Weights, dev: Device, share=None, report=None):
-    """The buffer on GPU ``dev`` (one allocation, shared under the key
-    ``share`` with the other processes of this node that load it onto that
-    GPU), or an error that says what to do. Its ``info()`` goes to
-    ``report["upload"]`` when a dict is given."""
+    """The buffer on GPU ``dev`` (one allocation; with ``share = (key,
+    content_digest)``, shared with the other processes of this node that load
+    the same content under that key onto that GPU), or an error that says
+    what to do. Its ``info()`` goes to ``report["upload"]`` when a dict is
+    given."""
     try:
         count = cuda_device_count()
     except NoCudaError as e:
@@ -184,12 +199,20 @@ def upload(weights: Weights, dev: Device, share=None, report=None):
             f"device {str(dev)!r} was requested, but this process sees no CUDA device {dev.index} ({why}). "
             "On Ray, give the actor a GPU (num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'.",
         )
-    device_weights = weights.upload(dev.index, share=share)
+    if share is None:
+        device_weights = weights.upload(dev.index)
+    else:
+        key, digest = share
+        device_weights = weights.upload(dev.index, share=key, share_digest=digest, share_dir=_ray_share_dir())
     info = device_weights.info()
     if report is not None:
         report["upload"] = info
-    if share is not None and info["note"]:
-        _telemetry.fallback("the device copy on %s is private to this process: %s", dev, info["note"])
+    if info["dir_note"]:
+        _telemetry.log.info("sharing the device copy on %s: %s", dev, info["dir_note"])
+    if share is not None and info["fallback"] != "none":
+        _telemetry.fallback(
+            "the device copy on %s is private to this process (%s): %s", dev, info["fallback"], info["note"]
+        )
     if info["staging"] == "pinned":
         _telemetry.fallback(
             "the driver refused to register the sealed buffer on %s; it was copied through pinned bounce buffers "

@@ -16,13 +16,14 @@ import copyreg
 import io
 import pickle
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _checkpoint, _telemetry
 from .errors import RzcError
-from .weights import PackInput, PackPlan, Weights, pack, view_at
+from .weights import PackInput, PackPlan, Weights, seal_buffer, view_at
 
 # Bytes of non-tensor data before the first and after the last tensor: one
 # page each, so the write guard can protect every page holding weights
@@ -48,16 +49,21 @@ class Sealed:
     kinds: tuple  # per tensor, in the buffer's order: TORCH, TORCH_PARAM, NUMPY or JAX
     modules: tuple  # imported when the wrapper arrives in a process
     nbytes: int  # size of the sealed buffer
-    header_digest: bytes  # Weights.header_digest() of the sealed buffer
+    content_digest: bytes  # Weights.content_digest() of the sealed buffer: every byte of it
     needs_eval: bool = False  # some module was pickled in training mode: switch after loading
+    digest_seconds: float = 0.0  # what computing the digest cost while sealing
 
 
 def _sealed(skeleton: bytes, kinds, buffer, needs_eval: bool = False) -> Sealed:
+    """Seals the filled ``buffer`` (its data digest written into its header)
+    and describes it, validated by the native library."""
+    started = time.perf_counter()
+    digest = seal_buffer(buffer)
+    seconds = time.perf_counter() - started
     with Weights.from_buffer(buffer) as w:
         if len(w) != len(kinds):
             raise AssertionError(f"packed {len(w)} tensors for {len(kinds)} references")
-        digest = w.header_digest()
-    return Sealed(skeleton, tuple(kinds), referenced_modules(skeleton), int(buffer.nbytes), digest, needs_eval)
+    return Sealed(skeleton, tuple(kinds), referenced_modules(skeleton), int(buffer.nbytes), digest, needs_eval, seconds)
 
 
 @dataclass
@@ -75,8 +81,8 @@ class Packing:
     keep: object = None  # what the fill reads, alive until it has run
 
     def describe(self, buffer) -> Sealed:
-        """The description a wrapper carries, checked against the written
-        buffer (the native library validates it)."""
+        """Seals the written buffer (its digest into its header) and returns
+        the description a wrapper carries."""
         return _sealed(self.skeleton, self.kinds, buffer, self.needs_eval)
 
     def to_array(self) -> tuple[Sealed, "np.ndarray"]:
@@ -320,7 +326,7 @@ def pack_object(obj, metadata=None) -> Packing:
     sealer = _Sealer(obj)
     skeleton = sealer.pickle(obj)
     inputs = sealer.inputs
-    plan = PackPlan(inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
+    plan = PackPlan(inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES, reserve_digest=True)
 
     def fill(dst):
         bar = _telemetry.progress(plan.nbytes, "sealing")
@@ -412,7 +418,7 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
         kinds, extras, needs_eval = sealer.kinds, sealer.inputs[len(entries) :], bool(sealer.training_left)
         keep = sealer.keep
     inputs = [PackInput(e.name, DTYPE_CODES[e.dtype], e.shape, 0, e.nbytes) for e in entries] + extras
-    plan = PackPlan(inputs, ckpt.metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES)
+    plan = PackPlan(inputs, ckpt.metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES, reserve_digest=True)
     offsets = [plan.offset(i) for i in range(len(inputs))]
 
     def fill(dst):

@@ -9,7 +9,6 @@ tensor* are gone: the native library calls back when the last one goes.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from dataclasses import dataclass
@@ -192,11 +191,16 @@ class Weights:
             out[ffi.unpack(e.key, e.key_len).decode()] = ffi.unpack(e.value, e.value_len).decode()
         return out
 
-    def header_digest(self) -> bytes:
-        """A digest of the header (the tensor table and metadata): two buffers
-        with equal digests hold the same tensors at the same offsets."""
-        header = ffi.buffer(ffi.cast("const char *", self._base), self._data_start)
-        return hashlib.sha256(header).digest()  # hardware-accelerated on current CPUs
+    def content_digest(self, *, trust_claim: bool = True) -> bytes:
+        """The buffer's content digest (32 bytes): BLAKE3 of its header and
+        of the digest of its data section, so two buffers with equal content
+        digests are byte for byte equal. With ``trust_claim`` the data digest
+        is the one the header claims (``rzc.data_blake3``, written when the
+        buffer was sealed), and only the header is read; otherwise, or when
+        the header claims none, every byte is read (on every core)."""
+        out = ffi.new("rzc_digest *")
+        check(lib.rzc_weights_content_digest(self._live(), int(trust_claim), out))
+        return bytes(out.bytes)
 
     @property
     def data_start(self) -> int:
@@ -249,6 +253,8 @@ class Weights:
         threads: int = 0,
         share: str | None = None,
         share_wait: float = 30.0,
+        share_digest: bytes | None = None,
+        share_dir: str | None = None,
     ) -> "DeviceWeights":
         """Copies every tensor to CUDA device ``ordinal`` in ONE allocation in
         the device's primary context (shared with torch, JAX and CuPy), each
@@ -261,13 +267,28 @@ class Weights:
         allocation: the first uploads, the others map it (no copy, no second
         copy in device memory), read-only where the device allows it. A loader
         waits up to ``share_wait`` seconds for an upload in progress. Where
-        sharing does not apply the upload is private and
-        ``info()["note"]`` says why."""
+        sharing does not apply the upload is private and ``info()`` says why
+        (``"fallback"``, ``"note"``).
+
+        Processes share only buffers with equal content digests: pass
+        ``share_digest`` (:meth:`content_digest`) when you know it, else it is
+        computed here from every byte. An importer reads random windows of
+        the memory it mapped back and compares them with this buffer before
+        using it. ``share_dir``: a directory to meet the other processes in,
+        tried after ``$XDG_RUNTIME_DIR/ray-zerocopy`` (used only if it is a
+        directory of this user closed to others)."""
         modes = {"auto": 0, "register": 1, "pinned": 2, "pageable": 3}
         if staging not in modes:
             raise ValueError(f"staging {staging!r} is not one of {sorted(modes)}")
         key = share.encode("utf-8") if share is not None else b""
         key_buf = ffi.new("char[]", key)  # alive until the call returns
+        digest = ffi.NULL
+        if share_digest is not None:
+            if len(share_digest) != 32:
+                raise ValueError(f"share_digest must be 32 bytes, not {len(share_digest)}")
+            digest = ffi.new("rzc_digest *", {"bytes": list(share_digest)})
+        dir_bytes = os.fsencode(share_dir) if share_dir is not None else b""
+        dir_buf = ffi.new("char[]", dir_bytes)
         opts = _new(
             "rzc_upload_options",
             chunk_nbytes=chunk_bytes,
@@ -276,6 +297,9 @@ class Weights:
             share_key=key_buf if share is not None else ffi.NULL,
             share_key_len=len(key),
             share_wait_ms=max(1, int(share_wait * 1000)),
+            share_digest=digest,
+            share_dir=dir_buf if share_dir is not None else ffi.NULL,
+            share_dir_len=len(dir_bytes),
         )
         out = ffi.new("rzc_device_weights **")
         check(lib.rzc_device_weights_upload(self._live(), ordinal, opts, out))
@@ -291,6 +315,15 @@ def cuda_device_count() -> int:
 
 _STAGING_NAMES = {0: "auto", 1: "register", 2: "pinned", 3: "pageable", 4: "none"}
 _SHARING_NAMES = {0: "private", 1: "uploaded", 2: "imported"}
+
+
+def _text(ptr, n: int) -> str:
+    return ffi.unpack(ptr, n).decode("utf-8", "replace") if n else ""
+
+
+def _fallback_name(code: int) -> str:
+    name = lib.rzc_share_fallback_name(code)
+    return str(code) if name == ffi.NULL else ffi.string(name).decode()
 
 
 class DeviceWeights:
@@ -311,8 +344,13 @@ class DeviceWeights:
         used (``"none"`` when it imported another's upload), seconds taken,
         how many host-to-device copies it was planned as (1: one contiguous
         copy), ``sharing`` (``"private"``, ``"uploaded"``, ``"imported"``),
-        whether the device maps it ``read_only``, and the ``note`` saying why
-        a requested share did not happen."""
+        whether the device maps it ``read_only``; when a requested share did
+        not happen, ``fallback`` (a name: ``"mismatch"``, ``"other_content"``,
+        ``"silent"``, ... see ``RZC_SHARE_FALLBACK_*`` in ``rzc.h``; ``"none"``
+        otherwise) and the ``note`` saying why; ``dir_note`` (rendezvous
+        directories passed over, and why); ``verified_nbytes`` and
+        ``verified_copies`` (what this process read back to check memory it
+        imported)."""
         i = _new("rzc_device_info")
         check(lib.rzc_device_weights_info(self._handle, i))
         return {
@@ -324,7 +362,11 @@ class DeviceWeights:
             "copies": i.copies,
             "sharing": _SHARING_NAMES.get(i.sharing, str(i.sharing)),
             "read_only": bool(i.read_only),
-            "note": ffi.unpack(i.note, i.note_len).decode("utf-8", "replace") if i.note_len else "",
+            "note": _text(i.note, i.note_len),
+            "fallback": _fallback_name(i.fallback),
+            "dir_note": _text(i.dir_note, i.dir_note_len),
+            "verified_nbytes": i.verified_nbytes,
+            "verified_copies": i.verified_copies,
         }
 
     def data_ptr(self, index: int) -> int:
@@ -395,13 +437,15 @@ class PackPlan:
     dtypes and shapes; addresses are needed only by :meth:`write`): every
     tensor's data at a multiple of ``alignment`` from the buffer start, and
     ``guard_bytes`` of non-tensor bytes before the first tensor and after the
-    last one. Fill a buffer of :attr:`nbytes` bytes either at once
+    last one; with ``reserve_digest``, room in the header for the data
+    digest that :func:`seal_buffer` writes once the buffer is filled. Fill a
+    buffer of :attr:`nbytes` bytes either at once
     (:meth:`write`) or piece by piece (:meth:`write_layout`, then each
     tensor's bytes at :meth:`offset`), e.g. streaming shards of a checkpoint
     one at a time."""
 
     def __init__(self, tensors: Sequence[PackInput], metadata: Mapping[str, str] | None = None, *,
-                 alignment: int = 64, guard_bytes: int = 0):
+                 alignment: int = 64, guard_bytes: int = 0, reserve_digest: bool = False):
         self._keep = []
         arr = ffi.new("rzc_pack_tensor[]", max(len(tensors), 1))
         for i, t in enumerate(tensors):
@@ -422,7 +466,7 @@ class PackPlan:
             self._keep += [kb, vb]
             marr[i].key, marr[i].key_len = kb, len(kb) - 1
             marr[i].value, marr[i].value_len = vb, len(vb) - 1
-        opts = _new("rzc_pack_options", alignment=alignment, guard_nbytes=guard_bytes)
+        opts = _new("rzc_pack_options", alignment=alignment, guard_nbytes=guard_bytes, reserve_digest=int(reserve_digest))
         out = ffi.new("rzc_pack_plan **")
         check(lib.rzc_pack_plan_new(arr, len(tensors), marr, len(meta), opts, out))
         self._plan = ffi.gc(out[0], lib.rzc_pack_plan_free)
@@ -456,6 +500,16 @@ class PackPlan:
         packed."""
         view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
         check(lib.rzc_pack_plan_write(self._plan, view, len(view)))
+
+
+def seal_buffer(dst) -> bytes:
+    """Seals a filled buffer planned with ``reserve_digest=True``: writes the
+    BLAKE3 digest of its data section into its header (``rzc.data_blake3``)
+    and returns its content digest (see :meth:`Weights.content_digest`)."""
+    view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+    out = ffi.new("rzc_digest *")
+    check(lib.rzc_pack_seal(view, len(view), out))
+    return bytes(out.bytes)
 
 
 def pack(

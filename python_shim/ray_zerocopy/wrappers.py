@@ -68,6 +68,7 @@ class ActorWrapper:
 
         self._ref = _store.put_buffer(packing.nbytes, fill)
         self._sealed = described[0]
+        self._share_key = share_key(self._sealed.content_digest, ray.get_runtime_context().get_session_name())
         _telemetry.sealed(len(self._sealed.kinds), self._sealed.nbytes, time.perf_counter() - started, self._ref.hex())
 
     @classmethod
@@ -126,6 +127,22 @@ class ActorWrapper:
         return self._ref
 
     @property
+    def share_key(self) -> str | None:
+        """The key under which the actors of a node share ONE device copy of
+        these weights per GPU (``None`` with ``share_gpu=False``). It is
+        derived from the content digest of the sealed buffer (every byte of
+        it) and the Ray cluster's session: wrappers of different weights
+        never share a key, and neither do two clusters, even with equal
+        weights (see docs/internals.md, "Trust model")."""
+        return self._share_key if self.share_gpu else None
+
+    @property
+    def content_digest(self) -> bytes:
+        """BLAKE3-based digest of every byte of the sealed buffer (32 bytes;
+        see :meth:`ray_zerocopy.Weights.content_digest`)."""
+        return self._sealed.content_digest
+
+    @property
     def nbytes(self) -> int:
         """Size of the sealed buffer (weights, header and alignment padding)."""
         return self._sealed.nbytes
@@ -158,7 +175,7 @@ class ActorWrapper:
             self.device if device is None else device,
             framework,
             self.use_fast_load,
-            self.share_gpu,
+            self.share_key,
         )
 
     def as_udf(self, predict_fn, *, device=None, framework: str | None = None):
@@ -170,6 +187,14 @@ class ActorWrapper:
                            compute=ActorPoolStrategy(size=4))
         """
         return _make_udf(self, predict_fn, device, framework)
+
+
+def share_key(content_digest: bytes, cluster: str) -> str:
+    """The sharing key of sealed content in a Ray cluster (its session name):
+    128 bits of SHA-256 over both, in hex."""
+    import hashlib
+
+    return hashlib.sha256(b"ray-zerocopy share key v1\0" + content_digest + cluster.encode()).hexdigest()[:32]
 
 
 def _make_udf(wrapper: ActorWrapper, predict_fn, device, framework):

@@ -2,11 +2,14 @@
 tests: it prints what it got as one JSON line, then holds the memory until it
 reads "exit" on stdin (or is killed).
 
-    python share_worker.py KEY [SEED] [--fork-unprivileged]
+    python share_worker.py KEY [SEED] [--fork-unprivileged] [--patch] [--many]
 
 SEED picks the buffer's contents (same seed, same buffer). With
 --fork-unprivileged the upload runs in a forked child that first switches to
-the unprivileged user `nobody`.
+the unprivileged user `nobody`. --patch changes one value in the middle of
+the largest tensor (a checkpoint of the same model that differs in a row);
+--many adds 3000 small tensors (a header larger than a socket's buffer).
+SHARE_DIR in the environment is passed as ``share_dir``.
 """
 
 import gc
@@ -21,26 +24,36 @@ from common import shared_buffer
 from ray_zerocopy import _seal
 
 
-def state(seed: int) -> dict:
-    return {f"w{i}": torch.arange(5000 * (i + 1), dtype=torch.float32) * (seed + i) for i in range(6)}
+def state(seed: int, patch: bool = False, many: bool = False) -> dict:
+    out = {f"w{i}": torch.arange(5000 * (i + 1), dtype=torch.float32) * (seed + i) for i in range(6)}
+    if patch:
+        out["w5"][12345] += 1.0
+    if many:
+        out.update({f"extra.layer_{i}.weight": torch.full((4,), float(i)) for i in range(3000)})
+    return out
 
 
-def prepare(seed: int):
-    tensors = state(seed)
+def prepare(seed: int, patch: bool = False, many: bool = False):
+    tensors = state(seed, patch, many)
     _, buf = _seal.seal(tensors)
     return tensors, rzc.Weights.from_buffer(shared_buffer(buf, f"share-{os.getpid()}"))
 
 
 def load(key: str, tensors, w) -> tuple[dict, object]:
-    dev = w.upload(0, share=key, share_wait=20)
+    dev = w.upload(0, share=key, share_wait=20, share_dir=os.environ.get("SHARE_DIR"))
     info = dev.info()
     out = {
         "pid": os.getpid(),
         "sharing": info["sharing"],
         "staging": info["staging"],
         "ptr": info["device_ptr"],
+        "nbytes": info["nbytes"],
+        "digest": w.content_digest().hex(),
         "read_only": info["read_only"],
         "note": info["note"],
+        "fallback": info["fallback"],
+        "dir_note": info["dir_note"],
+        "verified_nbytes": info["verified_nbytes"],
         "equal": all(dev.read(i).tobytes() == t.numpy().tobytes() for i, t in enumerate(tensors.values())),
     }
     return out, (w, dev)
@@ -49,7 +62,7 @@ def load(key: str, tensors, w) -> tuple[dict, object]:
 def main():
     key = sys.argv[1]
     seed = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 1
-    tensors, w = prepare(seed)  # everything imported before any fork
+    tensors, w = prepare(seed, "--patch" in sys.argv, "--many" in sys.argv)  # everything imported before any fork
     if "--fork-unprivileged" in sys.argv:
         r, wfd = os.pipe()
         pid = os.fork()

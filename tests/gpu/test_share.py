@@ -6,10 +6,12 @@ keys, other buffers and other users stay apart; nothing leaks."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,7 +70,8 @@ def test_processes_with_one_key_share_one_allocation(share_env):
     first, *others = [w.info for w in workers]
     assert first["sharing"] == "uploaded" and first["equal"], first
     for o in others:
-        assert o == {**o, "sharing": "imported", "staging": "none", "equal": True, "note": ""}, o
+        assert o == {**o, "sharing": "imported", "staging": "none", "equal": True, "note": "", "fallback": "none"}, o
+        assert o["verified_nbytes"] > 0, "the importer read the memory back before using it"
         assert o["read_only"], "importers map the memory read-only where the device allows"
     assert len(events(log, "create")) == 1, "ONE allocation for three processes"
     assert {e["pid"] for e in events(log, "import")} == {o["pid"] for o in others}
@@ -118,7 +121,7 @@ def test_different_keys_and_different_buffers_stay_apart(share_env):
     # Another buffer under a key in use: a private upload, and a note why.
     c = Worker(env, "key-1", "7")
     assert c.info["sharing"] == "private" and c.info["equal"], c.info
-    assert "another buffer is shared under the key" in c.info["note"]
+    assert c.info["fallback"] == "other_content" and "another buffer" in c.info["note"], c.info
     for w in (a, b, c):
         w.exit()
 
@@ -129,9 +132,10 @@ def test_another_user_is_not_handed_the_descriptor(share_env):
     env, log = share_env
     server = Worker(env, "model-d")
     other = Worker(env, "model-d", "1", "--fork-unprivileged")
-    assert other.info["sharing"] == "private" and other.info["equal"], other.info
-    # It cannot enter this user's share directory (or finds it is not its own).
-    assert "share directory" in other.info["note"], other.info
+    # It cannot use this user's share directory: it shares in one of its own
+    # (or not at all), never importing this user's memory.
+    assert other.info["sharing"] != "imported" and other.info["equal"], other.info
+    assert "belongs to uid 0" in other.info["dir_note"] or other.info["fallback"] == "no_directory", other.info
     assert not events(log, "import", other.info["pid"]) and not events(log, "export"), "no descriptor left the server"
     server.exit()
 
@@ -140,7 +144,7 @@ def test_unsupported_sharing_falls_back_to_a_private_upload(share_env):
     env, log = share_env
     w = Worker(dict(env, FAKECUDA_FAIL="cuMemCreate=CUDA_ERROR_NOT_SUPPORTED"), "model-e")
     assert w.info["sharing"] == "private" and w.info["equal"], w.info
-    assert "shareable device memory could not be made" in w.info["note"] and "CUDA_ERROR_NOT_SUPPORTED" in w.info["note"]
+    assert w.info["fallback"] == "not_shareable" and "CUDA_ERROR_NOT_SUPPORTED" in w.info["note"], w.info
     w.exit()
     clean, done = exits_clean(log, [w.info["pid"]])
     assert clean, done
@@ -167,3 +171,143 @@ print(json.dumps(out))
     assert c.proc.returncode == 0, c
     assert c.result == {"same": True, "a": "uploaded", "b": "uploaded"}, c
     assert sum(e["op"] == "create" for e in c.events) == 1 and c.leaks == 0, c
+
+
+# -- trust: what an importer is told, and what it maps ------------------------
+def test_a_checkpoint_that_differs_in_one_row_never_shares(share_env):
+    """Two checkpoints of one model that differ in one value (outside any
+    sample a cheap identity would take) have different content digests: the
+    second uploads its own copy and computes with its own weights."""
+    env, log = share_env
+    a = Worker(env, "model-f")
+    b = Worker(env, "model-f", "1", "--patch")
+    assert a.info["sharing"] == "uploaded"
+    assert a.info["digest"] != b.info["digest"]
+    assert b.info["sharing"] == "private" and b.info["fallback"] == "other_content", b.info
+    assert b.info["equal"], "its own values, the patched row included"
+    assert not events(log, "import", b.info["pid"])
+    for w in (a, b):
+        w.exit()
+
+
+def _rogue(env, share_env_dir, mode, like):
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "rogue_server.py"), share_env_dir, mode, str(like["nbytes"]), like["digest"]],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    return proc
+
+
+def _stop(proc):
+    proc.stdin.write("exit\n")
+    proc.stdin.flush()
+    proc.wait(timeout=60)
+
+
+def test_memory_a_server_hands_over_is_read_back_before_use(share_env):
+    """A same-user process that takes the key's socket first and hands over
+    other memory of the right size, with the right size and digest in its
+    offer: the importer reads windows of it back, finds they differ from its
+    own buffer, and uploads privately with the reason."""
+    env, log = share_env
+    probe = Worker(env, "model-g")  # leaves the key's lock and socket files behind
+    probe.exit()
+    rogue = _rogue(env, env["RZC_SHARE_DIR"], "zeros", probe.info)
+    try:
+        victim = Worker(env, "model-g")
+        assert victim.info["sharing"] == "private" and victim.info["fallback"] == "mismatch", victim.info
+        assert "differs from this process's weights" in victim.info["note"], victim.info
+        assert victim.info["equal"], "computes with its own weights"
+        assert events(log, "import", victim.info["pid"]), "it did map the rogue memory, then dropped it"
+        victim.exit()
+        clean, done = exits_clean(log, [victim.info["pid"]])
+        assert clean, done
+    finally:
+        _stop(rogue)
+
+
+def test_a_server_that_never_answers_is_named(share_env):
+    env, log = share_env
+    probe = Worker(env, "model-h")
+    probe.exit()
+    rogue = _rogue(env, env["RZC_SHARE_DIR"], "silent", probe.info)
+    try:
+        started = time.monotonic()
+        victim = Worker(env, "model-h")
+        assert time.monotonic() - started < 15, "not the whole share_wait (20 s)"
+        assert victim.info["sharing"] == "private" and victim.info["fallback"] == "silent", victim.info
+        assert "did not answer within" in victim.info["note"], victim.info
+        victim.exit()
+    finally:
+        _stop(rogue)
+
+
+def test_clients_that_never_read_hold_up_no_one(share_env):
+    """Three same-user clients connect to the server and never read; a
+    loader right after them still imports at once. The buffer has a large
+    header (3000 more tensors), larger than a socket's buffer."""
+    import socket
+
+    env, log = share_env
+    server = Worker(env, "model-i", "1", "--many")
+    (sock_path,) = [os.path.join(env["RZC_SHARE_DIR"], f) for f in os.listdir(env["RZC_SHARE_DIR"]) if f.endswith(".sock")]
+    stalled = []
+    for _ in range(3):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock_path)
+        stalled.append(s)
+    try:
+        started = time.monotonic()
+        loader = Worker(env, "model-i", "1", "--many")
+        elapsed = time.monotonic() - started
+        assert loader.info["sharing"] == "imported" and loader.info["equal"], loader.info
+        assert elapsed < 10, f"took {elapsed:.1f} s"
+        loader.exit()
+    finally:
+        for s in stalled:
+            s.close()
+        server.exit()
+
+
+@pytest.mark.parametrize("squat", ["symlink", "open_mode", "other_owner"])
+def test_a_squatted_directory_never_turns_sharing_off(tmp_path, squat):
+    """The runtime directory's (and Ray's session directory's) entry is taken
+    by someone else first: a symbolic link, a directory open to others, or
+    one of another user. Sharing goes on in a private directory elsewhere,
+    and the note says so."""
+    if squat == "other_owner" and os.geteuid() != 0:
+        pytest.skip("skipped: making a directory of another user needs root")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="rzc-"))  # short: socket paths hold 107 bytes
+    xdg, session, home, tmp = (base / d for d in ("xdg", "session", "home", "tmp"))
+    for d in (xdg, session, home, tmp):
+        d.mkdir(mode=0o700)
+    for taken in (xdg / "ray-zerocopy", session / "ray-zerocopy"):
+        if squat == "symlink":
+            (base / f"elsewhere-{taken.parent.name}").mkdir(mode=0o700)
+            taken.symlink_to(base / f"elsewhere-{taken.parent.name}")
+        else:
+            taken.mkdir()
+            if squat == "open_mode":
+                taken.chmod(0o777)
+            else:
+                os.chown(taken, 65534, 65534)
+    log = tmp_path / "driver.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKECUDA_") and k not in ("RZC_SHARE_DIR", "XDG_CACHE_HOME")}
+    env.update(XDG_RUNTIME_DIR=str(xdg), SHARE_DIR=str(session / "ray-zerocopy"), HOME=str(home), TMPDIR=str(tmp),
+               FAKECUDA_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
+    a, b = Worker(env, "model-j"), Worker(env, "model-j")
+    try:
+        assert (a.info["sharing"], b.info["sharing"]) == ("uploaded", "imported"), (a.info, b.info)
+        expected = {"symlink": "symbolic link", "open_mode": "open to others", "other_owner": "belongs to uid 65534"}[squat]
+        assert expected in a.info["dir_note"] and str(tmp) in a.info["dir_note"], a.info
+        (fallback,) = [p for p in tmp.iterdir() if p.name.startswith(f"ray-zerocopy-{os.geteuid()}-")]
+        assert len(fallback.name.rsplit("-", 1)[1]) == 32, "a name no one else can guess"
+        assert oct(fallback.stat().st_mode & 0o777) == "0o700"
+    finally:
+        a.exit()
+        b.exit()
+        shutil.rmtree(base, ignore_errors=True)

@@ -3,8 +3,11 @@ cluster, with real torch models."""
 
 import collections
 import itertools
+import json
+import os
 import subprocess
 import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -209,8 +212,8 @@ def test_the_wrapper_carries_no_table_of_its_own(ray_cluster):
     carries the skeleton, each tensor's framework, the buffer's digest, the
     object reference and the options."""
     w = ActorWrapper(Pipeline())
-    assert set(vars(w)) == {"device", "use_fast_load", "write_protect", "share_gpu", "_sealed", "_ref"}
-    assert set(vars(w._sealed)) == {"skeleton", "kinds", "modules", "nbytes", "header_digest", "needs_eval"}
+    assert set(vars(w)) == {"device", "use_fast_load", "write_protect", "share_gpu", "_sealed", "_ref", "_share_key"}
+    assert set(vars(w._sealed)) == {"skeleton", "kinds", "modules", "nbytes", "content_digest", "needs_eval", "digest_seconds"}
 
 
 def test_a_buffer_that_is_not_the_wrappers_is_refused(ray_cluster):
@@ -224,6 +227,61 @@ def test_a_buffer_that_is_not_the_wrappers_is_refused(ray_cluster):
     with pytest.raises(RuntimeError, match="not the one this wrapper was sealed with"):
         _load.assemble(other, a._sealed)
     assert _load.assemble(other, b._sealed)["x"].shape == (8, 4)
+
+
+def test_the_content_digest_covers_every_byte(ray_cluster):
+    """The wrapper's content digest is the sealed buffer's, computed from
+    every byte: the header claims the data's BLAKE3 digest, and reading the
+    data again gives the same."""
+    import hashlib
+
+    from ray_zerocopy import _load
+
+    values = np.arange(100_000, dtype=np.float32)
+    w = ActorWrapper({"x": values})
+    opened = _load.open_sealed(w.object_ref, write_protect=False)
+    assert opened.content_digest(trust_claim=False) == opened.content_digest() == w.content_digest
+    claimed = opened.metadata["rzc.data_blake3"]
+    assert len(claimed) == 64 and claimed != "0" * 64
+    patched = values.copy()
+    patched[54_321] += 1  # one value, far from either end
+    assert ActorWrapper({"x": patched}).content_digest != w.content_digest
+    assert hashlib.sha256(w.content_digest).digest() != w.content_digest  # 32 bytes of its own
+
+
+_CLUSTERS = textwrap.dedent(
+    """
+    import json, sys, numpy as np, ray
+    from ray_zerocopy import ActorWrapper
+    out = []
+    for run in range(2):
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        a = ActorWrapper({"w": np.full(50_000, 1.0, np.float32)})
+        b = ActorWrapper({"w": np.full(50_000, 2.0, np.float32)})  # same architecture, other values
+        a2 = ActorWrapper({"w": np.full(50_000, 1.0, np.float32)})
+        out.append({"a": a.share_key, "b": b.share_key, "a2": a2.share_key, "ref_a": a.object_ref.hex(),
+                    "off": ActorWrapper({"w": np.ones(3, np.float32)}, share_gpu=False).share_key})
+        ray.shutdown()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_share_keys_follow_content_and_cluster(tmp_path):
+    """Two clusters started one after the other on one machine (their object
+    ids repeat), each wrapping two models of one architecture: every key
+    differs except equal content in one cluster."""
+    script = tmp_path / "clusters.py"
+    script.write_text(_CLUSTERS)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = json.loads(run.stdout.strip().splitlines()[-1])
+    assert first["a"] == first["a2"], "equal content in one cluster shares"
+    assert first["a"] != first["b"], "different content never shares"
+    assert first["a"] != second["a"], "equal content in another cluster does not"
+    assert len({first["a"], first["b"], second["a"], second["b"]}) == 4
+    assert first["off"] is None
 
 
 def test_from_safetensors(ray_cluster, tmp_path):

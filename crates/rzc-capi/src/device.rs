@@ -9,7 +9,7 @@ use rzc_cuda::{DeviceWeights, ShareOptions, Sharing, Staging, UploadOptions};
 
 use crate::handle::{read_options, Extensible, Handle, Out, OutExtensible};
 use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
-use crate::weights::rzc_weights;
+use crate::weights::{rzc_digest, rzc_weights};
 
 /// Let the library choose: register the source, fall back to pinned bounce
 /// buffers when the driver refuses.
@@ -31,6 +31,51 @@ pub const RZC_SHARING_UPLOADED: u32 = 1;
 /// `rzc_device_info.sharing`: this process mapped the allocation another
 /// process uploaded (no copy).
 pub const RZC_SHARING_IMPORTED: u32 = 2;
+
+/// `rzc_device_info.fallback`: the share happened, or none was asked for.
+pub const RZC_SHARE_FALLBACK_NONE: u32 = 0;
+/// The device cannot share memory between processes (no virtual memory
+/// management with POSIX descriptors), or cannot say.
+pub const RZC_SHARE_FALLBACK_UNSUPPORTED: u32 = 1;
+/// No rendezvous directory of this user closed to others could be had.
+pub const RZC_SHARE_FALLBACK_NO_DIRECTORY: u32 = 2;
+/// The process serving the key runs as another user.
+pub const RZC_SHARE_FALLBACK_OTHER_USER: u32 = 3;
+/// The serving process accepted the connection but did not answer in time.
+pub const RZC_SHARE_FALLBACK_SILENT: u32 = 4;
+/// Another buffer (another content digest) is shared under the key.
+pub const RZC_SHARE_FALLBACK_OTHER_CONTENT: u32 = 5;
+/// The driver refused to import the shared memory.
+pub const RZC_SHARE_FALLBACK_IMPORT_FAILED: u32 = 6;
+/// The shared memory, read back, differed from this process's buffer.
+pub const RZC_SHARE_FALLBACK_MISMATCH: u32 = 7;
+/// Another process's upload was still in progress after `share_wait_ms`.
+pub const RZC_SHARE_FALLBACK_WAITED: u32 = 8;
+/// The lock file or the socket could not be used.
+pub const RZC_SHARE_FALLBACK_RENDEZVOUS: u32 = 9;
+/// Shareable device memory could not be made.
+pub const RZC_SHARE_FALLBACK_NOT_SHAREABLE: u32 = 10;
+
+/// The name of an `RZC_SHARE_FALLBACK_*` code in lower case without the
+/// prefix (`"mismatch"`, ...), or NULL for an unknown code.
+#[no_mangle]
+pub extern "C" fn rzc_share_fallback_name(code: u32) -> *const c_char {
+    let name: &'static [u8] = match code {
+        RZC_SHARE_FALLBACK_NONE => b"none\0",
+        RZC_SHARE_FALLBACK_UNSUPPORTED => b"unsupported\0",
+        RZC_SHARE_FALLBACK_NO_DIRECTORY => b"no_directory\0",
+        RZC_SHARE_FALLBACK_OTHER_USER => b"other_user\0",
+        RZC_SHARE_FALLBACK_SILENT => b"silent\0",
+        RZC_SHARE_FALLBACK_OTHER_CONTENT => b"other_content\0",
+        RZC_SHARE_FALLBACK_IMPORT_FAILED => b"import_failed\0",
+        RZC_SHARE_FALLBACK_MISMATCH => b"mismatch\0",
+        RZC_SHARE_FALLBACK_WAITED => b"waited\0",
+        RZC_SHARE_FALLBACK_RENDEZVOUS => b"rendezvous\0",
+        RZC_SHARE_FALLBACK_NOT_SHAREABLE => b"not_shareable\0",
+        _ => return std::ptr::null(),
+    };
+    name.as_ptr().cast()
+}
 
 /// Options of `rzc_device_weights_upload`. Initialise as
 /// `rzc_upload_options o = {.struct_nbytes = sizeof(rzc_upload_options)};`
@@ -61,13 +106,25 @@ pub struct rzc_upload_options {
     /// Milliseconds to wait for another process's upload in progress under
     /// the same key before uploading privately; 0 = 30000.
     pub share_wait_ms: u32,
+    /// The buffer's content digest (`rzc_weights_content_digest`) when the
+    /// caller already knows it, or NULL: it is then computed from every byte.
+    /// Processes share only when their digests are equal.
+    pub share_digest: *const rzc_digest,
+    /// A directory to meet the other processes in (`share_dir_len` bytes of
+    /// UTF-8), tried after `$XDG_RUNTIME_DIR/ray-zerocopy`; NULL for the
+    /// default. It is used only if it is a directory of this user closed to
+    /// others (created mode 0700 when missing).
+    pub share_dir: *const c_char,
+    /// Length of `share_dir` in bytes.
+    pub share_dir_len: usize,
 }
 
 // SAFETY: all-zero is valid (defaults, NULL stream); the first field is
 // `struct_nbytes`.
 unsafe impl Extensible for rzc_upload_options {
     const NAME: &'static str = "rzc_upload_options";
-    const MIN_NBYTES: usize = std::mem::size_of::<rzc_upload_options>();
+    // Callers compiled before `share_digest` existed pass a shorter struct.
+    const MIN_NBYTES: usize = std::mem::offset_of!(rzc_upload_options, share_digest);
 }
 
 /// What an upload did. Initialise as
@@ -101,6 +158,21 @@ pub struct rzc_device_info {
     pub note: *const c_char,
     /// Length of `note` in bytes.
     pub note_len: usize,
+    /// Why a requested share did not happen, as a code: one of
+    /// `RZC_SHARE_FALLBACK_*` (`RZC_SHARE_FALLBACK_NONE` when it did, or was
+    /// not asked for); `rzc_share_fallback_name` names it.
+    pub fallback: u32,
+    /// Rendezvous directories passed over on the way to the one used, and
+    /// why (`dir_note_len` bytes of UTF-8, valid while the handle lives;
+    /// empty when the first choice was usable).
+    pub dir_note: *const c_char,
+    /// Length of `dir_note` in bytes.
+    pub dir_note_len: usize,
+    /// Bytes this process read back from device memory it imported, to
+    /// check them against its own buffer (0 when it imported nothing).
+    pub verified_nbytes: u64,
+    /// Device-to-host copies that read-back took.
+    pub verified_copies: u64,
 }
 
 /// One tensor of an upload. `name` points into the handle (valid until it is
@@ -128,7 +200,8 @@ pub struct rzc_device_tensor_info {
 // `struct_nbytes`.
 unsafe impl Extensible for rzc_device_info {
     const NAME: &'static str = "rzc_device_info";
-    const MIN_NBYTES: usize = std::mem::size_of::<rzc_device_info>();
+    // Callers compiled before `fallback` existed pass a shorter struct.
+    const MIN_NBYTES: usize = std::mem::offset_of!(rzc_device_info, fallback);
 }
 
 /// Tensors uploaded to a CUDA device (opaque). Read-only after creation.
@@ -193,7 +266,13 @@ pub unsafe extern "C" fn rzc_device_weights_upload(
             if !o.share_key.is_null() || o.share_key_len != 0 {
                 let key = unsafe { crate::handle::str_n(o.share_key, o.share_key_len, "share_key")? };
                 let wait_ms = if o.share_wait_ms == 0 { 30_000 } else { o.share_wait_ms };
-                opts.share = Some(ShareOptions { key: key.to_owned(), wait: std::time::Duration::from_millis(wait_ms.into()) });
+                let digest = if o.share_digest.is_null() { None } else { Some(unsafe { *o.share_digest }.bytes) };
+                let dir = if o.share_dir.is_null() && o.share_dir_len == 0 {
+                    None
+                } else {
+                    Some(std::path::PathBuf::from(unsafe { crate::handle::str_n(o.share_dir, o.share_dir_len, "share_dir")? }))
+                };
+                opts.share = Some(ShareOptions { key: key.to_owned(), wait: std::time::Duration::from_millis(wait_ms.into()), digest, dir });
             }
         }
         let dev = rzc_cuda::upload(&w.weights, ordinal, &opts)?;
@@ -252,6 +331,11 @@ pub unsafe extern "C" fn rzc_device_weights_info(
             read_only: u32::from(d.read_only()),
             note: d.note().as_ptr().cast(),
             note_len: d.note().len(),
+            fallback: d.fallback().map_or(RZC_SHARE_FALLBACK_NONE, |f| f.code()),
+            dir_note: d.share_dir_note().as_ptr().cast(),
+            dir_note_len: d.share_dir_note().len(),
+            verified_nbytes: d.readback().map_or(0, |r| r.bytes as u64),
+            verified_copies: d.readback().map_or(0, |r| r.copies as u64),
         })
     }
 }
@@ -359,4 +443,76 @@ pub unsafe extern "C" fn rzc_device_weights_to_dlpack_legacy(
 #[no_mangle]
 pub unsafe extern "C" fn rzc_device_weights_free(dev: *mut rzc_device_weights) {
     ffi_value_boundary!((), unsafe { rzc_device_weights::free(dev) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rzc_cuda::Fallback;
+    use std::ffi::CStr;
+
+    /// The device layer's codes are the header's constants, by name.
+    #[test]
+    fn fallback_codes_are_the_headers() {
+        let d = std::time::Duration::from_secs(1);
+        let s = String::new;
+        let cases = [
+            (
+                Fallback::Unsupported(s()),
+                RZC_SHARE_FALLBACK_UNSUPPORTED,
+                "unsupported",
+            ),
+            (
+                Fallback::NoDirectory(s()),
+                RZC_SHARE_FALLBACK_NO_DIRECTORY,
+                "no_directory",
+            ),
+            (
+                Fallback::OtherUser(s()),
+                RZC_SHARE_FALLBACK_OTHER_USER,
+                "other_user",
+            ),
+            (
+                Fallback::Silent {
+                    socket: s(),
+                    waited: d,
+                },
+                RZC_SHARE_FALLBACK_SILENT,
+                "silent",
+            ),
+            (
+                Fallback::OtherContent,
+                RZC_SHARE_FALLBACK_OTHER_CONTENT,
+                "other_content",
+            ),
+            (
+                Fallback::ImportFailed(s()),
+                RZC_SHARE_FALLBACK_IMPORT_FAILED,
+                "import_failed",
+            ),
+            (
+                Fallback::Mismatch(s()),
+                RZC_SHARE_FALLBACK_MISMATCH,
+                "mismatch",
+            ),
+            (Fallback::Waited(d), RZC_SHARE_FALLBACK_WAITED, "waited"),
+            (
+                Fallback::Rendezvous(s()),
+                RZC_SHARE_FALLBACK_RENDEZVOUS,
+                "rendezvous",
+            ),
+            (
+                Fallback::NotShareable(s()),
+                RZC_SHARE_FALLBACK_NOT_SHAREABLE,
+                "not_shareable",
+            ),
+        ];
+        for (f, code, name) in cases {
+            assert_eq!(f.code(), code, "{f:?}");
+            // SAFETY: a static NUL-terminated string for every known code.
+            let got = unsafe { CStr::from_ptr(rzc_share_fallback_name(code)) };
+            assert_eq!(got.to_str().unwrap(), name);
+        }
+        assert!(rzc_share_fallback_name(99).is_null());
+    }
 }

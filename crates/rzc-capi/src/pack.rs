@@ -9,7 +9,7 @@ use rzc_core::Dtype;
 
 use crate::handle::{read_options, slice, str_n, Extensible, Handle, Out};
 use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
-use crate::weights::rzc_metadata_entry;
+use crate::weights::{rzc_digest, rzc_metadata_entry};
 
 /// A tensor to pack.
 #[repr(C)]
@@ -49,13 +49,18 @@ pub struct rzc_pack_options {
     /// last one (e.g. 4096, so that a reader can write-protect every page
     /// holding tensor data). 0 for none.
     pub guard_nbytes: u64,
+    /// 1: reserve room in the header's metadata (`rzc.data_blake3`) for the
+    /// digest of the data section, which `rzc_pack_seal` writes once the
+    /// buffer is filled. 0: none.
+    pub reserve_digest: u32,
 }
 
 // SAFETY: all-zero is valid (the defaults); the first field is
 // `struct_nbytes`.
 unsafe impl Extensible for rzc_pack_options {
     const NAME: &'static str = "rzc_pack_options";
-    const MIN_NBYTES: usize = std::mem::size_of::<rzc_pack_options>();
+    // Callers compiled before `reserve_digest` existed pass a shorter struct.
+    const MIN_NBYTES: usize = std::mem::offset_of!(rzc_pack_options, reserve_digest);
 }
 
 /// A computed layout (opaque). Holds the data pointers it was given: they must
@@ -105,6 +110,7 @@ pub unsafe extern "C" fn rzc_pack_plan_new(
                 opts.alignment = usize::try_from(o.alignment).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "alignment too large"))?;
             }
             opts.guard_bytes = usize::try_from(o.guard_nbytes).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "guard_nbytes too large"))?;
+            opts.reserve_digest = o.reserve_digest != 0;
         }
         let mut specs = Vec::with_capacity(inputs.len());
         let mut data = Vec::with_capacity(inputs.len());
@@ -208,6 +214,29 @@ pub unsafe extern "C" fn rzc_pack_plan_write(
         }
         p.plan.write(dst_slice(dst, dst_len)?, &data)?;
         Ok(())
+    }
+}
+
+/// Seals a filled buffer planned with `reserve_digest`: computes the BLAKE3
+/// digest of its data section (on every core when it is large), writes it
+/// into the header's `rzc.data_blake3` metadata, and writes the buffer's
+/// content digest (which covers every byte: see `rzc_weights_content_digest`)
+/// to `*out`. Fails, changing nothing, on a buffer that is not valid or has
+/// no room reserved.
+///
+/// # Safety
+/// `dst` points to `dst_len` writable bytes that no one else uses meanwhile;
+/// `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_seal(
+    dst: *mut u8,
+    dst_len: usize,
+    out: *mut rzc_digest,
+) -> rzc_status {
+    ffi_boundary! {
+        let out = unsafe { Out::new(out, "out")? };
+        let digest = rzc_core::digest::seal(dst_slice(dst, dst_len)?)?;
+        out.write(rzc_digest { bytes: digest })
     }
 }
 

@@ -432,6 +432,38 @@ pub unsafe extern "C" fn rzc_weights_data_to_dlpack(
     }
 }
 
+/// A 32-byte BLAKE3 digest.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct rzc_digest {
+    /// The digest's bytes.
+    pub bytes: [u8; 32],
+}
+
+/// The buffer's content digest: BLAKE3 (key derivation mode, context
+/// "ray-zerocopy 2026-11 content digest v1") of the header's length (8 bytes,
+/// little-endian), the header's bytes and the BLAKE3 digest of the data
+/// section. Two buffers with equal content digests are byte for byte equal.
+/// With `trust_claim` nonzero the data digest is the one the header claims
+/// (`rzc.data_blake3`, written by `rzc_pack_seal`) when it has one: only the
+/// header is read. Otherwise every byte of the data is read (on every core
+/// when it is large).
+///
+/// # Safety
+/// `w` is a live handle; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_content_digest(
+    w: *const rzc_weights,
+    trust_claim: u32,
+    out: *mut rzc_digest,
+) -> rzc_status {
+    ffi_boundary! {
+        let h = unsafe { rzc_weights::borrow(w, "w")? };
+        let out = unsafe { Out::new(out, "out")? };
+        out.write(rzc_digest { bytes: h.weights.content_digest(trust_claim != 0) })
+    }
+}
+
 /// Number of `__metadata__` entries (0 for a NULL handle).
 ///
 /// # Safety

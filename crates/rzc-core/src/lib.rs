@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod digest;
 #[allow(unsafe_code)] // raw pointers and deleters are the DLPack contract
 pub mod dlpack;
 mod dtype;

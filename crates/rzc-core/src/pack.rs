@@ -28,6 +28,10 @@ pub struct PackOptions {
     /// every page holding tensor data without touching memory outside the
     /// buffer. 0 for none.
     pub guard_bytes: usize,
+    /// Reserve room in the header's metadata for the digest of the data
+    /// section, which [`crate::digest::seal`] writes once the data is in
+    /// place (see [`crate::digest`]).
+    pub reserve_digest: bool,
 }
 
 impl Default for PackOptions {
@@ -35,6 +39,7 @@ impl Default for PackOptions {
         PackOptions {
             alignment: DEFAULT_ALIGNMENT,
             guard_bytes: 0,
+            reserve_digest: false,
         }
     }
 }
@@ -129,6 +134,18 @@ impl Plan {
             cursor = end;
         }
 
+        let reserved;
+        let metadata = if options.reserve_digest {
+            let mut m = metadata.clone();
+            m.insert(
+                crate::digest::DATA_DIGEST_KEY.to_owned(),
+                crate::digest::DATA_DIGEST_PLACEHOLDER.to_owned(),
+            );
+            reserved = m;
+            &reserved
+        } else {
+            metadata
+        };
         let mut json = String::with_capacity(64 + entries.len() * 96);
         json.push('{');
         if !metadata.is_empty() {

@@ -80,6 +80,7 @@ fn guard_bytes_surround_the_tensors() {
     let opts = PackOptions {
         alignment: 64,
         guard_bytes: 4096,
+        ..Default::default()
     };
     let buf = pack(&items, &BTreeMap::new(), opts);
     let w = Weights::from_vec(buf).unwrap();
@@ -118,7 +119,8 @@ fn bad_plans() {
         &[spec("a")],
         PackOptions {
             alignment: 48,
-            guard_bytes: 0
+            guard_bytes: 0,
+            ..Default::default()
         }
     )
     .message()

@@ -22,7 +22,7 @@ mod upload;
 
 pub use driver::{device_count, library_present};
 pub use layout::{DeviceTensor, DEVICE_ALIGNMENT};
-pub use share::{ShareOptions, Sharing};
+pub use share::{Fallback, Readback, ShareOptions, Sharing};
 pub use staging::Staging;
 pub use upload::{upload, DeviceWeights, UploadOptions};
 

@@ -14,7 +14,9 @@ use rzc_core::{fail, ErrorKind, Result, Weights};
 use crate::driver::{Checked, PrimaryContext};
 use crate::layout::{self, DeviceTensor, Layout};
 use crate::resources::{DeviceAllocation, Stream};
-use crate::share::{self, Attached, DeviceMemory, ShareOptions, Sharing};
+use crate::share::{
+    self, Attached, Content, DeviceMemory, Fallback, Readback, ShareOptions, Sharing,
+};
 use crate::staging::{self, Staging};
 
 /// Upload settings.
@@ -55,16 +57,20 @@ pub struct DeviceWeights {
     staging: Option<Staging>,
     copies: usize,
     seconds: f64,
+    fallback: Option<Fallback>,
     note: String,
+    readback: Option<Readback>,
+    dir_note: String,
 }
 
 /// Uploads every tensor of `w` to device `ordinal`: one allocation in the
 /// device's primary context, each tensor at a 256-byte aligned offset. With
-/// `opts.share`, processes that upload the same buffer under the same key to
-/// the same GPU share one allocation (see [`crate::share`]); where sharing
-/// does not apply the upload is private and [`DeviceWeights::note`] says
-/// why. The copy has completed when this returns; on an error nothing is left
-/// behind (no allocation, registration, pinned buffer or stream).
+/// `opts.share`, processes that upload the same content under the same key
+/// to the same GPU share one allocation (see [`crate::share`]); where
+/// sharing does not apply the upload is private and
+/// [`DeviceWeights::fallback`] says why. The copy has completed when this
+/// returns; on an error nothing is left behind (no allocation,
+/// registration, pinned buffer or stream).
 pub fn upload(w: &Weights, ordinal: i32, opts: &UploadOptions) -> Result<DeviceWeights> {
     let started = Instant::now();
     if opts.chunk_bytes == 0 || opts.threads == 0 {
@@ -72,23 +78,28 @@ pub fn upload(w: &Weights, ordinal: i32, opts: &UploadOptions) -> Result<DeviceW
     }
     let plan = layout::plan(w.bytes().as_ptr() as usize, w.tensors());
     let ctx = PrimaryContext::retain(ordinal)?;
-    let mut note = String::new();
-    let mut staging = None;
-    let memory = match &opts.share {
-        Some(share) => {
-            match share::attach(ctx, plan.size, &identity(w), share, |alloc| {
-                staging = Some(copy(alloc, &plan, opts)?);
-                Ok(())
-            })? {
-                Attached::Shared(memory) => Some(memory),
-                Attached::Private(why) => {
-                    note = why;
-                    None
-                }
+    let (mut staging, mut fallback, mut readback, mut dir_note) = (None, None, None, String::new());
+    let mut memory = None;
+    if let Some(share) = &opts.share {
+        let content = Content {
+            size: plan.size,
+            // Computed here (reading every byte) unless the caller vouches.
+            digest: share.digest.unwrap_or_else(|| w.content_digest(false)),
+            tensors: &plan.tensors,
+            host: (0..w.len()).map(|i| w.data(i)).collect::<Result<_>>()?,
+        };
+        match share::attach(ctx, &content, share, |alloc| copy(alloc, &plan, opts))? {
+            Attached::Shared {
+                memory: m,
+                staged,
+                readback: r,
+                dir_note: d,
+            } => {
+                (memory, staging, readback, dir_note) = (Some(m), staged, r, d);
             }
+            Attached::Private { why, dir_note: d } => (fallback, dir_note) = (Some(why), d),
         }
-        None => None,
-    };
+    }
     let memory = match memory {
         Some(m) => m,
         None => {
@@ -103,32 +114,11 @@ pub fn upload(w: &Weights, ordinal: i32, opts: &UploadOptions) -> Result<DeviceW
         staging,
         copies: plan.ops.len(),
         seconds: started.elapsed().as_secs_f64(),
-        note,
+        note: fallback.as_ref().map(Fallback::note).unwrap_or_default(),
+        fallback,
+        readback,
+        dir_note,
     })
-}
-
-/// What processes sharing under one key compare before one maps the other's
-/// memory: the whole header (names, dtypes, shapes, offsets) and a hash of a
-/// sample of every tensor's bytes (its first and last 256 bytes and 16
-/// windows of 64 bytes between them). A key names one buffer; this catches a
-/// different buffer under it (another checkpoint of the same model) without
-/// reading gigabytes.
-fn identity(w: &Weights) -> Vec<u8> {
-    use std::hash::Hasher;
-    let mut h = std::hash::DefaultHasher::new();
-    for i in 0..w.len() {
-        let Ok(data) = w.data(i) else { continue };
-        let n = data.len();
-        h.write(&data[..n.min(256)]);
-        h.write(&data[n.saturating_sub(256)..]);
-        for k in 1..=16 {
-            let at = n * k / 17;
-            h.write(&data[at..(at + 64).min(n)]);
-        }
-    }
-    let mut out = w.bytes()[..w.data_start()].to_vec();
-    out.extend_from_slice(&h.finish().to_le_bytes());
-    out
 }
 
 /// Fills `alloc` with the planned copies, staged as `opts` says; the staging
@@ -217,10 +207,27 @@ impl DeviceWeights {
         self.alloc().read_only()
     }
 
-    /// Why a requested share did not happen (empty when it did, or was not
+    /// Why a requested share did not happen (`None` when it did, or was not
     /// asked for).
+    pub fn fallback(&self) -> Option<&Fallback> {
+        self.fallback.as_ref()
+    }
+
+    /// The fallback's note (empty when there is none).
     pub fn note(&self) -> &str {
         &self.note
+    }
+
+    /// What this process read back to verify memory it imported (`None`
+    /// when it imported nothing).
+    pub fn readback(&self) -> Option<Readback> {
+        self.readback
+    }
+
+    /// Which rendezvous directories were passed over and why (empty when
+    /// the first choice was usable or no share was asked for).
+    pub fn share_dir_note(&self) -> &str {
+        &self.dir_note
     }
 
     /// Host-to-device copies the upload was planned as (before cutting them

@@ -1,0 +1,299 @@
+//! What crosses the socket: one message from the server, with the
+//! descriptor of the memory attached (`SCM_RIGHTS`), and nothing from the
+//! client. The message is small and fixed (48 bytes), so the server sends
+//! it without waiting on the client: a client that never reads holds up no
+//! one.
+//!
+//! Message: `MAGIC` (8 bytes), the allocation's size (8, little-endian), the
+//! content digest of the buffer in it (32).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use rzc_core::digest::Digest;
+
+const MAGIC: &[u8; 8] = b"RZCSHR02";
+const LEN: usize = 48;
+
+/// What a server offers.
+pub struct Offer {
+    pub size: usize,
+    pub digest: Digest,
+}
+
+/// Why no offer came.
+pub enum NoOffer {
+    /// Nothing arrived within the time allowed.
+    Silent,
+    /// The server hung up or sent something else: it died, stopped serving,
+    /// or is not ours. Worth looking again.
+    Broken,
+}
+
+/// The uid of the process at the other end of a Unix socket.
+pub fn peer_uid(s: &UnixStream) -> std::io::Result<libc::uid_t> {
+    // SAFETY: all-zero is a valid ucred.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes one ucred of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(cred.uid)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether the process at the other end runs as this user.
+pub fn same_user(s: &UnixStream) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    peer_uid(s)
+        .map(|uid| uid == unsafe { libc::geteuid() })
+        .unwrap_or(false)
+}
+
+/// Room for one control message carrying one descriptor.
+fn control_buffer() -> Vec<u8> {
+    // SAFETY: CMSG_SPACE only computes a size.
+    vec![0u8; unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize]
+}
+
+/// A message over one buffer, with `control` for its ancillary data. The
+/// header points into both: they outlive its use.
+fn message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: all-zero is a valid msghdr; the fields set point to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    msg
+}
+
+/// Sends `bytes` with `fd` attached, without blocking: a full socket buffer
+/// is an error, not a wait.
+pub fn send_with_fd(s: &UnixStream, bytes: &[u8], fd: RawFd) -> std::io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut _,
+        iov_len: bytes.len(),
+    };
+    let mut control = control_buffer();
+    let msg = message(&mut iov, &mut control);
+    // SAFETY: `control` has room for one SCM_RIGHTS header and descriptor.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::copy_nonoverlapping(
+            &fd as *const RawFd as *const u8,
+            libc::CMSG_DATA(cmsg),
+            std::mem::size_of::<RawFd>(),
+        );
+    }
+    // SAFETY: `msg` describes live buffers; the descriptor is duplicated
+    // into the receiver, ours stays ours.
+    let n = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    if n == bytes.len() as isize {
+        Ok(())
+    } else if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Err(std::io::Error::other("short send"))
+    }
+}
+
+/// Receives exactly `bytes.len()` bytes and the descriptor sent with them.
+pub fn recv_with_fd(s: &UnixStream, bytes: &mut [u8]) -> std::io::Result<Option<OwnedFd>> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_mut_ptr().cast(),
+        iov_len: bytes.len(),
+    };
+    let mut control = control_buffer();
+    let mut msg = message(&mut iov, &mut control);
+    // SAFETY: `msg` describes live buffers; MSG_CMSG_CLOEXEC keeps a received
+    // descriptor out of child processes.
+    let n = unsafe {
+        libc::recvmsg(
+            s.as_raw_fd(),
+            &mut msg,
+            libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut fd = None;
+    // SAFETY: walks the control messages the kernel wrote into `control`.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let mut raw: RawFd = -1;
+                std::ptr::copy_nonoverlapping(
+                    libc::CMSG_DATA(cmsg),
+                    &mut raw as *mut RawFd as *mut u8,
+                    std::mem::size_of::<RawFd>(),
+                );
+                fd = Some(OwnedFd::from_raw_fd(raw));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if n as usize != bytes.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the server hung up",
+        ));
+    }
+    Ok(fd)
+}
+
+/// Sends the offer of `fd`, without blocking.
+pub fn send_offer(s: &UnixStream, offer: &Offer, fd: RawFd) -> std::io::Result<()> {
+    let mut m = [0u8; LEN];
+    m[..8].copy_from_slice(MAGIC);
+    m[8..16].copy_from_slice(&(offer.size as u64).to_le_bytes());
+    m[16..48].copy_from_slice(&offer.digest);
+    send_with_fd(s, &m, fd)
+}
+
+/// Waits up to `patience` for the server's offer.
+pub fn receive_offer(s: &UnixStream, patience: Duration) -> Result<(Offer, OwnedFd), NoOffer> {
+    s.set_read_timeout(Some(patience.max(Duration::from_millis(1))))
+        .map_err(|_| NoOffer::Broken)?;
+    let mut m = [0u8; LEN];
+    let fd = match recv_with_fd(s, &mut m) {
+        Ok(fd) => fd,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(NoOffer::Silent)
+        }
+        Err(_) => return Err(NoOffer::Broken),
+    };
+    let (Some(fd), true) = (fd, &m[..8] == MAGIC) else {
+        return Err(NoOffer::Broken);
+    };
+    let size = u64::from_le_bytes(m[8..16].try_into().expect("8 bytes")) as usize;
+    let digest = m[16..48].try_into().expect("32 bytes");
+    Ok((Offer { size, digest }, fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn an_offer_and_its_descriptor_cross_a_socket() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = File::open("/proc/self/exe").unwrap();
+        send_offer(
+            &a,
+            &Offer {
+                size: 1 << 21,
+                digest: [7; 32],
+            },
+            file.as_raw_fd(),
+        )
+        .unwrap();
+        let (offer, fd) = receive_offer(&b, Duration::from_secs(1))
+            .ok()
+            .expect("an offer");
+        assert_eq!((offer.size, offer.digest), (1 << 21, [7; 32]));
+        assert_ne!(
+            fd.as_raw_fd(),
+            file.as_raw_fd(),
+            "a new descriptor of the same file"
+        );
+        assert!(same_user(&a) && same_user(&b));
+    }
+
+    #[test]
+    fn a_silent_server_is_told_apart_from_a_broken_one() {
+        let (a, b) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            receive_offer(&b, Duration::from_millis(50)),
+            Err(NoOffer::Silent)
+        ));
+        drop(a);
+        assert!(matches!(
+            receive_offer(&b, Duration::from_millis(50)),
+            Err(NoOffer::Broken)
+        ));
+    }
+
+    /// The server hands the memory to the same user only: a process that
+    /// switched to another user is seen as such (SO_PEERCRED), whatever the
+    /// socket's permissions.
+    #[test]
+    fn another_user_is_recognised() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: switching to another user needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("rzc-peer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o777).create(&dir).unwrap();
+        // SAFETY: chmod of our own directory (umask may have narrowed it).
+        unsafe {
+            libc::chmod(
+                std::ffi::CString::new(dir.to_str().unwrap())
+                    .unwrap()
+                    .as_ptr(),
+                0o777,
+            )
+        };
+        let path = dir.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: the child only calls async-signal-safe functions (setuid,
+        // socket, connect, _exit) before exiting.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::setgid(65534);
+                libc::setuid(65534);
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let mut addr: libc::sockaddr_un = std::mem::zeroed();
+                addr.sun_family = libc::AF_UNIX as _;
+                for (d, s) in addr.sun_path.iter_mut().zip(c_path.as_bytes()) {
+                    *d = *s as _;
+                }
+                let ok = libc::connect(
+                    fd,
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as _,
+                );
+                libc::sleep(1);
+                libc::_exit(if ok == 0 { 0 } else { 1 });
+            }
+        }
+        let (conn, _) = listener.accept().unwrap();
+        assert_eq!(peer_uid(&conn).unwrap(), 65534);
+        assert!(!same_user(&conn), "another user's process is refused");
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
