@@ -641,6 +641,11 @@ typedef struct rzc_device_weights rzc_device_weights;
 typedef struct rzc_pack_plan rzc_pack_plan;
 
 /**
+ * A digest being computed while its buffer is filled (opaque).
+ */
+typedef struct rzc_pack_sealer rzc_pack_sealer;
+
+/**
  * An opened, validated safetensors buffer (opaque). Read-only after opening:
  * every call taking a `const rzc_weights *` may run on several threads.
  */
@@ -1234,6 +1239,20 @@ enum rzc_status rzc_pack_plan_write_layout(const struct rzc_pack_plan *plan,
 enum rzc_status rzc_pack_plan_write(const struct rzc_pack_plan *plan, uint8_t *dst, size_t dst_len);
 
 /**
+ * Copies every tensor's data into `dst`, whose layout is written already
+ * (`rzc_pack_plan_write_layout`, then `rzc_pack_sealer_new` on it), telling
+ * `sealer` as each tensor's bytes are final, so that the digest is computed
+ * while the rest is copied. Then call `rzc_pack_sealer_finish`.
+ *
+ * # Safety
+ * As `rzc_pack_plan_write`; `sealer` is a live sealer of `dst`.
+ */
+enum rzc_status rzc_pack_plan_write_sealing(const struct rzc_pack_plan *plan,
+                                            uint8_t *dst,
+                                            size_t dst_len,
+                                            const struct rzc_pack_sealer *sealer);
+
+/**
  * Seals a filled buffer planned with `reserve_digest`: computes the BLAKE3
  * digest of its data section (on every core when it is large), writes it
  * into the header's `rzc.data_blake3` metadata, and writes the buffer's
@@ -1254,6 +1273,51 @@ enum rzc_status rzc_pack_seal(uint8_t *dst, size_t dst_len, struct rzc_digest *o
  * `plan` is NULL or a plan not yet freed.
  */
 void rzc_pack_plan_free(struct rzc_pack_plan *plan);
+
+/**
+ * Starts computing the digest of the data section of `dst`, a buffer
+ * planned with `reserve_digest` whose header is written already
+ * (`rzc_pack_plan_write_layout`), on a thread of its own. Then fill the
+ * buffer, calling `rzc_pack_sealer_advance` as its bytes become final, and
+ * `rzc_pack_sealer_finish`.
+ *
+ * # Safety
+ * `dst` points to `dst_len` bytes that stay valid until the sealer is
+ * finished or freed; `out` is valid for a write.
+ */
+enum rzc_status rzc_pack_sealer_new(const uint8_t *dst,
+                                    size_t dst_len,
+                                    struct rzc_pack_sealer **out);
+
+/**
+ * Declares the bytes of the buffer below `upto` final: the caller writes
+ * them no more. Calls may come in any order; the largest counts.
+ *
+ * # Safety
+ * `sealer` is a live sealer.
+ */
+enum rzc_status rzc_pack_sealer_advance(const struct rzc_pack_sealer *sealer, size_t upto);
+
+/**
+ * Declares the whole buffer final, completes the digest of its data
+ * section (on every core), writes it into the header (`rzc.data_blake3`)
+ * and writes the buffer's content digest to `*out` (the same as
+ * `rzc_pack_seal` gives). The sealer is then spent: free it.
+ *
+ * # Safety
+ * `sealer` is a live sealer; nothing else uses its buffer meanwhile; `out`
+ * is valid for a write.
+ */
+enum rzc_status rzc_pack_sealer_finish(const struct rzc_pack_sealer *sealer,
+                                       struct rzc_digest *out);
+
+/**
+ * Frees a sealer (stopping its thread when unfinished); NULL is a no-op.
+ *
+ * # Safety
+ * `sealer` is NULL or a sealer not yet freed.
+ */
+void rzc_pack_sealer_free(struct rzc_pack_sealer *sealer);
 
 /**
  * Opens `len` bytes at `data` as a safetensors buffer without copying them.

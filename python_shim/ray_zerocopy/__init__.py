@@ -28,7 +28,7 @@ from .errors import (
     RzcError,
     UnsupportedDtypeError,
 )
-from .weights import DeviceWeights, PackInput, TensorInfo, Weights, pack
+from .weights import DeviceWeights, PackInput, PackPlan, Sealer, TensorInfo, Weights, pack, seal_buffer
 
 __version__ = _native_version()
 
@@ -40,7 +40,10 @@ __all__ = [
     "TensorInfo",
     "Dtype",
     "PackInput",
+    "PackPlan",
     "pack",
+    "seal_buffer",
+    "Sealer",
     "RzcError",
     "BadFormatError",
     "InvalidArgumentError",

@@ -107,10 +107,10 @@ def read(path) -> Checkpoint:
     return Checkpoint(tuple(entries), metadata or {}, tuple(files))
 
 
-def copy_into(dst: np.ndarray, entries, offsets, copied=lambda n: None) -> None:
+def copy_into(dst: np.ndarray, entries, offsets, copied=lambda i: None) -> None:
     """Copies each entry's bytes to ``dst[offsets[i]:]``, one shard at a time
     (each shard is mapped while it is copied, then unmapped), calling
-    ``copied(nbytes)`` after each tensor."""
+    ``copied(i)`` after entry ``i``."""
     by_shard: dict[Path, list[int]] = {}
     for i, e in enumerate(entries):
         by_shard.setdefault(e.shard, []).append(i)
@@ -123,7 +123,7 @@ def copy_into(dst: np.ndarray, entries, offsets, copied=lambda n: None) -> None:
                 e = entries[i]
                 src = e.offset - start
                 dst[offsets[i] : offsets[i] + e.nbytes] = section[src : src + e.nbytes]
-                copied(e.nbytes)
+                copied(i)
         finally:
             # The handle and the view are the mapping's last users: the shard
             # is unmapped before the next one is mapped.

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _checkpoint, _telemetry
 from .errors import RzcError
-from .weights import PackInput, PackPlan, Weights, seal_buffer, view_at
+from .weights import PackInput, PackPlan, Sealer, Weights, view_at
 
 # Bytes of non-tensor data before the first and after the last tensor: one
 # page each, so the write guard can protect every page holding weights
@@ -54,42 +54,70 @@ class Sealed:
     digest_seconds: float = 0.0  # what computing the digest cost while sealing
 
 
-def _sealed(skeleton: bytes, kinds, buffer, needs_eval: bool = False) -> Sealed:
-    """Seals the filled ``buffer`` (its data digest written into its header)
-    and describes it, validated by the native library."""
-    started = time.perf_counter()
-    digest = seal_buffer(buffer)
-    seconds = time.perf_counter() - started
-    with Weights.from_buffer(buffer) as w:
-        if len(w) != len(kinds):
-            raise AssertionError(f"packed {len(w)} tensors for {len(kinds)} references")
-    return Sealed(skeleton, tuple(kinds), referenced_modules(skeleton), int(buffer.nbytes), digest, needs_eval, seconds)
-
-
 @dataclass
 class Packing:
     """A pickled skeleton and how to write the buffer it refers to: a
-    buffer of ``nbytes`` bytes that ``fill(dst)`` writes, wherever ``dst``
-    lives (straight into Ray's object store, see ``_store``, or a new
-    array: :meth:`to_array`)."""
+    buffer of ``nbytes`` bytes laid out by ``plan``, whose tensors
+    ``fill(dst, progress)`` copies in, calling ``progress.done(i)`` after
+    tensor ``i`` (or writing them all through ``progress.sealer``), wherever
+    ``dst`` lives (straight into Ray's object store, see ``_store``, or a
+    new array: :meth:`to_array`)."""
 
     skeleton: bytes
     kinds: tuple
     needs_eval: bool
-    nbytes: int
-    fill: object  # fill(dst: np.ndarray) -> None
+    plan: PackPlan
+    fill: object  # fill(dst: np.ndarray, progress: _Progress) -> None
+    label: str = "sealing"  # the progress bar's
     keep: object = None  # what the fill reads, alive until it has run
 
-    def describe(self, buffer) -> Sealed:
-        """Seals the written buffer (its digest into its header) and returns
-        the description a wrapper carries."""
-        return _sealed(self.skeleton, self.kinds, buffer, self.needs_eval)
+    @property
+    def nbytes(self) -> int:
+        return self.plan.nbytes
+
+    def write(self, dst) -> Sealed:
+        """Writes and seals the buffer into ``dst``: the digest of every byte
+        is computed on a native thread while the tensors are copied, then
+        written into the header. Returns the description a wrapper carries,
+        checked against the buffer by the native library."""
+        self.plan.write_layout(dst)
+        with Sealer(dst) as sealer:
+            progress = _Progress(self.plan, sealer, _telemetry.progress(self.plan.nbytes, self.label))
+            self.fill(dst, progress)
+            progress.bar.close()
+            started = time.perf_counter()
+            digest = sealer.finish()
+            waited = time.perf_counter() - started
+        with Weights.from_buffer(dst) as w:
+            if len(w) != len(self.kinds):
+                raise AssertionError(f"packed {len(w)} tensors for {len(self.kinds)} references")
+        modules = referenced_modules(self.skeleton)
+        return Sealed(self.skeleton, tuple(self.kinds), modules, int(dst.nbytes), digest, self.needs_eval, waited)
 
     def to_array(self) -> tuple[Sealed, "np.ndarray"]:
         """The buffer as a new array (no Ray needed), and its description."""
         buffer = np.empty(self.nbytes, dtype=np.uint8)
-        self.fill(buffer)
-        return self.describe(buffer), buffer
+        return self.write(buffer), buffer
+
+
+class _Progress:
+    """What the fill reports as tensors land, in whatever order: the
+    progress bar advances, and the sealer learns how far the buffer is final
+    (up to the first tensor not yet copied; the layout is written first)."""
+
+    def __init__(self, plan: PackPlan, sealer: Sealer, bar):
+        self.plan, self.sealer, self.bar = plan, sealer, bar
+        self._done = bytearray(len(plan))
+        self._next = 0
+
+    def done(self, i: int) -> None:
+        self._done[i] = 1
+        self.bar.update(self.plan.size(i))
+        if i != self._next:
+            return
+        while self._next < len(self._done) and self._done[self._next]:
+            self._next += 1
+        self.sealer.advance(self.plan.offset(self._next) if self._next < len(self._done) else self.plan.nbytes)
 
 
 def _adapters():
@@ -328,25 +356,22 @@ def pack_object(obj, metadata=None) -> Packing:
     inputs = sealer.inputs
     plan = PackPlan(inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES, reserve_digest=True)
 
-    def fill(dst):
-        bar = _telemetry.progress(plan.nbytes, "sealing")
-        if isinstance(bar, _telemetry._NoProgress):
-            plan.write(dst)  # one native call
-            return
-        plan.write_layout(dst)  # then tensor by tensor, to show progress
-        _copy_inputs(dst, plan, inputs, 0, bar)
-        bar.close()
+    def fill(dst, progress):
+        if isinstance(progress.bar, _telemetry._NoProgress):
+            plan.write_sealing(dst, progress.sealer)  # one native call
+        else:
+            _copy_inputs(dst, plan, inputs, 0, progress)  # tensor by tensor, to show progress
 
-    return Packing(skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan.nbytes, fill, sealer.keep)
+    return Packing(skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan, fill, keep=sealer.keep)
 
 
-def _copy_inputs(dst, plan: PackPlan, inputs, first: int, bar) -> None:
+def _copy_inputs(dst, plan: PackPlan, inputs, first: int, progress: "_Progress") -> None:
     """Copies ``inputs`` (tensors ``first``, ``first + 1``, ... of ``plan``)
-    from their addresses into ``dst``, counting each on the progress bar."""
+    from their addresses into ``dst``, reporting each to ``progress``."""
     for i, inp in enumerate(inputs, start=first):
         at = plan.offset(i)
         dst[at : at + inp.nbytes] = view_at(inp.address, inp.nbytes)
-        bar.update(inp.nbytes)
+        progress.done(i)
 
 
 def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
@@ -421,14 +446,11 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
     plan = PackPlan(inputs, ckpt.metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES, reserve_digest=True)
     offsets = [plan.offset(i) for i in range(len(inputs))]
 
-    def fill(dst):
-        bar = _telemetry.progress(plan.nbytes, "sealing checkpoint")
-        plan.write_layout(dst)
-        _checkpoint.copy_into(dst, entries, offsets, bar.update)
-        _copy_inputs(dst, plan, extras, len(entries), bar)
-        bar.close()
+    def fill(dst, progress):
+        _checkpoint.copy_into(dst, entries, offsets, progress.done)
+        _copy_inputs(dst, plan, extras, len(entries), progress)
 
-    return Packing(skeleton, tuple(kinds), needs_eval, plan.nbytes, fill, keep)
+    return Packing(skeleton, tuple(kinds), needs_eval, plan, fill, "sealing checkpoint", keep)
 
 
 def seal_checkpoint(path, kind: str, model=None) -> tuple[Sealed, "np.ndarray"]:

@@ -471,8 +471,16 @@ class PackPlan:
         check(lib.rzc_pack_plan_new(arr, len(tensors), marr, len(meta), opts, out))
         self._plan = ffi.gc(out[0], lib.rzc_pack_plan_free)
         self.alignment = alignment
+        self._sizes = [t.nbytes for t in tensors]
         #: Size of the buffer in bytes.
         self.nbytes = lib.rzc_pack_plan_nbytes(self._plan)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def size(self, index: int) -> int:
+        """Bytes of tensor ``index``."""
+        return self._sizes[index]
 
     def offset(self, index: int) -> int:
         """Where tensor ``index``'s bytes go, from the buffer start."""
@@ -493,6 +501,12 @@ class PackPlan:
         view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
         check(lib.rzc_pack_plan_write_layout(self._plan, view, len(view)))
 
+    def write_sealing(self, dst, sealer: "Sealer") -> None:
+        """Copies every tensor into ``dst`` (its layout written, ``sealer``
+        made on it), telling ``sealer`` as each tensor's bytes are final."""
+        view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+        check(lib.rzc_pack_plan_write_sealing(self._plan, view, len(view), sealer._handle))
+
     def write(self, dst) -> None:
         """Writes the whole buffer into ``dst``, copying every tensor from the
         address it was planned with. The copy releases the GIL (cffi does for
@@ -500,6 +514,46 @@ class PackPlan:
         packed."""
         view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
         check(lib.rzc_pack_plan_write(self._plan, view, len(view)))
+
+
+class Sealer:
+    """The digest of a buffer's data section, computed on a native thread
+    while the buffer is filled. Make it once the buffer's layout (header) is
+    written (:meth:`PackPlan.write_layout`); call :meth:`advance` as bytes
+    become final, then :meth:`finish`. The buffer must stay alive and
+    unchanged (below the last ``advance``) until then."""
+
+    __slots__ = ("_handle", "_keep")
+
+    def __init__(self, dst):
+        self._keep = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+        out = ffi.new("rzc_pack_sealer **")
+        check(lib.rzc_pack_sealer_new(self._keep, len(self._keep), out))
+        self._handle = ffi.gc(out[0], lib.rzc_pack_sealer_free)
+
+    def advance(self, upto: int) -> None:
+        """Bytes below ``upto`` are final."""
+        check(lib.rzc_pack_sealer_advance(self._handle, upto))
+
+    def finish(self) -> bytes:
+        """Hashes the rest, writes the data digest into the header, and
+        returns the buffer's content digest."""
+        out = ffi.new("rzc_digest *")
+        check(lib.rzc_pack_sealer_finish(self._handle, out))
+        return bytes(out.bytes)
+
+    def close(self) -> None:
+        """Stops the thread (when unfinished) and frees the sealer."""
+        h, self._handle = self._handle, None
+        if h is not None:
+            ffi.gc(h, None)  # freed here, not again by the collector
+            lib.rzc_pack_sealer_free(h)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def seal_buffer(dst) -> bytes:

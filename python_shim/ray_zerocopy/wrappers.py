@@ -63,8 +63,7 @@ class ActorWrapper:
         described = []
 
         def fill(dst):
-            packing.fill(dst)
-            described[:] = [packing.describe(dst)]  # validated by the native library
+            described[:] = [packing.write(dst)]  # sealed, and validated by the native library
 
         self._ref = _store.put_buffer(packing.nbytes, fill)
         self._sealed = described[0]

@@ -222,6 +222,49 @@ static void test_pack(void) {
   rzc_weights_free(w);
   free(dst);
 
+  /* A sealed buffer: the data digest in the header, the content digest
+     returned, and both the same when recomputed from every byte. */
+  rzc_pack_options popts = {.struct_nbytes = sizeof(rzc_pack_options), .reserve_digest = 1};
+  CHECK(rzc_pack_plan_new(in, 2, &meta, 1, &popts, &plan) == RZC_OK);
+  total = (size_t)rzc_pack_plan_nbytes(plan);
+  CHECK(posix_memalign((void **)&dst, 64, total) == 0);
+  CHECK(rzc_pack_plan_write(plan, dst, total) == RZC_OK);
+  rzc_pack_plan_free(plan);
+  rzc_digest sealed, claimed, full;
+  CHECK(rzc_pack_seal(dst, total, &sealed) == RZC_OK);
+  CHECK(rzc_pack_seal(dst, total, &sealed) == RZC_INVALID_ARGUMENT); /* sealed once */
+  CHECK(rzc_weights_open_memory(dst, total, &w) == RZC_OK);
+  const char *value = NULL;
+  size_t value_len = 0;
+  CHECK(rzc_weights_metadata_find(w, "rzc.data_blake3", &value, &value_len) == RZC_OK && value_len == 64);
+  CHECK(rzc_weights_content_digest(w, 1, &claimed) == RZC_OK);
+  CHECK(rzc_weights_content_digest(w, 0, &full) == RZC_OK);
+  CHECK(memcmp(sealed.bytes, claimed.bytes, 32) == 0 && memcmp(sealed.bytes, full.bytes, 32) == 0);
+  CHECK(rzc_weights_content_digest(w, 0, NULL) == RZC_NULL_ARGUMENT);
+  rzc_weights_free(w);
+
+  /* The same buffer sealed while it is filled: the same digest. */
+  CHECK(rzc_pack_plan_new(in, 2, &meta, 1, &popts, &plan) == RZC_OK);
+  uint8_t *again = NULL;
+  CHECK(posix_memalign((void **)&again, 64, total) == 0);
+  CHECK(rzc_pack_plan_write_layout(plan, again, total) == RZC_OK);
+  rzc_pack_sealer *sealer = NULL;
+  CHECK(rzc_pack_sealer_new(again, total, &sealer) == RZC_OK);
+  CHECK(rzc_pack_plan_write_sealing(plan, again, total, sealer) == RZC_OK);
+  rzc_digest streamed;
+  CHECK(rzc_pack_sealer_finish(sealer, &streamed) == RZC_OK);
+  CHECK(rzc_pack_sealer_finish(sealer, &streamed) == RZC_INVALID_ARGUMENT); /* spent */
+  rzc_pack_sealer_free(sealer);
+  CHECK(memcmp(streamed.bytes, sealed.bytes, 32) == 0 && memcmp(again, dst, total) == 0);
+  /* A sealer freed unfinished stops its thread. */
+  CHECK(rzc_pack_plan_write_layout(plan, again, total) == RZC_OK);
+  CHECK(rzc_pack_sealer_new(again, total, &sealer) == RZC_OK);
+  CHECK(rzc_pack_sealer_advance(sealer, 64) == RZC_OK);
+  rzc_pack_sealer_free(sealer);
+  rzc_pack_plan_free(plan);
+  free(again);
+  free(dst);
+
   in[0].dtype = 77;
   CHECK(rzc_pack_plan_new(in, 2, NULL, 0, NULL, &plan) == RZC_UNSUPPORTED_DTYPE);
   in[0].dtype = RZC_DTYPE_U8;

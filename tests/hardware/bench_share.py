@@ -41,12 +41,15 @@ def worker(path: str, description: str, share: str):
     torch.cuda.init()
     torch.cuda.synchronize()
     t = time.perf_counter()
-    model = _load.assemble(w, sealed, device="cuda:0", share=share or None)
+    report = {}
+    model = _load.assemble(w, sealed, device="cuda:0", share=share or None, report=report)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     with torch.no_grad():
         equal = torch.equal(model(x.cuda()).cpu(), expected)
-    print(json.dumps({"seconds": seconds, "equal": equal}), flush=True)
+    info = report["upload"]
+    keep = ("sharing", "read_only", "fallback", "note", "verified_nbytes", "verified_copies")
+    print(json.dumps({"seconds": seconds, "equal": equal, **{k: info[k] for k in keep}}), flush=True)
     sys.stdin.read()
 
 
@@ -63,7 +66,8 @@ def run(procs: int, path: str, description: str, share: str) -> dict:
     for p in ps:
         p.stdin.close()
         p.wait()
-    return {"used_bytes": used, "loads_s": [r["seconds"] for r in reports], "equal": all(r["equal"] for r in reports)}
+    return {"used_bytes": used, "loads_s": [r["seconds"] for r in reports], "equal": all(r["equal"] for r in reports),
+            "reports": reports}
 
 
 def main():
@@ -109,11 +113,21 @@ def main():
         loads = ", ".join(f"{s * 1e3:.0f}" for s in r["loads_s"])
         print(f"{name:8s} {r['used_bytes'] / gib:6.2f} GiB = {r['used_bytes'] / nbytes:.2f} x model; "
               f"loads (ms, in start order): {loads}; outputs equal to .to('cuda'): {r['equal']}")
+    # The importers' trust checks on real hardware: each read windows of the
+    # memory it mapped back (one in every tensor) and found its own weights,
+    # and maps it read-only where the device allows.
+    importers = [r for r in shared["reports"] if r["sharing"] == "imported"]
+    for r in shared["reports"]:
+        print(f"  {r['sharing']:8s} read_only={r['read_only']} fallback={r['fallback']} "
+              f"verified {r['verified_nbytes'] / 2**10:.0f} KiB in {r['verified_copies']} copies {r['note']}")
+    ok = len(importers) == args.procs - 1 and all(r["fallback"] == "none" and r["verified_nbytes"] > 0 for r in importers)
+    print(f"importers verified their mapping: {ok}; read-only: {all(r['read_only'] for r in importers)}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "share.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(0), "model_bytes": nbytes, "one": one, "private": private,
-                   "shared": shared}, f, indent=2)
+                   "shared": shared, "importers_verified": ok}, f, indent=2)
+    return 0 if ok and shared["equal"] and private["equal"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -208,3 +208,50 @@ def test_sealing_with_a_progress_bar_writes_the_same_buffer(monkeypatch, capsys)
     _, shown = _seal.seal(tree)
     assert "sealing" in capsys.readouterr().err, "a progress bar was shown"
     assert quiet.tobytes() == shown.tobytes()
+
+
+def test_the_digest_computed_while_sealing_is_that_of_every_byte(monkeypatch, tmp_path):
+    """However a buffer is filled (one native call, tensor by tensor with a
+    progress bar, a sharded checkpoint), the digest the sealer computed on
+    its thread while the bytes landed is the one computed afterwards from
+    every byte, and the header claims the data section's plain BLAKE3."""
+    from ray_zerocopy import _seal, _telemetry
+
+    tree = {"a": torch.randn(300_000), "b": torch.arange(1000, dtype=torch.int16), "c": torch.ones(3, 7, dtype=torch.bfloat16)}
+    results = [_seal.seal(tree)]
+    monkeypatch.setattr(_telemetry, "PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    results.append(_seal.seal(tree))
+    for i in range(3):
+        save_file({f"s{i}.x": torch.full((50_000,), float(i)), f"s{i}.y": torch.arange(7, dtype=torch.int64)},
+                  str(tmp_path / f"model-0000{i}-of-00003.safetensors"))
+    results.append(_seal.seal_checkpoint(tmp_path, _seal.TORCH))
+    for sealed, buf in results:
+        with rzc.Weights.from_buffer(buf) as w:
+            assert w.content_digest(trust_claim=False) == w.content_digest() == sealed.content_digest
+            claimed = w.metadata["rzc.data_blake3"]
+            assert claimed != "0" * 64 and len(claimed) == 64
+    assert results[0][0].content_digest == results[1][0].content_digest
+
+
+def test_the_sealer_learns_only_the_final_prefix():
+    """Tensors may land in any order; the sealer is told only how far the
+    buffer is final: up to the first tensor not yet copied."""
+    from ray_zerocopy import _seal, _telemetry
+
+    data = [np.full(1000, i, np.float32) for i in range(4)]
+    plan = rzc.PackPlan([rzc.PackInput(f"t{i}", rzc.Dtype.F32, d.shape, d.ctypes.data, d.nbytes) for i, d in enumerate(data)],
+                        alignment=256, guard_bytes=4096, reserve_digest=True)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def advance(self, upto):
+            self.calls.append(upto)
+
+    sealer = Recorder()
+    progress = _seal._Progress(plan, sealer, _telemetry._NoProgress())
+    for i in (2, 0, 3, 1):
+        progress.done(i)
+    assert sealer.calls == [plan.offset(1), plan.nbytes], sealer.calls

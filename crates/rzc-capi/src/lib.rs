@@ -16,6 +16,7 @@
 pub mod device;
 mod handle;
 pub mod pack;
+pub mod seal;
 pub mod status;
 pub mod weights;
 

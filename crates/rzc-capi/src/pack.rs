@@ -217,6 +217,39 @@ pub unsafe extern "C" fn rzc_pack_plan_write(
     }
 }
 
+/// Copies every tensor's data into `dst`, whose layout is written already
+/// (`rzc_pack_plan_write_layout`, then `rzc_pack_sealer_new` on it), telling
+/// `sealer` as each tensor's bytes are final, so that the digest is computed
+/// while the rest is copied. Then call `rzc_pack_sealer_finish`.
+///
+/// # Safety
+/// As `rzc_pack_plan_write`; `sealer` is a live sealer of `dst`.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_plan_write_sealing(
+    plan: *const rzc_pack_plan,
+    dst: *mut u8,
+    dst_len: usize,
+    sealer: *const crate::seal::rzc_pack_sealer,
+) -> rzc_status {
+    ffi_boundary! {
+        let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
+        let s = unsafe { crate::seal::rzc_pack_sealer::borrow(sealer, "sealer")? };
+        let out = dst_slice(dst, dst_len)?;
+        if out.len() < p.plan.total_size() {
+            return Err(Failure::new(crate::status::RZC_BUFFER_TOO_SMALL, format!("destination is {} bytes; the plan needs {}", out.len(), p.plan.total_size())));
+        }
+        for (i, &(ptr, n)) in p.data.iter().enumerate() {
+            if ptr.is_null() && n > 0 {
+                return Err(Failure::null(&format!("tensors[{i}].data")));
+            }
+            let at = p.plan.offset(i)?;
+            out[at..at + n].copy_from_slice(unsafe { slice(ptr, n, "data")? });
+            s.advance(at + n);
+        }
+        Ok(())
+    }
+}
+
 /// Seals a filled buffer planned with `reserve_digest`: computes the BLAKE3
 /// digest of its data section (on every core when it is large), writes it
 /// into the header's `rzc.data_blake3` metadata, and writes the buffer's

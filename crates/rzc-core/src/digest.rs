@@ -80,16 +80,31 @@ fn from_hex(s: &str) -> Option<Digest> {
 /// it over the placeholder of [`DATA_DIGEST_KEY`] in its header, and returns
 /// the content digest of the result. Fails, changing nothing, when the
 /// buffer is not valid or its header has no placeholder (plan it with
-/// [`DATA_DIGEST_KEY`] = [`DATA_DIGEST_PLACEHOLDER`] in the metadata).
+/// `PackOptions::reserve_digest`).
 pub fn seal(buffer: &mut [u8]) -> Result<Digest> {
+    let start = sealable(buffer)?;
+    let data = blake3(&buffer[start..]);
+    write_data_digest(buffer, &data)
+}
+
+/// Where the data section of `buffer` starts, once its header is checked
+/// to be valid and to reserve room for the data digest.
+pub fn sealable(buffer: &[u8]) -> Result<usize> {
     let parsed = header::parse(buffer)?;
-    let start = parsed.data_start;
     if parsed.metadata.get(DATA_DIGEST_KEY).map(String::as_str) != Some(DATA_DIGEST_PLACEHOLDER) {
         fail!(
             InvalidArgument,
             "the buffer's header reserves no place for its digest (metadata {DATA_DIGEST_KEY:?} = 64 zeros)"
         );
     }
+    Ok(parsed.data_start)
+}
+
+/// Writes `data` (the digest of the data section, computed by the caller)
+/// over the placeholder in `buffer`'s header and returns the content
+/// digest. Fails, changing nothing, as [`seal`] does.
+pub fn write_data_digest(buffer: &mut [u8], data: &Digest) -> Result<Digest> {
+    let start = sealable(buffer)?;
     // The metadata is written by serde_json, compactly: `"key":"value"`.
     let needle = format!("\"{DATA_DIGEST_KEY}\":\"{DATA_DIGEST_PLACEHOLDER}\"");
     let Some(at) = find(&buffer[..start], needle.as_bytes()) else {
@@ -98,10 +113,9 @@ pub fn seal(buffer: &mut [u8]) -> Result<Digest> {
             "the header's {DATA_DIGEST_KEY:?} entry is not written compactly"
         );
     };
-    let data = blake3(&buffer[start..]);
     let value_at = at + DATA_DIGEST_KEY.len() + 4;
-    buffer[value_at..value_at + 64].copy_from_slice(to_hex(&data).as_bytes());
-    Ok(content_digest(&buffer[..start], &data))
+    buffer[value_at..value_at + 64].copy_from_slice(to_hex(data).as_bytes());
+    Ok(content_digest(&buffer[..start], data))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
