@@ -464,6 +464,31 @@ typedef struct DLManagedTensor {
 #define RZC_OPEN_WRITE_PROTECT 1
 
 /**
+ * `rzc_weights_guard_state`: opened without `write_protect` (or no tensors).
+ */
+#define RZC_GUARD_NONE 0
+
+/**
+ * Guarded shared memory mapped through a read-only descriptor: a write
+ * faults, and the kernel refuses `mprotect(PROT_WRITE)` and
+ * `madvise(MADV_REMOVE)` on it.
+ */
+#define RZC_GUARD_SEALED 1
+
+/**
+ * Guarded memory private to this process: a write faults, and nothing
+ * done to it reaches another process.
+ */
+#define RZC_GUARD_PRIVATE 2
+
+/**
+ * Guarded shared memory made read-only by `mprotect` only (no read-only
+ * descriptor of its file was found): a write faults, but this process
+ * could still make it writable or punch it out.
+ */
+#define RZC_GUARD_MPROTECT 3
+
+/**
  * Result of every fallible call. The numbers are stable: a code is never
  * renumbered or reused, and new codes are appended.
  *
@@ -1478,6 +1503,15 @@ enum rzc_status rzc_weights_to_dlpack_legacy(const struct rzc_weights *w,
  */
 enum rzc_status rzc_weights_data_to_dlpack(const struct rzc_weights *w,
                                            struct DLManagedTensorVersioned **out);
+
+/**
+ * How firmly the weights refuse writes in this process: one of
+ * `RZC_GUARD_*` (`RZC_GUARD_NONE` for NULL).
+ *
+ * # Safety
+ * `w` is NULL or a live handle.
+ */
+uint32_t rzc_weights_guard_state(const struct rzc_weights *w);
 
 /**
  * The buffer's content digest: BLAKE3 (key derivation mode, context

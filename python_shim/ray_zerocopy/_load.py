@@ -105,6 +105,12 @@ def open_sealed(ref, write_protect: bool) -> Weights:
                 "the driver that created the wrapper must keep it (and Ray) alive while actors load it"
             ) from e
         w = Weights.from_buffer(buffer, write_protect=write_protect)
+        if write_protect and w.guard_state == "mprotect":
+            _telemetry.fallback(
+                "the shared weights are read-only by mprotect only in this process: no read-only descriptor of "
+                "the object store's file was found (this worker is not a child of the raylet, or /proc is "
+                "restricted), so a write still faults, but madvise(MADV_REMOVE) here would reach every actor"
+            )
         _opened[key] = w
         return w
 

@@ -191,6 +191,17 @@ class Weights:
             out[ffi.unpack(e.key, e.key_len).decode()] = ffi.unpack(e.value, e.value_len).decode()
         return out
 
+    @property
+    def guard_state(self) -> str:
+        """How firmly the weights refuse writes in this process: ``"none"``
+        (not write-protected), ``"sealed"`` (shared memory mapped through a
+        read-only descriptor: a write faults, and the kernel refuses
+        ``mprotect(PROT_WRITE)`` and ``madvise(MADV_REMOVE)``), ``"private"``
+        (this process's own memory, read-only) or ``"mprotect"`` (shared
+        memory made read-only by ``mprotect`` alone: no read-only descriptor
+        of its file was found)."""
+        return _GUARD_NAMES[lib.rzc_weights_guard_state(self._live())]
+
     def content_digest(self, *, trust_claim: bool = True) -> bytes:
         """The buffer's content digest (32 bytes): BLAKE3 of its header and
         of the digest of its data section, so two buffers with equal content
@@ -315,6 +326,7 @@ def cuda_device_count() -> int:
 
 _STAGING_NAMES = {0: "auto", 1: "register", 2: "pinned", 3: "pageable", 4: "none"}
 _SHARING_NAMES = {0: "private", 1: "uploaded", 2: "imported"}
+_GUARD_NAMES = {0: "none", 1: "sealed", 2: "private", 3: "mprotect"}
 
 
 def _text(ptr, n: int) -> str:

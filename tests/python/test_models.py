@@ -185,7 +185,9 @@ class MLP(torch.nn.Module):
 
 def programs():
     torch.manual_seed(0)
-    m = MLP().eval()
+    # 67 MB: a program's first run allocates a few MB of its own (the JIT's
+    # caches), which must stay small beside the weights.
+    m = MLP(h=8192).eval()
     x = torch.randn(4, 1024)
     return m, x, {
         "script": torch.jit.script(m),
@@ -197,8 +199,14 @@ def programs():
 @pytest.mark.parametrize("kind", ["script", "trace", "export"])
 def test_programs_load_zero_copy_in_two_actors(ray_cluster, kind):
     """TorchScript modules and exported programs travel without their
-    weights and load zero-copy: two actors together grow by less than 1.5 x
-    the model (a copy in each would be 2 x), and answer as the original."""
+    weights and load zero-copy: neither of two actors that load and run one
+    grows its private memory by half the model (a copy of the weights in it
+    would be the whole model), both read the weights from the shared object,
+    and both answer as the original.
+
+    Private (anonymous) memory is what a copy costs; shared memory is
+    counted per process as a share of the mappers, which depends on when the
+    other actor maps it, so it is not summed against a bound."""
     ray = ray_cluster
     model, x, made = programs()
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -216,17 +224,16 @@ def test_programs_load_zero_copy_in_two_actors(ray_cluster, kind):
             with torch.no_grad():
                 out = f(x)
             after = pss_breakdown()
-            grew = (after["anon"] + after["shmem"]) - (before["anon"] + before["shmem"])
-            return out, grew
+            return out, {k: after[k] - before[k] for k in ("anon", "shmem")}
 
     actors = [Runner.remote() for _ in range(2)]
     results = ray.get([a.run.remote(w, x) for a in actors])
     with torch.no_grad():
         expected = model(x)
-    for out, _ in results:
+    for out, grew in results:
         assert torch.equal(out, expected)
-    grew = sum(g for _, g in results)
-    assert grew < 1.5 * nbytes, f"two actors grew by {grew / nbytes:.2f} x the model"
+        assert grew["anon"] < 0.5 * nbytes, f"an actor's private memory grew by {grew['anon'] / nbytes:.2f} x the model"
+        assert grew["shmem"] > 0.2 * nbytes, f"it read {grew['shmem'] / nbytes:.2f} x the model from shared memory"
 
 
 def test_a_program_that_writes_its_buffers_is_refused(ray_cluster):

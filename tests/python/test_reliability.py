@@ -2,7 +2,10 @@
 buffers live exactly as long as their tensors, bad input fails cleanly,
 faults under Ray are survived, and concurrent use is safe."""
 
+import ctypes
+import errno
 import gc
+import mmap
 import os
 import resource
 import subprocess
@@ -10,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -108,6 +112,176 @@ def test_guard_needs_guard_pages():
     with pytest.raises(rzc.InvalidArgumentError, match="guard_bytes"):
         rzc.Weights.from_buffer(buf, write_protect=True)
 
+# The side doors of the guard. mprotect alone left the kernel willing to make
+# the pages writable again, and madvise(MADV_REMOVE) only asks that a mapping
+# be shared and *may* write: it zeroed the weights for every actor and every
+# later load. The guard now maps the weights from a read-only descriptor of
+# the object store's file, which the kernel never lets become writable.
+MADV_REMOVE = 9
+
+
+def _shared_pipeline():
+    """A Pipeline with 1 MiB of ballast in 512 small tensors. Sealed, it lives
+    in Ray's shared-memory object store (objects under 100 KiB travel inside
+    the task's arguments instead: each actor gets a private copy, and nothing
+    is shared to protect), and its header spans several pages that hold no
+    tensor data."""
+    pipe = Pipeline()
+    pipe.heads["ballast"] = [torch.nn.Linear(32, 32) for _ in range(256)]
+    return pipe
+
+
+def _probe_class(ray):
+    @ray.remote(num_cpus=0.25, max_restarts=0)
+    class Probe:
+        """Loads the guarded pipeline, then tries a side door on its weights."""
+
+        def __init__(self, wrapper):
+            self.wrapper = wrapper
+            self.p = wrapper.load()
+            self.libc = ctypes.CDLL(None, use_errno=True)
+            self.libc.madvise.argtypes = self.libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+        def predict(self, x):
+            with torch.no_grad():
+                return self.p(x)
+
+        def emb(self):
+            return self.p.encoder.emb.weight.clone()
+
+        def _weight_pages(self):
+            t = self.p.encoder.emb.weight
+            page = mmap.PAGESIZE
+            lo = t.data_ptr() // page * page
+            hi = -(-(t.data_ptr() + t.numel() * t.element_size()) // page) * page
+            return lo, hi - lo
+
+        def backing(self):
+            """(permissions, device, inode, path) of the mapping holding the
+            weights, from /proc/self/maps."""
+            ptr = self.p.encoder.emb.weight.data_ptr()
+            for line in open("/proc/self/maps"):
+                f = line.split(maxsplit=5)
+                a, b = (int(v, 16) for v in f[0].split("-"))
+                if a <= ptr < b:
+                    return f[1], f[3], int(f[4]), f[5].strip() if len(f) > 5 else ""
+
+        def guard_state(self):
+            from ray_zerocopy import _load
+
+            return _load.open_sealed(self.wrapper.object_ref, write_protect=True).guard_state
+
+        def madvise_remove(self):
+            lo, n = self._weight_pages()
+            return self.libc.madvise(lo, n, MADV_REMOVE), ctypes.get_errno()
+
+        def mprotect_writable(self):
+            lo, n = self._weight_pages()
+            return self.libc.mprotect(lo, n, mmap.PROT_READ | mmap.PROT_WRITE), ctypes.get_errno()
+
+        def write_header(self):
+            """Writes one byte into the header's first guarded page: the first
+            page boundary inside the buffer, which the header spans (it is
+            padded past a page so that no tensor shares its pages)."""
+            import ray
+
+            buf = ray.get(self.wrapper.object_ref)  # another view of the same mapped object
+            base, header_end = buf.ctypes.data, 8 + int.from_bytes(bytes(buf[:8]), "little")
+            assert base <= self.p.encoder.emb.weight.data_ptr() < base + len(buf), "the view maps the loaded buffer"
+            page = mmap.PAGESIZE
+            target = -(-base // page) * page
+            assert target + page <= base + header_end, "a page of the header only"
+            ctypes.memset(target, ord("X"), 1)
+            return "wrote"
+
+        def store_fds(self):
+            """This process's descriptors of the file behind the weights."""
+            _, dev, inode, _ = self.backing()
+            major, minor = (int(v, 16) for v in dev.split(":"))
+            found = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    st = os.stat(f"/proc/self/fd/{fd}")
+                except OSError:
+                    continue
+                if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) == (major, minor, inode):
+                    found.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return found
+
+    return Probe
+
+
+@pytest.fixture
+def guarded(ray_cluster):
+    """A pipeline sealed into the object store, a ``probe`` actor that loaded
+    it guarded, and ``new_probe()`` for more. Afterwards the actors go and the
+    store takes the object back before the next test, which may measure the
+    store's free memory."""
+    ray = ray_cluster
+
+    def free():
+        return ray.available_resources().get("object_store_memory", 0)
+
+    before = free()
+    pipe = _shared_pipeline()
+    wrapper = ActorWrapper(pipe)
+    Probe, actors = _probe_class(ray), []
+
+    def new_probe():
+        actors.append(Probe.remote(wrapper))
+        return actors[-1]
+
+    probe = new_probe()
+    perms, _, _, path = ray.get(probe.backing.remote())
+    assert perms[3] == "s" and path.startswith("/dev/shm/"), (perms, path)  # the object store's shared memory
+    yield SimpleNamespace(pipe=pipe, probe=probe, new_probe=new_probe)
+    for a in actors:
+        ray.kill(a)
+    del wrapper, probe, actors
+    deadline = time.time() + 20
+    while free() < before and time.time() < deadline:
+        time.sleep(0.2)
+
+
+def test_madvise_remove_is_refused_and_the_weights_stay(ray_cluster, guarded):
+    """madvise(MADV_REMOVE) on the weights' pages fails with EACCES (the actor
+    survives); a fresh actor still sees the original weights."""
+    ray, pipe = ray_cluster, guarded.pipe
+    assert ray.get(guarded.probe.madvise_remove.remote()) == (-1, errno.EACCES)
+    x = ids()
+    with torch.no_grad():
+        expected = pipe(x)
+    assert torch.equal(ray.get(guarded.probe.predict.remote(x)), expected), "the actor survives, its weights intact"
+    observer = guarded.new_probe()
+    assert torch.equal(ray.get(observer.emb.remote()), pipe.encoder.emb.weight)
+    assert torch.equal(ray.get(observer.predict.remote(x)), expected)
+
+
+def test_mprotect_cannot_make_the_weights_writable(ray_cluster, guarded):
+    assert ray_cluster.get(guarded.probe.guard_state.remote()) == "sealed"
+    assert ray_cluster.get(guarded.probe.mprotect_writable.remote()) == (-1, errno.EACCES)
+
+
+def test_a_header_write_kills_the_writer_and_later_loads_work(ray_cluster, guarded):
+    """The header's pages are guarded too: a rewritten header would make
+    every later load fail its check of the header."""
+    ray = ray_cluster
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(guarded.probe.write_header.remote())
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(ray.get(guarded.new_probe().predict.remote(x)), guarded.pipe(x))
+
+
+def test_an_actor_holds_no_descriptor_of_the_store(ray_cluster, guarded):
+    """fallocate(PUNCH_HOLE) (and ftruncate, write) would change the weights
+    through a writable descriptor of the object store's file, not through a
+    mapping: an actor holds none (the plasma client closes the file after
+    mapping it, and the guard's read-only descriptor is closed once mapped).
+    A process that deliberately opens the file for writing (the raylet's
+    descriptor, through /proc/<raylet pid>/fd) can still change it: that is
+    outside what a guard on this process's mappings can stop."""
+    assert ray_cluster.get(guarded.probe.store_fds.remote()) == []
 
 # -- 2. lifetimes ------------------------------------------------------------
 def test_tensors_outlive_wrapper_handle_and_refs_then_store_returns_to_baseline(ray_cluster):

@@ -432,6 +432,41 @@ pub unsafe extern "C" fn rzc_weights_data_to_dlpack(
     }
 }
 
+/// `rzc_weights_guard_state`: opened without `write_protect` (or no tensors).
+pub const RZC_GUARD_NONE: u32 = 0;
+/// Guarded shared memory mapped through a read-only descriptor: a write
+/// faults, and the kernel refuses `mprotect(PROT_WRITE)` and
+/// `madvise(MADV_REMOVE)` on it.
+pub const RZC_GUARD_SEALED: u32 = 1;
+/// Guarded memory private to this process: a write faults, and nothing
+/// done to it reaches another process.
+pub const RZC_GUARD_PRIVATE: u32 = 2;
+/// Guarded shared memory made read-only by `mprotect` only (no read-only
+/// descriptor of its file was found): a write faults, but this process
+/// could still make it writable or punch it out.
+pub const RZC_GUARD_MPROTECT: u32 = 3;
+
+/// How firmly the weights refuse writes in this process: one of
+/// `RZC_GUARD_*` (`RZC_GUARD_NONE` for NULL).
+///
+/// # Safety
+/// `w` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_guard_state(w: *const rzc_weights) -> u32 {
+    use rzc_core::GuardState;
+    ffi_value_boundary!(
+        RZC_GUARD_NONE,
+        unsafe { rzc_weights::borrow(w, "w") }
+            .ok()
+            .and_then(|h| h.weights.guard_state())
+            .map_or(RZC_GUARD_NONE, |s| match s {
+                GuardState::Sealed => RZC_GUARD_SEALED,
+                GuardState::Private => RZC_GUARD_PRIVATE,
+                GuardState::Mprotect => RZC_GUARD_MPROTECT,
+            })
+    )
+}
+
 /// A 32-byte BLAKE3 digest.
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -31,7 +31,7 @@ mod weights;
 pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};
 pub use header::TensorMeta;
-pub use platform::{page_size, WriteGuard};
+pub use platform::{page_size, GuardState, WriteGuard};
 pub use storage::{map_file, Borrowed, Bytes, Storage};
 pub use weights::{OpenOptions, Weights, PAD_PREFIX};
 

@@ -8,7 +8,7 @@ use crate::dlpack::{
     self, DLDevice, DLDeviceType, DLManagedTensor, DLManagedTensorVersioned, TensorDesc,
 };
 use crate::header::{self, TensorMeta};
-use crate::platform::WriteGuard;
+use crate::platform::{GuardState, WriteGuard};
 use crate::storage::{self, Borrowed, Bytes, Storage};
 use crate::{fail, Result};
 
@@ -81,6 +81,7 @@ pub struct Weights {
     metadata: BTreeMap<String, String>,
     data_start: usize,
     data_end: usize,
+    guard_state: Option<GuardState>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -98,9 +99,10 @@ impl Weights {
     pub fn open(owner: Storage, options: OpenOptions) -> Result<Weights> {
         let header = header::parse(owner.bytes())?;
         let guard = match (options.write_protect, header.tensor_span()) {
-            (true, Some((start, end))) => WriteGuard::protect(owner.bytes(), start, end)?,
+            (true, Some((start, end))) => WriteGuard::protect(owner.bytes(), start..end)?,
             _ => None,
         };
+        let guard_state = guard.as_ref().map(WriteGuard::state);
         let storage: Storage = if guard.is_none() && options.on_release.is_none() {
             owner
         } else {
@@ -110,7 +112,9 @@ impl Weights {
                 on_release: Mutex::new(options.on_release),
             })
         };
-        Ok(Weights::with_header(storage, header))
+        let mut weights = Weights::with_header(storage, header);
+        weights.guard_state = guard_state;
+        Ok(weights)
     }
 
     /// Opens memory the caller owns (see [`Borrowed::new`]) without copying.
@@ -142,7 +146,14 @@ impl Weights {
             metadata: header.metadata,
             data_start: header.data_start,
             data_end,
+            guard_state: None,
         }
+    }
+
+    /// How this handle's write guard holds: `None` when it was opened
+    /// without `write_protect` (or holds no tensors).
+    pub fn guard_state(&self) -> Option<GuardState> {
+        self.guard_state
     }
 
     /// The whole buffer (header included).

@@ -1,16 +1,18 @@
 //! What the core needs from the operating system to guard shared weights:
-//! page protection ([`WriteGuard`]), a SIGSEGV handler that explains a write
+//! page protection ([`WriteGuard`]) with a read-only re-mapping of shared
+//! memory ([`descriptor`] finds the file), a SIGSEGV handler that explains a write
 //! the guard stopped ([`fault`]), and reading this process's mappings
 //! ([`maps`]). Linux only, like Ray's shared-memory object store.
 //!
 //! This is one of the core's three places with `unsafe` code (see `lib.rs`):
 //! every libc call is here.
 
+mod descriptor;
 mod fault;
 mod maps;
 mod protect;
 
-pub use protect::WriteGuard;
+pub use protect::{GuardState, WriteGuard};
 
 /// The size of a memory page.
 pub fn page_size() -> usize {
