@@ -89,7 +89,7 @@ _opened_lock = threading.Lock()
 
 def open_sealed(ref, write_protect: bool) -> Weights:
     """The sealed object behind ``ref``, opened (once per process while in
-    use) and validated, its tensor pages read-only when ``write_protect``."""
+    use) and validated, its pages read-only when ``write_protect``."""
     key = (ref.hex(), write_protect)
     with _opened_lock:
         w = _opened.get(key)

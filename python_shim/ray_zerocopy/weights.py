@@ -87,8 +87,9 @@ class Weights:
         """Opens any contiguous buffer (numpy array, bytes, memoryview, a Ray
         object's view) without copying; it stays referenced as long as needed.
 
-        ``write_protect``: make the pages holding tensor data read-only in this
-        process while anything from the buffer is alive, so that an in-place
+        ``write_protect``: make every whole page of the buffer (tensor data
+        and header) read-only in this process while anything from the buffer
+        is alive (see :attr:`guard_state`), so that an in-place
         write through a tensor faults (killing the writer) instead of changing
         memory that other processes share. Needs the page of non-tensor bytes
         around the tensors that ``pack(guard_bytes=4096)`` leaves."""

@@ -21,8 +21,8 @@ pub const PAD_PREFIX: &str = "__rzc_pad__.";
 /// nothing back.
 #[derive(Default)]
 pub struct OpenOptions {
-    /// Make the pages holding tensor data read-only in this process while the
-    /// buffer is open (the handle or any exported tensor alive), so that a
+    /// Make every whole page of the buffer (tensor data and header) read-only
+    /// in this process while the buffer is open (the handle or any exported tensor alive), so that a
     /// write through a tensor faults in the writer instead of changing memory
     /// that other processes share. Needs a page of non-tensor bytes before the
     /// first and after the last tensor (`PackOptions::guard_bytes`).
