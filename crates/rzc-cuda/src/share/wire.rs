@@ -231,7 +231,9 @@ mod tests {
             receive_offer(&b, Duration::from_millis(50)),
             Err(NoOffer::Silent)
         ));
-        drop(a);
+        // Shut down, not dropped: another test of this binary forks, and its
+        // child holds a copy of every descriptor (`a` too) for a while.
+        a.shutdown(std::net::Shutdown::Both).unwrap();
         assert!(matches!(
             receive_offer(&b, Duration::from_millis(50)),
             Err(NoOffer::Broken)
