@@ -58,7 +58,10 @@ def pack_input(a: np.ndarray, name: str) -> tuple[PackInput, object]:
     st = _NAMES.get(a.dtype.name)
     if st is None:
         raise UnsupportedDtypeError("RZC_UNSUPPORTED_DTYPE", f"array {name!r} has dtype {a.dtype}, which safetensors cannot hold")
-    a = np.ascontiguousarray(a)
+    # np.ascontiguousarray makes a 0-d array 1-d (it returns ndim >= 1): a
+    # scalar (a temperature, a step counter) would come back with shape (1,).
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
     return PackInput(name, DTYPE_CODES[st], a.shape, a.ctypes.data, a.nbytes), a
 
 

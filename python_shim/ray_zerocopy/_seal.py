@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checkpoint, _telemetry
-from .errors import RzcError
+from .errors import RzcError, UnsupportedDtypeError
 from .weights import PackInput, PackPlan, Sealer, Weights, view_at
 
 # Bytes of non-tensor data before the first and after the last tensor: one
@@ -220,6 +220,17 @@ class _Sealer:
         self.keep: list[object] = []  # originals and contiguous copies, alive until packed
         self.used_names: set[str] = {getattr(i, "name", "") for i in self.inputs}
         self.training_left: list[object] = []  # modules pickled in training mode that we could not switch
+        self.obj = obj
+        self._module_paths: dict | None = None
+
+    def module_path(self, module) -> str:
+        """The dotted path of ``module`` in the object being sealed."""
+        if self._module_paths is None:
+            self._module_paths = {}
+            for path, top in walk_modules(self.obj):
+                for name, m in top.named_modules(prefix=path):
+                    self._module_paths.setdefault(id(m), name or "the pipeline itself")
+        return self._module_paths.get(id(module), type(module).__name__)
 
     def persistent_id(self, o):
         i = self.refs.get(id(o))
@@ -241,7 +252,7 @@ class _Sealer:
         self.keep.extend((o, alive))
         return (len(self.inputs) - 1, self.kinds[-1])
 
-    def pickle(self, obj) -> bytes:
+    def _dump(self, obj, f) -> None:
         sealer = self
         torch = sys.modules.get("torch")
 
@@ -262,7 +273,43 @@ class _Sealer:
                 # Modules are pickled in eval mode, as load() returns them: the
                 # loaded pipeline needs no walk over its modules to switch them,
                 # and the caller's own modules stay as they are.
+                if torch is not None and isinstance(o, torch.Tensor):
+                    from . import _torch
+
+                    if _torch.is_wrapper_subclass(o):
+                        # Quantized weights (torchao) and other tensors made of
+                        # inner tensors: the inner tensors are shared, the
+                        # subclass is rebuilt around them on load.
+                        inner, ctx = _torch.flatten(o)
+                        outer = sealer.known.get(id(o), f"tensor.{len(sealer.inputs)}")
+                        for attr, t in inner.items():
+                            sealer.known.setdefault(id(t), f"{outer}.{attr}")
+                        param = isinstance(o, torch.nn.Parameter)
+                        return _torch.unflatten, (type(o), inner, ctx, tuple(o.shape), tuple(o.stride()), param)
                 if torch is not None and isinstance(o, torch.nn.Module):
+                    from . import _torch
+
+                    if _torch.packed_quantized(o):
+                        where = sealer.module_path(o)
+                        raise UnsupportedDtypeError(
+                            "RZC_UNSUPPORTED_DTYPE",
+                            f"module {where!r} ({type(o).__module__}.{type(o).__qualname__}) keeps its weights "
+                            "quantized and packed (torch.ao.quantization.quantize_dynamic or static quantization): "
+                            "packed weights cannot be shared. Wrap the float model and quantize in each actor after "
+                            "load() (torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, "
+                            "dtype=torch.qint8, inplace=True): each actor then holds its own packed copy), or "
+                            "quantize with torchao (torchao.quantization.quantize_(model, Int8WeightOnlyConfig())), "
+                            "whose quantized weights are shared zero-copy",
+                        )
+                    if _parametrized(o):
+                        # weight_norm, spectral_norm, orthogonal, ...: torch
+                        # refuses to pickle them (their class is made per
+                        # module); the module travels as its original class
+                        # with its state, the parametrization is put back on
+                        # load, and the `original*` tensors are shared.
+                        state = dict(o.__dict__, training=False)
+                        base = torch.nn.utils.parametrize.type_before_parametrizations(o)
+                        return _new_object, (base,), state, None, None, _set_parametrized_state
                     if _plain_module(type(o)):
                         # Their state is their __dict__: set it back directly,
                         # without Module.__setstate__'s checks for old
@@ -279,15 +326,21 @@ class _Sealer:
                 base = getattr(super(), "reducer_override", None)
                 return base(o) if base is not None else NotImplemented
 
+        _Pickler(f, protocol=5).dump(obj)
+
+    def pickle(self, obj) -> bytes:
         f = io.BytesIO()
         try:
-            _Pickler(f, protocol=5).dump(obj)
+            self._dump(obj, f)
         except RzcError:
             raise  # a tensor we cannot take: its own message says which and why
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
+        except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as e:
+            path, culprit = _unpicklable(obj)
             raise TypeError(
-                f"the pipeline cannot be pickled ({e}); everything besides tensors must be "
-                "picklable by cloudpickle, as for any object Ray sends to an actor"
+                f"the pipeline cannot be pickled: {path} (a {type(culprit).__module__}.{type(culprit).__qualname__}) "
+                f"does not pickle ({e}). Everything besides tensors must be picklable by cloudpickle, as for any "
+                "object Ray sends to an actor: leave it out of what you wrap (build it in the actor instead), "
+                "or make it picklable (__reduce__, or __getstate__/__setstate__)"
             ) from e
         if not self.inputs:
             raise ValueError(
@@ -295,6 +348,75 @@ class _Sealer:
                 "held by something other than torch tensors, numpy or JAX arrays?)"
             )
         return f.getvalue()
+
+
+def _parametrized(module) -> bool:
+    """Whether ``module`` carries parametrizations (its class is the one
+    ``torch.nn.utils.parametrize`` made for it)."""
+    import torch
+
+    return torch.nn.utils.parametrize.is_parametrized(module) and type(module) is not (
+        torch.nn.utils.parametrize.type_before_parametrizations(module)
+    )
+
+
+def _new_object(cls):
+    """An instance of ``cls`` made without ``__init__`` (``copyreg.__newobj__``
+    insists the class be the object's own; a parametrized module's is not
+    the one it is rebuilt from)."""
+    return cls.__new__(cls)
+
+
+def _set_parametrized_state(obj, state) -> None:
+    """Sets a parametrized module's state (its ``parametrizations`` hold the
+    shared ``original*`` tensors), then gives it back the class and the
+    properties ``register_parametrization`` gave it, without recomputing
+    anything from the originals."""
+    from torch.nn.utils import parametrize
+
+    obj.__dict__.update(state)
+    parametrize._inject_new_class(obj)
+    for name in obj.parametrizations.keys():
+        parametrize._inject_property(obj, name)
+
+
+def _children(obj):
+    """``(name, child)`` for what ``obj`` holds, modules' submodules first."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        yield from obj._modules.items()
+        yield from ((k, v) for k, v in vars(obj).items() if not k.startswith("_"))
+    elif isinstance(obj, dict):
+        yield from ((str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        yield from ((str(i), v) for i, v in enumerate(obj))
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        yield from vars(obj).items()
+
+
+def _unpicklable(obj) -> tuple[str, object]:
+    """The dotted path in ``obj`` of the deepest object that does not pickle
+    (as sealing pickles it), and that object: what an error names."""
+
+    def fails(o) -> bool:
+        try:
+            _Sealer(o)._dump(o, io.BytesIO())
+        except RzcError:
+            return False
+        except Exception:
+            return True
+        return False
+
+    path, cur = [], obj
+    for _ in range(64):
+        for name, child in _children(cur):
+            if not isinstance(child, (str, bytes, int, float, bool, type(None))) and fails(child):
+                path.append(name)
+                cur = child
+                break
+        else:
+            break
+    return (".".join(path) or "the pipeline itself"), cur
 
 
 _plain: dict = {}

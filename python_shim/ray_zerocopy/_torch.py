@@ -42,7 +42,35 @@ _from_capsule = getattr(torch._C, "_from_dlpack", torch.from_dlpack)
 
 
 def accepts(obj) -> bool:
-    return isinstance(obj, torch.Tensor)
+    return isinstance(obj, torch.Tensor) and not is_wrapper_subclass(obj)
+
+
+def is_wrapper_subclass(t) -> bool:
+    """Whether ``t`` is a tensor subclass made of inner tensors (torch's
+    ``__tensor_flatten__`` protocol: torchao's quantized weights, ...)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return is_traceable_wrapper_subclass(t)
+
+
+def flatten(t) -> tuple[dict, object]:
+    """The inner tensors of a wrapper subclass by attribute name, and its
+    context (what ``__tensor_unflatten__`` takes back)."""
+    attrs, ctx = t.__tensor_flatten__()
+    return {a: getattr(t, a) for a in attrs}, ctx
+
+
+def unflatten(cls, inner: dict, ctx, size, stride, param: bool):
+    """A wrapper subclass rebuilt from its inner tensors (adopted zero-copy),
+    as a frozen parameter where it was a parameter."""
+    t = cls.__tensor_unflatten__(inner, ctx, torch.Size(size), tuple(stride))
+    return torch.nn.Parameter(t, requires_grad=False) if param else t
+
+
+def packed_quantized(module) -> bool:
+    """Whether ``module`` keeps its weights in packed quantized parameters
+    (``torch.ao.quantization.quantize_dynamic``, static quantization)."""
+    return type(module).__module__.startswith("torch.ao.nn.quantized") and hasattr(module, "_packed_params")
 
 
 def pack_input(t: "torch.Tensor", name: str) -> tuple[PackInput, object]:

@@ -9,6 +9,7 @@ tensor* are gone: the native library calls back when the last one goes.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 from dataclasses import dataclass
@@ -33,6 +34,14 @@ def _release(ctx):  # pragma: no cover - called from native code
         _owners.pop(int(ffi.cast("uintptr_t", ctx)), None)
     except Exception:  # interpreter shutting down: nothing left to release
         pass
+
+
+# The callback must outlive every tensor: a tensor in a reference cycle may
+# be freed by the interpreter's last garbage collection, after this module's
+# globals (this callback among them) are gone, and calling a freed callback
+# jumps into freed memory (a crash at exit). One reference that is never
+# dropped keeps it, and its trampoline, to the end of the process.
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_release))
 
 
 def live_buffers() -> int:

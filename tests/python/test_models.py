@@ -85,6 +85,155 @@ def test_transformers_models_load_in_an_actor(ray_cluster, actor, make):
     assert got.dtype == expected.dtype and torch.equal(got, expected), make.__name__
 
 
+def wav2vec2_ctc():
+    cfg = transformers.Wav2Vec2Config(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                      num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    return transformers.Wav2Vec2ForCTC(cfg), cfg
+
+
+class SpectralNormed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Conv1d(4, 8, 3))
+        self.head = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(8, 8))
+
+    def forward(self, input_values):
+        return self.head(self.conv(input_values).mean(-1))
+
+
+@pytest.mark.parametrize("make", [wav2vec2_ctc, lambda: (SpectralNormed(), None)], ids=["wav2vec2_ctc", "spectral_norm"])
+def test_parametrized_modules_load_zero_copy_in_actors(ray_cluster, actor, make):
+    """Modules with parametrizations (weight_norm in wav2vec2's positional
+    convolution, spectral_norm, orthogonal), which torch refuses to pickle,
+    load in actors with equal outputs; their `original*` tensors are the
+    shared ones."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model, _ = make()
+    model.eval()
+    assert any(parametrize.is_parametrized(m) for m in model.modules())
+    x = {"input_values": torch.randn(2, 4, 16) if isinstance(model, SpectralNormed) else torch.randn(2, 400)}
+    w = ActorWrapper(model)
+    names = [n for n, _ in model.named_parameters()]
+    assert any(".parametrizations." in n and ".original" in n for n in names)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors (Ray gives each one thread): the same reduction order
+    try:
+        with torch.no_grad():
+            expected = first_output(model(**x)) if not isinstance(model, SpectralNormed) else model(**x)
+    finally:
+        torch.set_num_threads(threads)
+
+    @ray_cluster.remote(num_cpus=0.25)
+    class Runner:
+        def run(self, wrapper, kwargs):
+            m = wrapper.load()
+            originals = [p for n, p in m.named_parameters() if ".original" in n]
+            from ray_zerocopy import _load
+
+            opened = _load.open_sealed(wrapper.object_ref, write_protect=True)
+            lo, hi = opened.address, opened.address + opened.nbytes
+            shared = all(lo <= p.data_ptr() < hi for p in originals)
+            with torch.no_grad():
+                out = m(**kwargs)
+            return (out if isinstance(out, torch.Tensor) else first_output(out)), shared, type(m).__name__
+
+    for got, shared, name in ray_cluster.get([Runner.remote().run.remote(w, x) for _ in range(2)]):
+        assert torch.equal(got, expected) and shared, name
+
+
+def test_what_still_cannot_be_pickled_is_named(ray_cluster):
+    """Anything in a pipeline that cannot be pickled is a TypeError naming
+    its path in the pipeline and what to do."""
+    import threading
+
+    class Tokenizer:
+        def __init__(self):
+            self.lock = threading.Lock()
+
+    pipeline = {"model": torch.nn.Linear(4, 4), "pre": [{"tokenizer": Tokenizer()}]}
+    with pytest.raises(TypeError, match=r"pre\.0\.tokenizer\.lock \(a _thread\.lock\) does not pickle.*build it in the actor"):
+        ActorWrapper(pipeline)
+
+
+@pytest.mark.parametrize("config", ["Int8WeightOnlyConfig", "Float8WeightOnlyConfig", "IntxWeightOnlyConfig"])
+def test_a_torchao_quantized_llama_loads_zero_copy_in_two_actors(ray_cluster, config):
+    """torchao's quantized weights (tensor subclasses made of inner tensors)
+    are sealed as their inner tensors and rebuilt around them zero-copy: two
+    actors give the logits of the quantized model, their weights' inner
+    tensors point into the sealed buffer, and loading grows neither's
+    private memory by a fifth of the model."""
+    torchao = pytest.importorskip("torchao.quantization")
+    ray = ray_cluster
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()  # 17 M parameters in its linear layers
+    torchao.quantize_(model, getattr(torchao, config)())
+    kind = type(model.model.layers[0].mlp.up_proj.weight)
+    assert kind.__module__.startswith("torchao"), kind
+    kwargs = inputs("llama")
+    with torch.no_grad():
+        expected = model(**kwargs).logits
+    w = ActorWrapper(model)
+    nbytes = w.nbytes
+
+    @ray.remote(num_cpus=0.25)
+    class Runner:
+        def run(self, wrapper, kwargs):
+            from ray_zerocopy.diagnostics import pss_breakdown
+
+            before = pss_breakdown()
+            m = wrapper.load()
+            # What loading costs in private memory (running the model then
+            # allocates work memory of its own: dequantized tiles, caches).
+            grew = pss_breakdown()["anon"] - before["anon"]
+            with torch.no_grad():
+                out = m(**kwargs).logits
+            weight = m.model.layers[0].mlp.up_proj.weight
+            from ray_zerocopy import _load
+
+            opened = _load.open_sealed(wrapper.object_ref, write_protect=True)
+            inner = [getattr(weight, a) for a in weight.__tensor_flatten__()[0]]
+            shared = all(opened.address <= t.data_ptr() < opened.address + opened.nbytes for t in inner)
+            return out, grew, type(weight), isinstance(weight, torch.nn.Parameter), shared
+
+    for out, grew, got_kind, is_param, shared in ray.get([Runner.remote().run.remote(w, kwargs) for _ in range(2)]):
+        assert torch.equal(out, expected) and got_kind is kind and is_param
+        assert shared, "the quantized weight's inner tensors point into the sealed buffer"
+        assert grew < 0.2 * nbytes, f"loading grew private memory by {grew / 2**20:.1f} MiB for a {nbytes / 2**20:.1f} MiB model"
+
+
+def test_packed_quantized_modules_are_named_with_advice_that_works(ray_cluster, actor):
+    """quantize_dynamic keeps weights in packed parameters that cannot be
+    shared: the error names the module and says what to do; what it says
+    works (the float model wrapped, quantized in the actor after load)."""
+    from ray_zerocopy import UnsupportedDtypeError
+
+    torch.manual_seed(0)
+    float_model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    import copy
+
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(UnsupportedDtypeError, match=r"module 'model\.0' .*quantize_dynamic\(model, \{torch.nn.Linear\}"):
+        ActorWrapper({"model": quantized})
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = quantized(x)
+
+    @ray_cluster.remote(num_cpus=0.25)
+    class Quantizer:
+        def run(self, wrapper, x):
+            model = wrapper.load()
+            torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+            with torch.no_grad():
+                return model(x)
+
+    assert torch.equal(ray_cluster.get(Quantizer.remote().run.remote(ActorWrapper(float_model), x)), expected)
+
+
 def save_sharded(model, path):
     model.save_pretrained(path, max_shard_size="100KB")
     index = json.loads((path / "model.safetensors.index.json").read_text())

@@ -284,6 +284,31 @@ def test_an_actor_holds_no_descriptor_of_the_store(ray_cluster, guarded):
     assert ray_cluster.get(guarded.probe.store_fds.remote()) == []
 
 # -- 2. lifetimes ------------------------------------------------------------
+def test_a_loaded_model_in_a_reference_cycle_outlives_the_interpreter_cleanly(tmp_path):
+    """A model still alive at exit inside a reference cycle (a module that
+    refers to itself, a parametrized module) is freed by the interpreter's
+    last garbage collection, after the package's globals are gone: its
+    tensors' release must not call into freed memory (it crashed with
+    SIGSEGV at exit)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        import ray_zerocopy as rzc
+        from ray_zerocopy import _load, _seal
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 8)))
+        sealed, buf = _seal.seal(m.eval())
+        for protect in (False, True):
+            out = _load.assemble(rzc.Weights.from_buffer(buf, write_protect=protect), sealed)
+            out.cycle = [out]
+        print("exiting", flush=True)
+        """
+    )
+    path = tmp_path / "cycle.py"
+    path.write_text(script)
+    run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "exiting" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
 def test_tensors_outlive_wrapper_handle_and_refs_then_store_returns_to_baseline(ray_cluster):
     ray = ray_cluster
 

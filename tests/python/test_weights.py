@@ -255,3 +255,26 @@ def test_the_sealer_learns_only_the_final_prefix():
     for i in (2, 0, 3, 1):
         progress.done(i)
     assert sealer.calls == [plan.offset(1), plan.nbytes], sealer.calls
+
+
+def test_every_leaf_keeps_its_shape_and_dtype_scalars_included():
+    """0-d arrays (a temperature, a logit scale, a step counter) come back
+    0-d, in every framework, with their dtype and value."""
+    jnp = pytest.importorskip("jax.numpy")
+    from ray_zerocopy import _load, _seal
+
+    tree = {
+        "temperature": np.array(0.7, np.float32),
+        "step": np.array(12345, np.int64),
+        "logit_scale": jnp.array(2.5, jnp.float32),
+        "bias": torch.tensor(3.0, dtype=torch.bfloat16),
+        "table": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "strided": np.arange(12, dtype=np.float64).reshape(3, 4)[:, ::2],  # not contiguous: copied when sealed
+    }
+    sealed, buf = _seal.seal(tree)
+    out = _load.assemble(rzc.Weights.from_buffer(buf), sealed)
+    for k, v in tree.items():
+        got = out[k]
+        assert type(got) is type(v) or k == "logit_scale", (k, type(got))
+        assert tuple(got.shape) == tuple(v.shape) and got.dtype == v.dtype, (k, got.shape, got.dtype)
+        assert np.array_equal(np.asarray(got.float() if k == "bias" else got), np.asarray(v.float() if k == "bias" else v)), k
