@@ -51,9 +51,9 @@ def main():
     quantize_(llama, Int8WeightOnlyConfig())  # every Linear's weight becomes an int8 tensor subclass
     check("torchao int8 Llama", llama, {"input_ids": torch.randint(0, 256, (2, 12))})
 
-    cfg = transformers.Wav2Vec2Config(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
-                                      num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    cfg = transformers.Wav2Vec2Config(vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                      num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
     check("wav2vec2 CTC", transformers.Wav2Vec2ForCTC(cfg).eval(), {"input_values": torch.randn(2, 1600)})
 
 

@@ -15,6 +15,8 @@ EXAMPLES = [
     ("serve_deployment.py", ["--port", "8471"]),
     ("checkpoints.py", []),
     ("quantized_and_audio.py", []),
+    ("diffusers_pipeline.py", []),
+    ("sentence_embeddings.py", []),
 ]
 
 
