@@ -83,8 +83,10 @@ class Packing:
         self.plan.write_layout(dst)
         with Sealer(dst) as sealer:
             progress = _Progress(self.plan, sealer, _telemetry.progress(self.plan.nbytes, self.label))
-            self.fill(dst, progress)
-            progress.bar.close()
+            try:
+                self.fill(dst, progress)
+            finally:
+                progress.bar.close()
             started = time.perf_counter()
             digest = sealer.finish()
             waited = time.perf_counter() - started

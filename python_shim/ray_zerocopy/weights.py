@@ -214,11 +214,13 @@ class Weights:
 
     def content_digest(self, *, trust_claim: bool = True) -> bytes:
         """The buffer's content digest (32 bytes): BLAKE3 of its header and
-        of the digest of its data section, so two buffers with equal content
-        digests are byte for byte equal. With ``trust_claim`` the data digest
-        is the one the header claims (``rzc.data_blake3``, written when the
-        buffer was sealed), and only the header is read; otherwise, or when
-        the header claims none, every byte is read (on every core)."""
+        of the digest of its data section. Computed from every byte
+        (``trust_claim=False``), equal digests mean byte for byte equal
+        buffers. With ``trust_claim`` the data digest is the one the header
+        claims (``rzc.data_blake3``, written when this library sealed the
+        buffer), and only the header is read: right for buffers sealed here,
+        not for files from elsewhere, whose claim could be false. Without a
+        claim every byte is read (on every core)."""
         out = ffi.new("rzc_digest *")
         check(lib.rzc_weights_content_digest(self._live(), int(trust_claim), out))
         return bytes(out.bytes)
@@ -292,7 +294,8 @@ class Weights:
         (``"fallback"``, ``"note"``).
 
         Processes share only buffers with equal content digests: pass
-        ``share_digest`` (:meth:`content_digest`) when you know it, else it is
+        ``share_digest`` when you know it (the digest :func:`seal_buffer` or
+        :meth:`Sealer.finish` returned for a buffer you sealed), else it is
         computed here from every byte. An importer reads random windows of
         the memory it mapped back and compares them with this buffer before
         using it. ``share_dir``: a directory to meet the other processes in,

@@ -256,6 +256,11 @@ static void test_pack(void) {
   CHECK(rzc_pack_sealer_finish(sealer, &streamed) == RZC_INVALID_ARGUMENT); /* spent */
   rzc_pack_sealer_free(sealer);
   CHECK(memcmp(streamed.bytes, sealed.bytes, 32) == 0 && memcmp(again, dst, total) == 0);
+  /* A sealer serves its own buffer only. */
+  CHECK(rzc_pack_plan_write_layout(plan, again, total) == RZC_OK);
+  CHECK(rzc_pack_sealer_new(again, total, &sealer) == RZC_OK);
+  CHECK(rzc_pack_plan_write_sealing(plan, dst, total, sealer) == RZC_INVALID_ARGUMENT);
+  rzc_pack_sealer_free(sealer);
   /* A sealer freed unfinished stops its thread. */
   CHECK(rzc_pack_plan_write_layout(plan, again, total) == RZC_OK);
   CHECK(rzc_pack_sealer_new(again, total, &sealer) == RZC_OK);

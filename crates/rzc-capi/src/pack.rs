@@ -234,16 +234,25 @@ pub unsafe extern "C" fn rzc_pack_plan_write_sealing(
     ffi_boundary! {
         let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
         let s = unsafe { crate::seal::rzc_pack_sealer::borrow(sealer, "sealer")? };
-        let out = dst_slice(dst, dst_len)?;
-        if out.len() < p.plan.total_size() {
-            return Err(Failure::new(crate::status::RZC_BUFFER_TOO_SMALL, format!("destination is {} bytes; the plan needs {}", out.len(), p.plan.total_size())));
+        crate::handle::not_null(dst, "dst")?;
+        if !s.seals(dst.cast_const(), dst_len) {
+            return Err(Failure::new(RZC_INVALID_ARGUMENT, "this sealer was made for another buffer"));
+        }
+        if dst_len < p.plan.total_size() {
+            return Err(Failure::new(crate::status::RZC_BUFFER_TOO_SMALL, format!("destination is {dst_len} bytes; the plan needs {}", p.plan.total_size())));
         }
         for (i, &(ptr, n)) in p.data.iter().enumerate() {
             if ptr.is_null() && n > 0 {
                 return Err(Failure::null(&format!("tensors[{i}].data")));
             }
             let at = p.plan.offset(i)?;
-            out[at..at + n].copy_from_slice(unsafe { slice(ptr, n, "data")? });
+            let src = unsafe { slice(ptr, n, "data")? };
+            // Through the raw pointer, not a `&mut` over the whole buffer:
+            // the sealer's thread reads the bytes already declared final.
+            // SAFETY: `[at, at + n)` lies in the caller's `dst_len` writable
+            // bytes (the plan fits them) above every byte declared final,
+            // and does not overlap `src` (the caller's promise).
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(at), n) };
             s.advance(at + n);
         }
         Ok(())

@@ -89,6 +89,11 @@ fn hash_behind(shared: &Shared, region: Region, start: usize) -> (blake3::Hasher
 }
 
 impl Sealer {
+    /// Whether this sealer hashes the buffer at `ptr` of `len` bytes.
+    pub fn seals(&self, ptr: *const u8, len: usize) -> bool {
+        self.region.ptr == ptr && self.region.len == len
+    }
+
     /// Bytes below `upto` are final.
     pub fn advance(&self, upto: usize) {
         let _g = self.shared.lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -127,11 +132,12 @@ impl Drop for Sealer {
 /// `rzc_pack_sealer_finish`.
 ///
 /// # Safety
-/// `dst` points to `dst_len` bytes that stay valid until the sealer is
-/// finished or freed; `out` is valid for a write.
+/// `dst` points to `dst_len` writable bytes (`rzc_pack_sealer_finish` writes
+/// the digest into the header) that stay valid until the sealer is finished
+/// or freed; `out` is valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_sealer_new(
-    dst: *const u8,
+    dst: *mut u8,
     dst_len: usize,
     out: *mut *mut rzc_pack_sealer,
 ) -> rzc_status {
@@ -148,7 +154,7 @@ pub unsafe extern "C" fn rzc_pack_sealer_new(
             wake: Condvar::new(),
             lock: Mutex::new(()),
         });
-        let region = Region { ptr: dst, len: dst_len };
+        let region = Region { ptr: dst.cast_const(), len: dst_len };
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
             .name("rzc-seal".into())

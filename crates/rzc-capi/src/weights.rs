@@ -478,11 +478,12 @@ pub struct rzc_digest {
 /// The buffer's content digest: BLAKE3 (key derivation mode, context
 /// "ray-zerocopy 2026-11 content digest v1") of the header's length (8 bytes,
 /// little-endian), the header's bytes and the BLAKE3 digest of the data
-/// section. Two buffers with equal content digests are byte for byte equal.
-/// With `trust_claim` nonzero the data digest is the one the header claims
-/// (`rzc.data_blake3`, written by `rzc_pack_seal`) when it has one: only the
-/// header is read. Otherwise every byte of the data is read (on every core
-/// when it is large).
+/// section. Computed from every byte (`trust_claim` zero), equal content
+/// digests mean byte for byte equal buffers. With `trust_claim` nonzero the
+/// data digest is the one the header claims (`rzc.data_blake3`, written by
+/// `rzc_pack_seal`) when it has one, and only the header is read: use it for
+/// buffers this library sealed, not for files from elsewhere, whose claim
+/// could be false.
 ///
 /// # Safety
 /// `w` is a live handle; `out` is valid for a write.

@@ -127,8 +127,10 @@ impl Weights {
     /// ([`DATA_DIGEST_KEY`]), if it has a well-formed one. A claim: only
     /// [`Weights::data_digest`] reads the data.
     pub fn claimed_data_digest(&self) -> Option<Digest> {
+        // The placeholder of a buffer planned but never sealed claims nothing.
         self.metadata()
             .get(DATA_DIGEST_KEY)
+            .filter(|s| s.as_str() != DATA_DIGEST_PLACEHOLDER)
             .and_then(|s| from_hex(s))
     }
 
@@ -212,6 +214,29 @@ mod tests {
         let w = Weights::from_vec(a).unwrap();
         assert_eq!(w.verify_data_digest(), Some(false));
         assert_ne!(w.content_digest(false), w.content_digest(true));
+    }
+
+    #[test]
+    fn a_placeholder_claims_nothing_and_a_copied_claim_is_refused() {
+        let shape = [4i64];
+        let specs = [TensorSpec {
+            name: "w",
+            dtype: Dtype::F32,
+            shape: &shape,
+        }];
+        let opts = PackOptions {
+            reserve_digest: true,
+            ..Default::default()
+        };
+        let plan = Plan::new(&specs, &BTreeMap::new(), &opts).unwrap();
+        let mut buf = vec![0u8; plan.total_size()];
+        plan.write(&mut buf, &[&[1u8; 16]]).unwrap();
+        let w = Weights::from_vec(buf).unwrap(); // planned, never sealed
+        assert_eq!(w.claimed_data_digest(), None);
+        assert_eq!(w.content_digest(true), w.content_digest(false));
+        let copied = BTreeMap::from([(DATA_DIGEST_KEY.to_string(), "ab".repeat(32))]);
+        let e = Plan::new(&specs, &copied, &PackOptions::default()).unwrap_err();
+        assert!(e.message().contains("reserved"), "{}", e.message());
     }
 
     #[test]

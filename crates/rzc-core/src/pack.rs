@@ -134,6 +134,15 @@ impl Plan {
             cursor = end;
         }
 
+        if !options.reserve_digest && metadata.contains_key(crate::digest::DATA_DIGEST_KEY) {
+            // Copied from another buffer it would claim a digest these bytes
+            // do not have.
+            fail!(
+                InvalidArgument,
+                "metadata key {:?} is reserved for the digest sealing writes: leave it out (or plan with reserve_digest)",
+                crate::digest::DATA_DIGEST_KEY
+            );
+        }
         let reserved;
         let metadata = if options.reserve_digest {
             let mut m = metadata.clone();

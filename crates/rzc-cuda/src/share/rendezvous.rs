@@ -80,11 +80,20 @@ pub fn directory(preferred: Option<&Path>) -> Result<Dir, String> {
     if let Some(p) = preferred {
         candidates.push(p.to_owned());
     }
-    match fallback() {
-        Ok(p) => candidates.push(p),
-        Err(why) => passed.push(why),
-    }
-    for dir in candidates {
+    // The fallback last, and only when reached: it makes a token file.
+    let mut candidates = candidates.into_iter().map(Ok).collect::<Vec<_>>();
+    candidates.push(Err(()));
+    for candidate in candidates {
+        let dir = match candidate {
+            Ok(dir) => dir,
+            Err(()) => match fallback() {
+                Ok(dir) => dir,
+                Err(why) => {
+                    passed.push(why);
+                    continue;
+                }
+            },
+        };
         // A socket's path holds at most 107 bytes: `<dir>/<32 hex>.sock`.
         if dir.as_os_str().len() + 1 + NAME_LEN + 5 >= 108 {
             passed.push(format!(

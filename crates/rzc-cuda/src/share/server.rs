@@ -62,6 +62,7 @@ impl Drop for Server {
 }
 
 fn serve(paths: Paths, mut lock: Option<File>, exporter: Exporter, stop: &AtomicBool) {
+    let mut failed_binds = 0;
     while !stop.load(Ordering::Acquire) {
         if lock.is_none() {
             lock = try_lock(&paths.lock).ok().flatten();
@@ -73,9 +74,18 @@ fn serve(paths: Paths, mut lock: Option<File>, exporter: Exporter, stop: &Atomic
         // We hold the lock: whatever socket file is there is a dead server's.
         let _ = std::fs::remove_file(&paths.sock);
         let Ok(listener) = UnixListener::bind(&paths.sock) else {
+            // Holding the lock without a socket would make every loader
+            // wait out its whole wait: after a second of failures, let
+            // another process take the lock over.
+            failed_binds += 1;
+            if failed_binds >= 50 {
+                lock = None;
+                failed_binds = 0;
+            }
             std::thread::sleep(POLL);
             continue;
         };
+        failed_binds = 0;
         if listener.set_nonblocking(true).is_err() {
             continue;
         }

@@ -132,23 +132,35 @@ pub fn recv_with_fd(s: &UnixStream, bytes: &mut [u8]) -> std::io::Result<Option<
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let mut fd = None;
-    // SAFETY: walks the control messages the kernel wrote into `control`.
+    // Every descriptor that arrived is ours to close, however many a peer
+    // sent (the buffer has room for two); only exactly one is an answer.
+    let mut fds = Vec::new();
+    // SAFETY: walks the control messages the kernel wrote into `control`,
+    // reading as many descriptors as each message's length says.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let mut raw: RawFd = -1;
-                std::ptr::copy_nonoverlapping(
-                    libc::CMSG_DATA(cmsg),
-                    &mut raw as *mut RawFd as *mut u8,
-                    std::mem::size_of::<RawFd>(),
-                );
-                fd = Some(OwnedFd::from_raw_fd(raw));
+                let payload = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for k in 0..payload / std::mem::size_of::<RawFd>() {
+                    let mut raw: RawFd = -1;
+                    std::ptr::copy_nonoverlapping(
+                        libc::CMSG_DATA(cmsg).add(k * std::mem::size_of::<RawFd>()),
+                        &mut raw as *mut RawFd as *mut u8,
+                        std::mem::size_of::<RawFd>(),
+                    );
+                    if raw >= 0 {
+                        fds.push(OwnedFd::from_raw_fd(raw));
+                    }
+                }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > 1 {
+        return Err(std::io::Error::other("more than one descriptor was sent"));
+    }
+    let fd = fds.pop();
     if n as usize != bytes.len() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
@@ -222,6 +234,37 @@ mod tests {
             "a new descriptor of the same file"
         );
         assert!(same_user(&a) && same_user(&b));
+    }
+
+    /// A peer that sends two descriptors is no server of ours.
+    #[test]
+    fn two_descriptors_are_refused_and_closed() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = File::open("/proc/self/exe").unwrap();
+        let fds = [file.as_raw_fd(), file.as_raw_fd()];
+        let m = [0u8; LEN];
+        let mut iov = libc::iovec {
+            iov_base: m.as_ptr() as *mut _,
+            iov_len: LEN,
+        };
+        // SAFETY: CMSG_SPACE only computes a size.
+        let mut control = vec![0u8; unsafe { libc::CMSG_SPACE(8) } as usize];
+        let msg = message(&mut iov, &mut control);
+        // SAFETY: `control` has room for one header and two descriptors.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(8) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), 8);
+            assert_eq!(libc::sendmsg(a.as_raw_fd(), &msg, 0), LEN as isize);
+        }
+        // (Counting this process's descriptors would race with the other
+        // tests of this binary; that both are owned is in the code.)
+        assert!(matches!(
+            receive_offer(&b, Duration::from_secs(1)),
+            Err(NoOffer::Broken)
+        ));
     }
 
     #[test]
