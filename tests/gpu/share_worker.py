@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -40,7 +41,9 @@ def prepare(seed: int, patch: bool = False, many: bool = False):
 
 
 def load(key: str, tensors, w) -> tuple[dict, object]:
+    started = time.monotonic()
     dev = w.upload(0, share=key, share_wait=20, share_dir=os.environ.get("SHARE_DIR"))
+    seconds = time.monotonic() - started
     info = dev.info()
     out = {
         "pid": os.getpid(),
@@ -54,6 +57,7 @@ def load(key: str, tensors, w) -> tuple[dict, object]:
         "fallback": info["fallback"],
         "dir_note": info["dir_note"],
         "verified_nbytes": info["verified_nbytes"],
+        "seconds": seconds,
         "equal": all(dev.read(i).tobytes() == t.numpy().tobytes() for i, t in enumerate(tensors.values())),
     }
     return out, (w, dev)

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -233,9 +232,8 @@ def test_a_server_that_never_answers_is_named(share_env):
     probe.exit()
     rogue = _rogue(env, env["RZC_SHARE_DIR"], "silent", probe.info)
     try:
-        started = time.monotonic()
         victim = Worker(env, "model-h")
-        assert time.monotonic() - started < 15, "not the whole share_wait (20 s)"
+        assert victim.info["seconds"] < 10, "not the whole share_wait (20 s)"
         assert victim.info["sharing"] == "private" and victim.info["fallback"] == "silent", victim.info
         assert "did not answer within" in victim.info["note"], victim.info
         victim.exit()
@@ -258,11 +256,9 @@ def test_clients_that_never_read_hold_up_no_one(share_env):
         s.connect(sock_path)
         stalled.append(s)
     try:
-        started = time.monotonic()
         loader = Worker(env, "model-i", "1", "--many")
-        elapsed = time.monotonic() - started
         assert loader.info["sharing"] == "imported" and loader.info["equal"], loader.info
-        assert elapsed < 10, f"took {elapsed:.1f} s"
+        assert loader.info["seconds"] < 5, f"the upload call took {loader.info['seconds']:.1f} s"
         loader.exit()
     finally:
         for s in stalled:
