@@ -152,16 +152,20 @@ def walk(obj, is_leaf, prefix: str = "", seen=None, depth: int = 0):
     if is_leaf(obj):
         yield prefix.rstrip("."), obj
         return
-    if isinstance(obj, dict):
-        items = [(str(k), v) for k, v in obj.items()]
-    elif isinstance(obj, (list, tuple)):
-        items = [(str(i), v) for i, v in enumerate(obj)]
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__ != "builtins":
-        items = list(vars(obj).items())
-    else:
-        return
-    for k, v in items:
+    for k, v in _items(obj):
         yield from walk(v, is_leaf, f"{prefix}{k}.", seen, depth + 1)
+
+
+def _items(obj) -> list:
+    """``(name, child)`` for what a dict, list, tuple or plain object holds
+    (by key, index or attribute); nothing for anything else."""
+    if isinstance(obj, dict):
+        return [(str(k), v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        return [(str(i), v) for i, v in enumerate(obj)]
+    if hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__ != "builtins":
+        return list(vars(obj).items())
+    return []
 
 
 def walk_modules(obj):
@@ -383,17 +387,14 @@ def _set_parametrized_state(obj, state) -> None:
 
 
 def _children(obj):
-    """``(name, child)`` for what ``obj`` holds, modules' submodules first."""
+    """``(name, child)`` for what ``obj`` holds: a module's submodules and
+    public attributes (not its internal tables), else :func:`_items`."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.nn.Module):
         yield from obj._modules.items()
         yield from ((k, v) for k, v in vars(obj).items() if not k.startswith("_"))
-    elif isinstance(obj, dict):
-        yield from ((str(k), v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        yield from ((str(i), v) for i, v in enumerate(obj))
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        yield from vars(obj).items()
+    else:
+        yield from _items(obj)
 
 
 def _unpicklable(obj) -> tuple[str, object]:

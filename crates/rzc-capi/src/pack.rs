@@ -78,6 +78,24 @@ impl Handle for rzc_pack_plan {
     type Rust = PlanState;
 }
 
+impl PlanState {
+    /// Each tensor's bytes, from the pointers given to `rzc_pack_plan_new`.
+    ///
+    /// # Safety
+    /// Those pointers are still valid (the contract of the writes).
+    unsafe fn sources(&self) -> crate::status::FfiResult<Vec<&[u8]>> {
+        let mut data = Vec::with_capacity(self.data.len());
+        for (i, &(ptr, n)) in self.data.iter().enumerate() {
+            if ptr.is_null() && n > 0 {
+                return Err(Failure::null(&format!("tensors[{i}].data")));
+            }
+            // SAFETY: the caller's promise, forwarded.
+            data.push(unsafe { slice(ptr, n, "data")? });
+        }
+        Ok(data)
+    }
+}
+
 /// Plans the layout of `tensors_len` tensors (kept in the given order) and
 /// `metadata_len` `__metadata__` entries. On success `*out` receives a plan to
 /// free with `rzc_pack_plan_free`.
@@ -205,13 +223,7 @@ pub unsafe extern "C" fn rzc_pack_plan_write(
 ) -> rzc_status {
     ffi_boundary! {
         let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
-        let mut data = Vec::with_capacity(p.data.len());
-        for (i, &(ptr, n)) in p.data.iter().enumerate() {
-            if ptr.is_null() && n > 0 {
-                return Err(Failure::null(&format!("tensors[{i}].data")));
-            }
-            data.push(unsafe { slice(ptr, n, "data")? });
-        }
+        let data = unsafe { p.sources()? };
         p.plan.write(dst_slice(dst, dst_len)?, &data)?;
         Ok(())
     }
@@ -241,12 +253,8 @@ pub unsafe extern "C" fn rzc_pack_plan_write_sealing(
         if dst_len < p.plan.total_size() {
             return Err(Failure::new(crate::status::RZC_BUFFER_TOO_SMALL, format!("destination is {dst_len} bytes; the plan needs {}", p.plan.total_size())));
         }
-        for (i, &(ptr, n)) in p.data.iter().enumerate() {
-            if ptr.is_null() && n > 0 {
-                return Err(Failure::null(&format!("tensors[{i}].data")));
-            }
-            let at = p.plan.offset(i)?;
-            let src = unsafe { slice(ptr, n, "data")? };
+        for (i, src) in unsafe { p.sources()? }.into_iter().enumerate() {
+            let (at, n) = (p.plan.offset(i)?, src.len());
             // Through the raw pointer, not a `&mut` over the whole buffer:
             // the sealer's thread reads the bytes already declared final.
             // SAFETY: `[at, at + n)` lies in the caller's `dst_len` writable

@@ -158,9 +158,10 @@ unsafe impl Extensible for rzc_open_options {
 }
 
 /// Flag of `rzc_open_options`: make every whole page of the buffer (tensor
-/// data and header; see `rzc_weights_guard_state`) read-only in this process while the buffer is open (any handle or tensor alive), so
-/// that a write through a tensor faults in the writer instead of changing
-/// memory other processes share. Needs a page of non-tensor bytes before the
+/// data and header; see `rzc_weights_guard_state`) read-only in this
+/// process while the buffer is open (any handle or tensor alive), so that a
+/// write through a tensor faults in the writer instead of changing memory
+/// other processes share. Needs a page of non-tensor bytes before the
 /// first and after the last tensor (`rzc_pack_options.guard_nbytes`), else
 /// the open fails with `RZC_INVALID_ARGUMENT`. Protection is lifted before
 /// `release` runs.

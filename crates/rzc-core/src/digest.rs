@@ -84,7 +84,7 @@ fn from_hex(s: &str) -> Option<Digest> {
 pub fn seal(buffer: &mut [u8]) -> Result<Digest> {
     let start = sealable(buffer)?;
     let data = blake3(&buffer[start..]);
-    write_data_digest(buffer, &data)
+    write_at(buffer, start, &data)
 }
 
 /// Where the data section of `buffer` starts, once its header is checked
@@ -105,6 +105,12 @@ pub fn sealable(buffer: &[u8]) -> Result<usize> {
 /// digest. Fails, changing nothing, as [`seal`] does.
 pub fn write_data_digest(buffer: &mut [u8], data: &Digest) -> Result<Digest> {
     let start = sealable(buffer)?;
+    write_at(buffer, start, data)
+}
+
+/// [`write_data_digest`] for a buffer [`sealable`] checked: its data
+/// section starts at `start`.
+fn write_at(buffer: &mut [u8], start: usize, data: &Digest) -> Result<Digest> {
     // The metadata is written by serde_json, compactly: `"key":"value"`.
     let needle = format!("\"{DATA_DIGEST_KEY}\":\"{DATA_DIGEST_PLACEHOLDER}\"");
     let Some(at) = find(&buffer[..start], needle.as_bytes()) else {
@@ -165,7 +171,9 @@ mod tests {
     use crate::Dtype;
     use std::collections::BTreeMap;
 
-    fn packed(values: &[f32]) -> Vec<u8> {
+    /// `values` packed as tensor "w" with metadata `a = b`, room reserved
+    /// for the digest when `reserve`; not sealed.
+    fn packed_with(values: &[f32], reserve: bool) -> Vec<u8> {
         let shape = [values.len() as i64];
         let specs = [TensorSpec {
             name: "w",
@@ -174,7 +182,7 @@ mod tests {
         }];
         let meta = BTreeMap::from([("a".to_string(), "b".to_string())]);
         let opts = PackOptions {
-            reserve_digest: true,
+            reserve_digest: reserve,
             ..Default::default()
         };
         let plan = Plan::new(&specs, &meta, &opts).unwrap();
@@ -182,6 +190,14 @@ mod tests {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         plan.write(&mut buf, &[&bytes]).unwrap();
         buf
+    }
+
+    fn packed(values: &[f32]) -> Vec<u8> {
+        packed_with(values, true)
+    }
+
+    fn four_floats(reserve: bool) -> Vec<u8> {
+        packed_with(&[1.0; 4], reserve)
     }
 
     #[test]
@@ -218,38 +234,23 @@ mod tests {
 
     #[test]
     fn a_placeholder_claims_nothing_and_a_copied_claim_is_refused() {
+        let w = Weights::from_vec(four_floats(true)).unwrap(); // planned, never sealed
+        assert_eq!(w.claimed_data_digest(), None);
+        assert_eq!(w.content_digest(true), w.content_digest(false));
+        let copied = BTreeMap::from([(DATA_DIGEST_KEY.to_string(), "ab".repeat(32))]);
         let shape = [4i64];
         let specs = [TensorSpec {
             name: "w",
             dtype: Dtype::F32,
             shape: &shape,
         }];
-        let opts = PackOptions {
-            reserve_digest: true,
-            ..Default::default()
-        };
-        let plan = Plan::new(&specs, &BTreeMap::new(), &opts).unwrap();
-        let mut buf = vec![0u8; plan.total_size()];
-        plan.write(&mut buf, &[&[1u8; 16]]).unwrap();
-        let w = Weights::from_vec(buf).unwrap(); // planned, never sealed
-        assert_eq!(w.claimed_data_digest(), None);
-        assert_eq!(w.content_digest(true), w.content_digest(false));
-        let copied = BTreeMap::from([(DATA_DIGEST_KEY.to_string(), "ab".repeat(32))]);
         let e = Plan::new(&specs, &copied, &PackOptions::default()).unwrap_err();
         assert!(e.message().contains("reserved"), "{}", e.message());
     }
 
     #[test]
     fn a_buffer_without_a_placeholder_is_refused_unchanged() {
-        let shape = [4i64];
-        let specs = [TensorSpec {
-            name: "w",
-            dtype: Dtype::F32,
-            shape: &shape,
-        }];
-        let plan = Plan::new(&specs, &BTreeMap::new(), &PackOptions::default()).unwrap();
-        let mut buf = vec![0u8; plan.total_size()];
-        plan.write(&mut buf, &[&[0u8; 16]]).unwrap();
+        let mut buf = four_floats(false);
         let before = buf.clone();
         let e = seal(&mut buf).unwrap_err();
         assert!(e.message().contains(DATA_DIGEST_KEY), "{}", e.message());

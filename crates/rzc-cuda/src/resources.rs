@@ -486,6 +486,34 @@ impl DeviceAllocation {
     pub fn size(&self) -> usize {
         self.size
     }
+
+    /// Copies `dst.len()` bytes from `offset` of the allocation to host
+    /// memory, synchronously (for checking what was uploaded or mapped).
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        if offset
+            .checked_add(dst.len())
+            .map_or(true, |end| end > self.size)
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "bytes {offset}..+{} are not inside the {}-byte allocation",
+                    dst.len(),
+                    self.size
+                ),
+            ));
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let src = self.ptr + offset as u64;
+        self.ctx.with(|| {
+            // SAFETY: `[src, src + len)` lies in the allocation (checked
+            // above), which `self` keeps alive; `dst` is a host buffer of
+            // that length.
+            unsafe { result::memcpy_dtoh_sync(dst, src) }.or_fail("cuMemcpyDtoH")
+        })
+    }
 }
 
 /// Exports physical memory `handle` as a POSIX file descriptor another

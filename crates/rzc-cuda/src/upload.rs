@@ -4,14 +4,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::result;
 use cudarc::driver::sys;
 use rzc_core::dlpack::{
     self, DLDevice, DLDeviceType, DLManagedTensor, DLManagedTensorVersioned, TensorDesc,
 };
 use rzc_core::{fail, ErrorKind, Result, Weights};
 
-use crate::driver::{Checked, PrimaryContext};
+use crate::driver::PrimaryContext;
 use crate::layout::{self, DeviceTensor, Layout};
 use crate::resources::{DeviceAllocation, Stream};
 use crate::share::{
@@ -270,15 +269,7 @@ impl DeviceWeights {
                 dst.len()
             );
         }
-        if dst.is_empty() {
-            return Ok(());
-        }
-        let src = self.alloc().ptr() + t.offset as u64;
-        self.alloc().context().with(|| {
-            // SAFETY: `[src, src + len)` lies in the allocation, which `self`
-            // keeps alive; `dst` is a host buffer of the same length.
-            unsafe { result::memcpy_dtoh_sync(dst, src) }.or_fail("cuMemcpyDtoH")
-        })
+        self.alloc().read(t.offset, dst)
     }
 
     fn desc(&self, index: usize) -> Result<TensorDesc<'_>> {

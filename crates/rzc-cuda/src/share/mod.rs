@@ -344,8 +344,8 @@ fn prepare(
     let size = DeviceAllocation::shareable_size(ctx, content.size)
         .map_err(|e| unsupported("cannot size shareable memory", e))?;
     let dir = rendezvous::directory(opts.dir.as_deref()).map_err(Fallback::NoDirectory)?;
-    let paths = rendezvous::paths(&dir.path, &opts.key, &uuid).map_err(Fallback::Rendezvous)?;
     let name = rendezvous::name(&opts.key, &uuid);
+    let paths = rendezvous::paths(&dir.path, &name);
     Ok((size, paths, name, dir.note))
 }
 

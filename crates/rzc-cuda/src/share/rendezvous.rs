@@ -218,24 +218,18 @@ pub struct Paths {
     pub sock: PathBuf,
 }
 
-/// Paths for `key` on the GPU `uuid` in `dir`: named by a digest of both
-/// (socket paths are limited to 108 bytes, keys are not).
-pub fn paths(dir: &Path, key: &str, uuid: &[u8; 16]) -> Result<Paths, String> {
-    let name = name(key, uuid);
-    let sock = dir.join(format!("{name}.sock"));
-    if sock.as_os_str().len() >= 108 {
-        return Err(format!(
-            "the socket path {} is too long for a Unix socket",
-            sock.display()
-        ));
-    }
-    Ok(Paths {
+/// The paths of rendezvous `name` (see [`name`]) in `dir`.
+pub fn paths(dir: &Path, name: &str) -> Paths {
+    // `directory` chose `dir` short enough for `<dir>/<name>.sock`.
+    Paths {
         lock: dir.join(format!("{name}.lock")),
-        sock,
-    })
+        sock: dir.join(format!("{name}.sock")),
+    }
 }
 
-/// First 128 bits of BLAKE3(key, 0, uuid), in hex.
+/// The rendezvous name of `key` on the GPU `uuid`: the first 128 bits of
+/// BLAKE3(key, 0, uuid), in hex (socket paths are limited to 108 bytes,
+/// keys are not).
 pub fn name(key: &str, uuid: &[u8; 16]) -> String {
     let mut input = key.as_bytes().to_vec();
     input.push(0);

@@ -11,9 +11,6 @@
 
 use std::hash::{BuildHasher, Hasher};
 
-use cudarc::driver::result;
-
-use crate::driver::Checked;
 use crate::layout::DeviceTensor;
 use crate::resources::DeviceAllocation;
 
@@ -90,14 +87,8 @@ pub fn verify(
             j += 1;
         }
         buf.resize(end - start, 0);
-        let src = alloc.ptr() + start as u64;
         alloc
-            .context()
-            .with(|| {
-                // SAFETY: `[src, src + len)` lies in the allocation (tensor
-                // windows inside it); `buf` is a host buffer of that length.
-                unsafe { result::memcpy_dtoh_sync(&mut buf[..], src) }.or_fail("cuMemcpyDtoH")
-            })
+            .read(start, &mut buf)
             .map_err(|e| format!("reading the mapped memory back failed: {}", e.message()))?;
         done.copies += 1;
         done.bytes += buf.len();
