@@ -1395,56 +1395,31 @@ enum rzc_status rzc_weights_open_file(const char *path, struct rzc_weights **out
 void rzc_weights_free(struct rzc_weights *w);
 
 /**
- * Number of tensors in the buffer (0 for a NULL handle).
+ * How firmly the weights refuse writes in this process: one of
+ * `RZC_GUARD_*` (`RZC_GUARD_NONE` for NULL).
  *
  * # Safety
  * `w` is NULL or a live handle.
  */
-size_t rzc_weights_len(const struct rzc_weights *w);
+uint32_t rzc_weights_guard_state(const struct rzc_weights *w);
 
 /**
- * Describes tensor `index` (0-based, in the order of the data).
+ * The buffer's content digest: BLAKE3 (key derivation mode, context
+ * "ray-zerocopy 2026-11 content digest v1") of the header's length (8 bytes,
+ * little-endian), the header's bytes and the BLAKE3 digest of the data
+ * section. Computed from every byte (`trust_claim` zero), equal content
+ * digests mean byte for byte equal buffers. With `trust_claim` nonzero the
+ * data digest is the one the header claims (`rzc.data_blake3`, written by
+ * `rzc_pack_seal`) when it has one, and only the header is read: use it for
+ * buffers this library sealed, not for files from elsewhere, whose claim
+ * could be false.
  *
  * # Safety
  * `w` is a live handle; `out` is valid for a write.
  */
-enum rzc_status rzc_weights_get(const struct rzc_weights *w,
-                                size_t index,
-                                struct rzc_tensor_info *out);
-
-/**
- * Describes every tensor at once: fills `infos_out[0 .. rzc_weights_len(w))`.
- * One call instead of one per tensor, for callers that want the whole table
- * (a load of a few hundred tensors). Fails with `RZC_BUFFER_TOO_SMALL`,
- * writing nothing, when `infos_len` is less than `rzc_weights_len(w)`.
- *
- * # Safety
- * `w` is a live handle; `infos_out` has room for `infos_len` entries (may be
- * NULL when `infos_len` is 0).
- */
-enum rzc_status rzc_weights_get_all(const struct rzc_weights *w,
-                                    struct rzc_tensor_info *infos_out,
-                                    size_t infos_len);
-
-/**
- * Finds the index of the tensor called `name` (NUL-terminated UTF-8).
- *
- * # Safety
- * `w` is a live handle; `name` is NUL-terminated; `index_out` is valid for a write.
- */
-enum rzc_status rzc_weights_find(const struct rzc_weights *w, const char *name, size_t *index_out);
-
-/**
- * Same as `rzc_weights_find`, for a name given by pointer and byte length
- * (names may contain NUL bytes).
- *
- * # Safety
- * `w` is a live handle; `name` points to `name_len` bytes; `index_out` is valid for a write.
- */
-enum rzc_status rzc_weights_find_n(const struct rzc_weights *w,
-                                   const char *name,
-                                   size_t name_len,
-                                   size_t *index_out);
+enum rzc_status rzc_weights_content_digest(const struct rzc_weights *w,
+                                           uint32_t trust_claim,
+                                           struct rzc_digest *out);
 
 /**
  * Exports tensor `index` as a versioned DLPack tensor (kDLCPU, compact
@@ -1505,31 +1480,56 @@ enum rzc_status rzc_weights_data_to_dlpack(const struct rzc_weights *w,
                                            struct DLManagedTensorVersioned **out);
 
 /**
- * How firmly the weights refuse writes in this process: one of
- * `RZC_GUARD_*` (`RZC_GUARD_NONE` for NULL).
+ * Number of tensors in the buffer (0 for a NULL handle).
  *
  * # Safety
  * `w` is NULL or a live handle.
  */
-uint32_t rzc_weights_guard_state(const struct rzc_weights *w);
+size_t rzc_weights_len(const struct rzc_weights *w);
 
 /**
- * The buffer's content digest: BLAKE3 (key derivation mode, context
- * "ray-zerocopy 2026-11 content digest v1") of the header's length (8 bytes,
- * little-endian), the header's bytes and the BLAKE3 digest of the data
- * section. Computed from every byte (`trust_claim` zero), equal content
- * digests mean byte for byte equal buffers. With `trust_claim` nonzero the
- * data digest is the one the header claims (`rzc.data_blake3`, written by
- * `rzc_pack_seal`) when it has one, and only the header is read: use it for
- * buffers this library sealed, not for files from elsewhere, whose claim
- * could be false.
+ * Describes tensor `index` (0-based, in the order of the data).
  *
  * # Safety
  * `w` is a live handle; `out` is valid for a write.
  */
-enum rzc_status rzc_weights_content_digest(const struct rzc_weights *w,
-                                           uint32_t trust_claim,
-                                           struct rzc_digest *out);
+enum rzc_status rzc_weights_get(const struct rzc_weights *w,
+                                size_t index,
+                                struct rzc_tensor_info *out);
+
+/**
+ * Describes every tensor at once: fills `infos_out[0 .. rzc_weights_len(w))`.
+ * One call instead of one per tensor, for callers that want the whole table
+ * (a load of a few hundred tensors). Fails with `RZC_BUFFER_TOO_SMALL`,
+ * writing nothing, when `infos_len` is less than `rzc_weights_len(w)`.
+ *
+ * # Safety
+ * `w` is a live handle; `infos_out` has room for `infos_len` entries (may be
+ * NULL when `infos_len` is 0).
+ */
+enum rzc_status rzc_weights_get_all(const struct rzc_weights *w,
+                                    struct rzc_tensor_info *infos_out,
+                                    size_t infos_len);
+
+/**
+ * Finds the index of the tensor called `name` (NUL-terminated UTF-8).
+ *
+ * # Safety
+ * `w` is a live handle; `name` is NUL-terminated; `index_out` is valid for a write.
+ */
+enum rzc_status rzc_weights_find(const struct rzc_weights *w, const char *name, size_t *index_out);
+
+/**
+ * Same as `rzc_weights_find`, for a name given by pointer and byte length
+ * (names may contain NUL bytes).
+ *
+ * # Safety
+ * `w` is a live handle; `name` points to `name_len` bytes; `index_out` is valid for a write.
+ */
+enum rzc_status rzc_weights_find_n(const struct rzc_weights *w,
+                                   const char *name,
+                                   size_t name_len,
+                                   size_t *index_out);
 
 /**
  * Number of `__metadata__` entries (0 for a NULL handle).

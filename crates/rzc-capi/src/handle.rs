@@ -132,6 +132,17 @@ pub unsafe fn slice<'a, T>(ptr: *const T, len: usize, arg: &str) -> FfiResult<&'
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
+/// A mutable byte slice from a C pointer and length; NULL is refused.
+///
+/// # Safety
+/// `ptr` is NULL or points to `len` writable bytes that nothing else uses
+/// while the slice lives.
+pub unsafe fn slice_mut<'a>(ptr: *mut u8, len: usize, arg: &str) -> FfiResult<&'a mut [u8]> {
+    not_null(ptr, arg)?;
+    // SAFETY: non-NULL, writable and unshared per the caller.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
 fn utf8<'a>(bytes: &'a [u8], arg: &str) -> FfiResult<&'a str> {
     std::str::from_utf8(bytes)
         .map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, format!("`{arg}` is not valid UTF-8")))
@@ -270,4 +281,110 @@ impl<T: Extensible> OutExtensible<T> {
         };
         Ok(())
     }
+}
+
+// The argument side of every export, one line per argument. Each macro takes
+// the parameter itself (its name becomes the argument's name in the error
+// message) and `?`s the failure out of the export's `ffi_boundary!` body.
+// Every export states, in its `# Safety` section, that its pointer arguments
+// are NULL or valid as the macro used for them needs: that contract is what
+// each `SAFETY:` below relies on, written once here instead of at each of the
+// ~40 call sites.
+
+/// `&Rust` behind handle argument `$arg` of C type `$ty`; NULL fails with
+/// `RZC_NULL_ARGUMENT`.
+macro_rules! borrow {
+    ($ty:ty, $arg:ident) => {
+        // SAFETY: the export's contract: `$arg` is NULL or a live handle of
+        // this type, used read-only by this call.
+        unsafe { <$ty as $crate::handle::Handle>::borrow($arg, stringify!($arg))? }
+    };
+}
+
+/// Like [`borrow!`], for the value-returning exports: `Option<&Rust>`.
+macro_rules! borrow_or_none {
+    ($ty:ty, $arg:ident) => {
+        // SAFETY: as for `borrow!`.
+        unsafe { <$ty as $crate::handle::Handle>::borrow($arg, stringify!($arg)) }.ok()
+    };
+}
+
+/// An [`Out`] for out-parameter `$arg`, checked for NULL now.
+macro_rules! out {
+    ($arg:ident) => {
+        // SAFETY: the export's contract: `$arg` is NULL or valid for a write
+        // until the export returns.
+        unsafe { $crate::handle::Out::new($arg, stringify!($arg))? }
+    };
+}
+
+/// An [`OutSlice`] for the caller's array `$arg` of `$len` elements.
+macro_rules! out_slice {
+    ($arg:ident, $len:expr) => {
+        // SAFETY: the export's contract: `$arg` has room for `$len` elements
+        // (NULL only when `$len` is 0).
+        unsafe { $crate::handle::OutSlice::new($arg, $len, stringify!($arg))? }
+    };
+}
+
+/// An extensible struct the export fills in ([`OutExtensible`]).
+macro_rules! out_extensible {
+    ($arg:ident) => {
+        // SAFETY: the export's contract: `$arg` is NULL or a caller's struct
+        // of `struct_nbytes` readable and writable bytes.
+        unsafe { $crate::handle::OutExtensible::new($arg, stringify!($arg))? }
+    };
+}
+
+/// `&[T]` from pointer argument `$arg` and its element count `$len`.
+macro_rules! slice_arg {
+    ($arg:ident, $len:expr) => {
+        // SAFETY: the export's contract: `$arg` points to `$len` valid
+        // elements (NULL only when `$len` is 0) that outlive the call.
+        unsafe { $crate::handle::slice($arg, $len, stringify!($arg))? }
+    };
+}
+
+/// `&str` from a NUL-terminated UTF-8 argument.
+macro_rules! c_str_arg {
+    ($arg:ident) => {
+        // SAFETY: the export's contract: `$arg` is NULL or NUL-terminated.
+        unsafe { $crate::handle::c_str($arg, stringify!($arg))? }
+    };
+}
+
+/// `&str` from a UTF-8 argument given by pointer and byte length.
+macro_rules! str_arg {
+    ($arg:ident, $len:expr) => {
+        // SAFETY: the export's contract: `$arg` points to `$len` readable
+        // bytes (NULL only when `$len` is 0).
+        unsafe { $crate::handle::str_n($arg, $len, stringify!($arg))? }
+    };
+}
+
+/// `Option<T>` from an extensible options struct argument (NULL: `None`).
+macro_rules! options_arg {
+    ($arg:ident) => {
+        // SAFETY: the export's contract: `$arg` is NULL or points to
+        // `struct_nbytes` readable bytes.
+        unsafe { $crate::handle::read_options($arg)? }
+    };
+}
+
+/// `&mut [u8]` from a writable buffer argument `$arg` of `$len` bytes.
+macro_rules! bytes_mut_arg {
+    ($arg:ident, $len:expr) => {
+        // SAFETY: the export's contract: `$arg` points to `$len` writable
+        // bytes that nothing else uses during the call.
+        unsafe { $crate::handle::slice_mut($arg, $len, stringify!($arg))? }
+    };
+}
+
+/// Frees handle argument `$arg` of C type `$ty` (NULL is a no-op).
+macro_rules! free_handle {
+    ($ty:ty, $arg:ident) => {
+        // SAFETY: the export's contract: `$arg` is NULL or a handle of this
+        // type not yet freed, which no other thread is using.
+        unsafe { <$ty as $crate::handle::Handle>::free($arg) }
+    };
 }

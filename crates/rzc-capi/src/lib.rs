@@ -13,8 +13,9 @@
 #![allow(clippy::missing_safety_doc)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod device;
+#[macro_use]
 mod handle;
+pub mod device;
 pub mod pack;
 pub mod seal;
 pub mod status;
@@ -110,7 +111,9 @@ pub extern "C" fn rzc_dtype_bits(dtype: u32) -> u32 {
 /// `tensor` is NULL or a live tensor whose deleter has not run.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_dlpack_versioned_free(tensor: *mut DLManagedTensorVersioned) {
+    // SAFETY: the caller's contract: NULL or a live tensor.
     if let Some(deleter) = unsafe { tensor.as_ref() }.and_then(|t| t.deleter) {
+        // SAFETY: its own deleter, called once (the caller gives it up).
         unsafe { deleter(tensor) }
     }
 }
@@ -121,7 +124,9 @@ pub unsafe extern "C" fn rzc_dlpack_versioned_free(tensor: *mut DLManagedTensorV
 /// `tensor` is NULL or a live tensor whose deleter has not run.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_dlpack_legacy_free(tensor: *mut DLManagedTensor) {
+    // SAFETY: the caller's contract: NULL or a live tensor.
     if let Some(deleter) = unsafe { tensor.as_ref() }.and_then(|t| t.deleter) {
+        // SAFETY: its own deleter, called once (the caller gives it up).
         unsafe { deleter(tensor) }
     }
 }

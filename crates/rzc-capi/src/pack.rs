@@ -7,7 +7,7 @@ use std::ffi::c_char;
 use rzc_core::pack::{PackOptions, Plan, TensorSpec};
 use rzc_core::Dtype;
 
-use crate::handle::{read_options, slice, str_n, Extensible, Handle, Out};
+use crate::handle::{slice, str_n, Extensible, Handle};
 use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
 use crate::weights::{rzc_digest, rzc_metadata_entry};
 
@@ -114,16 +114,18 @@ pub unsafe extern "C" fn rzc_pack_plan_new(
     out: *mut *mut rzc_pack_plan,
 ) -> rzc_status {
     ffi_boundary! {
-        let out = unsafe { Out::new(out, "out")? };
-        let inputs = unsafe { slice(tensors, tensors_len, "tensors")? };
+        let out = out!(out);
+        let inputs = slice_arg!(tensors, tensors_len);
         let mut meta = BTreeMap::new();
-        for m in unsafe { slice(metadata, metadata_len, "metadata")? } {
+        for m in slice_arg!(metadata, metadata_len) {
+            // SAFETY: the export's contract: every entry's strings are valid.
             let k = unsafe { str_n(m.key, m.key_len, "metadata key")? };
+            // SAFETY: as above.
             let v = unsafe { str_n(m.value, m.value_len, "metadata value")? };
             meta.insert(k.to_owned(), v.to_owned());
         }
         let mut opts = PackOptions::default();
-        if let Some(o) = unsafe { read_options(options)? } {
+        if let Some(o) = options_arg!(options) {
             if o.alignment != 0 {
                 opts.alignment = usize::try_from(o.alignment).map_err(|_| Failure::new(RZC_INVALID_ARGUMENT, "alignment too large"))?;
             }
@@ -133,10 +135,13 @@ pub unsafe extern "C" fn rzc_pack_plan_new(
         let mut specs = Vec::with_capacity(inputs.len());
         let mut data = Vec::with_capacity(inputs.len());
         for (i, t) in inputs.iter().enumerate() {
+            // SAFETY: the export's contract: every tensor's name and shape
+            // pointers are valid for their lengths.
             let name = unsafe { str_n(t.name, t.name_len, "tensor name")? };
             let dtype = Dtype::from_u32(t.dtype).ok_or_else(|| {
                 Failure::new(crate::status::RZC_UNSUPPORTED_DTYPE, format!("tensor {i} ({name:?}): {} is not an rzc_dtype value", t.dtype))
             })?;
+            // SAFETY: as above.
             let shape = unsafe { slice(t.shape, t.ndim as usize, "tensor shape")? };
             specs.push(TensorSpec { name, dtype, shape });
             data.push((t.data, t.nbytes as usize));
@@ -162,7 +167,7 @@ pub unsafe extern "C" fn rzc_pack_plan_new(
 pub unsafe extern "C" fn rzc_pack_plan_nbytes(plan: *const rzc_pack_plan) -> u64 {
     ffi_value_boundary!(
         0,
-        unsafe { rzc_pack_plan::borrow(plan, "plan") }
+        borrow_or_none!(rzc_pack_plan, plan)
             .map(|p| p.plan.total_size() as u64)
             .unwrap_or(0)
     )
@@ -179,16 +184,10 @@ pub unsafe extern "C" fn rzc_pack_plan_offset(
     offset_out: *mut u64,
 ) -> rzc_status {
     ffi_boundary! {
-        let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
-        let out = unsafe { Out::new(offset_out, "offset_out")? };
+        let p = borrow!(rzc_pack_plan, plan);
+        let out = out!(offset_out);
         out.write(p.plan.offset(index)? as u64)
     }
-}
-
-fn dst_slice<'a>(dst: *mut u8, dst_len: usize) -> Result<&'a mut [u8], Failure> {
-    crate::handle::not_null(dst, "dst")?;
-    // SAFETY: the caller of the export promises `dst_len` writable bytes.
-    Ok(unsafe { std::slice::from_raw_parts_mut(dst, dst_len) })
 }
 
 /// Writes the header and zeroes the padding into `dst`, leaving each tensor's
@@ -203,8 +202,8 @@ pub unsafe extern "C" fn rzc_pack_plan_write_layout(
     dst_len: usize,
 ) -> rzc_status {
     ffi_boundary! {
-        let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
-        p.plan.write_layout(dst_slice(dst, dst_len)?)?;
+        let p = borrow!(rzc_pack_plan, plan);
+        p.plan.write_layout(bytes_mut_arg!(dst, dst_len))?;
         Ok(())
     }
 }
@@ -222,9 +221,10 @@ pub unsafe extern "C" fn rzc_pack_plan_write(
     dst_len: usize,
 ) -> rzc_status {
     ffi_boundary! {
-        let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
+        let p = borrow!(rzc_pack_plan, plan);
+        // SAFETY: the export's contract: the plan's data pointers are valid.
         let data = unsafe { p.sources()? };
-        p.plan.write(dst_slice(dst, dst_len)?, &data)?;
+        p.plan.write(bytes_mut_arg!(dst, dst_len), &data)?;
         Ok(())
     }
 }
@@ -244,8 +244,8 @@ pub unsafe extern "C" fn rzc_pack_plan_write_sealing(
     sealer: *const crate::seal::rzc_pack_sealer,
 ) -> rzc_status {
     ffi_boundary! {
-        let p = unsafe { rzc_pack_plan::borrow(plan, "plan")? };
-        let s = unsafe { crate::seal::rzc_pack_sealer::borrow(sealer, "sealer")? };
+        let p = borrow!(rzc_pack_plan, plan);
+        let s = borrow!(crate::seal::rzc_pack_sealer, sealer);
         crate::handle::not_null(dst, "dst")?;
         if !s.seals(dst.cast_const(), dst_len) {
             return Err(Failure::new(RZC_INVALID_ARGUMENT, "this sealer was made for another buffer"));
@@ -253,7 +253,9 @@ pub unsafe extern "C" fn rzc_pack_plan_write_sealing(
         if dst_len < p.plan.total_size() {
             return Err(Failure::new(crate::status::RZC_BUFFER_TOO_SMALL, format!("destination is {dst_len} bytes; the plan needs {}", p.plan.total_size())));
         }
-        for (i, src) in unsafe { p.sources()? }.into_iter().enumerate() {
+        // SAFETY: the export's contract: the plan's data pointers are valid.
+        let sources = unsafe { p.sources()? };
+        for (i, src) in sources.into_iter().enumerate() {
             let (at, n) = (p.plan.offset(i)?, src.len());
             // Through the raw pointer, not a `&mut` over the whole buffer:
             // the sealer's thread reads the bytes already declared final.
@@ -284,8 +286,8 @@ pub unsafe extern "C" fn rzc_pack_seal(
     out: *mut rzc_digest,
 ) -> rzc_status {
     ffi_boundary! {
-        let out = unsafe { Out::new(out, "out")? };
-        let digest = rzc_core::digest::seal(dst_slice(dst, dst_len)?)?;
+        let out = out!(out);
+        let digest = rzc_core::digest::seal(bytes_mut_arg!(dst, dst_len))?;
         out.write(rzc_digest { bytes: digest })
     }
 }
@@ -296,5 +298,5 @@ pub unsafe extern "C" fn rzc_pack_seal(
 /// `plan` is NULL or a plan not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_plan_free(plan: *mut rzc_pack_plan) {
-    ffi_value_boundary!((), unsafe { rzc_pack_plan::free(plan) })
+    ffi_value_boundary!((), free_handle!(rzc_pack_plan, plan))
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rzc_core::digest::{self, Digest};
 
-use crate::handle::{Handle, Out};
+use crate::handle::Handle;
 use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
 use crate::weights::rzc_digest;
 
@@ -142,7 +142,7 @@ pub unsafe extern "C" fn rzc_pack_sealer_new(
     out: *mut *mut rzc_pack_sealer,
 ) -> rzc_status {
     ffi_boundary! {
-        let out = unsafe { Out::new(out, "out")? };
+        let out = out!(out);
         crate::handle::not_null(dst, "dst")?;
         // SAFETY: `dst_len` readable bytes per the caller; only the header
         // is read here, which the caller has written.
@@ -178,7 +178,7 @@ pub unsafe extern "C" fn rzc_pack_sealer_advance(
     upto: usize,
 ) -> rzc_status {
     ffi_boundary! {
-        let s = unsafe { rzc_pack_sealer::borrow(sealer, "sealer")? };
+        let s = borrow!(rzc_pack_sealer, sealer);
         s.advance(upto);
         Ok(())
     }
@@ -198,8 +198,8 @@ pub unsafe extern "C" fn rzc_pack_sealer_finish(
     out: *mut rzc_digest,
 ) -> rzc_status {
     ffi_boundary! {
-        let out = unsafe { Out::new(out, "out")? };
-        let s = unsafe { rzc_pack_sealer::borrow(sealer, "sealer")? };
+        let out = out!(out);
+        let s = borrow!(rzc_pack_sealer, sealer);
         let Some((mut hasher, pos)) = s.stop() else {
             return Err(Failure::new(RZC_INVALID_ARGUMENT, "this sealer is finished already"));
         };
@@ -220,5 +220,5 @@ pub unsafe extern "C" fn rzc_pack_sealer_finish(
 /// `sealer` is NULL or a sealer not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_sealer_free(sealer: *mut rzc_pack_sealer) {
-    ffi_value_boundary!((), unsafe { rzc_pack_sealer::free(sealer) })
+    ffi_value_boundary!((), free_handle!(rzc_pack_sealer, sealer))
 }
