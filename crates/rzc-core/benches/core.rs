@@ -95,6 +95,7 @@ fn main() {
     let export = median(time(201, || {
         for i in 0..w.len() {
             let m = w.to_dlpack(i).unwrap();
+            // SAFETY: a fresh export, released once.
             unsafe { ((*m).deleter.unwrap())(m) };
         }
     }));

@@ -339,6 +339,7 @@ mod tests {
         let v = export_versioned(owner.clone(), &desc, DLPACK_FLAG_BITMASK_READ_ONLY);
         let l = export_legacy(owner.clone(), &desc);
         assert_eq!(Arc::strong_count(&owner), 3);
+        // SAFETY: both exports are live until their deleters run below.
         unsafe {
             assert_eq!((*v).dl_tensor.ndim, 2);
             assert_eq!(*(*v).dl_tensor.shape.add(1), 4);

@@ -107,7 +107,7 @@ impl Header {
         let real = self
             .tensors
             .iter()
-            .filter(|t| !t.name.starts_with(crate::PAD_PREFIX));
+            .filter(|t| !t.name.starts_with(crate::pack::PAD_PREFIX));
         let start = real.clone().map(|t| t.offset).min()?;
         let end = real.map(|t| t.offset + t.nbytes).max()?;
         Some((start, end))

@@ -31,9 +31,6 @@ mod weights;
 pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};
 pub use header::TensorMeta;
-pub use platform::{page_size, GuardState, WriteGuard};
-pub use storage::{map_file, Borrowed, Bytes, Storage};
-pub use weights::{OpenOptions, Weights, PAD_PREFIX};
-
-/// The library version, from Cargo.toml.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use platform::GuardState;
+pub use storage::Borrowed;
+pub use weights::{OpenOptions, Weights};

@@ -10,7 +10,12 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::header::{checked_nbytes, METADATA_KEY};
-use crate::{fail, Dtype, Error, ErrorKind, Result, PAD_PREFIX};
+use crate::{fail, Dtype, Error, ErrorKind, Result};
+
+/// Prefix of the padding entries the packer inserts to align tensor data.
+/// Entries with this prefix are part of the file (so that any reader sees a
+/// standard, hole-free buffer) but are not listed in the tensor table.
+pub const PAD_PREFIX: &str = "__rzc_pad__.";
 
 /// Default alignment of every tensor's data from the buffer start: JAX adopts
 /// 64-byte aligned host memory without copying, and vector loads like it.

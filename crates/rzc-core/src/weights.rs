@@ -12,11 +12,6 @@ use crate::platform::{GuardState, WriteGuard};
 use crate::storage::{self, Borrowed, Bytes, Storage};
 use crate::{fail, Result};
 
-/// Prefix of the padding entries the packer inserts to align tensor data.
-/// Entries with this prefix are part of the file (so that any reader sees a
-/// standard, hole-free buffer) but are not listed in the tensor table.
-pub const PAD_PREFIX: &str = "__rzc_pad__.";
-
 /// How to open a buffer. `OpenOptions::default()` guards nothing and calls
 /// nothing back.
 #[derive(Default)]
@@ -137,7 +132,7 @@ impl Weights {
         let tensors: Vec<TensorMeta> = header
             .tensors
             .into_iter()
-            .filter(|t| !t.name.starts_with(PAD_PREFIX))
+            .filter(|t| !t.name.starts_with(crate::pack::PAD_PREFIX))
             .collect();
         Weights {
             storage: owner,
@@ -159,11 +154,6 @@ impl Weights {
     /// The whole buffer (header included).
     pub fn bytes(&self) -> &[u8] {
         self.storage.bytes()
-    }
-
-    /// The shared owner of the bytes.
-    pub fn storage(&self) -> &Storage {
-        &self.storage
     }
 
     /// Offset of the data section (the end of the header).

@@ -86,6 +86,7 @@ fn data_points_into_the_buffer() {
     let p = w.data(0).unwrap().as_ptr() as usize;
     assert!(p >= base && p + 16 <= base + w.bytes().len());
     let m = w.to_dlpack(0).unwrap();
+    // SAFETY: a live export; its deleter runs once, at the end.
     unsafe {
         assert_eq!((*m).dl_tensor.data as usize, p);
         assert_eq!(
@@ -112,6 +113,8 @@ fn dlpack_outlives_the_handle() {
     let m = w.to_dlpack(0).unwrap();
     let l = w.to_dlpack_legacy(0).unwrap();
     drop(w);
+    // SAFETY: the exports keep the storage alive after the handle is gone
+    // (what this test checks); each deleter runs once.
     unsafe {
         let d = (*m).dl_tensor.data as *const i32;
         assert_eq!([*d, *d.add(1)], [1, 2]);
@@ -144,6 +147,7 @@ fn data_section_export_covers_every_tensor() {
     );
     let w = Weights::from_vec(buf).unwrap();
     let m = w.data_section_to_dlpack();
+    // SAFETY: a live export; its deleter runs once, at the end.
     unsafe {
         assert_eq!(
             *(*m).dl_tensor.shape,
