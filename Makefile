@@ -15,9 +15,14 @@ FUZZ_SECONDS ?= 60
 TEST_FUZZ_SECONDS ?= 20
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: docs wheel demo bench-actors bench-load test-fuzz setup native venv python fixtures header test test-rust test-c test-header-c test-python test-gpu fakecuda gpu-bundle fuzz bench bench-core examples clean
+.PHONY: docs wheel demo bench-actors bench-load test-fuzz setup tools native venv python fixtures header lint test test-rust test-c test-header-c test-python test-gpu fakecuda gpu-bundle fuzz bench bench-core examples clean
 
-setup: venv native python
+# Everything the tests need is built or installed here, before any test runs.
+setup: venv native python fakecuda fixtures tools
+
+# Tools the tests run: cargo-fuzz (the fuzz target).
+tools:
+	command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: python_shim/requirements-dev.txt
@@ -26,8 +31,9 @@ $(VENV)/.installed: python_shim/requirements-dev.txt
 	$(VPY) -m pip install -q -r python_shim/requirements-dev.txt
 	touch $@
 
+# librzc (C and C++ callers, examples) and the rzc tool, in one build.
 native:
-	cargo build --release -p rzc-capi
+	cargo build --release -p rzc-capi -p rzc-cli
 
 fixtures: venv
 	$(VPY) tests/fixtures/make_fixtures.py $(FIXTURES)
@@ -36,8 +42,16 @@ fixtures: venv
 header:
 	RZC_BLESS_HEADER=1 cargo test -q -p rzc-capi --test header
 
-test: setup test-rust test-c test-python test-gpu wheel docs test-fuzz
+test: setup lint test-rust test-c test-python test-gpu wheel docs test-fuzz
 	@echo "all tests passed"
+
+# Lints: clippy with warnings as errors (the workspace lints in Cargo.toml
+# included), rustfmt, and ruff on the Python package, tests, benchmarks and
+# examples (ruff.toml).
+lint: venv
+	cargo clippy -q --workspace --all-targets -- -D warnings
+	cargo fmt --all --check
+	$(VPY) -m ruff check -q python_shim tests benchmarks examples
 
 # `cargo test` links tests against the rlib only; the libloading tests need
 # the cdylib built first.
@@ -81,8 +95,7 @@ test-fuzz:
 
 # libFuzzer on open-from-memory for FUZZ_SECONDS (cargo-fuzz needs nightly
 # flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them).
-fuzz:
-	command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
+fuzz: tools
 	mkdir -p fuzz/corpus/open_memory
 	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run open_memory corpus/open_memory seeds -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096
 
