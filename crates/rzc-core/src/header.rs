@@ -116,6 +116,27 @@ impl Header {
 
 /// Reads and validates the header of `buf`, a whole safetensors buffer.
 pub fn parse(buf: &[u8]) -> Result<Header> {
+    let (text, data_start) = header_text(buf)?;
+    let raw: RawHeader = serde_json::from_str(text).map_err(|e| {
+        Error::new(
+            ErrorKind::BadFormat,
+            format!("header is not a valid safetensors JSON header: {e}"),
+        )
+    })?;
+    check_unique_names(&raw.tensors)?;
+    let (tensors, mut spans) = describe(raw.tensors)?;
+    // Sorted by offset, the data section must be covered exactly.
+    spans.sort_unstable();
+    check_coverage(&spans, &tensors, (buf.len() - data_start) as u64)?;
+    Ok(Header {
+        tensors: in_data_order(tensors, &spans, data_start),
+        metadata: raw.metadata,
+        data_start,
+    })
+}
+
+/// The header's JSON text and the offset of the data section after it.
+fn header_text(buf: &[u8]) -> Result<(&str, usize)> {
     let len = buf.len() as u64;
     if len < 8 {
         fail!(
@@ -149,15 +170,13 @@ pub fn parse(buf: &[u8]) -> Result<Header> {
     if !text.starts_with('{') {
         fail!(BadFormat, "header does not start with a JSON object ('{{')");
     }
-    let raw: RawHeader = serde_json::from_str(text).map_err(|e| {
-        Error::new(
-            ErrorKind::BadFormat,
-            format!("header is not a valid safetensors JSON header: {e}"),
-        )
-    })?;
+    Ok((text, data_start))
+}
 
-    let mut names = HashSet::with_capacity(raw.tensors.len());
-    for (name, _) in &raw.tensors {
+/// A repeated tensor name is an error: readers differ on which entry counts.
+fn check_unique_names(tensors: &[(String, RawTensor<'_>)]) -> Result<()> {
+    let mut names = HashSet::with_capacity(tensors.len());
+    for (name, _) in tensors {
         if !names.insert(name.as_str()) {
             fail!(
                 BadFormat,
@@ -165,10 +184,17 @@ pub fn parse(buf: &[u8]) -> Result<Header> {
             );
         }
     }
-    drop(names);
-    let mut tensors = Vec::with_capacity(raw.tensors.len());
-    let mut spans = Vec::with_capacity(raw.tensors.len());
-    for (name, t) in raw.tensors {
+    Ok(())
+}
+
+/// Each entry checked on its own (known dtype, size against shape), with
+/// its span `(begin, end, index)` in the data section.
+fn describe(
+    raw: Vec<(String, RawTensor<'_>)>,
+) -> Result<(Vec<TensorMeta>, Vec<(u64, u64, usize)>)> {
+    let mut tensors = Vec::with_capacity(raw.len());
+    let mut spans = Vec::with_capacity(raw.len());
+    for (name, t) in raw {
         let Some(dtype) = Dtype::from_name(&t.dtype) else {
             fail!(
                 UnsupportedDtype,
@@ -201,14 +227,19 @@ pub fn parse(buf: &[u8]) -> Result<Header> {
             nbytes: nbytes as usize,
         });
     }
+    Ok((tensors, spans))
+}
 
-    // The data section must be covered exactly: sorted by offset, each tensor
-    // starts where the previous one ended, and the last ends at the buffer end.
-    spans.sort_unstable();
-    let data_len = len - data_start as u64;
+/// Sorted `spans` cover `[0, data_len)` exactly: each tensor starts where
+/// the previous one ended, and the last ends at the buffer's end.
+fn check_coverage(
+    spans: &[(u64, u64, usize)],
+    tensors: &[TensorMeta],
+    data_len: u64,
+) -> Result<()> {
     let mut cursor = 0u64;
     let mut prev: Option<usize> = None;
-    for &(begin, end, i) in &spans {
+    for &(begin, end, i) in spans {
         let name = &tensors[i].name;
         if end > data_len {
             fail!(
@@ -233,19 +264,24 @@ pub fn parse(buf: &[u8]) -> Result<Header> {
             data_len - cursor
         );
     }
+    Ok(())
+}
 
-    let mut ordered: Vec<TensorMeta> = Vec::with_capacity(tensors.len());
+/// The tensors in the order of their data, with absolute offsets.
+fn in_data_order(
+    tensors: Vec<TensorMeta>,
+    spans: &[(u64, u64, usize)],
+    data_start: usize,
+) -> Vec<TensorMeta> {
     let mut tensors: Vec<Option<TensorMeta>> = tensors.into_iter().map(Some).collect();
-    for (begin, _, i) in spans {
-        let mut t = tensors[i].take().expect("each index once");
-        t.offset = data_start + begin as usize;
-        ordered.push(t);
-    }
-    Ok(Header {
-        tensors: ordered,
-        metadata: raw.metadata,
-        data_start,
-    })
+    spans
+        .iter()
+        .map(|&(begin, _, i)| {
+            let mut t = tensors[i].take().expect("each index once");
+            t.offset = data_start + begin as usize;
+            t
+        })
+        .collect()
 }
 
 /// `product(shape) * size(dtype)` with every step checked.

@@ -81,6 +81,142 @@ fn too_big() -> Error {
     )
 }
 
+/// A header entry: name, dtype, shape and `[begin, end)` in the data section.
+type Entry = (String, Dtype, Vec<i64>, usize, usize);
+
+/// Where every tensor and padding entry goes in the data section.
+#[derive(Default)]
+struct Slots {
+    entries: Vec<Entry>,
+    offsets: Vec<usize>,
+    nbytes: Vec<usize>,
+    pads: Vec<(usize, usize)>,
+    /// The end of the data section.
+    end: usize,
+}
+
+impl Slots {
+    /// Lays `tensors` out in order, each at a multiple of `alignment`, with
+    /// `guard_bytes` of padding after the last.
+    fn lay_out(tensors: &[TensorSpec<'_>], alignment: usize, guard_bytes: usize) -> Result<Slots> {
+        let mut slots = Slots {
+            entries: Vec::with_capacity(tensors.len() + 8),
+            ..Slots::default()
+        };
+        let mut names = HashSet::with_capacity(tensors.len());
+        for t in tensors {
+            if t.name == METADATA_KEY || t.name.starts_with(PAD_PREFIX) {
+                fail!(InvalidArgument, "tensor name {:?} is reserved", t.name);
+            }
+            if !names.insert(t.name) {
+                fail!(InvalidArgument, "tensor name {:?} is given twice", t.name);
+            }
+            let n = checked_nbytes(t.name, t.dtype, t.shape)
+                .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.message()))?
+                as usize;
+            let begin = align_up(slots.end, alignment).ok_or_else(too_big)?;
+            slots.pad_to(begin);
+            let end = begin.checked_add(n).ok_or_else(too_big)?;
+            slots
+                .entries
+                .push((t.name.to_owned(), t.dtype, t.shape.to_vec(), begin, end));
+            slots.offsets.push(begin);
+            slots.nbytes.push(n);
+            slots.end = end;
+        }
+        slots.pad_to(slots.end.checked_add(guard_bytes).ok_or_else(too_big)?);
+        Ok(slots)
+    }
+
+    /// A padding entry from the current end to `end` (none when equal).
+    fn pad_to(&mut self, end: usize) {
+        if end > self.end {
+            let name = format!("{PAD_PREFIX}{}", self.pads.len());
+            self.entries.push((
+                name,
+                Dtype::U8,
+                vec![(end - self.end) as i64],
+                self.end,
+                end,
+            ));
+            self.pads.push((self.end, end));
+            self.end = end;
+        }
+    }
+}
+
+/// The metadata to write: the caller's, with the digest's placeholder when
+/// `reserve_digest`; the reserved key from a caller is refused without it.
+fn metadata_to_write<'m>(
+    metadata: &'m BTreeMap<String, String>,
+    options: &PackOptions,
+) -> Result<std::borrow::Cow<'m, BTreeMap<String, String>>> {
+    use crate::digest::{DATA_DIGEST_KEY, DATA_DIGEST_PLACEHOLDER};
+    if !options.reserve_digest {
+        if metadata.contains_key(DATA_DIGEST_KEY) {
+            // Copied from another buffer it would claim a digest these bytes
+            // do not have.
+            fail!(
+                InvalidArgument,
+                "metadata key {DATA_DIGEST_KEY:?} is reserved for the digest sealing writes: leave it out (or plan with reserve_digest)"
+            );
+        }
+        return Ok(std::borrow::Cow::Borrowed(metadata));
+    }
+    let mut m = metadata.clone();
+    m.insert(
+        DATA_DIGEST_KEY.to_owned(),
+        DATA_DIGEST_PLACEHOLDER.to_owned(),
+    );
+    Ok(std::borrow::Cow::Owned(m))
+}
+
+/// The header's JSON text.
+fn header_json(metadata: &BTreeMap<String, String>, entries: &[Entry]) -> String {
+    let mut json = String::with_capacity(64 + entries.len() * 96);
+    json.push('{');
+    if !metadata.is_empty() {
+        json.push_str(&serde_json::to_string(METADATA_KEY).expect("string"));
+        json.push(':');
+        json.push_str(&serde_json::to_string(metadata).expect("string map"));
+    }
+    for (name, dtype, shape, begin, end) in entries {
+        if json.len() > 1 {
+            json.push(',');
+        }
+        let name = serde_json::to_string(name).expect("string");
+        let shape = serde_json::to_string(shape).expect("ints");
+        json.push_str(&format!(
+            "{name}:{{\"dtype\":\"{dtype}\",\"shape\":{shape},\"data_offsets\":[{begin},{end}]}}"
+        ));
+    }
+    json.push('}');
+    json
+}
+
+/// The bytes before the data section: length, JSON, spaces up to an aligned
+/// data start at least `guard_bytes` from the buffer start (so offsets
+/// aligned within the data section are aligned from the buffer start too).
+fn prefix(json: &str, alignment: usize, guard_bytes: usize) -> Result<Vec<u8>> {
+    let step = alignment.max(8);
+    let mut data_start = align_up(8 + json.len(), step).ok_or_else(too_big)?;
+    if guard_bytes > data_start {
+        data_start = align_up(guard_bytes, step).ok_or_else(too_big)?;
+    }
+    let header_len = data_start - 8;
+    if header_len as u64 > crate::header::MAX_HEADER_LEN {
+        fail!(
+            InvalidArgument,
+            "the header would be {header_len} bytes, over the format's limit"
+        );
+    }
+    let mut prefix = Vec::with_capacity(data_start);
+    prefix.extend_from_slice(&(header_len as u64).to_le_bytes());
+    prefix.extend_from_slice(json.as_bytes());
+    prefix.resize(data_start, b' ');
+    Ok(prefix)
+}
+
 impl Plan {
     /// Plans the layout of `tensors` (in the given order) and `metadata`.
     pub fn new(
@@ -95,119 +231,22 @@ impl Plan {
                 "alignment {a} is not a power of two between 1 and {MAX_ALIGNMENT}"
             );
         }
-        let mut names = HashSet::with_capacity(tensors.len());
-        let mut entries: Vec<(String, Dtype, Vec<i64>, usize, usize)> =
-            Vec::with_capacity(tensors.len() + 8);
-        let mut offsets = Vec::with_capacity(tensors.len());
-        let mut nbytes = Vec::with_capacity(tensors.len());
-        let mut pads = Vec::new();
-        let mut cursor = 0usize;
-        let pad = |entries: &mut Vec<_>, pads: &mut Vec<_>, begin: usize, end: usize| {
-            entries.push((
-                format!("{PAD_PREFIX}{}", pads.len()),
-                Dtype::U8,
-                vec![(end - begin) as i64],
-                begin,
-                end,
-            ));
-            pads.push((begin, end));
-        };
-        for t in tensors {
-            if t.name == METADATA_KEY || t.name.starts_with(PAD_PREFIX) {
-                fail!(InvalidArgument, "tensor name {:?} is reserved", t.name);
-            }
-            if !names.insert(t.name) {
-                fail!(InvalidArgument, "tensor name {:?} is given twice", t.name);
-            }
-            let n = checked_nbytes(t.name, t.dtype, t.shape)
-                .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.message()))?
-                as usize;
-            let begin = align_up(cursor, a).ok_or_else(too_big)?;
-            if begin > cursor {
-                pad(&mut entries, &mut pads, cursor, begin);
-            }
-            cursor = begin.checked_add(n).ok_or_else(too_big)?;
-            entries.push((t.name.to_owned(), t.dtype, t.shape.to_vec(), begin, cursor));
-            offsets.push(begin);
-            nbytes.push(n);
-        }
-        if options.guard_bytes > 0 {
-            let end = cursor
-                .checked_add(options.guard_bytes)
-                .ok_or_else(too_big)?;
-            pad(&mut entries, &mut pads, cursor, end);
-            cursor = end;
-        }
-
-        if !options.reserve_digest && metadata.contains_key(crate::digest::DATA_DIGEST_KEY) {
-            // Copied from another buffer it would claim a digest these bytes
-            // do not have.
-            fail!(
-                InvalidArgument,
-                "metadata key {:?} is reserved for the digest sealing writes: leave it out (or plan with reserve_digest)",
-                crate::digest::DATA_DIGEST_KEY
-            );
-        }
-        let reserved;
-        let metadata = if options.reserve_digest {
-            let mut m = metadata.clone();
-            m.insert(
-                crate::digest::DATA_DIGEST_KEY.to_owned(),
-                crate::digest::DATA_DIGEST_PLACEHOLDER.to_owned(),
-            );
-            reserved = m;
-            &reserved
-        } else {
-            metadata
-        };
-        let mut json = String::with_capacity(64 + entries.len() * 96);
-        json.push('{');
-        if !metadata.is_empty() {
-            json.push_str(&serde_json::to_string(METADATA_KEY).expect("string"));
-            json.push(':');
-            json.push_str(&serde_json::to_string(metadata).expect("string map"));
-        }
-        for (name, dtype, shape, begin, end) in &entries {
-            if json.len() > 1 {
-                json.push(',');
-            }
-            let name = serde_json::to_string(name).expect("string");
-            let shape = serde_json::to_string(shape).expect("ints");
-            json.push_str(&format!("{name}:{{\"dtype\":\"{dtype}\",\"shape\":{shape},\"data_offsets\":[{begin},{end}]}}"));
-        }
-        json.push('}');
-
-        // The data section starts aligned, so offsets aligned within it are
-        // aligned from the buffer start too.
-        let step = a.max(8);
-        let mut data_start = align_up(8 + json.len(), step).ok_or_else(too_big)?;
-        if options.guard_bytes > data_start {
-            data_start = align_up(options.guard_bytes, step).ok_or_else(too_big)?;
-        }
-        let header_len = data_start - 8;
-        if header_len as u64 > crate::header::MAX_HEADER_LEN {
-            fail!(
-                InvalidArgument,
-                "the header would be {header_len} bytes, over the format's limit"
-            );
-        }
-        let mut prefix = Vec::with_capacity(data_start);
-        prefix.extend_from_slice(&(header_len as u64).to_le_bytes());
-        prefix.extend_from_slice(json.as_bytes());
-        prefix.resize(data_start, b' ');
-
-        let shift = |x: &mut usize| *x += data_start;
-        offsets.iter_mut().for_each(shift);
-        for (b, e) in &mut pads {
+        let mut slots = Slots::lay_out(tensors, a, options.guard_bytes)?;
+        let metadata = metadata_to_write(metadata, options)?;
+        let json = header_json(&metadata, &slots.entries);
+        let prefix = prefix(&json, a, options.guard_bytes)?;
+        let data_start = prefix.len();
+        slots.offsets.iter_mut().for_each(|x| *x += data_start);
+        for (b, e) in &mut slots.pads {
             *b += data_start;
             *e += data_start;
         }
-        let total = data_start.checked_add(cursor).ok_or_else(too_big)?;
+        let total = data_start.checked_add(slots.end).ok_or_else(too_big)?;
         Ok(Plan {
             prefix,
-            offsets,
-            nbytes,
-            pads,
+            offsets: slots.offsets,
+            nbytes: slots.nbytes,
+            pads: slots.pads,
             total,
         })
     }
