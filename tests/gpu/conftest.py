@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-
 from common import backend, read_log, shared_buffer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,7 +74,8 @@ class Case:
         self.leaks = exits[-1]["leaks"] if exits else None
 
     def __repr__(self):
-        return f"Case(rc={self.proc.returncode}, stdout={self.proc.stdout[-2000:]!r}, stderr={self.proc.stderr[-3000:]!r})"
+        out, err = self.proc.stdout[-2000:], self.proc.stderr[-3000:]
+        return f"Case(rc={self.proc.returncode}, stdout={out!r}, stderr={err!r})"
 
 
 @pytest.fixture

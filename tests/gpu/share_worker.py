@@ -18,9 +18,8 @@ import os
 import sys
 import time
 
-import torch
-
 import ray_zerocopy as rzc
+import torch
 from common import shared_buffer
 from ray_zerocopy import _seal
 

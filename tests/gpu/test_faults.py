@@ -56,9 +56,11 @@ def test_without_read_only_registration_the_source_is_registered_writable(case):
 
 
 def test_registration_failing_midway_undoes_the_others(case):
-    c = case(upload_case("register", chunk=8192, size=4000), FAKECUDA_FAIL="cuMemHostRegister@3=CUDA_ERROR_INVALID_VALUE")
+    c = case(upload_case("register", chunk=8192, size=4000),
+             FAKECUDA_FAIL="cuMemHostRegister@3=CUDA_ERROR_INVALID_VALUE")
     r = check_clean(c)
-    assert r["error"] == "CudaError" and "cuMemHostRegister" in r["message"] and "CUDA_ERROR_INVALID_VALUE" in r["message"], c
+    assert r["error"] == "CudaError", c
+    assert "cuMemHostRegister" in r["message"] and "CUDA_ERROR_INVALID_VALUE" in r["message"], c
     assert sum(e["op"] == "register" for e in c.events) >= 2, "earlier chunks were registered, then undone"
 
 
@@ -92,7 +94,9 @@ def test_a_failing_synchronize(case, staging):
     assert "cuStreamSynchronize failed: CUDA_ERROR_LAUNCH_FAILED" in r.get("message", ""), c
 
 
-@pytest.mark.parametrize("symbol", ["cuMemAlloc", "cuStreamCreate", "cuMemHostAlloc@2", "cuEventCreate@2", "cuEventSynchronize@2"])
+@pytest.mark.parametrize(
+    "symbol", ["cuMemAlloc", "cuStreamCreate", "cuMemHostAlloc@2", "cuEventCreate@2", "cuEventSynchronize@2"]
+)
 def test_a_failing_setup_call(case, symbol):
     staging = "pinned" if "Host" in symbol or "Event" in symbol else "auto"
     c = case(upload_case(staging, chunk=8192, size=8000), FAKECUDA_FAIL=f"{symbol}=CUDA_ERROR_UNKNOWN")

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from common import read_log
 
 pytestmark = pytest.mark.standin
@@ -191,7 +190,8 @@ def test_a_checkpoint_that_differs_in_one_row_never_shares(share_env):
 
 def _rogue(env, share_env_dir, mode, like):
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "rogue_server.py"), share_env_dir, mode, str(like["nbytes"]), like["digest"]],
+        [sys.executable, os.path.join(HERE, "rogue_server.py"), share_env_dir, mode, str(like["nbytes"]),
+         like["digest"]],
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
@@ -249,7 +249,8 @@ def test_clients_that_never_read_hold_up_no_one(share_env):
 
     env, log = share_env
     server = Worker(env, "model-i", "1", "--many")
-    (sock_path,) = [os.path.join(env["RZC_SHARE_DIR"], f) for f in os.listdir(env["RZC_SHARE_DIR"]) if f.endswith(".sock")]
+    share_dir = env["RZC_SHARE_DIR"]
+    (sock_path,) = [os.path.join(share_dir, f) for f in os.listdir(share_dir) if f.endswith(".sock")]
     stalled = []
     for _ in range(3):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -291,14 +292,16 @@ def test_a_squatted_directory_never_turns_sharing_off(tmp_path, squat):
             else:
                 os.chown(taken, 65534, 65534)
     log = tmp_path / "driver.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKECUDA_") and k not in ("RZC_SHARE_DIR", "XDG_CACHE_HOME")}
+    dropped = ("RZC_SHARE_DIR", "XDG_CACHE_HOME")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKECUDA_") and k not in dropped}
     env.update(XDG_RUNTIME_DIR=str(xdg), SHARE_DIR=str(session / "ray-zerocopy"), HOME=str(home), TMPDIR=str(tmp),
                FAKECUDA_LOG=str(log))
     env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
     a, b = Worker(env, "model-j"), Worker(env, "model-j")
     try:
         assert (a.info["sharing"], b.info["sharing"]) == ("uploaded", "imported"), (a.info, b.info)
-        expected = {"symlink": "symbolic link", "open_mode": "open to others", "other_owner": "belongs to uid 65534"}[squat]
+        expected = {"symlink": "symbolic link", "open_mode": "open to others",
+                    "other_owner": "belongs to uid 65534"}[squat]
         assert expected in a.info["dir_note"] and str(tmp) in a.info["dir_note"], a.info
         (fallback,) = [p for p in tmp.iterdir() if p.name.startswith(f"ray-zerocopy-{os.geteuid()}-")]
         assert len(fallback.name.rsplit("-", 1)[1]) == 32, "a name no one else can guess"

@@ -6,7 +6,6 @@ import gc
 
 import numpy as np
 import pytest
-
 import ray_zerocopy as rzc
 from common import sample_tensors, sealed_in_shm
 from ray_zerocopy.weights import cuda_device_count
