@@ -76,7 +76,7 @@ impl Case {
     }
 
     /// Starts the child with its stdin and stdout piped, and waits until it
-    /// prints `line` on a line of its own.
+    /// prints `line` at the end of a line.
     pub fn start_until(mut self, line: &str) -> Running {
         let mut child = self
             .command
@@ -96,7 +96,8 @@ impl Case {
                 );
             }
             seen.push_str(&l);
-            if l.trim_end() == line {
+            // libtest may print "test NAME ... " before the body's output.
+            if l.trim_end().ends_with(line) {
                 break;
             }
         }
