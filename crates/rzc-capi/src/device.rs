@@ -232,8 +232,9 @@ pub unsafe extern "C" fn rzc_cuda_count_devices(count_out: *mut i32) -> rzc_stat
 /// returns; `w` may then be freed. `options` may be NULL.
 ///
 /// Errors: `RZC_NO_CUDA` (no driver or no device), `RZC_BAD_DEVICE` (bad
-/// ordinal), `RZC_OUT_OF_MEMORY` (device memory), `RZC_CUDA_ERROR` (anything
-/// else the driver reports), each with a message.
+/// ordinal), `RZC_OUT_OF_MEMORY` (device memory, or page-locked host memory
+/// for bounce buffers), `RZC_CUDA_ERROR` (anything else the driver reports),
+/// `RZC_INVALID_ARGUMENT` (bad options), each with a message.
 ///
 /// # Safety
 /// `w` is a live handle; `options` is NULL or valid; `out` is valid for a write.
@@ -399,7 +400,11 @@ pub unsafe extern "C" fn rzc_device_weights_read(
 
 /// Exports tensor `index` (same order as the source's table) as a versioned
 /// DLPack tensor: kDLCUDA, `device_id` = the ordinal, data inside the single
-/// allocation, `DLPACK_FLAG_BITMASK_IS_COPIED` set. The tensor keeps the
+/// allocation. Its flags say what the memory is: `DLPACK_FLAG_BITMASK_IS_COPIED`
+/// only for a private upload (`RZC_SHARING_PRIVATE`: this process's own
+/// copy), not for shared memory (uploaded for sharing, or imported);
+/// `DLPACK_FLAG_BITMASK_READ_ONLY` when the device maps the memory read-only
+/// in this process (`rzc_device_info.read_only`). The tensor keeps the
 /// allocation alive after `rzc_device_weights_free`.
 ///
 /// # Safety
@@ -418,7 +423,8 @@ pub unsafe extern "C" fn rzc_device_weights_to_dlpack(
 }
 
 /// Same as `rzc_device_weights_to_dlpack` in the legacy form (for JAX and
-/// CuPy versions that take only it).
+/// CuPy versions that take only it), which has no flags: check
+/// `rzc_device_info.read_only` before writing through it.
 ///
 /// # Safety
 /// `dev` is a live handle; `out` is valid for a write.

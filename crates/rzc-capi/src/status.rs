@@ -94,20 +94,35 @@ impl Failure {
     }
 }
 
+/// The status of a core error class.
+fn core_status(kind: ErrorKind) -> rzc_status {
+    match kind {
+        ErrorKind::InvalidArgument => RZC_INVALID_ARGUMENT,
+        ErrorKind::BadFormat => RZC_BAD_FORMAT,
+        ErrorKind::Io => RZC_IO,
+        ErrorKind::NotFound => RZC_NOT_FOUND,
+        ErrorKind::UnsupportedDtype => RZC_UNSUPPORTED_DTYPE,
+        ErrorKind::OutOfRange => RZC_OUT_OF_RANGE,
+        ErrorKind::BufferTooSmall => RZC_BUFFER_TOO_SMALL,
+    }
+}
+
 impl From<rzc_core::Error> for Failure {
     fn from(e: rzc_core::Error) -> Failure {
+        Failure::new(core_status(e.kind()), e.message())
+    }
+}
+
+/// The device layer's classes, with the core's it passes on.
+impl From<rzc_cuda::Error> for Failure {
+    fn from(e: rzc_cuda::Error) -> Failure {
+        use rzc_cuda::ErrorKind as Device;
         let status = match e.kind() {
-            ErrorKind::InvalidArgument => RZC_INVALID_ARGUMENT,
-            ErrorKind::BadFormat => RZC_BAD_FORMAT,
-            ErrorKind::Io => RZC_IO,
-            ErrorKind::NotFound => RZC_NOT_FOUND,
-            ErrorKind::UnsupportedDtype => RZC_UNSUPPORTED_DTYPE,
-            ErrorKind::OutOfRange => RZC_OUT_OF_RANGE,
-            ErrorKind::BufferTooSmall => RZC_BUFFER_TOO_SMALL,
-            ErrorKind::NoCuda => RZC_NO_CUDA,
-            ErrorKind::Cuda => RZC_CUDA_ERROR,
-            ErrorKind::OutOfMemory => RZC_OUT_OF_MEMORY,
-            ErrorKind::BadDevice => RZC_BAD_DEVICE,
+            Device::NoCuda => RZC_NO_CUDA,
+            Device::Cuda => RZC_CUDA_ERROR,
+            Device::OutOfMemory => RZC_OUT_OF_MEMORY,
+            Device::BadDevice => RZC_BAD_DEVICE,
+            Device::Core(kind) => core_status(kind),
         };
         Failure::new(status, e.message())
     }

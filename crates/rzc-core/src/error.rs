@@ -1,5 +1,9 @@
 //! Errors of the core: a kind (which maps to one C status code) and a message
-//! that names the problem.
+//! that names the problem. The core knows nothing of devices: the device
+//! layer has its own error type, whose device kinds (no CUDA, driver error,
+//! out of memory, bad device) sit next to these. The core allocates host
+//! memory only through the standard library, which aborts rather than
+//! reports a failure, so no host out-of-memory kind lives here either.
 
 /// The class of a failure. Each class maps to one distinct C status code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -18,14 +22,6 @@ pub enum ErrorKind {
     OutOfRange,
     /// A destination smaller than the plan needs.
     BufferTooSmall,
-    /// No CUDA driver could be loaded, or no device exists.
-    NoCuda,
-    /// The CUDA driver reported an error.
-    Cuda,
-    /// Host or device memory could not be allocated.
-    OutOfMemory,
-    /// A device ordinal that does not name a device.
-    BadDevice,
 }
 
 /// An error with its class and a human-readable message.

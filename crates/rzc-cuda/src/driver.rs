@@ -11,9 +11,9 @@
 
 use std::sync::OnceLock;
 
+use crate::error::{Error, ErrorKind, Result};
 use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys::{self, CUresult};
-use rzc_core::{Error, ErrorKind, Result};
 
 /// Whether libcuda could be loaded in this process (checked once).
 pub fn library_present() -> bool {

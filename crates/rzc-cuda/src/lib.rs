@@ -5,8 +5,11 @@
 //! "no CUDA" error; nothing panics.
 //!
 //! A reader's path: [`layout`] is the arithmetic (where tensors go, how copies
-//! are cut), `driver` the checked calls and the primary context, `resources`
-//! the owners of driver objects (each released by `Drop`), `staging` the
+//! are cut), `driver` the checked calls and the primary context, [`Error`]
+//! the device's failures next to the core's; the owners of driver objects,
+//! each released by `Drop`: `stream` (stream, event, the drain guard),
+//! `host` (pinned buffers, registrations), `vmm` (shareable physical
+//! memory) and `memory` (the one owner of device memory); `staging` the
 //! three ways bytes reach the device, `share` one device copy per GPU for
 //! every process that loads the same buffer, `upload` the whole operation
 //! and the resulting [`DeviceWeights`].
@@ -14,13 +17,18 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod driver;
+mod error;
+mod host;
 pub mod layout;
-mod resources;
+mod memory;
 mod share;
 mod staging;
+mod stream;
 mod upload;
+mod vmm;
 
 pub use driver::{device_count, library_present};
+pub use error::{Error, ErrorKind, Result};
 pub use layout::{DeviceTensor, DEVICE_ALIGNMENT};
 pub use share::{Fallback, Readback, ShareOptions, Sharing};
 pub use staging::Staging;
@@ -35,7 +43,7 @@ mod tests {
             return;
         }
         let e = super::device_count().unwrap_err();
-        assert_eq!(e.kind(), rzc_core::ErrorKind::NoCuda);
+        assert_eq!(e.kind(), super::ErrorKind::NoCuda);
         assert!(e.message().contains("libcuda"), "{}", e.message());
         let w = rzc_core::Weights::from_vec({
             let h = b"{}";
@@ -45,6 +53,6 @@ mod tests {
         })
         .unwrap();
         let e = super::upload(&w, 0, &super::UploadOptions::default()).unwrap_err();
-        assert_eq!(e.kind(), rzc_core::ErrorKind::NoCuda);
+        assert_eq!(e.kind(), super::ErrorKind::NoCuda);
     }
 }

@@ -14,12 +14,13 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::error::{Error, Result};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUdeviceptr};
-use rzc_core::{Error, Result};
 
 use crate::driver::PrimaryContext;
+use crate::host::{PinnedBuffer, Registration};
 use crate::layout::{self, CopyOp, PAGE};
-use crate::resources::{Drain, Event, PinnedBuffer, Registration, Stream};
+use crate::stream::{Drain, Event, Stream};
 
 /// How the source reaches the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,15 +8,15 @@ use cudarc::driver::sys;
 use rzc_core::dlpack::{
     self, DLDevice, DLDeviceType, DLManagedTensor, DLManagedTensorVersioned, TensorDesc,
 };
-use rzc_core::{fail, ErrorKind, Result, Weights};
+use rzc_core::{ErrorKind as CoreKind, Weights};
 
 use crate::driver::PrimaryContext;
+use crate::error::{fail, ErrorKind, Result};
 use crate::layout::{self, DeviceTensor, Layout};
-use crate::resources::{DeviceAllocation, Stream};
-use crate::share::{
-    self, Attached, Content, DeviceMemory, Fallback, Readback, ShareOptions, Sharing,
-};
+use crate::memory::DeviceMemory;
+use crate::share::{self, Attached, Content, Fallback, Readback, ShareOptions, Sharing};
 use crate::staging::{self, Staging};
+use crate::stream::Stream;
 
 /// Upload settings.
 #[derive(Clone, Debug)]
@@ -62,6 +62,16 @@ pub struct DeviceWeights {
     dir_note: String,
 }
 
+/// How this process came by its memory.
+struct Obtained {
+    memory: Arc<DeviceMemory>,
+    /// How it staged the copy; `None` when it copied nothing.
+    staging: Option<Staging>,
+    fallback: Option<Fallback>,
+    readback: Option<Readback>,
+    dir_note: String,
+}
+
 /// Uploads every tensor of `w` to device `ordinal`: one allocation in the
 /// device's primary context, each tensor at a 256-byte aligned offset. With
 /// `opts.share`, processes that upload the same content under the same key
@@ -73,82 +83,119 @@ pub struct DeviceWeights {
 pub fn upload(w: &Weights, ordinal: i32, opts: &UploadOptions) -> Result<DeviceWeights> {
     let started = Instant::now();
     if opts.chunk_bytes == 0 || opts.threads == 0 {
-        fail!(InvalidArgument, "chunk_bytes and threads must be positive");
+        fail!(
+            CoreKind::InvalidArgument,
+            "chunk_bytes and threads must be positive"
+        );
     }
     let plan = layout::plan(w.bytes().as_ptr() as usize, w.tensors());
-    let ctx = PrimaryContext::retain(ordinal)?;
-    let (mut staging, mut fallback, mut readback, mut dir_note) = (None, None, None, String::new());
-    let mut memory = None;
-    if let Some(share) = &opts.share {
-        let content = Content {
-            size: plan.size,
-            // Computed here (reading every byte) unless the caller vouches.
-            digest: share.digest.unwrap_or_else(|| w.content_digest(false)),
-            tensors: &plan.tensors,
-            host: (0..w.len()).map(|i| w.data(i)).collect::<Result<_>>()?,
-        };
-        match share::attach(ctx, &content, share, |alloc| copy(alloc, &plan, opts))? {
-            Attached::Shared {
-                memory: m,
-                staged,
-                readback: r,
-                dir_note: d,
-            } => {
-                (memory, staging, readback, dir_note) = (Some(m), staged, r, d);
-            }
-            Attached::Private { why, dir_note: d } => (fallback, dir_note) = (Some(why), d),
-        }
-    }
-    let memory = match memory {
-        Some(m) => m,
+    let ctx = Arc::new(PrimaryContext::retain(ordinal)?);
+    let got = match &opts.share {
+        Some(share) => shared(w, ctx, &plan, opts, share)?,
         None => {
-            let alloc = DeviceAllocation::new(PrimaryContext::retain(ordinal)?, plan.size)?;
-            staging = Some(copy(&alloc, &plan, opts)?);
-            Arc::new(DeviceMemory::private(alloc))
+            let (memory, staging) = private(ctx, &plan, opts)?;
+            Obtained {
+                memory,
+                staging: Some(staging),
+                fallback: None,
+                readback: None,
+                dir_note: String::new(),
+            }
         }
     };
     Ok(DeviceWeights {
-        memory,
+        memory: got.memory,
         tensors: plan.tensors,
-        staging,
+        staging: got.staging,
         copies: plan.ops.len(),
         seconds: started.elapsed().as_secs_f64(),
-        note: fallback.as_ref().map(Fallback::note).unwrap_or_default(),
+        note: got
+            .fallback
+            .as_ref()
+            .map(Fallback::note)
+            .unwrap_or_default(),
+        fallback: got.fallback,
+        readback: got.readback,
+        dir_note: got.dir_note,
+    })
+}
+
+/// This process's own memory, filled; the staging used.
+fn private(
+    ctx: Arc<PrimaryContext>,
+    plan: &Layout,
+    opts: &UploadOptions,
+) -> Result<(Arc<DeviceMemory>, Staging)> {
+    let memory = DeviceMemory::new(ctx, plan.size)?;
+    let staging = copy(&memory, plan, opts)?;
+    Ok((Arc::new(memory), staging))
+}
+
+/// The shared memory of `w`'s content: imported, or uploaded here and
+/// published; a private upload where sharing does not apply.
+fn shared(
+    w: &Weights,
+    ctx: Arc<PrimaryContext>,
+    plan: &Layout,
+    opts: &UploadOptions,
+    share: &ShareOptions,
+) -> Result<Obtained> {
+    let content = Content {
+        size: plan.size,
+        // Computed here (reading every byte) unless the caller vouches.
+        digest: share.digest.unwrap_or_else(|| w.content_digest(false)),
+        tensors: &plan.tensors,
+        host: (0..w.len())
+            .map(|i| w.data(i))
+            .collect::<rzc_core::Result<_>>()?,
+    };
+    let (attached, dir_note) = share::attach(&ctx, &content, share)?;
+    let (memory, staging, fallback, readback) = match attached {
+        Attached::Found { memory, readback } => (memory, None, None, readback),
+        Attached::Upload { memory, publish } => {
+            let staging = copy(&memory, plan, opts)?;
+            (publish.publish(memory), Some(staging), None, None)
+        }
+        Attached::Private(why) => {
+            let (memory, staging) = private(ctx, plan, opts)?;
+            (memory, Some(staging), Some(why), None)
+        }
+    };
+    Ok(Obtained {
+        memory,
+        staging,
         fallback,
         readback,
         dir_note,
     })
 }
 
-/// Fills `alloc` with the planned copies, staged as `opts` says; the staging
-/// that was used.
-fn copy(alloc: &DeviceAllocation, plan: &Layout, opts: &UploadOptions) -> Result<Staging> {
-    let ctx = alloc.context();
-    let dst = alloc.ptr();
+/// Fills `memory` with the planned copies, staged as `opts` says; the
+/// staging that was used.
+fn copy(memory: &DeviceMemory, plan: &Layout, opts: &UploadOptions) -> Result<Staging> {
+    let ctx = memory.context();
+    let dst = memory.ptr();
     let (chunk, threads) = (opts.chunk_bytes, opts.threads);
     ctx.with(|| {
         let stream = Stream::new(opts.stream)?;
+        let registered = || staging::registered(ctx, dst, &plan.ops, chunk, threads, &stream);
+        let pinned = || staging::pinned(ctx, dst, &plan.ops, chunk, threads, &stream);
         match opts.staging {
-            Staging::Register => staging::registered(ctx, dst, &plan.ops, chunk, threads, &stream)
-                .map(|_| Staging::Register),
-            Staging::Pinned => staging::pinned(ctx, dst, &plan.ops, chunk, threads, &stream)
-                .map(|_| Staging::Pinned),
+            Staging::Register => registered().map(|_| Staging::Register),
+            Staging::Pinned => pinned().map(|_| Staging::Pinned),
             Staging::Pageable => {
                 staging::pageable(dst, &plan.ops, &stream).map(|_| Staging::Pageable)
             }
-            Staging::Auto => {
-                match staging::registered(ctx, dst, &plan.ops, chunk, threads, &stream) {
-                    Ok(()) => Ok(Staging::Register),
-                    // Registration refused (read-only pages without read-only
-                    // registration, pages registered in another way, too much to
-                    // pin): bounce buffers need a few chunks of pinned memory only.
-                    Err(e) if matches!(e.kind(), ErrorKind::Cuda | ErrorKind::OutOfMemory) => {
-                        staging::pinned(ctx, dst, &plan.ops, chunk, threads, &stream)
-                            .map(|_| Staging::Pinned)
-                    }
-                    Err(e) => Err(e),
+            Staging::Auto => match registered() {
+                Ok(()) => Ok(Staging::Register),
+                // Registration refused (read-only pages without read-only
+                // registration, pages registered in another way, too much to
+                // pin): bounce buffers need a few chunks of pinned memory only.
+                Err(e) if matches!(e.kind(), ErrorKind::Cuda | ErrorKind::OutOfMemory) => {
+                    pinned().map(|_| Staging::Pinned)
                 }
-            }
+                Err(e) => Err(e),
+            },
         }
     })
 }
@@ -165,8 +212,8 @@ impl std::fmt::Debug for DeviceWeights {
 }
 
 impl DeviceWeights {
-    fn alloc(&self) -> &DeviceAllocation {
-        self.memory.alloc()
+    fn alloc(&self) -> &DeviceMemory {
+        &self.memory
     }
 
     /// The tensors, in the order of the source's table.
@@ -244,7 +291,7 @@ impl DeviceWeights {
         match self.tensors.get(index) {
             Some(t) => Ok(t),
             None => fail!(
-                OutOfRange,
+                CoreKind::OutOfRange,
                 "tensor index {index} is out of range ({} tensors)",
                 self.tensors.len()
             ),
@@ -262,7 +309,7 @@ impl DeviceWeights {
         let t = self.tensor(index)?;
         if dst.len() != t.nbytes {
             fail!(
-                InvalidArgument,
+                CoreKind::InvalidArgument,
                 "tensor {:?} has {} bytes; the destination has {}",
                 t.name,
                 t.nbytes,
@@ -276,7 +323,7 @@ impl DeviceWeights {
         let t = self.tensor(index)?;
         let Some(dtype) = t.dtype.to_dlpack() else {
             fail!(
-                UnsupportedDtype,
+                CoreKind::UnsupportedDtype,
                 "tensor {:?} has dtype {}, which DLPack consumers cannot take",
                 t.name,
                 t.dtype

@@ -18,7 +18,7 @@
 //! saying why: never a failure, never someone else's weights.
 
 mod rendezvous;
-mod server;
+pub(crate) mod server;
 mod verify;
 mod wire;
 
@@ -27,17 +27,16 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use rzc_core::digest::Digest;
-use rzc_core::{ErrorKind, Result};
-
 use crate::driver::PrimaryContext;
+use crate::error::{Error, ErrorKind, Result};
 use crate::layout::DeviceTensor;
-use crate::resources::DeviceAllocation;
-use crate::staging::Staging;
+use crate::memory::DeviceMemory;
+use crate::vmm;
 use rendezvous::Paths;
+use rzc_core::digest::Digest;
 use server::{Exporter, Server};
 use wire::{NoOffer, Offer};
 
@@ -153,50 +152,21 @@ impl Fallback {
     }
 }
 
-/// Device memory and, for shared memory, this process's server of it. The
-/// server goes first (fields drop in order): nothing is exported from memory
-/// that is being released.
-pub struct DeviceMemory {
-    _server: Option<Server>,
-    alloc: DeviceAllocation,
-    sharing: Sharing,
-    digest: Digest,
-}
-
-impl DeviceMemory {
-    /// This process's own memory, shared with no one.
-    pub fn private(alloc: DeviceAllocation) -> DeviceMemory {
-        DeviceMemory {
-            _server: None,
-            alloc,
-            sharing: Sharing::Private,
-            digest: [0; 32],
-        }
-    }
-
-    /// The allocation.
-    pub fn alloc(&self) -> &DeviceAllocation {
-        &self.alloc
-    }
-
-    /// How this process came by it.
-    pub fn sharing(&self) -> Sharing {
-        self.sharing
-    }
-}
-
-/// What a share produced.
+/// What a share found.
 pub enum Attached {
-    /// Shared memory; what this process staged when it uploaded it, and what
-    /// it read back when it imported it.
-    Shared {
+    /// Memory another process uploaded (verified: what this process read
+    /// back), or that this process mapped for an earlier load (`None`).
+    Found {
         memory: Arc<DeviceMemory>,
-        staged: Option<Staging>,
         readback: Option<Readback>,
-        dir_note: String,
     },
-    /// Sharing did not happen.
-    Private { why: Fallback, dir_note: String },
+    /// Nobody has it yet: this process fills `memory`, then publishes it.
+    Upload {
+        memory: DeviceMemory,
+        publish: Publish,
+    },
+    /// Sharing does not apply.
+    Private(Fallback),
 }
 
 /// What a share needs of the buffer: its content digest and where its
@@ -208,115 +178,127 @@ pub struct Content<'a> {
     pub host: Vec<&'a [u8]>,
 }
 
+/// Shared memory of this process and its content digest, by rendezvous name.
+type Registry = HashMap<String, (Digest, Weak<DeviceMemory>)>;
+
 /// Shared memory of this process, by rendezvous name: a second load of the
 /// same key in one process uses the memory the first mapped (a process
 /// cannot import its own export).
-fn registry() -> &'static Mutex<HashMap<String, Weak<DeviceMemory>>> {
-    static R: OnceLock<Mutex<HashMap<String, Weak<DeviceMemory>>>> = OnceLock::new();
+fn registry() -> &'static Mutex<Registry> {
+    static R: OnceLock<Mutex<Registry>> = OnceLock::new();
     R.get_or_init(Default::default)
 }
 
-/// Shares the device memory of `content` on `ctx`'s device under
-/// `opts.key`: imports (and verifies) what another process uploaded, or
-/// uploads it with `upload` and serves it, or waits for an upload in
-/// progress. Errors are those of the upload itself.
+/// The one shared load this process runs at a time: two threads loading
+/// one key at once would otherwise import this process's own export.
+static ATTACHING: Mutex<()> = Mutex::new(());
+
+/// Looks for the device memory of `content` on `ctx`'s device under
+/// `opts.key`: what another process uploaded (imported and verified), or
+/// what this process is to upload and publish, or why sharing does not
+/// apply; and the rendezvous directory's note. Waits for an upload in
+/// progress elsewhere up to `opts.wait`. Errors are the device's own (out of
+/// memory): everything else falls back to a private upload.
 pub fn attach(
-    ctx: PrimaryContext,
+    ctx: &Arc<PrimaryContext>,
     content: &Content<'_>,
     opts: &ShareOptions,
-    upload: impl FnOnce(&DeviceAllocation) -> Result<Staging>,
-) -> Result<Attached> {
-    // One shared load at a time in a process: two threads loading one key
-    // at once would otherwise import this process's own export.
-    static ATTACHING: Mutex<()> = Mutex::new(());
-    let _one = ATTACHING.lock().unwrap_or_else(|p| p.into_inner());
-    let (size, paths, name, dir_note) = match prepare(&ctx, content, opts) {
+) -> Result<(Attached, String)> {
+    let one = ATTACHING.lock().unwrap_or_else(|p| p.into_inner());
+    let (size, paths, name, dir_note) = match prepare(ctx, content, opts) {
         Ok(p) => p,
-        Err(why) => {
-            return Ok(Attached::Private {
-                why,
-                dir_note: String::new(),
-            })
-        }
+        Err(why) => return Ok((Attached::Private(why), String::new())),
     };
-    let private = |why| {
-        Ok(Attached::Private {
-            why,
-            dir_note: dir_note.clone(),
-        })
-    };
-    let shared = |memory, staged, readback| {
-        Ok(Attached::Shared {
-            memory,
-            staged,
-            readback,
-            dir_note: dir_note.clone(),
-        })
-    };
-    if let Some(m) = registry()
+    let found = registry()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&name)
-        .and_then(Weak::upgrade)
-    {
-        return if m.digest == content.digest {
-            shared(m, None, None)
+        .and_then(|(digest, m)| Some((*digest, m.upgrade()?)));
+    if let Some((digest, memory)) = found {
+        let attached = if digest == content.digest {
+            Attached::Found {
+                memory,
+                readback: None,
+            }
         } else {
-            private(Fallback::OtherContent)
+            Attached::Private(Fallback::OtherContent)
         };
+        return Ok((attached, dir_note));
     }
-    let deadline = Instant::now() + opts.wait;
+    let pending = Publish {
+        _one: one,
+        name,
+        paths,
+        lock: None,
+        digest: content.digest,
+    };
+    Ok((meet(ctx, content, size, pending, opts.wait)?, dir_note))
+}
+
+/// Connects to whoever serves the memory, or takes the lock to upload it,
+/// until `wait` has passed.
+fn meet(
+    ctx: &Arc<PrimaryContext>,
+    content: &Content<'_>,
+    size: usize,
+    mut pending: Publish,
+    wait: Duration,
+) -> Result<Attached> {
+    let deadline = Instant::now() + wait;
     let mut refused_since = None;
     loop {
-        match connect(&paths, &mut refused_since) {
+        match connect(&pending.paths, &mut refused_since) {
             Step::Offer(offer, fd) => {
                 if offer.digest != content.digest || offer.size != size {
-                    return private(Fallback::OtherContent);
+                    return Ok(Attached::Private(Fallback::OtherContent));
                 }
-                let alloc = match DeviceAllocation::import(ctx, fd.as_fd(), size) {
-                    Ok(a) => a,
-                    Err(e) => return private(Fallback::ImportFailed(e.message().to_owned())),
+                let memory = match DeviceMemory::import(ctx.clone(), fd.as_fd(), size) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        return Ok(Attached::Private(Fallback::ImportFailed(
+                            e.message().to_owned(),
+                        )))
+                    }
                 };
-                let readback = match verify::verify(&alloc, content.tensors, &content.host) {
+                let readback = match verify::verify(&memory, content.tensors, &content.host) {
                     Ok(r) => r,
-                    Err(why) => return private(Fallback::Mismatch(why)),
+                    Err(why) => return Ok(Attached::Private(Fallback::Mismatch(why))),
                 };
-                let m = publish(name, paths, None, alloc, Sharing::Imported, content.digest);
-                return shared(m, None, Some(readback));
+                return Ok(Attached::Found {
+                    memory: pending.publish(memory),
+                    readback: Some(readback),
+                });
             }
-            Step::Stop(why) => return private(why),
+            Step::Stop(why) => return Ok(Attached::Private(why)),
             Step::Again => {}
-            Step::NoServer => match rendezvous::try_lock(&paths.lock) {
+            Step::NoServer => match rendezvous::try_lock(&pending.paths.lock) {
                 Ok(Some(lock)) => {
-                    let mut alloc = match DeviceAllocation::new_shareable(ctx, size) {
-                        Ok(a) => a,
+                    let memory = match DeviceMemory::new_shareable(ctx.clone(), size) {
+                        Ok(m) => m,
                         Err(e) if e.kind() == ErrorKind::OutOfMemory => return Err(e),
-                        Err(e) => return private(Fallback::NotShareable(e.message().to_owned())),
+                        Err(e) => {
+                            return Ok(Attached::Private(Fallback::NotShareable(
+                                e.message().to_owned(),
+                            )))
+                        }
                     };
-                    let staged = upload(&alloc)?;
-                    // Written: from now on this process and every importer only read it.
-                    alloc.make_read_only();
-                    let m = publish(
-                        name,
-                        paths,
-                        Some(lock),
-                        alloc,
-                        Sharing::Uploaded,
-                        content.digest,
-                    );
-                    return shared(m, Some(staged), None);
+                    pending.lock = Some(lock);
+                    return Ok(Attached::Upload {
+                        memory,
+                        publish: pending,
+                    });
                 }
                 Ok(None) => {} // another process is uploading: wait for it to serve
                 Err(e) => {
-                    return private(Fallback::Rendezvous(format!(
+                    return Ok(Attached::Private(Fallback::Rendezvous(format!(
                         "cannot take the lock {}: {e}",
-                        paths.lock.display()
-                    )))
+                        pending.paths.lock.display()
+                    ))))
                 }
             },
         }
         if Instant::now() >= deadline {
-            return private(Fallback::Waited(opts.wait));
+            return Ok(Attached::Private(Fallback::Waited(wait)));
         }
         std::thread::sleep(POLL);
     }
@@ -330,8 +312,8 @@ fn prepare(
     opts: &ShareOptions,
 ) -> std::result::Result<(usize, Paths, String, String), Fallback> {
     let unsupported =
-        |what: &str, e: rzc_core::Error| Fallback::Unsupported(format!("{what}: {}", e.message()));
-    match DeviceAllocation::shareable(ctx) {
+        |what: &str, e: Error| Fallback::Unsupported(format!("{what}: {}", e.message()));
+    match vmm::shareable(ctx) {
         Ok(true) => {}
         Ok(false) => return Err(Fallback::Unsupported(
             "the device does not share memory between processes (no virtual memory management with POSIX descriptors)".into(),
@@ -341,7 +323,7 @@ fn prepare(
     let uuid = ctx
         .uuid()
         .map_err(|e| unsupported("cannot identify the GPU", e))?;
-    let size = DeviceAllocation::shareable_size(ctx, content.size)
+    let size = vmm::shareable_size(ctx, content.size)
         .map_err(|e| unsupported("cannot size shareable memory", e))?;
     let dir = rendezvous::directory(opts.dir.as_deref()).map_err(Fallback::NoDirectory)?;
     let name = rendezvous::name(&opts.key, &uuid);
@@ -391,39 +373,38 @@ fn connect(paths: &Paths, refused_since: &mut Option<Instant>) -> Step {
     }
 }
 
-/// Starts serving (or waiting to serve) `alloc` and records it for later
-/// loads in this process.
-fn publish(
+/// What publishing memory this process uploads or imports needs: the
+/// rendezvous, the serving lock when this process took it, and the content
+/// digest. Holds the process's one shared load until it is done.
+pub struct Publish {
+    _one: MutexGuard<'static, ()>,
     name: String,
     paths: Paths,
     lock: Option<File>,
-    alloc: DeviceAllocation,
-    sharing: Sharing,
     digest: Digest,
-) -> Arc<DeviceMemory> {
-    let server = alloc.exporter().ok().map(|(ctx, handle)| {
-        Server::start(
-            paths,
-            lock,
-            Exporter {
-                ctx,
-                handle,
-                offer: Offer {
-                    size: alloc.size(),
-                    digest,
-                },
-            },
-        )
-    });
-    let memory = Arc::new(DeviceMemory {
-        _server: server,
-        alloc,
-        sharing,
-        digest,
-    });
-    registry()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(name, Arc::downgrade(&memory));
-    memory
+}
+
+impl Publish {
+    /// Starts serving (or waiting to serve) `memory`, written: from now on
+    /// this process and every importer only read it. Records it for later
+    /// loads in this process.
+    pub fn publish(self, mut memory: DeviceMemory) -> Arc<DeviceMemory> {
+        if memory.sharing() == Sharing::Uploaded {
+            memory.make_read_only();
+        }
+        if let Ok((ctx, handle)) = memory.exporter() {
+            let offer = Offer {
+                size: memory.size(),
+                digest: self.digest,
+            };
+            let exporter = Exporter { ctx, handle, offer };
+            memory.serve(Server::start(self.paths, self.lock, exporter));
+        }
+        let memory = Arc::new(memory);
+        registry()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.name, (self.digest, Arc::downgrade(&memory)));
+        memory
+    }
 }

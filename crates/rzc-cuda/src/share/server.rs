@@ -20,12 +20,12 @@ use super::rendezvous::{try_lock, Paths};
 use super::wire::{same_user, send_offer, Offer};
 use super::POLL;
 use crate::driver::PrimaryContext;
-use crate::resources::export_fd;
+use crate::vmm::export_fd;
 
 /// What the serving thread exports from: the allocation's handle, valid
 /// while the memory owning the server lives (the server is stopped first).
 pub struct Exporter {
-    pub ctx: PrimaryContext,
+    pub ctx: Arc<PrimaryContext>,
     pub handle: sys::CUmemGenericAllocationHandle,
     pub offer: Offer,
 }

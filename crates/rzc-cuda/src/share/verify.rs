@@ -12,7 +12,7 @@
 use std::hash::{BuildHasher, Hasher};
 
 use crate::layout::DeviceTensor;
-use crate::resources::DeviceAllocation;
+use crate::memory::DeviceMemory;
 
 /// Bytes read back per tensor at most (the whole tensor when smaller).
 pub const WINDOW: usize = 4096;
@@ -65,7 +65,7 @@ fn windows<'a>(
 /// bytes) in random windows; `Err` names the first tensor that differs or
 /// the copy that failed.
 pub fn verify(
-    alloc: &DeviceAllocation,
+    alloc: &DeviceMemory,
     tensors: &[DeviceTensor],
     host: &[&[u8]],
 ) -> Result<Readback, String> {
