@@ -354,33 +354,6 @@ typedef struct DLManagedTensor {
 #endif /* DLPACK_DLPACK_H_ */
 
 /**
- * Let the library choose: register the source, fall back to pinned bounce
- * buffers when the driver refuses.
- */
-#define RZC_STAGING_AUTO 0
-
-/**
- * Register (page-lock) the source in place, read-only where supported.
- */
-#define RZC_STAGING_REGISTER 1
-
-/**
- * Copy through pinned bounce buffers filled by several threads.
- */
-#define RZC_STAGING_PINNED 2
-
-/**
- * Copy straight from pageable memory (slow; for comparison).
- */
-#define RZC_STAGING_PAGEABLE 3
-
-/**
- * Reported by `rzc_device_weights_info` only: this process copied nothing,
- * it mapped memory another process uploaded (`RZC_SHARING_IMPORTED`).
- */
-#define RZC_STAGING_NONE 4
-
-/**
  * `rzc_device_info.sharing`: this process's own upload, shared with no one.
  */
 #define RZC_SHARING_PRIVATE 0
@@ -451,6 +424,33 @@ typedef struct DLManagedTensor {
  * Shareable device memory could not be made.
  */
 #define RZC_SHARE_FALLBACK_NOT_SHAREABLE 10
+
+/**
+ * Let the library choose: register the source, fall back to pinned bounce
+ * buffers when the driver refuses.
+ */
+#define RZC_STAGING_AUTO 0
+
+/**
+ * Register (page-lock) the source in place, read-only where supported.
+ */
+#define RZC_STAGING_REGISTER 1
+
+/**
+ * Copy through pinned bounce buffers filled by several threads.
+ */
+#define RZC_STAGING_PINNED 2
+
+/**
+ * Copy straight from pageable memory (slow; for comparison).
+ */
+#define RZC_STAGING_PAGEABLE 3
+
+/**
+ * Reported by `rzc_device_weights_info` only: this process copied nothing,
+ * it mapped memory another process uploaded (`RZC_SHARING_IMPORTED`).
+ */
+#define RZC_STAGING_NONE 4
 
 /**
  * Flag of `rzc_open_options`: make every whole page of the buffer (tensor
@@ -753,6 +753,42 @@ typedef struct rzc_upload_options {
 } rzc_upload_options;
 
 /**
+ * One tensor of an upload. `name` points into the handle (valid until it is
+ * freed) and is not NUL-terminated: use `name_len`.
+ */
+typedef struct rzc_device_tensor_info {
+  /**
+   * Tensor name, `name_len` bytes of UTF-8.
+   */
+  const char *name;
+  /**
+   * Length of `name` in bytes.
+   */
+  size_t name_len;
+  /**
+   * Element type.
+   */
+  enum rzc_dtype dtype;
+  /**
+   * Number of dimensions.
+   */
+  uint32_t ndim;
+  /**
+   * `ndim` extents.
+   */
+  const int64_t *shape;
+  /**
+   * Device address of the first byte (a `CUdeviceptr`; host code cannot
+   * read it), 256-byte aligned.
+   */
+  uint64_t device_ptr;
+  /**
+   * Size in bytes.
+   */
+  uint64_t nbytes;
+} rzc_device_tensor_info;
+
+/**
  * What an upload did. Initialise as
  * `rzc_device_info i = {.struct_nbytes = sizeof(rzc_device_info)};` before
  * `rzc_device_weights_info` fills it: it may grow in later versions.
@@ -832,42 +868,6 @@ typedef struct rzc_device_info {
    */
   uint64_t verified_copies;
 } rzc_device_info;
-
-/**
- * One tensor of an upload. `name` points into the handle (valid until it is
- * freed) and is not NUL-terminated: use `name_len`.
- */
-typedef struct rzc_device_tensor_info {
-  /**
-   * Tensor name, `name_len` bytes of UTF-8.
-   */
-  const char *name;
-  /**
-   * Length of `name` in bytes.
-   */
-  size_t name_len;
-  /**
-   * Element type.
-   */
-  enum rzc_dtype dtype;
-  /**
-   * Number of dimensions.
-   */
-  uint32_t ndim;
-  /**
-   * `ndim` extents.
-   */
-  const int64_t *shape;
-  /**
-   * Device address of the first byte (a `CUdeviceptr`; host code cannot
-   * read it), 256-byte aligned.
-   */
-  uint64_t device_ptr;
-  /**
-   * Size in bytes.
-   */
-  uint64_t nbytes;
-} rzc_device_tensor_info;
 
 /**
  * A tensor to pack.
@@ -1101,12 +1101,6 @@ void rzc_dlpack_versioned_free(struct DLManagedTensorVersioned *tensor);
 void rzc_dlpack_legacy_free(struct DLManagedTensor *tensor);
 
 /**
- * The name of an `RZC_SHARE_FALLBACK_*` code in lower case without the
- * prefix (`"mismatch"`, ...), or NULL for an unknown code.
- */
-const char *rzc_share_fallback_name(uint32_t code);
-
-/**
  * Number of CUDA devices this process can see. Fails with `RZC_NO_CUDA`
  * (and a message saying why) when no CUDA driver can be loaded.
  *
@@ -1141,16 +1135,6 @@ enum rzc_status rzc_device_weights_upload(const struct rzc_weights *w,
  * `dev` is NULL or a live handle.
  */
 size_t rzc_device_weights_len(const struct rzc_device_weights *dev);
-
-/**
- * Describes the upload (allocation, size, staging used, time taken).
- *
- * # Safety
- * `dev` is a live handle; `out` points to an `rzc_device_info` whose
- * `struct_nbytes` is set.
- */
-enum rzc_status rzc_device_weights_info(const struct rzc_device_weights *dev,
-                                        struct rzc_device_info *out);
 
 /**
  * Describes tensor `index` of the upload (same order as the source's table).
@@ -1213,6 +1197,22 @@ enum rzc_status rzc_device_weights_to_dlpack_legacy(const struct rzc_device_weig
  * `dev` is NULL or a handle not yet freed.
  */
 void rzc_device_weights_free(struct rzc_device_weights *dev);
+
+/**
+ * The name of an `RZC_SHARE_FALLBACK_*` code in lower case without the
+ * prefix (`"mismatch"`, ...), or NULL for an unknown code.
+ */
+const char *rzc_share_fallback_name(uint32_t code);
+
+/**
+ * Describes the upload (allocation, size, staging used, time taken).
+ *
+ * # Safety
+ * `dev` is a live handle; `out` points to an `rzc_device_info` whose
+ * `struct_nbytes` is set.
+ */
+enum rzc_status rzc_device_weights_info(const struct rzc_device_weights *dev,
+                                        struct rzc_device_info *out);
 
 /**
  * Plans the layout of `tensors_len` tensors (kept in the given order) and

@@ -92,6 +92,17 @@ impl<T> OutSlice<T> {
         Ok(OutSlice { ptr, len })
     }
 
+    /// The whole array, for a callee that fills it (bytes copied into it).
+    /// Valid until the export returns, as `OutSlice::new`'s contract says.
+    pub fn into_slice<'a>(self) -> &'a mut [T] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: non-NULL (checked in `new` when `len > 0`) and valid for
+        // `len` writes until the export returns (`new`'s contract).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
     /// Writes `values` to the start of the array, or fails with
     /// `RZC_BUFFER_TOO_SMALL` (writing nothing) when they do not fit.
     pub fn write(self, values: impl ExactSizeIterator<Item = T>, arg: &str) -> FfiResult {

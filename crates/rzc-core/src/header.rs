@@ -187,11 +187,12 @@ fn check_unique_names(tensors: &[(String, RawTensor<'_>)]) -> Result<()> {
     Ok(())
 }
 
+/// Where a tensor's data lies in the data section: `(begin, end, index)`.
+type Span = (u64, u64, usize);
+
 /// Each entry checked on its own (known dtype, size against shape), with
 /// its span `(begin, end, index)` in the data section.
-fn describe(
-    raw: Vec<(String, RawTensor<'_>)>,
-) -> Result<(Vec<TensorMeta>, Vec<(u64, u64, usize)>)> {
+fn describe(raw: Vec<(String, RawTensor<'_>)>) -> Result<(Vec<TensorMeta>, Vec<Span>)> {
     let mut tensors = Vec::with_capacity(raw.len());
     let mut spans = Vec::with_capacity(raw.len());
     for (name, t) in raw {
@@ -232,11 +233,7 @@ fn describe(
 
 /// Sorted `spans` cover `[0, data_len)` exactly: each tensor starts where
 /// the previous one ended, and the last ends at the buffer's end.
-fn check_coverage(
-    spans: &[(u64, u64, usize)],
-    tensors: &[TensorMeta],
-    data_len: u64,
-) -> Result<()> {
+fn check_coverage(spans: &[Span], tensors: &[TensorMeta], data_len: u64) -> Result<()> {
     let mut cursor = 0u64;
     let mut prev: Option<usize> = None;
     for &(begin, end, i) in spans {
@@ -268,11 +265,7 @@ fn check_coverage(
 }
 
 /// The tensors in the order of their data, with absolute offsets.
-fn in_data_order(
-    tensors: Vec<TensorMeta>,
-    spans: &[(u64, u64, usize)],
-    data_start: usize,
-) -> Vec<TensorMeta> {
+fn in_data_order(tensors: Vec<TensorMeta>, spans: &[Span], data_start: usize) -> Vec<TensorMeta> {
     let mut tensors: Vec<Option<TensorMeta>> = tensors.into_iter().map(Some).collect();
     spans
         .iter()
