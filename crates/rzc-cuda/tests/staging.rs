@@ -67,8 +67,15 @@ fn the_callers_stream_is_used_and_left_alone() {
         let dev = result::device::get(0).expect("device 0");
         // SAFETY: `dev` came from cuDeviceGet; released below.
         let ctx = unsafe { result::primary_ctx::retain(dev) }.expect("primary context");
-        // SAFETY: a retained context, current on this thread only.
-        unsafe { result::ctx::set_current(ctx) }.expect("current");
+        // SAFETY: a retained context, made current on this thread only (the
+        // stand-in implements the push the library itself uses, not
+        // cuCtxSetCurrent, which the library never calls).
+        let pushed = unsafe { cudarc::driver::sys::cuCtxPushCurrent_v2(ctx) };
+        assert_eq!(
+            pushed,
+            cudarc::driver::sys::CUresult::CUDA_SUCCESS,
+            "current"
+        );
         let stream =
             result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
         for staging in [Staging::Register, Staging::Pinned, Staging::Pageable] {
