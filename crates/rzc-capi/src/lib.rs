@@ -14,6 +14,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod device;
+mod facts;
 mod handle;
 pub mod pack;
 pub mod seal;
