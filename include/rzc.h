@@ -470,7 +470,7 @@ typedef struct DLManagedTensor {
  * so that every page holding tensor data can be protected without touching
  * memory outside the buffer.
  */
-#define RZC_GUARD_NBYTES 4096
+#define RZC_PACK_GUARD_NBYTES 4096
 
 /**
  * Flag of `rzc_open_options`: make every whole page of the buffer (tensor

@@ -12,8 +12,8 @@ pub const RZC_DEVICE_ALIGNMENT: u64 = 256;
 /// (`rzc_pack_options.guard_nbytes`) for `RZC_OPEN_WRITE_PROTECT`: one page,
 /// so that every page holding tensor data can be protected without touching
 /// memory outside the buffer.
-pub const RZC_GUARD_NBYTES: u64 = 4096;
+pub const RZC_PACK_GUARD_NBYTES: u64 = 4096;
 
 const _: () = assert!(RZC_PACK_DEFAULT_ALIGNMENT as usize == rzc_core::pack::DEFAULT_ALIGNMENT);
 const _: () = assert!(RZC_DEVICE_ALIGNMENT as usize == rzc_cuda::layout::DEVICE_ALIGNMENT);
-const _: () = assert!(RZC_GUARD_NBYTES as usize == rzc_cuda::layout::PAGE);
+const _: () = assert!(RZC_PACK_GUARD_NBYTES as usize == rzc_cuda::layout::PAGE);
