@@ -28,7 +28,9 @@ from .errors import (
     RzcError,
     UnsupportedDtypeError,
 )
-from .weights import DeviceWeights, PackInput, PackPlan, Sealer, TensorInfo, Weights, pack, seal_buffer
+from .device_weights import DeviceWeights
+from .pack import PackInput, PackPlan, Sealer, pack, seal_buffer
+from .weights import TensorInfo, Weights
 
 __version__ = _native_version()
 

@@ -15,8 +15,9 @@ import ctypes
 
 from ._native import check, ffi, lib
 
-kDLCPU = 1
-kDLCUDA = 2
+# The DLPack device types, from the header's copy of dlpack.h.
+kDLCPU = lib.kDLCPU
+kDLCUDA = lib.kDLCUDA
 
 _VERSIONED = b"dltensor_versioned"
 _LEGACY = b"dltensor"

@@ -32,7 +32,8 @@ import weakref
 from . import _seal, _telemetry
 from ._device import Device, parse_device
 from .errors import NoCudaError
-from .weights import Weights, cuda_device_count
+from .device_weights import cuda_device_count
+from .weights import Weights
 
 __all__ = ["FRAMEWORKS", "load", "open_sealed", "assemble", "materialize", "rebuild"]
 

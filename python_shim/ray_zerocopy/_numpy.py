@@ -7,7 +7,8 @@ import numpy as np
 
 from ._native import DTYPE_CODES
 from .errors import UnsupportedDtypeError
-from .weights import PackInput, Weights
+from .pack import PackInput
+from .weights import Weights
 
 _NAMES = {
     "float32": "F32",

@@ -23,7 +23,8 @@ import numpy as np
 
 from . import _checkpoint, _telemetry
 from .errors import RzcError, UnsupportedDtypeError
-from .weights import PackInput, PackPlan, Sealer, Weights, view_at
+from .pack import PackInput, PackPlan, Sealer, view_at
+from .weights import Weights
 
 # Bytes of non-tensor data before the first and after the last tensor: one
 # page each, so the write guard can protect every page holding weights

@@ -8,7 +8,8 @@ import torch
 from ._dlpack import consume_versioned, versioned_capsule
 from ._native import DTYPE_CODES
 from .errors import UnsupportedDtypeError
-from .weights import DeviceWeights, PackInput
+from .device_weights import DeviceWeights
+from .pack import PackInput
 
 _BY_NAME = {
     "F32": "float32",
