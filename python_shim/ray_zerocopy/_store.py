@@ -101,7 +101,8 @@ def _put_in_place(ray, nbytes: int, fill):
     finally:
         zeros.close()
     stored = ray.get(ref)  # held: the store cannot spill the object meanwhile
-    if not (isinstance(stored, np.ndarray) and stored.dtype == np.uint8 and stored.nbytes == nbytes and stored.flags.c_contiguous):
+    whole = isinstance(stored, np.ndarray) and stored.dtype == np.uint8 and stored.nbytes == nbytes
+    if not (whole and stored.flags.c_contiguous):
         return None, "ray.get did not return the stored array itself"
     addr = stored.__array_interface__["data"][0]
     if not _shared_writable(addr, nbytes):

@@ -13,6 +13,7 @@ import numpy as np
 
 from ._dlpack import DLPackTensor, export_checked, kDLCUDA
 from ._native import check, code_names, ffi, lib, new_struct, text
+from .errors import InvalidInputError
 
 __all__ = ["DeviceWeights", "cuda_device_count", "upload", "STAGING_NAMES", "SHARING_NAMES"]
 
@@ -48,13 +49,13 @@ def upload(
     <ray_zerocopy.Weights.upload>`, which documents them."""
     modes = _STAGING_CODES
     if staging not in modes:
-        raise ValueError(f"staging {staging!r} is not one of {sorted(modes)}")
+        raise InvalidInputError(f"staging {staging!r} is not one of {sorted(modes)}")
     key = share.encode("utf-8") if share is not None else b""
     key_buf = ffi.new("char[]", key)  # alive until the call returns
     digest = ffi.NULL
     if share_digest is not None:
         if len(share_digest) != 32:
-            raise ValueError(f"share_digest must be 32 bytes, not {len(share_digest)}")
+            raise InvalidInputError(f"share_digest must be 32 bytes, not {len(share_digest)}")
         digest = ffi.new("rzc_digest *", {"bytes": list(share_digest)})
     dir_bytes = os.fsencode(share_dir) if share_dir is not None else b""
     dir_buf = ffi.new("char[]", dir_bytes)

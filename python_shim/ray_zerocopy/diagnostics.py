@@ -36,4 +36,9 @@ def pss_breakdown(pid: int | None = None) -> dict[str, int]:
     ``shmem`` (shared memory such as Ray's object store), ``file`` (mapped
     files, mostly shared libraries) and ``total``."""
     r = _rollup(pid)
-    return {"total": r["Pss"], "anon": r.get("Pss_Anon", 0), "shmem": r.get("Pss_Shmem", 0), "file": r.get("Pss_File", 0)}
+    return {
+        "total": r["Pss"],
+        "anon": r.get("Pss_Anon", 0),
+        "shmem": r.get("Pss_Shmem", 0),
+        "file": r.get("Pss_File", 0),
+    }

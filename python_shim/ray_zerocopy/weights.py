@@ -21,6 +21,7 @@ from ._native import DTYPE_NAMES, check, code_names, ffi, lib, new_struct
 # The device and packing halves live in their own modules; their public names
 # stay importable from here, where they were first documented.
 from .device_weights import DeviceWeights, cuda_device_count
+from .errors import DLPackExportError, InvalidInputError
 from .pack import PackInput, PackPlan, Sealer, pack, seal_buffer, view_at
 
 __all__ = [
@@ -158,7 +159,7 @@ class Weights:
 
     def _live(self):
         if self._handle is None:
-            raise ValueError("the Weights handle is closed")
+            raise InvalidInputError("the Weights handle is closed")
         return self._handle
 
     def __len__(self) -> int:
@@ -343,5 +344,5 @@ class _SectionExporter:
         return out[0]
 
     def export_legacy(self, _index):
-        raise BufferError("the data section is only exported in the versioned DLPack form")
+        raise DLPackExportError("the data section is only exported in the versioned DLPack form")
 

@@ -41,13 +41,11 @@ def worker(path: str, description: str, share: str):
     torch.cuda.init()
     torch.cuda.synchronize()
     t = time.perf_counter()
-    report = {}
-    model = _load.assemble(w, sealed, device="cuda:0", share=share or None, report=report)
+    model, info = _load.build(w, sealed, _load.LoadOptions(device="cuda:0", share_key=share or None))
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     with torch.no_grad():
         equal = torch.equal(model(x.cuda()).cpu(), expected)
-    info = report["upload"]
     keep = ("sharing", "read_only", "fallback", "note", "verified_nbytes", "verified_copies")
     print(json.dumps({"seconds": seconds, "equal": equal, **{k: info[k] for k in keep}}), flush=True)
     sys.stdin.read()
