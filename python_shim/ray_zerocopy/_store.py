@@ -33,6 +33,7 @@ import mmap
 import numpy as np
 
 from . import _telemetry
+from .diagnostics import mapping_at
 
 # ray.put keeps objects up to 100 KiB in the owner's memory instead of the
 # object store; small buffers gain nothing from this anyway.
@@ -74,15 +75,8 @@ def _in_place_unavailable(ray):
 
 def _shared_writable(addr: int, nbytes: int) -> bool:
     """Whether ``[addr, addr + nbytes)`` lies in one writable shared mapping."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            rng, perms = line.split(None, 2)[:2]
-            lo, hi = (int(x, 16) for x in rng.split("-"))
-            if lo <= addr and addr + nbytes <= hi:
-                return perms.startswith("rw") and perms[3] == "s"
-            if lo > addr:
-                break
-    return False
+    m = mapping_at(addr)
+    return m is not None and addr + nbytes <= m.end and m.perms.startswith("rw") and m.shared
 
 
 def _spilled(ray, ref) -> bool:

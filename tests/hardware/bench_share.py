@@ -118,12 +118,24 @@ def main():
     for r in shared["reports"]:
         print(f"  {r['sharing']:8s} read_only={r['read_only']} fallback={r['fallback']} "
               f"verified {r['verified_nbytes'] / 2**10:.0f} KiB in {r['verified_copies']} copies {r['note']}")
-    ok = len(importers) == args.procs - 1 and all(r["fallback"] == "none" and r["verified_nbytes"] > 0 for r in importers)
+    ok = len(importers) == args.procs - 1 and all(
+        r["fallback"] == "none" and r["verified_nbytes"] > 0 for r in importers
+    )
     print(f"importers verified their mapping: {ok}; read-only: {all(r['read_only'] for r in importers)}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "share.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(0), "model_bytes": nbytes, "one": one, "private": private,
-                   "shared": shared, "importers_verified": ok}, f, indent=2)
+        json.dump(
+            {
+                "gpu": torch.cuda.get_device_name(0),
+                "model_bytes": nbytes,
+                "one": one,
+                "private": private,
+                "shared": shared,
+                "importers_verified": ok,
+            },
+            f,
+            indent=2,
+        )
     return 0 if ok and shared["equal"] and private["equal"] else 1
 
 

@@ -7,14 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-
 import ray_zerocopy as rzc
 from ray_zerocopy.weights import live_buffers
 
 torch = pytest.importorskip("torch")
 from safetensors.numpy import load as st_load_numpy  # noqa: E402
 from safetensors.torch import save, save_file  # noqa: E402
-
 
 DTYPES = [
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16,
@@ -52,7 +50,9 @@ def test_every_dtype_round_trips_zero_copy(tmp_path):
 def test_numpy_views_are_read_only_and_equal(tmp_path):
     arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([True, False])}
     codes = {"float32": rzc.Dtype.F32, "bool": rzc.Dtype.BOOL}
-    w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput(k, codes[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()]))
+    w = rzc.Weights.from_buffer(
+        rzc.pack([rzc.PackInput(k, codes[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()])
+    )
     a = np.from_dlpack(w.dlpack(w.find("a")))
     np.testing.assert_array_equal(a, arrays["a"])
     assert not a.flags.writeable, "numpy must honour DLPack's READ_ONLY flag"
@@ -192,7 +192,9 @@ def test_the_table_is_the_validated_header(tmp_path):
             assert list(t.shape) == list(f.get_slice(t.name).get_shape()), t.name
             assert t.dtype == f.get_slice(t.name).get_dtype(), t.name
     ends = [t.offset + t.nbytes for t in table]
-    assert ends[-1] == w.nbytes and all(a <= b.offset for a, b in zip(ends, table[1:])), "in the order of the data"
+    assert ends[-1] == w.nbytes and all(a <= b.offset for a, b in zip(ends, table[1:], strict=False)), (
+        "in the order of the data"
+    )
 
 
 def test_sealing_with_a_progress_bar_writes_the_same_buffer(monkeypatch, capsys):
@@ -201,7 +203,11 @@ def test_sealing_with_a_progress_bar_writes_the_same_buffer(monkeypatch, capsys)
     native call writes."""
     from ray_zerocopy import _seal, _telemetry
 
-    tree = {"a": torch.randn(4096), "b": torch.arange(1000, dtype=torch.int16), "c": torch.ones(3, 7, dtype=torch.bfloat16)}
+    tree = {
+        "a": torch.randn(4096),
+        "b": torch.arange(1000, dtype=torch.int16),
+        "c": torch.ones(3, 7, dtype=torch.bfloat16),
+    }
     _, quiet = _seal.seal(tree)
     monkeypatch.setattr(_telemetry, "PROGRESS_MIN_BYTES", 0)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
@@ -217,14 +223,20 @@ def test_the_digest_computed_while_sealing_is_that_of_every_byte(monkeypatch, tm
     every byte, and the header claims the data section's plain BLAKE3."""
     from ray_zerocopy import _seal, _telemetry
 
-    tree = {"a": torch.randn(300_000), "b": torch.arange(1000, dtype=torch.int16), "c": torch.ones(3, 7, dtype=torch.bfloat16)}
+    tree = {
+        "a": torch.randn(300_000),
+        "b": torch.arange(1000, dtype=torch.int16),
+        "c": torch.ones(3, 7, dtype=torch.bfloat16),
+    }
     results = [_seal.seal(tree)]
     monkeypatch.setattr(_telemetry, "PROGRESS_MIN_BYTES", 0)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     results.append(_seal.seal(tree))
     for i in range(3):
-        save_file({f"s{i}.x": torch.full((50_000,), float(i)), f"s{i}.y": torch.arange(7, dtype=torch.int64)},
-                  str(tmp_path / f"model-0000{i}-of-00003.safetensors"))
+        save_file(
+            {f"s{i}.x": torch.full((50_000,), float(i)), f"s{i}.y": torch.arange(7, dtype=torch.int64)},
+            str(tmp_path / f"model-0000{i}-of-00003.safetensors"),
+        )
     results.append(_seal.seal_checkpoint(tmp_path, _seal.TORCH))
     for sealed, buf in results:
         with rzc.Weights.from_buffer(buf) as w:
@@ -240,8 +252,12 @@ def test_the_sealer_learns_only_the_final_prefix():
     from ray_zerocopy import _seal, _telemetry
 
     data = [np.full(1000, i, np.float32) for i in range(4)]
-    plan = rzc.PackPlan([rzc.PackInput(f"t{i}", rzc.Dtype.F32, d.shape, d.ctypes.data, d.nbytes) for i, d in enumerate(data)],
-                        alignment=256, guard_bytes=4096, reserve_digest=True)
+    plan = rzc.PackPlan(
+        [rzc.PackInput(f"t{i}", rzc.Dtype.F32, d.shape, d.ctypes.data, d.nbytes) for i, d in enumerate(data)],
+        alignment=256,
+        guard_bytes=4096,
+        reserve_digest=True,
+    )
 
     class Recorder:
         def __init__(self):
@@ -277,4 +293,6 @@ def test_every_leaf_keeps_its_shape_and_dtype_scalars_included():
         got = out[k]
         assert type(got) is type(v) or k == "logit_scale", (k, type(got))
         assert tuple(got.shape) == tuple(v.shape) and got.dtype == v.dtype, (k, got.shape, got.dtype)
-        assert np.array_equal(np.asarray(got.float() if k == "bias" else got), np.asarray(v.float() if k == "bias" else v)), k
+        assert np.array_equal(
+            np.asarray(got.float() if k == "bias" else got), np.asarray(v.float() if k == "bias" else v)
+        ), k
