@@ -175,6 +175,114 @@ def test_every_status_raises_its_own_class():
     assert class_for("RZC_BAD_DEVICE") is rzc.BadDeviceError and issubclass(rzc.BadDeviceError, rzc.NoCudaError)
 
 
+def test_every_error_derives_from_one_base_and_only_native_ones_carry_a_status():
+    """One base for every error; a failure found in Python carries no native
+    status, and still meets the ``except`` its native twin meets."""
+    import inspect
+
+    from ray_zerocopy import errors
+    from ray_zerocopy._native import STATUS_NAMES
+    from ray_zerocopy.errors import class_for
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, BaseException)]
+    assert len(classes) > 20 and all(issubclass(c, rzc.RayZeroCopyError) for c in classes), classes
+    assert all(getattr(rzc, c.__name__) is c for c in classes if not c.__name__.startswith("_")), "all exported"
+    for name in list(STATUS_NAMES.values())[1:]:
+        assert class_for(name)(name, "m").status == name, "native classes keep their status"
+
+    from ray_zerocopy import _seal
+
+    with pytest.raises(rzc.UnsupportedDtypeError) as e:  # found in Python: safetensors has no complex128
+        _seal.seal({"z": torch.zeros(3, dtype=torch.complex128)})
+    assert isinstance(e.value, rzc.UnshareableTensorError) and isinstance(e.value, TypeError)
+    assert e.value.status is None and "RZC_" not in str(e.value), str(e.value)
+
+    with pytest.raises(rzc.BadFormatError) as e:  # found natively
+        rzc.Weights.from_buffer(b"\x00" * 8)
+    assert e.value.status == "RZC_BAD_FORMAT" and str(e.value).endswith("[RZC_BAD_FORMAT]")
+
+    one = np.ones(4, np.float32)
+    with pytest.raises(rzc.InvalidInputError) as e:
+        w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput("x", rzc.Dtype.F32, (4,), one.ctypes.data, 16)]))
+        w.upload(0, staging="sideways")
+    assert isinstance(e.value, ValueError) and e.value.status is None
+
+
+def test_codes_and_sizes_are_the_headers():
+    """The names of staging, sharing and guard codes, the DLPack device types
+    and the layout sizes are read from the native library: they match
+    include/rzc.h, the one list."""
+    import os
+    import re
+
+    from ray_zerocopy import _dlpack, device_weights, weights
+    from ray_zerocopy.pack import DEFAULT_ALIGNMENT, DEVICE_ALIGNMENT, GUARD_NBYTES
+
+    header = open(os.path.join(os.path.dirname(__file__), "..", "..", "include", "rzc.h")).read()
+
+    def defined(prefix):
+        return {int(v): n.lower() for n, v in re.findall(rf"#define {prefix}(\w+) (\d+)", header)}
+
+    assert device_weights.STAGING_NAMES == defined("RZC_STAGING_")
+    assert "register" in device_weights.STAGING_NAMES.values()
+    assert device_weights.SHARING_NAMES == defined("RZC_SHARING_")
+    assert weights.GUARD_NAMES == defined("RZC_GUARD_")
+    assert (_dlpack.kDLCPU, _dlpack.kDLCUDA) == (1, 2)  # dlpack.h's, through the header
+    sizes = {n: int(v) for n, v in re.findall(r"#define (RZC_\w+(?:ALIGNMENT|NBYTES)) (\d+)", header)}
+    assert (DEFAULT_ALIGNMENT, DEVICE_ALIGNMENT, GUARD_NBYTES) == (
+        sizes["RZC_PACK_DEFAULT_ALIGNMENT"],
+        sizes["RZC_DEVICE_ALIGNMENT"],
+        sizes["RZC_PACK_GUARD_NBYTES"],
+    )
+    from ray_zerocopy import _seal
+
+    sealed, buf = _seal.seal({"a": np.arange(5, dtype=np.float32), "b": np.ones(3, np.int8)})
+    w = rzc.Weights.from_buffer(buf)
+    assert all(t.offset % DEVICE_ALIGNMENT == 0 for t in w.table())
+    first, last = w.table()[0], w.table()[-1]
+    assert first.offset >= GUARD_NBYTES and w.nbytes - (last.offset + last.nbytes) >= GUARD_NBYTES
+
+
+def test_load_options_are_one_checked_value():
+    from dataclasses import FrozenInstanceError
+
+    from ray_zerocopy import _load, _seal
+    from ray_zerocopy._device import Device
+
+    options = rzc.LoadOptions(device="cuda:1", framework="numpy")
+    assert options.device == Device("cuda", 1) and options.replace(device="cpu").device == Device("cpu")
+    with pytest.raises(FrozenInstanceError):
+        options.fast = True
+    with pytest.raises(rzc.InvalidInputError, match="framework 'tf'"):
+        rzc.LoadOptions(framework="tf")
+    with pytest.raises(ValueError, match="is not understood"):
+        rzc.LoadOptions(device="tpu")
+
+    tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    sealed, buf = _seal.seal(tree)
+    w = rzc.Weights.from_buffer(buf)
+    loaded = _load.build(w, sealed, rzc.LoadOptions(fast=True))
+    assert loaded.upload is None and np.array_equal(loaded.pipeline["a"], tree["a"])
+    assert np.array_equal(_load.assemble(w, sealed, framework="numpy")["a"], tree["a"])
+
+
+def test_mapping_at_reads_this_process_mappings():
+    import mmap
+
+    from ray_zerocopy.diagnostics import mapping_at, mappings
+
+    area = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    a = np.frombuffer(area, dtype=np.uint8)
+    m = mapping_at(a.ctypes.data + 100)
+    assert m is not None and m.start <= a.ctypes.data and a.ctypes.data + a.nbytes <= m.end
+    assert m.shared and m.writable and m.perms.startswith("rw")
+    assert mapping_at(0) is None
+    rows = mappings()
+    assert rows == sorted(rows) and mapping_at(a.ctypes.data, rows) == m
+    del a
+    area.close()
+
+
 def test_the_table_is_the_validated_header(tmp_path):
     """Weights.table() is the header the native library validated, in one
     call: the official library reads the same names, dtypes, shapes and
