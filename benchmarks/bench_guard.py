@@ -21,7 +21,6 @@ sys.path.insert(0, _here)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PYTHONPATH")) if p)  # for Ray's workers
 
 import ray  # noqa: E402
-
 import transformer  # noqa: E402
 from ray_zerocopy import ActorWrapper  # noqa: E402
 
@@ -44,7 +43,12 @@ def main():
     ap.add_argument("--out", default="bench-results/guard.json")
     args = ap.parse_args()
     model = transformer.build(args.size_mb)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=int(2 * transformer.nbytes(model) + 2**30))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=int(2 * transformer.nbytes(model) + 2**30),
+    )
     base = ActorWrapper(model)  # one sealed object for both settings
     wrappers = {}
     for guard in (True, False):

@@ -114,6 +114,8 @@ def _private_kib() -> int:
 
 
 def _mappings():
+    # Read here, not with ray_zerocopy.diagnostics: this runs in workers that
+    # import the peer package, which has the same import name.
     starts, rows = [], []
     with open("/proc/self/maps") as f:
         for line in f:
@@ -157,7 +159,8 @@ class Loader:
         from ray._private import ray_constants
 
         self.private_kib = _private_kib()  # read here, not next to the timed load
-        return {"pid": os.getpid(), "pkg_file": self.pkg_file, "flag": bool(ray_constants.RAY_ENABLE_ZERO_COPY_TORCH_TENSORS)}
+        flag = bool(ray_constants.RAY_ENABLE_ZERO_COPY_TORCH_TENSORS)
+        return {"pid": os.getpid(), "pkg_file": self.pkg_file, "flag": flag}
 
     @staticmethod
     def _timed(fn):
@@ -176,7 +179,7 @@ class Loader:
             ms = (time.perf_counter() - t) * 1e3
         finally:
             gc.callbacks.remove(on_gc)
-        gc_ms = sum((b[0] - a[0]) * 1e3 for a, b in zip(events[::2], events[1::2]))
+        gc_ms = sum((b[0] - a[0]) * 1e3 for a, b in zip(events[::2], events[1::2], strict=False))
         return model, ms, {"ms": gc_ms, "generations": [g for _, g in events[::2]]}
 
     def load(self, wrapper) -> dict:
@@ -240,7 +243,17 @@ def ensure_peer(site: str) -> str:
     if not os.path.isfile(os.path.join(site, "ray_zerocopy", "model_wrappers.py")):
         os.makedirs(site, exist_ok=True)
         subprocess.check_call(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, f"ray-zerocopy=={PEER_VERSION}"]
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--target",
+                site,
+                f"ray-zerocopy=={PEER_VERSION}",
+            ]
         )
     return site
 
@@ -278,7 +291,6 @@ def main():
     peer_site = os.path.abspath(ensure_peer(args.peer_site))
 
     import ray
-
     import ray_zerocopy
     from ray_zerocopy import ActorWrapper
 
@@ -299,7 +311,9 @@ def main():
         # Every way gets a runtime_env, so every actor starts in a new worker process.
         "ours_on": {"env_vars": {"RZC_BENCH_WAY": "ours"}},
         "ours_off": {"env_vars": {"RZC_BENCH_WAY": "ours"}},
-        "peer": {"env_vars": {"RZC_BENCH_WAY": "peer", "PYTHONPATH": os.pathsep.join((peer_site, os.environ["PYTHONPATH"]))}},
+        "peer": {
+            "env_vars": {"RZC_BENCH_WAY": "peer", "PYTHONPATH": os.pathsep.join((peer_site, os.environ["PYTHONPATH"]))}
+        },
         "ray_flag": {"env_vars": {"RZC_BENCH_WAY": "ray_flag", FLAG: "1"}},
     }
 
@@ -319,7 +333,10 @@ def main():
     assert peer_file.startswith(peer_site), f"the peer sealed with {peer_file}, not the package in {peer_site}"
     wrappers["peer"] = peer_box[0]  # passed as a top-level argument: Ray unpickles it in the actor, before load
     wrappers["ray_flag"] = flag_box  # [ref]: the actor calls ray.get itself, timed
-    print(f"model {size / 2**20:.0f} MiB in {sum(1 for _ in model.parameters())} tensors; ours: {ours_file}; peer: {peer_file}")
+    print(
+        f"model {size / 2**20:.0f} MiB in {sum(1 for _ in model.parameters())} tensors; "
+        f"ours: {ours_file}; peer: {peer_file}"
+    )
 
     LoaderActor = ray.remote(num_cpus=0.5)(Loader)
     loads = {w: [] for w in WAYS}
@@ -329,7 +346,7 @@ def main():
     warm_gcs = {w: [] for w in WAYS}
     checks = {}
     for r in range(args.actors):
-        order = WAYS[r % len(WAYS):] + WAYS[: r % len(WAYS)]
+        order = WAYS[r % len(WAYS) :] + WAYS[: r % len(WAYS)]
         for way in order:
             actor = LoaderActor.options(runtime_env=envs[way]).remote(way)
             info = ray.get(actor.ready.remote())
@@ -348,14 +365,19 @@ def main():
             assert c["output_matches"], f"{way}: the loaded model's output differs"
             shared = sum(n for path, n in c["mappings"].items() if "/dev/shm" in path or "plasma" in path)
             assert shared == c["params"], f"{way}: parameters outside Ray's shared memory: {c['mappings']}"
-            assert res["private_growth_kib"] < size / 1024 / 4, f"{way}: the actor's private memory grew by {res['private_growth_kib']} KiB"
+            assert res["private_growth_kib"] < size / 1024 / 4, (
+                f"{way}: the actor's private memory grew by {res['private_growth_kib']} KiB"
+            )
             checks.setdefault(way, c)
             ray.kill(actor)
             wait_gone(info["pid"])
 
     peer_med = statistics.median(loads["peer"])
     print(f"\nfirst load in a fresh actor, ms, {args.actors} actors per way (one at a time):")
-    print(f"{'way':10} {'median':>9} {'min':>9} {'max':>9} {'vs peer':>8} {'gc in it':>9} {'warm 2nd':>9} {'gc in it':>9} {'private +MiB':>12}")
+    print(
+        f"{'way':10} {'median':>9} {'min':>9} {'max':>9} {'vs peer':>8} {'gc in it':>9} "
+        f"{'warm 2nd':>9} {'gc in it':>9} {'private +MiB':>12}"
+    )
     result = {
         "model_bytes": size,
         "tensors": sum(1 for _ in model.parameters()),
@@ -377,7 +399,10 @@ def main():
         gm = statistics.median(growth[way]) / 1024
         gcm = statistics.median(g["ms"] for g in gcs[way])
         wgcm = statistics.median(g["ms"] for g in warm_gcs[way])
-        print(f"{way:10} {s['median']:9.2f} {s['min']:9.2f} {s['max']:9.2f} {ratio:8.3f} {gcm:9.2f} {wm:9.2f} {wgcm:9.2f} {gm:12.1f}")
+        print(
+            f"{way:10} {s['median']:9.2f} {s['min']:9.2f} {s['max']:9.2f} {ratio:8.3f} {gcm:9.2f} "
+            f"{wm:9.2f} {wgcm:9.2f} {gm:12.1f}"
+        )
         result["ways"][way] = {
             "load_ms": loads[way],
             **s,

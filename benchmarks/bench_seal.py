@@ -163,19 +163,28 @@ def main():
     mib = 2**20
     print(f"checkpoint: {nbytes / 2**30:.2f} GiB fp16 in {args.shards} shards, 288 tensors; "
           f"driver memory growth at peak (median of {args.rounds} fresh drivers each)")
-    print(f"{'way':10s} {'wrap s':>8s} {'peak total MiB':>15s} {'x ckpt':>7s} {'anon MiB':>9s} {'file MiB':>9s} {'shmem MiB':>10s}")
+    print(
+        f"{'way':10s} {'wrap s':>8s} {'peak total MiB':>15s} {'x ckpt':>7s} {'anon MiB':>9s} {'file MiB':>9s} "
+        f"{'shmem MiB':>10s}"
+    )
     med = {}
     for way in WAYS:
         m = {k: statistics.median(r[k] for r in runs[way]) for k in runs[way][0]}
         med[way] = m
-        print(f"{way:10s} {m['seconds']:8.2f} {m['total'] / mib:15.0f} {m['total'] / nbytes:7.2f} "
-              f"{m['RssAnon'] / mib:9.0f} {m['RssFile'] / mib:9.0f} {m['RssShmem'] / mib:10.0f}")
-    print(f"ours vs baseline: wrap {med['ours']['seconds'] / med['baseline']['seconds']:.2f} x the time, "
-          f"{med['ours']['total'] / med['baseline']['total']:.2f} x the peak memory")
+        print(
+            f"{way:10s} {m['seconds']:8.2f} {m['total'] / mib:15.0f} {m['total'] / nbytes:7.2f} "
+            f"{m['RssAnon'] / mib:9.0f} {m['RssFile'] / mib:9.0f} {m['RssShmem'] / mib:10.0f}"
+        )
+    print(
+        f"ours vs baseline: wrap {med['ours']['seconds'] / med['baseline']['seconds']:.2f} x the time, "
+        f"{med['ours']['total'] / med['baseline']['total']:.2f} x the peak memory"
+    )
     d = med["ours"]["digest_seconds"]
-    print(f"content digest (BLAKE3 of every byte, hashed on its own thread behind the fill, the rest on "
-          f"{os.cpu_count()} cores): the seal waited {d:.3f} s for it after the fill = {d / med['ours']['seconds']:.1%} "
-          f"of the {med['ours']['seconds']:.2f} s wrap")
+    print(
+        f"content digest (BLAKE3 of every byte, hashed on its own thread behind the fill, the rest on "
+        f"{os.cpu_count()} cores): the seal waited {d:.3f} s for it after the fill = {d / med['ours']['seconds']:.1%} "
+        f"of the {med['ours']['seconds']:.2f} s wrap"
+    )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"checkpoint_bytes": nbytes, "runs": runs, "median": med}, f, indent=2)

@@ -453,6 +453,26 @@ typedef struct DLManagedTensor {
 #define RZC_STAGING_NONE 4
 
 /**
+ * Alignment of every tensor's data when `rzc_pack_options.alignment` is 0.
+ */
+#define RZC_PACK_DEFAULT_ALIGNMENT 64
+
+/**
+ * Alignment of every tensor in an uploaded device allocation. A buffer packed
+ * with this alignment has the device layout as its host layout, so an upload
+ * is one contiguous copy.
+ */
+#define RZC_DEVICE_ALIGNMENT 256
+
+/**
+ * Non-tensor bytes a buffer needs before its first and after its last tensor
+ * (`rzc_pack_options.guard_nbytes`) for `RZC_OPEN_WRITE_PROTECT`: one page,
+ * so that every page holding tensor data can be protected without touching
+ * memory outside the buffer.
+ */
+#define RZC_PACK_GUARD_NBYTES 4096
+
+/**
  * Flag of `rzc_open_options`: make every whole page of the buffer (tensor
  * data and header; see `rzc_weights_guard_state`) read-only in this
  * process while the buffer is open (any handle or tensor alive), so that a

@@ -14,9 +14,8 @@ import numpy as np
 import ray
 import torch
 from ray.data import ActorPoolStrategy
-from torch import nn
-
 from ray_zerocopy import ActorWrapper
+from torch import nn
 
 DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"
 GPUS = 1 if DEVICE != "cpu" else 0
@@ -113,7 +112,9 @@ def main():
     # Pattern 1: a single model.
     model_wrapper = ActorWrapper(EncoderModel(), device=DEVICE)
     single = dataset().map_batches(
-        model_wrapper.as_udf(lambda model, batch: {"h": model(torch.as_tensor(batch["data"]).to(DEVICE)).cpu().numpy()}),
+        model_wrapper.as_udf(
+            lambda model, batch: {"h": model(torch.as_tensor(batch["data"]).to(DEVICE)).cpu().numpy()}
+        ),
         batch_size=16,
         compute=ActorPoolStrategy(size=2),
         num_cpus=0.5,
@@ -122,7 +123,11 @@ def main():
 
     # Pattern 3: pre/post-processing objects stay per actor.
     post = dataset().map_batches(
-        PrePostActor, fn_constructor_kwargs={"actor_wrapper": actor_wrapper}, batch_size=16, compute=ActorPoolStrategy(size=2), num_cpus=0.5
+        PrePostActor,
+        fn_constructor_kwargs={"actor_wrapper": actor_wrapper},
+        batch_size=16,
+        compute=ActorPoolStrategy(size=2),
+        num_cpus=0.5,
     )
     print("pre/post-processing:", post.count(), "rows")
 

@@ -19,9 +19,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-
 from ray_zerocopy import ActorWrapper
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 
 @ray.remote(num_cpus=0.5)

@@ -13,9 +13,8 @@ import jax
 import numpy as np
 import ray
 import torch
-from safetensors.torch import save_file
-
 from ray_zerocopy import ActorWrapper
+from safetensors.torch import save_file
 
 
 @ray.remote(num_cpus=0.5)

@@ -15,9 +15,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 import torch
 import transformers
-from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
 from ray_zerocopy import ActorWrapper
+from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
 
 @ray.remote(num_cpus=0.5)

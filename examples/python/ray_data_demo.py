@@ -20,14 +20,15 @@ _models = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
 sys.path.insert(0, _models)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_models, os.environ.get("PYTHONPATH")) if p)
 
-import numpy as np
-import ray
-import torch
-from ray.data import ActorPoolStrategy
-
-import transformer
-from ray_zerocopy import ActorWrapper
-from ray_zerocopy.diagnostics import pss_breakdown
+# Imported after the set-up above, which they rely on: the environment Ray
+# and its workers start with, and the path `transformer` is found on.
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+import transformer  # noqa: E402
+from ray.data import ActorPoolStrategy  # noqa: E402
+from ray_zerocopy import ActorWrapper  # noqa: E402
+from ray_zerocopy.diagnostics import pss_breakdown  # noqa: E402
 
 
 def memory():
@@ -91,7 +92,12 @@ def main():
     model = transformer.build(args.size_mb)
     print(f"model: {transformer.nbytes(model) / 2**20:.0f} MiB in {len(model.state_dict())} tensors")
     ids = np.random.default_rng(0).integers(0, 8192, size=(args.rows, 8))
-    ds = ray.data.from_numpy(ids).map_batches(lambda b: {"ids": b["data"]}).repartition(max(1, args.rows // 8)).materialize()
+    ds = (
+        ray.data.from_numpy(ids)
+        .map_batches(lambda b: {"ids": b["data"]})
+        .repartition(max(1, args.rows // 8))
+        .materialize()
+    )
 
     wrapper = ActorWrapper(model, device="cpu")
     zc = run(ds, ZeroCopyActor, {"actor_wrapper": wrapper}, args.actors)

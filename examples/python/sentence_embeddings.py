@@ -15,10 +15,9 @@ import numpy as np
 import ray
 import torch
 from ray.data import ActorPoolStrategy
+from ray_zerocopy import ActorWrapper
 from sentence_transformers import SentenceTransformer, models
 from transformers import BertConfig, BertModel, BertTokenizer
-
-from ray_zerocopy import ActorWrapper
 
 WORDS = "the a cat dog sat on mat ran in park red blue big small quick brown fox jumps over lazy".split()
 
@@ -54,7 +53,7 @@ def main():
     assert len(out) == len(sentences)
     # Batches group sentences differently here (encode sorts them by length),
     # so padding and the order of float sums differ: equal to float rounding.
-    worst = max(float(np.abs(got[s] - e).max()) for s, e in zip(sentences, expected))
+    worst = max(float(np.abs(got[s] - e).max()) for s, e in zip(sentences, expected, strict=True))
     assert worst < 1e-5, worst
     print(f"sentence-transformers: {actor_wrapper.num_tensors} tensors, {actor_wrapper.nbytes / 2**20:.1f} MiB sealed; "
           f"{len(out)} sentences embedded by "

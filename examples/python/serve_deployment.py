@@ -17,11 +17,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 import torch
 from ray import serve
-from starlette.requests import Request
-from torch import nn
-
 from ray_zerocopy import ActorWrapper
 from ray_zerocopy.diagnostics import pss_breakdown
+from starlette.requests import Request
+from torch import nn
 
 
 class Classifier(nn.Module):
@@ -67,7 +66,9 @@ def build_app(actor_wrapper, replicas: int):
 def ask(port: int, inputs=None) -> dict:
     """POSTs ``inputs`` to the service (GET, a replica's stats, without)."""
     data = json.dumps({"inputs": inputs}).encode() if inputs is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/classify", data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/classify", data=data, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
 

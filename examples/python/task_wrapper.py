@@ -10,9 +10,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
 import torch
-from torch import nn
-
 from ray_zerocopy import TaskWrapper
+from torch import nn
 
 
 class Embedder(nn.Module):

@@ -11,24 +11,39 @@ and Ray are imported when used.
 
 from ._native import Dtype
 from ._native import version as _native_version
+from .device_weights import DeviceWeights
 from .errors import (
     BadDeviceError,
     BadFormatError,
+    BufferMismatchError,
     BufferTooSmallError,
+    CheckpointNotFoundError,
     CudaError,
+    DeviceNotVisibleError,
+    DLPackExportError,
+    InternalError,
     InvalidArgumentError,
-    IOFailure,
+    InvalidInputError,
+    InvalidTypeError,
     IoError,
+    IOFailure,
+    MissingTensorError,
     NoCudaError,
     NotFoundError,
     NullArgumentError,
     OutOfMemoryError,
     OutOfRangeError,
     PanicError,
+    RayNotInitializedError,
+    RayZeroCopyError,
     RzcError,
+    SealedObjectLostError,
+    UnshareableTensorError,
     UnsupportedDtypeError,
+    UnsupportedObjectError,
 )
-from .weights import DeviceWeights, PackInput, PackPlan, Sealer, TensorInfo, Weights, pack, seal_buffer
+from .pack import PackInput, PackPlan, Sealer, pack, seal_buffer
+from .weights import TensorInfo, Weights
 
 __version__ = _native_version()
 
@@ -44,6 +59,8 @@ __all__ = [
     "pack",
     "seal_buffer",
     "Sealer",
+    "LoadOptions",
+    "RayZeroCopyError",
     "RzcError",
     "BadFormatError",
     "InvalidArgumentError",
@@ -59,13 +76,31 @@ __all__ = [
     "CudaError",
     "OutOfMemoryError",
     "PanicError",
+    "InvalidInputError",
+    "InvalidTypeError",
+    "UnshareableTensorError",
+    "DeviceNotVisibleError",
+    "CheckpointNotFoundError",
+    "MissingTensorError",
+    "UnsupportedObjectError",
+    "DLPackExportError",
+    "RayNotInitializedError",
+    "SealedObjectLostError",
+    "BufferMismatchError",
+    "InternalError",
 ]
 
 
 def __getattr__(name):
-    # The wrappers need Ray only when used; resolve them on first access.
+    # The wrappers need Ray only when used, and the load options come with
+    # the loader, which a process that only opens buffers never needs; resolve
+    # them on first access.
     if name in ("ActorWrapper", "TaskWrapper"):
         from . import wrappers
 
         return getattr(wrappers, name)
+    if name == "LoadOptions":
+        from ._load import LoadOptions
+
+        return LoadOptions
     raise AttributeError(f"module 'ray_zerocopy' has no attribute {name!r}")

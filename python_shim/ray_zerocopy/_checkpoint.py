@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CheckpointNotFoundError, InvalidInputError
 from .weights import Weights
 
 __all__ = ["INDEX", "Entry", "Checkpoint", "read"]
@@ -47,10 +48,10 @@ def _shards(path) -> tuple[list[Path], dict | None]:
     if isinstance(path, (list, tuple)):
         files = [Path(p) for p in path]
         if not files:
-            raise ValueError("the list of checkpoint files is empty")
+            raise InvalidInputError("the list of checkpoint files is empty")
         for f in files:
             if not f.is_file():
-                raise FileNotFoundError(f"checkpoint file {f} does not exist")
+                raise CheckpointNotFoundError(f"checkpoint file {f} does not exist")
         return files, None
     path = Path(path)
     if path.is_dir():
@@ -59,12 +60,12 @@ def _shards(path) -> tuple[list[Path], dict | None]:
             return _from_index(index)
         files = sorted(path.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{path} holds no checkpoint: no *.safetensors files and no {INDEX}")
+            raise CheckpointNotFoundError(f"{path} holds no checkpoint: no *.safetensors files and no {INDEX}")
         return files, None
     if path.suffix == ".json":
         return _from_index(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
     return [path], None
 
 
@@ -72,13 +73,15 @@ def _from_index(index: Path) -> tuple[list[Path], dict]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from e
+        raise InvalidInputError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from e
     files = []
     for name in dict.fromkeys(weight_map.values()):
         f = index.parent / name
         if not f.is_file():
             listed = sum(1 for v in weight_map.values() if v == name)
-            raise FileNotFoundError(f"shard {name}, which {index.name} lists for {listed} tensor(s), is missing from {index.parent}")
+            raise CheckpointNotFoundError(
+                f"shard {name}, which {index.name} lists for {listed} tensor(s), is missing from {index.parent}"
+            )
         files.append(f)
     return files, weight_map
 
@@ -94,16 +97,16 @@ def read(path) -> Checkpoint:
                 metadata = w.metadata
             for t in w.table():
                 if t.name in seen:
-                    raise ValueError(f"tensor {t.name!r} is in two shards: {seen[t.name].name} and {f.name}")
+                    raise InvalidInputError(f"tensor {t.name!r} is in two shards: {seen[t.name].name} and {f.name}")
                 seen[t.name] = f
                 entries.append(Entry(t.name, t.dtype, t.shape, t.nbytes, f, t.offset))
     if weight_map is not None:
         for name, shard in weight_map.items():
             if seen.get(name, None) is None or seen[name].name != Path(shard).name:
                 where = f"it is in {seen[name].name}" if name in seen else "no shard holds it"
-                raise ValueError(f"the index lists tensor {name!r} in {shard}, but {where}")
+                raise InvalidInputError(f"the index lists tensor {name!r} in {shard}, but {where}")
     if not entries:
-        raise ValueError(f"{path} holds no tensors")
+        raise InvalidInputError(f"{path} holds no tensors")
     return Checkpoint(tuple(entries), metadata or {}, tuple(files))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Device:
@@ -26,4 +28,6 @@ def parse_device(device) -> Device:
         return Device("cuda", 0)
     if text.startswith("cuda:") and text[5:].isdigit():
         return Device("cuda", int(text[5:]))
-    raise ValueError(f"device {device!r} is not understood: use 'cpu', 'cuda' or 'cuda:N' (N a GPU index, e.g. 'cuda:0')")
+    raise InvalidInputError(
+        f"device {device!r} is not understood: use 'cpu', 'cuda' or 'cuda:N' (N a GPU index, e.g. 'cuda:0')"
+    )

@@ -14,9 +14,11 @@ from __future__ import annotations
 import ctypes
 
 from ._native import check, ffi, lib
+from .errors import DLPackExportError
 
-kDLCPU = 1
-kDLCUDA = 2
+# The DLPack device types, from the header's copy of dlpack.h.
+kDLCPU = lib.kDLCPU
+kDLCUDA = lib.kDLCUDA
 
 _VERSIONED = b"dltensor_versioned"
 _LEGACY = b"dltensor"
@@ -27,7 +29,9 @@ _api.PyCapsule_New.restype = ctypes.py_object
 _api.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, _DESTRUCTOR]
 # The same function with no destructor (a NULL pointer), for capsules that
 # are consumed at once (see consume_versioned).
-_new_bare = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(("PyCapsule_New", _api))
+_new_bare = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+    ("PyCapsule_New", _api)
+)
 _api.PyCapsule_IsValid.restype = ctypes.c_int
 _api.PyCapsule_IsValid.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _api.PyCapsule_GetPointer.restype = ctypes.c_void_p
@@ -98,9 +102,9 @@ class DLPackTensor:
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
         if copy:
-            raise BufferError("ray-zerocopy exports shared memory without copying; copy=True is not supported")
+            raise DLPackExportError("ray-zerocopy exports shared memory without copying; copy=True is not supported")
         if dl_device is not None and tuple(dl_device) != tuple(self._device):
-            raise BufferError(f"tensor lives on DLPack device {self._device}, not {tuple(dl_device)}")
+            raise DLPackExportError(f"tensor lives on DLPack device {self._device}, not {tuple(dl_device)}")
         if max_version is not None and max_version[0] >= 1:
             return versioned_capsule(self._exporter.export_versioned(self._index))
         return legacy_capsule(self._exporter.export_legacy(self._index))

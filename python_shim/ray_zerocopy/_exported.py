@@ -16,6 +16,7 @@ import torch
 from torch._export.serde import serialize as serde  # private; what torch.export.save/load use
 
 from ._programs import check, meta, pack, placeholder, unpack
+from .errors import InvalidInputError, InvalidTypeError, UnsupportedObjectError
 
 # ---------------------------------------------------------------------------
 # torch.export
@@ -54,7 +55,7 @@ def _example_inputs_bytes(serde, ep, mode: str) -> bytes:
     if mode == "placeholder":
         ex = torch.utils._pytree.tree_map_only(torch.Tensor, placeholder, ex)
     elif mode != "keep":
-        raise ValueError(f"example_inputs={mode!r}: expected auto, keep, placeholder or drop")
+        raise InvalidInputError(f"example_inputs={mode!r}: expected auto, keep, placeholder or drop")
     return serde.serialize_torch_artifact(ex)
 
 
@@ -64,13 +65,13 @@ def strip(ep, example_inputs: str = "auto") -> tuple[bytes, dict[str, torch.Tens
     (lifted constants, non-persistent buffers). ``example_inputs``: see
     :func:`_example_inputs_bytes`."""
     if not isinstance(ep, torch.export.ExportedProgram):
-        raise TypeError(f"expected a torch.export.ExportedProgram, got {type(ep).__name__}")
+        raise InvalidTypeError(f"expected a torch.export.ExportedProgram, got {type(ep).__name__}")
     sig = ep.graph_signature
     mutated = _mutated_state(ep)
     if mutated:
         # Running it writes into those tensors: shared read-only weights
         # would fault (or, unguarded, change every process's copy).
-        raise ValueError(
+        raise InvalidInputError(
             f"the program mutates buffers {sorted(mutated)[:5]} when it runs (e.g. BatchNorm in training mode); "
             "export the model in eval mode to share it read-only"
         )
@@ -82,9 +83,11 @@ def strip(ep, example_inputs: str = "auto") -> tuple[bytes, dict[str, torch.Tens
     for where, items in (("state_dict", ep.state_dict.items()), ("constants", ep.constants.items())):
         for name, t in items:
             if not isinstance(t, torch.Tensor):
-                raise NotImplementedError(f"{where}[{name!r}] is a {type(t).__name__} (torchbind object): not supported")
+                raise UnsupportedObjectError(
+                    f"{where}[{name!r}] is a {type(t).__name__} (torchbind object): not supported"
+                )
             if t.layout != torch.strided or t.is_quantized:
-                raise NotImplementedError(f"{where}[{name!r}]: layout {t.layout} / quantized not supported")
+                raise UnsupportedObjectError(f"{where}[{name!r}]: layout {t.layout} / quantized not supported")
             key = key_of.get(id(t))
             if key is None:
                 key = key_of[id(t)] = name
@@ -125,7 +128,8 @@ def _mutated_state(ep) -> set:
         schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
         if schema is None:
             continue
-        for arg, value in zip(schema.arguments, node.args):
+        # Arguments left to their defaults are not in node.args.
+        for arg, value in zip(schema.arguments, node.args, strict=False):
             written = arg.alias_info is not None and arg.alias_info.is_write
             if written and isinstance(value, torch.fx.Node) and value.name in state:
                 out.add(state[value.name])

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from . import _numpy
-from .weights import DeviceWeights
+from .device_weights import DeviceWeights
 
 
 def accepts(obj) -> bool:

@@ -9,34 +9,72 @@ store to the pipeline the caller gets, top to bottom.
 3. :func:`materialize`: every tensor as an array of its framework, adopted
    zero-copy from the buffer on the CPU; on a GPU the buffer is uploaded once
    and every framework adopts its tensors from that one device allocation;
-4. :func:`rebuild`: the skeleton is unpickled with each reference resolved to
-   its tensor, and modules are put in eval mode.
+4. :func:`rebuild` (``_skeleton``): the skeleton is unpickled with each
+   reference resolved to its tensor, and modules are put in eval mode.
 
-Nothing here but step 1 needs Ray, so :func:`assemble` also serves buffers
-that reach a process some other way.
+What a load may choose travels as one :class:`LoadOptions`. Nothing here but
+step 1 needs Ray, so :func:`assemble` also serves buffers that reach a
+process some other way.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import gc
-import io
 import os
-import pickle
 import sys
 import threading
 import time
 import weakref
+from typing import NamedTuple
 
 from . import _seal, _telemetry
 from ._device import Device, parse_device
-from .errors import NoCudaError
-from .weights import Weights, cuda_device_count
+from ._skeleton import FRAMEWORK_OF, TORCH_PARAM, rebuild
+from .device_weights import DeviceWeights, cuda_device_count
+from .errors import BufferMismatchError, DeviceNotVisibleError, InvalidInputError, NoCudaError, SealedObjectLostError
+from .weights import Weights
 
-__all__ = ["FRAMEWORKS", "load", "open_sealed", "assemble", "materialize", "rebuild"]
+__all__ = ["FRAMEWORKS", "LoadOptions", "Loaded", "load", "open_sealed", "assemble", "build", "materialize", "rebuild"]
 
 FRAMEWORKS = ("torch", "numpy", "jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """Everything a load may choose, checked when made.
+
+    ``device``: where the tensors go (``"cpu"``, ``"cuda:N"``, a
+    :class:`~ray_zerocopy._device.Device`). ``framework``: every tensor as
+    that framework's array (``None``: each as the kind it was sealed as).
+    ``fast``: adopt all CPU tensors through one DLPack export.
+    ``write_protect``: make the weights' pages read-only in this process.
+    ``share_key``: on a GPU, share one device copy with the processes of this
+    node that load the same content under that key onto the same GPU."""
+
+    device: Device = Device("cpu")
+    framework: str | None = None
+    fast: bool = False
+    write_protect: bool = True
+    share_key: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "device", parse_device(self.device))
+        if self.framework is not None and self.framework not in FRAMEWORKS:
+            raise InvalidInputError(f"framework {self.framework!r} is not one of {FRAMEWORKS}")
+
+    def replace(self, **changes) -> LoadOptions:
+        """A copy with ``changes`` (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+
+class Loaded(NamedTuple):
+    """A loaded pipeline, and its upload's ``info()`` (``None`` on the CPU)."""
+
+    pipeline: object
+    upload: dict | None
 
 
 @contextlib.contextmanager
@@ -66,24 +104,21 @@ def _no_collection():
             gc.enable()
 
 
-def load(ref, sealed: "_seal.Sealed", write_protect: bool, device, framework=None, fast: bool = False, share_key=None):
+def load(ref, sealed: _seal.Sealed, options: LoadOptions):
     """What ``ActorWrapper.load`` does: open the sealed object behind
-    ``ref`` and assemble the pipeline ``sealed`` describes from it. On a GPU,
-    with a ``share_key``, the processes on the node that load the same
-    content under that key onto the same GPU share one device copy."""
+    ``ref`` and assemble the pipeline ``sealed`` describes from it."""
     started = time.perf_counter()
-    report: dict = {}
     with _no_collection():
-        pipeline = assemble(open_sealed(ref, write_protect), sealed, device, framework, fast, share_key, report)
+        loaded = build(open_sealed(ref, options.write_protect), sealed, options)
     seconds = time.perf_counter() - started
-    _telemetry.loaded(str(parse_device(device)), len(sealed.kinds), seconds, write_protect, report.get("upload"))
-    return pipeline
+    _telemetry.loaded(str(options.device), len(sealed.kinds), seconds, options.write_protect, loaded.upload)
+    return loaded.pipeline
 
 
 # -- 1. open ------------------------------------------------------------------
 # Opened buffers, per process, by object ID. Weak: the handle goes when no
 # load is in progress; tensors keep the buffer itself alive on their own.
-_opened: "weakref.WeakValueDictionary[tuple, Weights]" = weakref.WeakValueDictionary()
+_opened: weakref.WeakValueDictionary[tuple, Weights] = weakref.WeakValueDictionary()
 _opened_lock = threading.Lock()
 
 
@@ -100,7 +135,7 @@ def open_sealed(ref, write_protect: bool) -> Weights:
         try:
             buffer = ray.get(ref)
         except (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFreedError, ray.exceptions.OwnerDiedError) as e:
-            raise RuntimeError(
+            raise SealedObjectLostError(
                 f"the sealed weights (object {key[0]}) are no longer in Ray's object store ({type(e).__name__}); "
                 "the driver that created the wrapper must keep it (and Ray) alive while actors load it"
             ) from e
@@ -116,32 +151,44 @@ def open_sealed(ref, write_protect: bool) -> Weights:
 
 
 # -- 2. check and assemble ----------------------------------------------------
-def assemble(
-    weights: Weights, sealed: "_seal.Sealed", device="cpu", framework=None, fast: bool = False, share=None, report=None
-):
-    """Builds the pipeline described by ``sealed`` from its opened buffer (on
-    a GPU, sharing the device copy under the key ``share`` when given; the
-    upload's ``info()`` goes to ``report["upload"]`` when a dict is given)."""
-    dev = parse_device(device)
-    if framework is not None and framework not in FRAMEWORKS:
-        raise ValueError(f"framework {framework!r} is not one of {FRAMEWORKS}")
-    if framework not in (None, "torch") and _seal.TORCH_PARAM in sealed.kinds:
-        raise ValueError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
-    if len(weights) != len(sealed.kinds) or weights.content_digest() != sealed.content_digest:
-        raise RuntimeError(
-            f"the buffer ({len(weights)} tensors) is not the one this wrapper was sealed with "
-            f"({len(sealed.kinds)} tensors): its header (tensor table or content digest) differs"
-        )
-    share = (share, sealed.content_digest) if share is not None else None
+def assemble(weights: Weights, sealed: _seal.Sealed, options: LoadOptions | None = None, **choices):
+    """Builds the pipeline described by ``sealed`` from its opened buffer,
+    as ``options`` say (or a :class:`LoadOptions` made of ``choices``:
+    ``assemble(w, sealed, device="cuda:0")``)."""
+    return build(weights, sealed, _options(options, choices)).pipeline
+
+
+def _options(options: LoadOptions | None, choices: dict) -> LoadOptions:
+    if options is None:
+        return LoadOptions(**choices)
+    return options.replace(**choices) if choices else options
+
+
+def build(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) -> Loaded:
+    """:func:`assemble`, also returning the upload's ``info()``."""
+    _check(weights, sealed, options)
     with _no_collection():
-        tensors = materialize(weights, sealed.kinds, framework, dev, fast, share, report)
-        if "torch" in sys.modules and (framework == "torch" or (framework is None and _seal.TORCH_PARAM in sealed.kinds)):
+        tensors, upload_info = materialize(weights, sealed, options)
+        if "torch" in sys.modules and (
+            options.framework == "torch" or (options.framework is None and TORCH_PARAM in sealed.kinds)
+        ):
             from ._torch import as_parameter
 
             # Frozen parameters where the pipeline had parameters (one object
             # per reference, so tied parameters stay one parameter).
-            tensors = [as_parameter(t) if k == _seal.TORCH_PARAM else t for t, k in zip(tensors, sealed.kinds)]
-        return rebuild(sealed.skeleton, tensors, sealed.needs_eval)
+            tensors = [as_parameter(t) if k == TORCH_PARAM else t for t, k in zip(tensors, sealed.kinds, strict=True)]
+        return Loaded(rebuild(sealed.skeleton, tensors, sealed.needs_eval), upload_info)
+
+
+def _check(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) -> None:
+    """The buffer is the one ``sealed`` describes, and loads as ``options`` say."""
+    if options.framework not in (None, "torch") and TORCH_PARAM in sealed.kinds:
+        raise InvalidInputError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
+    if len(weights) != len(sealed.kinds) or weights.content_digest() != sealed.content_digest:
+        raise BufferMismatchError(
+            f"the buffer ({len(weights)} tensors) is not the one this wrapper was sealed with "
+            f"({len(sealed.kinds)} tensors): its header (tensor table or content digest) differs"
+        )
 
 
 # -- 3. materialize -----------------------------------------------------------
@@ -155,23 +202,29 @@ def _adapter(framework: str):
     return adapter
 
 
-def materialize(weights: Weights, kinds, framework, dev: Device, fast: bool = False, share=None, report=None) -> list:
+def materialize(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) -> tuple[list, dict | None]:
     """Tensor ``i`` of ``weights`` as an array of its framework (or of
-    ``framework`` for all), for every ``i``.
+    ``options.framework`` for all), for every ``i``; and the upload's
+    ``info()`` on a GPU (else ``None``).
 
     On a GPU the whole buffer is uploaded once, before any framework adopts
     its tensors: torch and JAX tensors of one pipeline share the allocation."""
     groups: dict[str, list[int]] = collections.defaultdict(list)
-    for i, kind in enumerate(kinds):
-        groups[framework or _seal.FRAMEWORK_OF[kind]].append(i)
+    for i, kind in enumerate(sealed.kinds):
+        groups[options.framework or FRAMEWORK_OF[kind]].append(i)
+    dev = options.device
     if dev.kind != "cpu" and "numpy" in groups:
-        raise ValueError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
-    source = weights if dev.kind == "cpu" else upload(weights, dev, share, report)
-    out: list = [None] * len(kinds)
+        raise InvalidInputError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
+    source, upload_info = weights, None
+    if dev.kind != "cpu":
+        source = upload(weights, dev, options.share_key, sealed.content_digest)
+        upload_info = source.info()
+        _report_upload(dev, upload_info, options.share_key is not None)
+    out: list = [None] * len(sealed.kinds)
     for fw, indices in groups.items():
-        for i, a in zip(indices, _adapter(fw).adopt(source, indices, fast)):
+        for i, a in zip(indices, _adapter(fw).adopt(source, indices, options.fast), strict=True):
             out[i] = a
-    return out
+    return out, upload_info
 
 
 def _ray_share_dir():
@@ -187,12 +240,10 @@ def _ray_share_dir():
         return None
 
 
-def upload(weights: Weights, dev: Device, share=None, report=None):
-    """The buffer on GPU ``dev`` (one allocation; with ``share = (key,
-    content_digest)``, shared with the other processes of this node that load
-    the same content under that key onto that GPU), or an error that says
-    what to do. Its ``info()`` goes to ``report["upload"]`` when a dict is
-    given."""
+def upload(weights: Weights, dev: Device, share_key: str | None, content_digest: bytes) -> DeviceWeights:
+    """The buffer on GPU ``dev`` (one allocation; with a ``share_key``,
+    shared with the other processes of this node that load the same content
+    under that key onto that GPU), or an error that says what to do."""
     try:
         count = cuda_device_count()
     except NoCudaError as e:
@@ -200,43 +251,26 @@ def upload(weights: Weights, dev: Device, share=None, report=None):
     else:
         why = f"this process sees {count} CUDA device(s)"
     if dev.index >= count:
-        raise NoCudaError(
-            "RZC_NO_CUDA",
+        raise DeviceNotVisibleError(
             f"device {str(dev)!r} was requested, but this process sees no CUDA device {dev.index} ({why}). "
-            "On Ray, give the actor a GPU (num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'.",
+            "On Ray, give the actor a GPU (num_gpus=1 in map_batches or @ray.remote), or load with device='cpu'."
         )
-    if share is None:
-        device_weights = weights.upload(dev.index)
-    else:
-        key, digest = share
-        device_weights = weights.upload(dev.index, share=key, share_digest=digest, share_dir=_ray_share_dir())
-    info = device_weights.info()
-    if report is not None:
-        report["upload"] = info
+    if share_key is None:
+        return weights.upload(dev.index)
+    return weights.upload(dev.index, share=share_key, share_digest=content_digest, share_dir=_ray_share_dir())
+
+
+def _report_upload(dev: Device, info: dict, shared: bool) -> None:
+    """Logs what an upload did not do the fast way."""
     if info["dir_note"]:
         _telemetry.log.info("sharing the device copy on %s: %s", dev, info["dir_note"])
-    if share is not None and info["fallback"] != "none":
+    if shared and info["fallback"] != "none":
         _telemetry.fallback(
             "the device copy on %s is private to this process (%s): %s", dev, info["fallback"], info["note"]
         )
     if info["staging"] == "pinned":
         _telemetry.fallback(
             "the driver refused to register the sealed buffer on %s; it was copied through pinned bounce buffers "
-            "(slower; registration needs page-lockable shared memory, see docs/performance.md)", dev
+            "(slower; registration needs page-lockable shared memory, see docs/performance.md)",
+            dev,
         )
-    return device_weights
-
-
-# -- 4. rebuild ---------------------------------------------------------------
-def rebuild(skeleton: bytes, objects: list, needs_eval: bool = True) -> object:
-    """Unpickles ``skeleton`` with reference ``i`` resolved to ``objects[i]``.
-    Sealing pickles modules in eval mode; ``needs_eval`` (some module could
-    not be) walks the result and switches every module to eval mode."""
-    unpickler = pickle.Unpickler(io.BytesIO(skeleton))
-    unpickler.persistent_load = lambda pid: objects[pid[0]]
-    obj = unpickler.load()
-    if needs_eval:
-        for _, module in _seal.walk_modules(obj):
-            if any(m.training for m in module.modules()):
-                module.eval()
-    return obj

@@ -9,7 +9,19 @@ import enum
 from ._rzc import ffi, lib
 from .errors import error_for
 
-__all__ = ["ffi", "lib", "check", "Dtype", "DTYPE_NAMES", "DTYPE_CODES", "STATUS_NAMES", "version"]
+__all__ = [
+    "ffi",
+    "lib",
+    "check",
+    "new_struct",
+    "code_names",
+    "text",
+    "Dtype",
+    "DTYPE_NAMES",
+    "DTYPE_CODES",
+    "STATUS_NAMES",
+    "version",
+]
 
 
 def check(status: int) -> None:
@@ -23,6 +35,31 @@ def check(status: int) -> None:
 def version() -> str:
     """The native library's version."""
     return ffi.string(lib.rzc_version()).decode()
+
+
+def new_struct(ctype: str, **fields):
+    """A new cffi struct of an extensible type, its ``struct_nbytes`` set."""
+    return ffi.new(ctype + " *", {"struct_nbytes": ffi.sizeof(ctype), **fields})
+
+
+def text(ptr, n: int) -> str:
+    """``n`` bytes of UTF-8 at ``ptr`` as a string (``""`` for none)."""
+    return ffi.unpack(ptr, n).decode("utf-8", "replace") if n else ""
+
+
+def code_names(prefix: str) -> dict[int, str]:
+    """``{code: name}`` of the header's ``#define`` family ``prefix``, each
+    name the rest of the macro's name in lower case: ``code_names("RZC_GUARD_")``
+    is ``{0: "none", 1: "sealed", ...}``. The header is the only list."""
+    out = {}
+    for name in dir(lib):
+        if name.startswith(prefix):
+            code = getattr(lib, name)
+            if isinstance(code, int):
+                out[code] = name[len(prefix) :].lower()
+    if not out:
+        raise ImportError(f"the native library defines no {prefix}* constants; it does not match this package")
+    return out
 
 
 def _table(name_of, stop) -> dict[int, str]:

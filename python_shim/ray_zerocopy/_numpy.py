@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from ._native import DTYPE_CODES
-from .errors import UnsupportedDtypeError
-from .weights import PackInput, Weights
+from .errors import UnshareableTensorError
+from .pack import PackInput
+from .weights import Weights
 
 _NAMES = {
     "float32": "F32",
@@ -57,7 +58,7 @@ def accepts(obj) -> bool:
 def pack_input(a: np.ndarray, name: str) -> tuple[PackInput, object]:
     st = _NAMES.get(a.dtype.name)
     if st is None:
-        raise UnsupportedDtypeError("RZC_UNSUPPORTED_DTYPE", f"array {name!r} has dtype {a.dtype}, which safetensors cannot hold")
+        raise UnshareableTensorError(f"array {name!r} has dtype {a.dtype}, which safetensors cannot hold")
     # np.ascontiguousarray makes a 0-d array 1-d (it returns ndim >= 1): a
     # scalar (a temperature, a step counter) would come back with shape (1,).
     if not a.flags.c_contiguous:
@@ -76,8 +77,8 @@ def adopt(weights: Weights, indices, fast: bool = False) -> list:
         t = table[i]
         dt = TO_NUMPY.get(t.dtype)
         if dt is None:
-            raise UnsupportedDtypeError(
-                "RZC_UNSUPPORTED_DTYPE", f"tensor {t.name!r} has dtype {t.dtype}; install ml_dtypes to read it with numpy"
+            raise UnshareableTensorError(
+                f"tensor {t.name!r} has dtype {t.dtype}; install ml_dtypes to read it with numpy"
             )
         off = t.offset - start
         out.append(section[off : off + t.nbytes].view(dt).reshape(t.shape))

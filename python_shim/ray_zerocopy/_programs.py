@@ -8,6 +8,8 @@ import pickle
 
 import torch
 
+from .errors import InvalidInputError, InvalidTypeError, MissingTensorError, UnsupportedObjectError
+
 BLOB_VERSION = 1
 
 
@@ -22,14 +24,17 @@ def check(tensors: dict, metas: dict) -> None:
     missing = metas.keys() - tensors.keys()
     extra = tensors.keys() - metas.keys()
     if missing or extra:
-        raise KeyError(f"tensors do not match the blob: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+        raise MissingTensorError(
+            f"tensors do not match the blob: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
+        )
     for name, m in metas.items():
         t = tensors[name]
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+            raise InvalidTypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != m["shape"] or t.dtype != m["dtype"]:
-            raise ValueError(
-                f"tensor {name!r}: supplied {tuple(t.shape)} {t.dtype}, the stripped object had {m['shape']} {m['dtype']}"
+            raise InvalidInputError(
+                f"tensor {name!r}: supplied {tuple(t.shape)} {t.dtype}, "
+                f"the stripped object had {m['shape']} {m['dtype']}"
             )
 
 
@@ -40,14 +45,16 @@ def pack(kind: str, payload: dict) -> bytes:
 def unpack(blob: bytes, kind: str) -> dict:
     d = pickle.loads(blob)
     if d.get("kind") != kind or d.get("version") != BLOB_VERSION:
-        raise ValueError(f"not a {kind} blob of version {BLOB_VERSION}: {d.get('kind')!r} version {d.get('version')!r}")
+        raise InvalidInputError(
+            f"not a {kind} blob of version {BLOB_VERSION}: {d.get('kind')!r} version {d.get('version')!r}"
+        )
     return d
 
 
 def placeholder(t: torch.Tensor) -> torch.Tensor:
     """Same dtype and shape, one element of (CPU) storage, never written."""
     if t.is_sparse or t.is_quantized or t.layout != torch.strided:
-        raise NotImplementedError(f"tensor layout {t.layout} / quantized tensors are not supported")
+        raise UnsupportedObjectError(f"tensor layout {t.layout} / quantized tensors are not supported")
     if t.numel() == 0:
         return torch.empty(t.shape, dtype=t.dtype)
     return torch.zeros((), dtype=t.dtype).expand(t.shape)

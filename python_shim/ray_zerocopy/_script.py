@@ -17,6 +17,7 @@ import threading
 import torch
 
 from ._programs import check, meta, pack, placeholder, unpack
+from .errors import InternalError, InvalidTypeError, UnsupportedObjectError
 
 # ---------------------------------------------------------------------------
 # TorchScript
@@ -46,13 +47,13 @@ def _script_tensor_slots(module) -> list[tuple[str, torch.Tensor]]:
         # parameters and buffers). Present since torch 1.4.
         attrs = torch._C._jit_debug_module_iterators(module._c)["named_attributes_r"]
     except (AttributeError, KeyError):  # fallback: parameters and buffers only
-        attrs = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+        attrs = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     slots = []
     for path, value in attrs:
         if isinstance(value, torch.Tensor):
             slots.append((path, value))
         elif isinstance(value, (list, tuple, dict)) and _contains_tensor(value):
-            raise NotImplementedError(f"TorchScript attribute {path!r} is a container of tensors: not supported")
+            raise UnsupportedObjectError(f"TorchScript attribute {path!r} is a container of tensors: not supported")
     return slots
 
 
@@ -135,7 +136,7 @@ def strip(module, constant_min_bytes: int | None = CONSTANT_MIN_BYTES) -> tuple[
     ``constant_min_bytes``: graph constants this large or larger are stripped
     too (named ``<module path>:<method>:const<i>``); None: none are."""
     if not isinstance(module, torch.jit.ScriptModule):
-        raise TypeError(f"expected a torch.jit.ScriptModule, got {type(module).__name__}")
+        raise InvalidTypeError(f"expected a torch.jit.ScriptModule, got {type(module).__name__}")
     slots = _script_tensor_slots(module)
     key_of: dict[int, str] = {}  # id(tensor) -> name
     tensors: dict[str, torch.Tensor] = {}
@@ -229,7 +230,7 @@ def rebuild(blob: bytes, tensors: dict[str, torch.Tensor], map_location=None):
                 node.t_("value", tensors[key])
                 found.add(key)
         if found != set(tags.values()):
-            raise RuntimeError(f"graph constants not found after loading: {sorted(set(tags.values()) - found)[:5]}")
+            raise InternalError(f"graph constants not found after loading: {sorted(set(tags.values()) - found)[:5]}")
     return module.eval()
 
 

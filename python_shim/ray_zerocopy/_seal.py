@@ -12,7 +12,6 @@ weights) is one reference, so it is stored once and comes back tied.
 
 from __future__ import annotations
 
-import copyreg
 import io
 import pickle
 import sys
@@ -22,21 +21,40 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checkpoint, _telemetry
-from .errors import RzcError, UnsupportedDtypeError
-from .weights import PackInput, PackPlan, Sealer, Weights, view_at
+from ._native import DTYPE_CODES
+from ._skeleton import FRAMEWORK_OF, JAX, NUMPY, TORCH, TORCH_PARAM, items, referenced_modules, walk, walk_modules
+from .errors import InternalError, InvalidInputError, InvalidTypeError, RayZeroCopyError
+from .pack import DEVICE_ALIGNMENT, GUARD_NBYTES, PackInput, PackPlan, Sealer, view_at
+from .weights import Weights
 
-# Bytes of non-tensor data before the first and after the last tensor: one
-# page each, so the write guard can protect every page holding weights
+__all__ = [
+    "Sealed",
+    "Packing",
+    "pack_object",
+    "pack_checkpoint",
+    "seal",
+    "seal_checkpoint",
+    "kind_of",
+    "GUARD_BYTES",
+    "ALIGNMENT",
+    # The kinds of reference live with the skeleton; here too, where sealing
+    # callers have always found them.
+    "TORCH",
+    "TORCH_PARAM",
+    "NUMPY",
+    "JAX",
+    "FRAMEWORK_OF",
+]
+
+# Bytes of non-tensor data before the first and after the last tensor (one
+# page each), so that the write guard can protect every page holding weights
 # without touching memory outside the buffer.
-GUARD_BYTES = 4096
-# Every tensor starts at a multiple of 256 bytes: JAX adopts 64-byte aligned
-# host memory without copying, and with tensors 256 bytes apart the device
-# layout (256-byte aligned, for cuBLAS) is the host layout, so an upload is
-# one contiguous copy. It costs at most 255 bytes of padding per tensor.
-ALIGNMENT = 256
-
-TORCH, TORCH_PARAM, NUMPY, JAX = "torch", "torch.param", "numpy", "jax"
-FRAMEWORK_OF = {TORCH: "torch", TORCH_PARAM: "torch", NUMPY: "numpy", JAX: "jax"}
+GUARD_BYTES = GUARD_NBYTES
+# Every tensor starts at the device alignment (256 bytes): JAX adopts 64-byte
+# aligned host memory without copying, and with the device layout as the host
+# layout an upload is one contiguous copy. It costs at most 255 bytes of
+# padding per tensor.
+ALIGNMENT = DEVICE_ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,15 @@ class Sealed:
     content_digest: bytes  # Weights.content_digest() of the sealed buffer: every byte of it
     needs_eval: bool = False  # some module was pickled in training mode: switch after loading
     digest_seconds: float = 0.0  # what computing the digest cost while sealing
+
+    def share_key(self, cluster: str) -> str:
+        """The key under which processes of the Ray cluster ``cluster`` (its
+        session name) share one device copy of this buffer: 128 bits of
+        SHA-256 over the content digest and the cluster, in hex. With the
+        content digest it is the buffer's identity; both are made here only."""
+        import hashlib
+
+        return hashlib.sha256(b"ray-zerocopy share key v1\0" + self.content_digest + cluster.encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -92,11 +119,11 @@ class Packing:
             waited = time.perf_counter() - started
         with Weights.from_buffer(dst) as w:
             if len(w) != len(self.kinds):
-                raise AssertionError(f"packed {len(w)} tensors for {len(self.kinds)} references")
+                raise InternalError(f"packed {len(w)} tensors for {len(self.kinds)} references")
         modules = referenced_modules(self.skeleton)
         return Sealed(self.skeleton, tuple(self.kinds), modules, int(dst.nbytes), digest, self.needs_eval, waited)
 
-    def to_array(self) -> tuple[Sealed, "np.ndarray"]:
+    def to_array(self) -> tuple[Sealed, np.ndarray]:
         """The buffer as a new array (no Ray needed), and its description."""
         buffer = np.empty(self.nbytes, dtype=np.uint8)
         return self.write(buffer), buffer
@@ -140,43 +167,6 @@ def _adapters():
     return out
 
 
-def walk(obj, is_leaf, prefix: str = "", seen=None, depth: int = 0):
-    """Yields ``(path, leaf)`` for every object reachable from ``obj``
-    through attributes, lists, tuples and dicts for which ``is_leaf`` holds
-    (without descending into leaves). Paths are dotted: ``encoder.layers.0``."""
-    if seen is None:
-        seen = set()
-    if depth > 64 or isinstance(obj, (str, bytes, int, float, bool, type(None))) or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if is_leaf(obj):
-        yield prefix.rstrip("."), obj
-        return
-    for k, v in _items(obj):
-        yield from walk(v, is_leaf, f"{prefix}{k}.", seen, depth + 1)
-
-
-def _items(obj) -> list:
-    """``(name, child)`` for what a dict, list, tuple or plain object holds
-    (by key, index or attribute); nothing for anything else."""
-    if isinstance(obj, dict):
-        return [(str(k), v) for k, v in obj.items()]
-    if isinstance(obj, (list, tuple)):
-        return [(str(i), v) for i, v in enumerate(obj)]
-    if hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__ != "builtins":
-        return list(vars(obj).items())
-    return []
-
-
-def walk_modules(obj):
-    """Yields ``(path, module)`` for every torch module reachable from
-    ``obj`` (not descending into modules, which own their children)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return iter(())
-    return walk(obj, lambda o: isinstance(o, torch.nn.Module))
-
-
 def _names(obj, adapters) -> dict[int, str]:
     """id(tensor) -> a readable name: the state-dict path for tensors of
     modules, the attribute/key path for other tensors and arrays."""
@@ -195,6 +185,16 @@ def _names(obj, adapters) -> dict[int, str]:
         else:
             names.setdefault(id(leaf), path or "tensor")
     return names
+
+
+def _torch_reducer():
+    """``_torch.reduce`` where torch is imported, else ``None``: a pipeline
+    without torch never imports it."""
+    if "torch" not in sys.modules:
+        return None
+    from . import _torch
+
+    return _torch.reduce
 
 
 def _base_pickler():
@@ -242,11 +242,12 @@ class _Sealer:
         i = self.refs.get(id(o))
         if i is not None:
             return (i, self.kinds[i])
-        for fw, adapter in self.adapters:
-            if adapter.accepts(o):
+        for entry in self.adapters:
+            if entry[1].accepts(o):
                 break
         else:
             return None
+        fw, adapter = entry
         name = self.known.get(id(o)) or f"tensor.{len(self.inputs)}"
         while name in self.used_names:
             name += "_"
@@ -260,75 +261,16 @@ class _Sealer:
 
     def _dump(self, obj, f) -> None:
         sealer = self
-        torch = sys.modules.get("torch")
+        torch_reduce = _torch_reducer()
 
         class _Pickler(_base_pickler()):
             def persistent_id(self, o):
                 return sealer.persistent_id(o)
 
             def reducer_override(self, o):
-                # TorchScript modules and exported programs do not pickle (or
-                # come back broken): their code travels without weights, and
-                # their tensors become references like any other.
-                program = _program_reducer(o) if torch is not None else None
-                if program is not None:
-                    rebuild, (blob, tensors) = program(o)
-                    for name, t in tensors.items():
-                        sealer.known.setdefault(id(t), name)
-                    return rebuild, (blob, tensors)
-                # Modules are pickled in eval mode, as load() returns them: the
-                # loaded pipeline needs no walk over its modules to switch them,
-                # and the caller's own modules stay as they are.
-                if torch is not None and isinstance(o, torch.Tensor):
-                    from . import _torch
-
-                    if _torch.is_wrapper_subclass(o):
-                        # Quantized weights (torchao) and other tensors made of
-                        # inner tensors: the inner tensors are shared, the
-                        # subclass is rebuilt around them on load.
-                        inner, ctx = _torch.flatten(o)
-                        outer = sealer.known.get(id(o), f"tensor.{len(sealer.inputs)}")
-                        for attr, t in inner.items():
-                            sealer.known.setdefault(id(t), f"{outer}.{attr}")
-                        param = isinstance(o, torch.nn.Parameter)
-                        return _torch.unflatten, (type(o), inner, ctx, tuple(o.shape), tuple(o.stride()), param)
-                if torch is not None and isinstance(o, torch.nn.Module):
-                    from . import _torch
-
-                    if _torch.packed_quantized(o):
-                        where = sealer.module_path(o)
-                        raise UnsupportedDtypeError(
-                            "RZC_UNSUPPORTED_DTYPE",
-                            f"module {where!r} ({type(o).__module__}.{type(o).__qualname__}) keeps its weights "
-                            "quantized and packed (torch.ao.quantization.quantize_dynamic or static quantization): "
-                            "packed weights cannot be shared. Wrap the float model and quantize in each actor after "
-                            "load() (torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, "
-                            "dtype=torch.qint8, inplace=True): each actor then holds its own packed copy), or "
-                            "quantize with torchao (torchao.quantization.quantize_(model, Int8WeightOnlyConfig())), "
-                            "whose quantized weights are shared zero-copy",
-                        )
-                    if _parametrized(o):
-                        # weight_norm, spectral_norm, orthogonal, ...: torch
-                        # refuses to pickle them (their class is made per
-                        # module); the module travels as its original class
-                        # with its state, the parametrization is put back on
-                        # load, and the `original*` tensors are shared.
-                        state = dict(o.__dict__, training=False)
-                        base = torch.nn.utils.parametrize.type_before_parametrizations(o)
-                        return _new_object, (base,), state, None, None, _set_parametrized_state
-                    if _plain_module(type(o)):
-                        # Their state is their __dict__: set it back directly,
-                        # without Module.__setstate__'s checks for old
-                        # checkpoints' missing attributes (a load unpickles
-                        # hundreds of modules; this is a third of the time).
-                        state = o.__getstate__()
-                        state["training"] = False
-                        return copyreg.__newobj__, (type(o),), state, None, None, _set_module_state
-                    if o.training:
-                        rv = o.__reduce_ex__(self.proto)
-                        if isinstance(rv, tuple) and len(rv) >= 3 and isinstance(rv[2], dict) and "training" in rv[2]:
-                            return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
-                        sealer.training_left.append(o)
+                rv = torch_reduce(o, sealer, self.proto) if torch_reduce is not None else None
+                if rv is not None:
+                    return rv
                 base = getattr(super(), "reducer_override", None)
                 return base(o) if base is not None else NotImplemented
 
@@ -338,63 +280,33 @@ class _Sealer:
         f = io.BytesIO()
         try:
             self._dump(obj, f)
-        except RzcError:
+        except RayZeroCopyError:
             raise  # a tensor we cannot take: its own message says which and why
         except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as e:
             path, culprit = _unpicklable(obj)
-            raise TypeError(
+            raise InvalidTypeError(
                 f"the pipeline cannot be pickled: {path} (a {type(culprit).__module__}.{type(culprit).__qualname__}) "
                 f"does not pickle ({e}). Everything besides tensors must be picklable by cloudpickle, as for any "
                 "object Ray sends to an actor: leave it out of what you wrap (build it in the actor instead), "
                 "or make it picklable (__reduce__, or __getstate__/__setstate__)"
             ) from e
         if not self.inputs:
-            raise ValueError(
+            raise InvalidInputError(
                 "the pipeline holds no tensors or arrays to share (is it an empty model, or are its weights "
                 "held by something other than torch tensors, numpy or JAX arrays?)"
             )
         return f.getvalue()
 
 
-def _parametrized(module) -> bool:
-    """Whether ``module`` carries parametrizations (its class is the one
-    ``torch.nn.utils.parametrize`` made for it)."""
-    import torch
-
-    return torch.nn.utils.parametrize.is_parametrized(module) and type(module) is not (
-        torch.nn.utils.parametrize.type_before_parametrizations(module)
-    )
-
-
-def _new_object(cls):
-    """An instance of ``cls`` made without ``__init__`` (``copyreg.__newobj__``
-    insists the class be the object's own; a parametrized module's is not
-    the one it is rebuilt from)."""
-    return cls.__new__(cls)
-
-
-def _set_parametrized_state(obj, state) -> None:
-    """Sets a parametrized module's state (its ``parametrizations`` hold the
-    shared ``original*`` tensors), then gives it back the class and the
-    properties ``register_parametrization`` gave it, without recomputing
-    anything from the originals."""
-    from torch.nn.utils import parametrize
-
-    obj.__dict__.update(state)
-    parametrize._inject_new_class(obj)
-    for name in obj.parametrizations.keys():
-        parametrize._inject_property(obj, name)
-
-
 def _children(obj):
     """``(name, child)`` for what ``obj`` holds: a module's submodules and
-    public attributes (not its internal tables), else :func:`_items`."""
+    public attributes (not its internal tables), else :func:`_skeleton.items`."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.nn.Module):
         yield from obj._modules.items()
         yield from ((k, v) for k, v in vars(obj).items() if not k.startswith("_"))
     else:
-        yield from _items(obj)
+        yield from items(obj)
 
 
 def _unpicklable(obj) -> tuple[str, object]:
@@ -404,7 +316,7 @@ def _unpicklable(obj) -> tuple[str, object]:
     def fails(o) -> bool:
         try:
             _Sealer(o)._dump(o, io.BytesIO())
-        except RzcError:
+        except RayZeroCopyError:
             return False
         except Exception:
             return True
@@ -421,55 +333,12 @@ def _unpicklable(obj) -> tuple[str, object]:
             break
     return (".".join(path) or "the pipeline itself"), cur
 
-
-_plain: dict = {}
-
-
-def _plain_module(cls) -> bool:
-    """Whether ``cls`` pickles as an ``nn.Module`` does by default: its state
-    is (a copy of) its ``__dict__`` and ``Module.__setstate__`` sets it back."""
-    known = _plain.get(cls)
-    if known is None:
-        import torch
-
-        known = _plain[cls] = (
-            cls.__reduce_ex__ is object.__reduce_ex__
-            and cls.__reduce__ is object.__reduce__
-            and getattr(cls, "__getstate__", None) is torch.nn.Module.__getstate__
-            and cls.__setstate__ is torch.nn.Module.__setstate__
-            and not hasattr(cls, "__slots__")
-        )
-    return known
-
-
-def _set_module_state(obj, state) -> None:
-    """Sets the state of a module pickled by :func:`_plain_module`'s rule (a
-    complete ``__dict__``, so ``Module.__setstate__`` would add nothing)."""
-    obj.__dict__.update(state)
-
-
-def _program_reducer(o):
-    """The reducer of a TorchScript module or an exported program, else None."""
-    import torch
-
-    if isinstance(o, torch.jit.ScriptModule):
-        from . import _script
-
-        return _script.reduce
-    export = getattr(torch, "export", None)
-    if export is not None and isinstance(o, export.ExportedProgram):
-        from . import _exported
-
-        return _exported.reduce
-    return None
-
-
 def kind_of(o, framework: str) -> str:
     """The kind of reference a tensor of ``framework`` becomes."""
     if framework == "torch":
-        import torch
+        from . import _torch
 
-        return TORCH_PARAM if isinstance(o, torch.nn.Parameter) else TORCH
+        return _torch.kind_of(o)
     return NUMPY if framework == "numpy" else JAX
 
 
@@ -490,7 +359,7 @@ def pack_object(obj, metadata=None) -> Packing:
     return Packing(skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan, fill, keep=sealer.keep)
 
 
-def _copy_inputs(dst, plan: PackPlan, inputs, first: int, progress: "_Progress") -> None:
+def _copy_inputs(dst, plan: PackPlan, inputs, first: int, progress: _Progress) -> None:
     """Copies ``inputs`` (tensors ``first``, ``first + 1``, ... of ``plan``)
     from their addresses into ``dst``, reporting each to ``progress``."""
     for i, inp in enumerate(inputs, start=first):
@@ -499,39 +368,10 @@ def _copy_inputs(dst, plan: PackPlan, inputs, first: int, progress: "_Progress")
         progress.done(i)
 
 
-def seal(obj, metadata=None) -> tuple[Sealed, "np.ndarray"]:
+def seal(obj, metadata=None) -> tuple[Sealed, np.ndarray]:
     """Packs every tensor/array reachable from ``obj`` into a new buffer and
     pickles the rest: the description a wrapper carries, and the buffer."""
     return pack_object(obj, metadata).to_array()
-
-
-def referenced_modules(skeleton: bytes) -> tuple:
-    """Names of the modules whose classes or functions ``skeleton`` refers to."""
-    import pickletools
-
-    names, strings = set(), []
-    for op, arg, _ in pickletools.genops(skeleton):
-        if op.name in ("GLOBAL", "INST"):
-            names.add(arg.split(" ")[0])
-        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-            names.add(strings[-2])
-        if isinstance(arg, str):
-            strings.append(arg)
-    return tuple(sorted(n for n in names if n != "__main__"))
-
-
-def import_modules(names, kinds) -> None:
-    """Imports ``names`` and the adapters ``kinds`` need; a module that does
-    not import here is left for unpickling to report."""
-    import importlib
-
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            pass
-    if TORCH in kinds or TORCH_PARAM in kinds:
-        from . import _torch  # noqa: F401
 
 
 class _Ref:
@@ -549,8 +389,6 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
     ``kind``; with ``model`` (an ``nn.Module``, or a function that makes one)
     it loads as that module, every parameter and buffer adopted from the
     checkpoint by its state-dict name."""
-    from ._native import DTYPE_CODES
-
     ckpt = _checkpoint.read(path)
     if model is None:
         entries = list(ckpt.entries)
@@ -563,7 +401,10 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
         _Pickler(f, protocol=5).dump({e.name: _Ref(i) for i, e in enumerate(entries)})
         skeleton, kinds, extras, needs_eval, keep = f.getvalue(), (kind,) * len(entries), [], False, None
     else:
-        entries, sealer, model = _fill_model(ckpt, model)
+        from . import _torch
+
+        entries, model, preset, preset_kinds = _torch.checkpoint_model(ckpt, model)
+        sealer = _Sealer(model, preset=preset, inputs=entries, kinds=preset_kinds)
         skeleton = sealer.pickle(model)
         kinds, extras, needs_eval = sealer.kinds, sealer.inputs[len(entries) :], bool(sealer.training_left)
         keep = sealer.keep
@@ -578,57 +419,6 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
     return Packing(skeleton, tuple(kinds), needs_eval, plan, fill, "sealing checkpoint", keep)
 
 
-def seal_checkpoint(path, kind: str, model=None) -> tuple[Sealed, "np.ndarray"]:
+def seal_checkpoint(path, kind: str, model=None) -> tuple[Sealed, np.ndarray]:
     """:func:`pack_checkpoint` into a new array, and its description."""
     return pack_checkpoint(path, kind, model).to_array()
-
-
-def _fill_model(ckpt, model):
-    """The checkpoint entries ``model`` takes (in the checkpoint's order) and
-    a sealer whose references point at them: each parameter and persistent
-    buffer by its state-dict name (a tied tensor under any of its names),
-    checked for shape and dtype; other tensors of the model (non-persistent
-    buffers) are sealed as the model has them."""
-    import torch
-
-    from ._native import DTYPE_NAMES
-    from ._torch import FROM_TORCH
-
-    if not isinstance(model, torch.nn.Module):
-        if not callable(model):
-            raise TypeError(f"model must be an nn.Module or a function that makes one, not {type(model).__name__}")
-        model = model()
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"the model function returned {type(model).__name__}, not an nn.Module")
-    by_name = {e.name: i for i, e in enumerate(ckpt.entries)}
-    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
-    names: dict[int, list[str]] = {}
-    tensors: dict[int, object] = {}
-    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(t), []).append(n)
-        tensors[id(t)] = t
-    chosen: dict[int, int] = {}  # id(tensor) -> index into ckpt.entries
-    for tid, ns in names.items():
-        if tid not in persistent:
-            continue  # a non-persistent buffer: sealed as the model has it
-        hit = next((n for n in ns if n in by_name), None)
-        if hit is None:
-            raise ValueError(
-                f"the checkpoint lacks tensor {ns[0]!r}, which the model needs"
-                + (f" (also named {', '.join(map(repr, ns[1:]))})" if len(ns) > 1 else "")
-            )
-        e, t = ckpt.entries[by_name[hit]], tensors[tid]
-        dtype = DTYPE_NAMES.get(FROM_TORCH.get(t.dtype))
-        if tuple(t.shape) != tuple(e.shape) or dtype != e.dtype:
-            raise ValueError(
-                f"tensor {hit!r}: the checkpoint has {e.dtype} {list(e.shape)}, the model {dtype or t.dtype} {list(t.shape)}"
-            )
-        chosen[tid] = by_name[hit]
-    order = sorted(set(chosen.values()))
-    index_of = {ci: k for k, ci in enumerate(order)}
-    entries = [ckpt.entries[ci] for ci in order]
-    preset = {tid: index_of[ci] for tid, ci in chosen.items()}
-    kinds = [None] * len(entries)
-    for tid, ci in chosen.items():
-        kinds[index_of[ci]] = kind_of(tensors[tid], "torch")
-    return entries, _Sealer(model, preset=preset, inputs=entries, kinds=kinds), model

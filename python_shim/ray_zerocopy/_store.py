@@ -33,6 +33,7 @@ import mmap
 import numpy as np
 
 from . import _telemetry
+from .diagnostics import mapping_at
 
 # ray.put keeps objects up to 100 KiB in the owner's memory instead of the
 # object store; small buffers gain nothing from this anyway.
@@ -74,15 +75,8 @@ def _in_place_unavailable(ray):
 
 def _shared_writable(addr: int, nbytes: int) -> bool:
     """Whether ``[addr, addr + nbytes)`` lies in one writable shared mapping."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            rng, perms = line.split(None, 2)[:2]
-            lo, hi = (int(x, 16) for x in rng.split("-"))
-            if lo <= addr and addr + nbytes <= hi:
-                return perms.startswith("rw") and perms[3] == "s"
-            if lo > addr:
-                break
-    return False
+    m = mapping_at(addr)
+    return m is not None and addr + nbytes <= m.end and m.perms.startswith("rw") and m.shared
 
 
 def _spilled(ray, ref) -> bool:
@@ -101,7 +95,8 @@ def _put_in_place(ray, nbytes: int, fill):
     finally:
         zeros.close()
     stored = ray.get(ref)  # held: the store cannot spill the object meanwhile
-    if not (isinstance(stored, np.ndarray) and stored.dtype == np.uint8 and stored.nbytes == nbytes and stored.flags.c_contiguous):
+    whole = isinstance(stored, np.ndarray) and stored.dtype == np.uint8 and stored.nbytes == nbytes
+    if not (whole and stored.flags.c_contiguous):
         return None, "ray.get did not return the stored array itself"
     addr = stored.__array_interface__["data"][0]
     if not _shared_writable(addr, nbytes):

@@ -1,14 +1,20 @@
-"""torch adapter: torch tensors to pack inputs, and tensors back from an
-opened buffer. Imported only when torch is in use."""
+"""torch adapter: torch tensors to pack inputs and tensors back from an
+opened buffer; what torch objects (modules, tensor subclasses, programs)
+pickle as when sealed; and the model a checkpoint is filled into. Imported
+only when torch is in use."""
 
 from __future__ import annotations
+
+import copyreg
 
 import torch
 
 from ._dlpack import consume_versioned, versioned_capsule
-from ._native import DTYPE_CODES
-from .errors import UnsupportedDtypeError
-from .weights import DeviceWeights, PackInput
+from ._native import DTYPE_CODES, DTYPE_NAMES
+from ._skeleton import TORCH, TORCH_PARAM
+from .device_weights import DeviceWeights
+from .errors import InvalidInputError, InvalidTypeError, UnshareableTensorError
+from .pack import PackInput
 
 _BY_NAME = {
     "F32": "float32",
@@ -73,25 +79,26 @@ def packed_quantized(module) -> bool:
     return type(module).__module__.startswith("torch.ao.nn.quantized") and hasattr(module, "_packed_params")
 
 
-def pack_input(t: "torch.Tensor", name: str) -> tuple[PackInput, object]:
+def pack_input(t: torch.Tensor, name: str) -> tuple[PackInput, object]:
     """The pack input for ``t`` and the object that must stay alive while
     packing (a CPU, contiguous copy when ``t`` is neither)."""
     code = FROM_TORCH.get(t.dtype)
     if code is None:
-        raise UnsupportedDtypeError(
-            "RZC_UNSUPPORTED_DTYPE",
+        raise UnshareableTensorError(
             f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold; convert it "
             f"(e.g. .to(torch.float32)) before wrapping",
         )
     t = t.detach()
     if t.device.type == "meta":
-        raise ValueError(f"tensor {name!r} is on the meta device and has no data to share; load real weights first")
+        raise InvalidInputError(
+            f"tensor {name!r} is on the meta device and has no data to share; load real weights first"
+        )
     if t.device.type != "cpu":
         t = t.to("cpu")
     if t.is_sparse or t.layout != torch.strided:
-        raise ValueError(f"tensor {name!r} has layout {t.layout}; only dense tensors can be shared")
+        raise InvalidInputError(f"tensor {name!r} has layout {t.layout}; only dense tensors can be shared")
     if t.is_quantized:
-        raise UnsupportedDtypeError("RZC_UNSUPPORTED_DTYPE", f"tensor {name!r} is quantized; dequantize it first")
+        raise UnshareableTensorError(f"tensor {name!r} is quantized; dequantize it first")
     t = t.contiguous()
     return PackInput(name, code, tuple(t.shape), t.data_ptr(), t.numel() * t.element_size()), t
 
@@ -142,3 +149,200 @@ def named_tensors(module, prefix: str):
     for name, b in module.named_buffers(prefix=prefix, remove_duplicate=True):
         yield name, b
 
+
+def kind_of(t) -> str:
+    """The kind of reference a torch tensor becomes in a skeleton."""
+    return TORCH_PARAM if isinstance(t, torch.nn.Parameter) else TORCH
+
+
+# -- sealing: what torch objects pickle as ------------------------------------
+def reduce(o, sealer, proto: int):
+    """What the sealer pickles torch object ``o`` as (a reduce tuple), or
+    ``None`` for pickle's own way. ``sealer`` names tensors (``known``,
+    ``inputs``), finds a module's path, and collects the modules left in
+    training mode (``training_left``)."""
+    program = program_reducer(o)
+    if program is not None:
+        # TorchScript modules and exported programs do not pickle (or come
+        # back broken): their code travels without weights, and their tensors
+        # become references like any other.
+        rebuild, (blob, tensors) = program(o)
+        for name, t in tensors.items():
+            sealer.known.setdefault(id(t), name)
+        return rebuild, (blob, tensors)
+    if isinstance(o, torch.Tensor):
+        return _reduce_wrapper_subclass(o, sealer) if is_wrapper_subclass(o) else None
+    if isinstance(o, torch.nn.Module):
+        return _reduce_module(o, sealer, proto)
+    return None
+
+
+def _reduce_wrapper_subclass(t, sealer):
+    """Quantized weights (torchao) and other tensors made of inner tensors:
+    the inner tensors are shared, the subclass is rebuilt around them on load."""
+    inner, ctx = flatten(t)
+    outer = sealer.known.get(id(t), f"tensor.{len(sealer.inputs)}")
+    for attr, x in inner.items():
+        sealer.known.setdefault(id(x), f"{outer}.{attr}")
+    param = isinstance(t, torch.nn.Parameter)
+    return unflatten, (type(t), inner, ctx, tuple(t.shape), tuple(t.stride()), param)
+
+
+def _reduce_module(o, sealer, proto: int):
+    """Modules are pickled in eval mode, as load() returns them: the loaded
+    pipeline needs no walk over its modules to switch them, and the caller's
+    own modules stay as they are."""
+    if packed_quantized(o):
+        raise UnshareableTensorError(
+            f"module {sealer.module_path(o)!r} ({type(o).__module__}.{type(o).__qualname__}) keeps its weights "
+            "quantized and packed (torch.ao.quantization.quantize_dynamic or static quantization): "
+            "packed weights cannot be shared. Wrap the float model and quantize in each actor after "
+            "load() (torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, "
+            "dtype=torch.qint8, inplace=True): each actor then holds its own packed copy), or "
+            "quantize with torchao (torchao.quantization.quantize_(model, Int8WeightOnlyConfig())), "
+            "whose quantized weights are shared zero-copy",
+        )
+    if _parametrized(o):
+        # weight_norm, spectral_norm, orthogonal, ...: torch refuses to pickle
+        # them (their class is made per module); the module travels as its
+        # original class with its state, the parametrization is put back on
+        # load, and the `original*` tensors are shared.
+        state = dict(o.__dict__, training=False)
+        base = torch.nn.utils.parametrize.type_before_parametrizations(o)
+        return _new_object, (base,), state, None, None, _set_parametrized_state
+    if _plain_module(type(o)):
+        # Their state is their __dict__: set it back directly, without
+        # Module.__setstate__'s checks for old checkpoints' missing
+        # attributes (a load unpickles hundreds of modules; this is a third
+        # of the time).
+        state = o.__getstate__()
+        state["training"] = False
+        return copyreg.__newobj__, (type(o),), state, None, None, _set_module_state
+    if o.training:
+        rv = o.__reduce_ex__(proto)
+        if isinstance(rv, tuple) and len(rv) >= 3 and isinstance(rv[2], dict) and "training" in rv[2]:
+            return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
+        sealer.training_left.append(o)
+    return None
+
+
+def _parametrized(module) -> bool:
+    """Whether ``module`` carries parametrizations (its class is the one
+    ``torch.nn.utils.parametrize`` made for it)."""
+    return torch.nn.utils.parametrize.is_parametrized(module) and type(module) is not (
+        torch.nn.utils.parametrize.type_before_parametrizations(module)
+    )
+
+
+def _new_object(cls):
+    """An instance of ``cls`` made without ``__init__`` (``copyreg.__newobj__``
+    insists the class be the object's own; a parametrized module's is not
+    the one it is rebuilt from)."""
+    return cls.__new__(cls)
+
+
+def _set_parametrized_state(obj, state) -> None:
+    """Sets a parametrized module's state (its ``parametrizations`` hold the
+    shared ``original*`` tensors), then gives it back the class and the
+    properties ``register_parametrization`` gave it, without recomputing
+    anything from the originals."""
+    from torch.nn.utils import parametrize
+
+    obj.__dict__.update(state)
+    parametrize._inject_new_class(obj)
+    for name in obj.parametrizations.keys():
+        parametrize._inject_property(obj, name)
+
+
+
+
+
+# Classes already judged by _plain_module.
+_plain: dict = {}
+
+
+def _plain_module(cls) -> bool:
+    """Whether ``cls`` pickles as an ``nn.Module`` does by default: its state
+    is (a copy of) its ``__dict__`` and ``Module.__setstate__`` sets it back."""
+    known = _plain.get(cls)
+    if known is None:
+        known = _plain[cls] = (
+            cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__getstate__", None) is torch.nn.Module.__getstate__
+            and cls.__setstate__ is torch.nn.Module.__setstate__
+            and not hasattr(cls, "__slots__")
+        )
+    return known
+
+
+def _set_module_state(obj, state) -> None:
+    """Sets the state of a module pickled by :func:`_plain_module`'s rule (a
+    complete ``__dict__``, so ``Module.__setstate__`` would add nothing)."""
+    obj.__dict__.update(state)
+
+
+def program_reducer(o):
+    """The reducer of a TorchScript module or an exported program, else None."""
+    if isinstance(o, torch.jit.ScriptModule):
+        from . import _script
+
+        return _script.reduce
+    export = getattr(torch, "export", None)
+    if export is not None and isinstance(o, export.ExportedProgram):
+        from . import _exported
+
+        return _exported.reduce
+    return None
+
+
+# -- checkpoints filled into a model ------------------------------------------
+def checkpoint_model(ckpt, model):
+    """The checkpoint entries ``model`` takes (in the checkpoint's order) and
+    a sealer whose references point at them: each parameter and persistent
+    buffer by its state-dict name (a tied tensor under any of its names),
+    checked for shape and dtype; other tensors of the model (non-persistent
+    buffers) are sealed as the model has them. Returns the entries, the
+    model, and for the sealer its preset references (``id(tensor)`` ->
+    index into the entries) and the kind of each entry."""
+    if not isinstance(model, torch.nn.Module):
+        if not callable(model):
+            raise InvalidTypeError(
+                f"model must be an nn.Module or a function that makes one, not {type(model).__name__}"
+            )
+        model = model()
+        if not isinstance(model, torch.nn.Module):
+            raise InvalidTypeError(f"the model function returned {type(model).__name__}, not an nn.Module")
+    by_name = {e.name: i for i, e in enumerate(ckpt.entries)}
+    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, object] = {}
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(n)
+        tensors[id(t)] = t
+    chosen: dict[int, int] = {}  # id(tensor) -> index into ckpt.entries
+    for tid, ns in names.items():
+        if tid not in persistent:
+            continue  # a non-persistent buffer: sealed as the model has it
+        hit = next((n for n in ns if n in by_name), None)
+        if hit is None:
+            raise InvalidInputError(
+                f"the checkpoint lacks tensor {ns[0]!r}, which the model needs"
+                + (f" (also named {', '.join(map(repr, ns[1:]))})" if len(ns) > 1 else "")
+            )
+        e, t = ckpt.entries[by_name[hit]], tensors[tid]
+        dtype = DTYPE_NAMES.get(FROM_TORCH.get(t.dtype))
+        if tuple(t.shape) != tuple(e.shape) or dtype != e.dtype:
+            raise InvalidInputError(
+                f"tensor {hit!r}: the checkpoint has {e.dtype} {list(e.shape)}, "
+                f"the model {dtype or t.dtype} {list(t.shape)}"
+            )
+        chosen[tid] = by_name[hit]
+    order = sorted(set(chosen.values()))
+    index_of = {ci: k for k, ci in enumerate(order)}
+    entries = [ckpt.entries[ci] for ci in order]
+    preset = {tid: index_of[ci] for tid, ci in chosen.items()}
+    kinds = [None] * len(entries)
+    for tid, ci in chosen.items():
+        kinds[index_of[ci]] = kind_of(tensors[tid])
+    return entries, model, preset, kinds

@@ -1,25 +1,54 @@
 """Exceptions raised by ray-zerocopy.
 
-Every failure of the native library arrives as an :class:`RzcError` carrying
-the status name and the library's message. The subclasses also derive from the
-matching built-in exception, so ``except ValueError`` catches a malformed file.
+Every error the package raises derives from :class:`RayZeroCopyError`, and
+also from the built-in exception a caller would expect (``ValueError`` for a
+malformed file or a bad argument, ``MemoryError``, ``RuntimeError``, ...), so
+``except ValueError`` keeps working. Its ``status`` says where it was found:
 
-The statuses themselves are listed once, in the native library: a status
-``RZC_SOME_THING`` raises the class of this module named ``SomeThingError``
-(``RZC_CUDA_ERROR`` raises ``CudaError``), or plain :class:`RzcError` when
-there is none (a test checks that every status has its class).
+- Failures of the native library are :class:`RzcError` s carrying the status
+  name (``"RZC_BAD_FORMAT"``) and the library's message. The statuses are
+  listed once, in the native library: a status ``RZC_SOME_THING`` raises the
+  class of this module named ``SomeThingError`` (``RZC_CUDA_ERROR`` raises
+  ``CudaError``), or plain :class:`RzcError` when there is none (a test checks
+  that every status has its class).
+- Failures the Python package finds itself have ``status`` ``None``. Where
+  such a failure is a condition the native library also reports (a dtype
+  nothing can share, a device this process does not see), its class derives
+  from the native one, so one ``except`` catches it whichever side found it.
+
+``docs/usage.md`` has the table: which error, when, and what to do.
 """
 
 
-class RzcError(Exception):
+class RayZeroCopyError(Exception):
+    """Base of every error ray-zerocopy raises. ``status``: the native
+    library's status name, or ``None`` for a failure found in Python."""
+
+    status: str | None = None
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class RzcError(RayZeroCopyError):
     """A call into the native library failed; ``status`` names the class."""
 
     def __init__(self, status: str, message: str):
-        super().__init__(f"{message} [{status}]")
+        Exception.__init__(self, f"{message} [{status}]")
         self.status = status
         self.message = message
 
 
+class _FoundInPython:
+    """Mixin for a Python-side subclass of a native status's class: it
+    carries no status (the native library did not report it)."""
+
+    def __init__(self, message: str):
+        RayZeroCopyError.__init__(self, message)
+
+
+# -- failures of the native library, one class per status --------------------
 class InvalidArgumentError(RzcError, ValueError):
     """An argument is out of its domain."""
 
@@ -79,6 +108,64 @@ class PanicError(RzcError, RuntimeError):
     """A bug inside the library was caught at its boundary; please report it."""
 
 
+# -- failures found in Python -------------------------------------------------
+class InvalidInputError(RayZeroCopyError, ValueError):
+    """An argument or an input (a device string, an option, a checkpoint, a
+    pipeline with nothing to share) that the package does not take."""
+
+
+class InvalidTypeError(RayZeroCopyError, TypeError):
+    """An object of a type the package does not take, or a pipeline part
+    that does not pickle."""
+
+
+class UnshareableTensorError(_FoundInPython, UnsupportedDtypeError):
+    """A tensor or module whose dtype or packing safetensors cannot hold
+    (checked before anything reaches the native library)."""
+
+
+class DeviceNotVisibleError(_FoundInPython, BadDeviceError):
+    """The requested GPU is not one this process sees."""
+
+
+class CheckpointNotFoundError(RayZeroCopyError, FileNotFoundError):
+    """A checkpoint file, directory or shard does not exist."""
+
+
+class MissingTensorError(RayZeroCopyError, KeyError):
+    """A rebuilt object was not given the tensors it was stripped of."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return Exception.__str__(self)
+
+
+class UnsupportedObjectError(RayZeroCopyError, NotImplementedError):
+    """A program or module holds state that cannot be shared (a torchbind
+    object, a container of tensors in a TorchScript attribute, ...)."""
+
+
+class DLPackExportError(RayZeroCopyError, BufferError):
+    """A DLPack export was asked for in a form it cannot take (a copy,
+    another device); ``BufferError`` as the DLPack protocol prescribes."""
+
+
+class RayNotInitializedError(RayZeroCopyError, RuntimeError):
+    """A wrapper was made before ``ray.init()``."""
+
+
+class SealedObjectLostError(RayZeroCopyError, RuntimeError):
+    """The sealed weights are no longer in Ray's object store (their owner,
+    the process that made the wrapper, is gone)."""
+
+
+class BufferMismatchError(RayZeroCopyError, RuntimeError):
+    """A buffer is not the one the wrapper was sealed with."""
+
+
+class InternalError(RayZeroCopyError, RuntimeError):
+    """A check of the package's own work failed: a bug, please report it."""
+
+
 def class_for(status: str) -> type[RzcError]:
     """The exception class of a status name, by the rule above."""
     words = status.removeprefix("RZC_").split("_")
@@ -86,7 +173,8 @@ def class_for(status: str) -> type[RzcError]:
     if not name.endswith("Error"):
         name += "Error"
     cls = globals().get(name)
-    return cls if isinstance(cls, type) and issubclass(cls, RzcError) else RzcError
+    native = isinstance(cls, type) and issubclass(cls, RzcError) and not issubclass(cls, _FoundInPython)
+    return cls if native else RzcError
 
 
 def error_for(status: str, message: str) -> RzcError:

@@ -12,15 +12,34 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
-from dataclasses import dataclass
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
-import numpy as np
-
+from . import device_weights as _device
 from ._dlpack import DLPackTensor, export_checked
-from ._native import DTYPE_NAMES, check, ffi, lib
+from ._native import DTYPE_NAMES, check, code_names, ffi, lib, new_struct
 
-__all__ = ["Weights", "DeviceWeights", "TensorInfo", "PackInput", "PackPlan", "pack", "cuda_device_count"]
+# The device and packing halves live in their own modules; their public names
+# stay importable from here, where they were first documented.
+from .device_weights import DeviceWeights, cuda_device_count
+from .errors import DLPackExportError, InvalidInputError
+from .pack import PackInput, PackPlan, Sealer, pack, seal_buffer, view_at
+
+__all__ = [
+    "Weights",
+    "TensorInfo",
+    "live_buffers",
+    "DeviceWeights",
+    "cuda_device_count",
+    "PackInput",
+    "PackPlan",
+    "Sealer",
+    "pack",
+    "seal_buffer",
+    "view_at",
+]
+
+#: ``RZC_GUARD_*`` code -> name (``"none"``, ``"sealed"``, ``"private"``, ``"mprotect"``).
+GUARD_NAMES = code_names("RZC_GUARD_")
 
 # Owners of opened memory, keyed by the integer passed to the native release
 # callback. A dict entry is the only strong reference the library needs.
@@ -60,11 +79,6 @@ class TensorInfo(NamedTuple):
     offset: int  # from the start of the buffer
 
 
-def _new(ctype: str, **fields):
-    """A new cffi struct of an extensible type, its ``struct_nbytes`` set."""
-    return ffi.new(ctype + " *", {"struct_nbytes": ffi.sizeof(ctype), **fields})
-
-
 class Weights:
     """An opened, validated safetensors buffer.
 
@@ -85,14 +99,14 @@ class Weights:
         self._table = None
 
     @classmethod
-    def open_file(cls, path: str | os.PathLike) -> "Weights":
+    def open_file(cls, path: str | os.PathLike) -> Weights:
         """Memory-maps and opens a safetensors file."""
         out = ffi.new("rzc_weights **")
         check(lib.rzc_weights_open_file(os.fsencode(path), out))
         return cls(out[0])
 
     @classmethod
-    def from_buffer(cls, buffer, *, write_protect: bool = False) -> "Weights":
+    def from_buffer(cls, buffer, *, write_protect: bool = False) -> Weights:
         """Opens any contiguous buffer (numpy array, bytes, memoryview, a Ray
         object's view) without copying; it stays referenced as long as needed.
 
@@ -101,7 +115,7 @@ class Weights:
         is alive (see :attr:`guard_state`), so that an in-place
         write through a tensor faults (killing the writer) instead of changing
         memory that other processes share. Needs the page of non-tensor bytes
-        around the tensors that ``pack(guard_bytes=4096)`` leaves."""
+        around the tensors that ``pack(guard_bytes=GUARD_NBYTES)`` leaves (one page)."""
         view = ffi.from_buffer("uint8_t[]", buffer)  # keeps `buffer` alive
         if len(view) == 0:
             # Nothing to borrow; let the parser say what is wrong.
@@ -111,7 +125,7 @@ class Weights:
             size = len(view)
         key = next(_owner_keys)
         _owners[key] = view
-        opts = _new(
+        opts = new_struct(
             "rzc_open_options",
             release=_release,
             release_ctx=ffi.cast("void *", key),
@@ -145,7 +159,7 @@ class Weights:
 
     def _live(self):
         if self._handle is None:
-            raise ValueError("the Weights handle is closed")
+            raise InvalidInputError("the Weights handle is closed")
         return self._handle
 
     def __len__(self) -> int:
@@ -210,7 +224,7 @@ class Weights:
         (this process's own memory, read-only) or ``"mprotect"`` (shared
         memory made read-only by ``mprotect`` alone: no read-only descriptor
         of its file was found)."""
-        return _GUARD_NAMES[lib.rzc_weights_guard_state(self._live())]
+        return GUARD_NAMES[lib.rzc_weights_guard_state(self._live())]
 
     def content_digest(self, *, trust_claim: bool = True) -> bytes:
         """The buffer's content digest (32 bytes): BLAKE3 of its header and
@@ -266,6 +280,7 @@ class Weights:
     def export_legacy(self, index: int):
         return export_checked(lib.rzc_weights_to_dlpack_legacy, self._live(), index, "DLManagedTensor")
 
+
     # CUDA -----------------------------------------------------------------
     def upload(
         self,
@@ -278,7 +293,7 @@ class Weights:
         share_wait: float = 30.0,
         share_digest: bytes | None = None,
         share_dir: str | None = None,
-    ) -> "DeviceWeights":
+    ) -> DeviceWeights:
         """Copies every tensor to CUDA device ``ordinal`` in ONE allocation in
         the device's primary context (shared with torch, JAX and CuPy), each
         at a 256-byte aligned offset. ``staging``: ``"auto"`` (register the
@@ -301,123 +316,17 @@ class Weights:
         using it. ``share_dir``: a directory to meet the other processes in,
         tried after ``$XDG_RUNTIME_DIR/ray-zerocopy`` (used only if it is a
         directory of this user closed to others)."""
-        modes = {"auto": 0, "register": 1, "pinned": 2, "pageable": 3}
-        if staging not in modes:
-            raise ValueError(f"staging {staging!r} is not one of {sorted(modes)}")
-        key = share.encode("utf-8") if share is not None else b""
-        key_buf = ffi.new("char[]", key)  # alive until the call returns
-        digest = ffi.NULL
-        if share_digest is not None:
-            if len(share_digest) != 32:
-                raise ValueError(f"share_digest must be 32 bytes, not {len(share_digest)}")
-            digest = ffi.new("rzc_digest *", {"bytes": list(share_digest)})
-        dir_bytes = os.fsencode(share_dir) if share_dir is not None else b""
-        dir_buf = ffi.new("char[]", dir_bytes)
-        opts = _new(
-            "rzc_upload_options",
-            chunk_nbytes=chunk_bytes,
-            staging=modes[staging],
+        return _device.upload(
+            self._live(),
+            ordinal,
+            staging=staging,
+            chunk_bytes=chunk_bytes,
             threads=threads,
-            share_key=key_buf if share is not None else ffi.NULL,
-            share_key_len=len(key),
-            share_wait_ms=max(1, int(share_wait * 1000)),
-            share_digest=digest,
-            share_dir=dir_buf if share_dir is not None else ffi.NULL,
-            share_dir_len=len(dir_bytes),
+            share=share,
+            share_wait=share_wait,
+            share_digest=share_digest,
+            share_dir=share_dir,
         )
-        out = ffi.new("rzc_device_weights **")
-        check(lib.rzc_device_weights_upload(self._live(), ordinal, opts, out))
-        return DeviceWeights(out[0])
-
-
-def cuda_device_count() -> int:
-    """CUDA devices this process sees (``NoCudaError`` when there is no driver)."""
-    out = ffi.new("int32_t *")
-    check(lib.rzc_cuda_count_devices(out))
-    return out[0]
-
-
-_STAGING_NAMES = {0: "auto", 1: "register", 2: "pinned", 3: "pageable", 4: "none"}
-_SHARING_NAMES = {0: "private", 1: "uploaded", 2: "imported"}
-_GUARD_NAMES = {0: "none", 1: "sealed", 2: "private", 3: "mprotect"}
-
-
-def _text(ptr, n: int) -> str:
-    return ffi.unpack(ptr, n).decode("utf-8", "replace") if n else ""
-
-
-def _fallback_name(code: int) -> str:
-    name = lib.rzc_share_fallback_name(code)
-    return str(code) if name == ffi.NULL else ffi.string(name).decode()
-
-
-class DeviceWeights:
-    """Tensors uploaded to one CUDA device allocation. Exported tensors keep
-    the allocation alive after this handle is closed."""
-
-    __slots__ = ("_handle", "_device")
-
-    def __init__(self, handle):
-        self._handle = ffi.gc(handle, lib.rzc_device_weights_free)
-        self._device = (2, self.info()["ordinal"])  # kDLCUDA
-
-    def __len__(self) -> int:
-        return lib.rzc_device_weights_len(self._handle)
-
-    def info(self) -> dict:
-        """Allocation address and size, ordinal, the staging this process
-        used (``"none"`` when it imported another's upload), seconds taken,
-        how many host-to-device copies it was planned as (1: one contiguous
-        copy), ``sharing`` (``"private"``, ``"uploaded"``, ``"imported"``),
-        whether the device maps it ``read_only``; when a requested share did
-        not happen, ``fallback`` (a name: ``"mismatch"``, ``"other_content"``,
-        ``"silent"``, ... see ``RZC_SHARE_FALLBACK_*`` in ``rzc.h``; ``"none"``
-        otherwise) and the ``note`` saying why; ``dir_note`` (rendezvous
-        directories passed over, and why); ``verified_nbytes`` and
-        ``verified_copies`` (what this process read back to check memory it
-        imported)."""
-        i = _new("rzc_device_info")
-        check(lib.rzc_device_weights_info(self._handle, i))
-        return {
-            "device_ptr": i.device_ptr,
-            "nbytes": i.nbytes,
-            "ordinal": i.ordinal,
-            "staging": _STAGING_NAMES.get(i.staging, str(i.staging)),
-            "seconds": i.seconds,
-            "copies": i.copies,
-            "sharing": _SHARING_NAMES.get(i.sharing, str(i.sharing)),
-            "read_only": bool(i.read_only),
-            "note": _text(i.note, i.note_len),
-            "fallback": _fallback_name(i.fallback),
-            "dir_note": _text(i.dir_note, i.dir_note_len),
-            "verified_nbytes": i.verified_nbytes,
-            "verified_copies": i.verified_copies,
-        }
-
-    def data_ptr(self, index: int) -> int:
-        """Device address of tensor ``index`` (a ``CUdeviceptr``)."""
-        t = ffi.new("rzc_device_tensor_info *")
-        check(lib.rzc_device_weights_get(self._handle, index, t))
-        return t.device_ptr
-
-    def read(self, index: int) -> np.ndarray:
-        """A host copy of tensor ``index``'s bytes (``uint8``), read back from
-        the device: for checking what an upload wrote."""
-        t = ffi.new("rzc_device_tensor_info *")
-        check(lib.rzc_device_weights_get(self._handle, index, t))
-        out = np.empty(t.nbytes, dtype=np.uint8)
-        check(lib.rzc_device_weights_read(self._handle, index, ffi.from_buffer("uint8_t[]", out), out.nbytes))
-        return out
-
-    def dlpack(self, index: int) -> DLPackTensor:
-        """Tensor ``index`` as a kDLCUDA DLPack producer (torch, JAX, CuPy)."""
-        return DLPackTensor(self, index, self._device)
-
-    def export_versioned(self, index: int):
-        return export_checked(lib.rzc_device_weights_to_dlpack, self._handle, index, "DLManagedTensorVersioned")
-
-    def export_legacy(self, index: int):
-        return export_checked(lib.rzc_device_weights_to_dlpack_legacy, self._handle, index, "DLManagedTensor")
 
 
 class _SectionExporter:
@@ -435,175 +344,5 @@ class _SectionExporter:
         return out[0]
 
     def export_legacy(self, _index):
-        raise BufferError("the data section is only exported in the versioned DLPack form")
+        raise DLPackExportError("the data section is only exported in the versioned DLPack form")
 
-
-@dataclass
-class PackInput:
-    """A tensor to pack: its bytes at ``address`` stay valid during ``pack``."""
-
-    name: str
-    dtype: int  # a Dtype, e.g. Dtype.F32
-    shape: Sequence[int]
-    address: int
-    nbytes: int
-
-
-def view_at(address: int, nbytes: int) -> np.ndarray:
-    """A ``uint8`` view of ``nbytes`` bytes of this process's memory at
-    ``address`` (which the caller keeps alive while the view is used)."""
-    if nbytes == 0:
-        return np.empty(0, dtype=np.uint8)
-    return np.frombuffer(ffi.buffer(ffi.cast("uint8_t *", address), nbytes), dtype=np.uint8)
-
-
-class PackPlan:
-    """The layout of a safetensors buffer for ``tensors`` (their names,
-    dtypes and shapes; addresses are needed only by :meth:`write`): every
-    tensor's data at a multiple of ``alignment`` from the buffer start, and
-    ``guard_bytes`` of non-tensor bytes before the first tensor and after the
-    last one; with ``reserve_digest``, room in the header for the data
-    digest that :func:`seal_buffer` writes once the buffer is filled. Fill a
-    buffer of :attr:`nbytes` bytes either at once
-    (:meth:`write`) or piece by piece (:meth:`write_layout`, then each
-    tensor's bytes at :meth:`offset`), e.g. streaming shards of a checkpoint
-    one at a time."""
-
-    def __init__(self, tensors: Sequence[PackInput], metadata: Mapping[str, str] | None = None, *,
-                 alignment: int = 64, guard_bytes: int = 0, reserve_digest: bool = False):
-        self._keep = []
-        arr = ffi.new("rzc_pack_tensor[]", max(len(tensors), 1))
-        for i, t in enumerate(tensors):
-            name = ffi.new("char[]", t.name.encode("utf-8"))
-            shape = ffi.new("int64_t[]", list(t.shape) or [0])
-            self._keep += [name, shape]
-            arr[i].name = name
-            arr[i].name_len = len(name) - 1
-            arr[i].dtype = t.dtype
-            arr[i].ndim = len(t.shape)
-            arr[i].shape = shape
-            arr[i].data = ffi.cast("const uint8_t *", t.address)
-            arr[i].nbytes = t.nbytes
-        meta = list((metadata or {}).items())
-        marr = ffi.new("rzc_metadata_entry[]", max(len(meta), 1))
-        for i, (k, v) in enumerate(meta):
-            kb, vb = ffi.new("char[]", k.encode()), ffi.new("char[]", v.encode())
-            self._keep += [kb, vb]
-            marr[i].key, marr[i].key_len = kb, len(kb) - 1
-            marr[i].value, marr[i].value_len = vb, len(vb) - 1
-        opts = _new("rzc_pack_options", alignment=alignment, guard_nbytes=guard_bytes, reserve_digest=int(reserve_digest))
-        out = ffi.new("rzc_pack_plan **")
-        check(lib.rzc_pack_plan_new(arr, len(tensors), marr, len(meta), opts, out))
-        self._plan = ffi.gc(out[0], lib.rzc_pack_plan_free)
-        self.alignment = alignment
-        self._sizes = [t.nbytes for t in tensors]
-        #: Size of the buffer in bytes.
-        self.nbytes = lib.rzc_pack_plan_nbytes(self._plan)
-
-    def __len__(self) -> int:
-        return len(self._sizes)
-
-    def size(self, index: int) -> int:
-        """Bytes of tensor ``index``."""
-        return self._sizes[index]
-
-    def offset(self, index: int) -> int:
-        """Where tensor ``index``'s bytes go, from the buffer start."""
-        out = ffi.new("uint64_t *")
-        check(lib.rzc_pack_plan_offset(self._plan, index, out))
-        return out[0]
-
-    def allocate(self) -> np.ndarray:
-        """A new ``uint8`` array of :attr:`nbytes` bytes, ``alignment``-aligned
-        (numpy guarantees only 16 bytes)."""
-        raw = np.empty(self.nbytes + self.alignment, dtype=np.uint8)
-        skip = -raw.ctypes.data % self.alignment
-        return raw[skip : skip + self.nbytes]
-
-    def write_layout(self, dst) -> None:
-        """Writes the header and the padding into ``dst``, leaving each
-        tensor's bytes to the caller."""
-        view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
-        check(lib.rzc_pack_plan_write_layout(self._plan, view, len(view)))
-
-    def write_sealing(self, dst, sealer: "Sealer") -> None:
-        """Copies every tensor into ``dst`` (its layout written, ``sealer``
-        made on it), telling ``sealer`` as each tensor's bytes are final."""
-        view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
-        check(lib.rzc_pack_plan_write_sealing(self._plan, view, len(view), sealer._handle))
-
-    def write(self, dst) -> None:
-        """Writes the whole buffer into ``dst``, copying every tensor from the
-        address it was planned with. The copy releases the GIL (cffi does for
-        every call): other Python threads keep running while a large model is
-        packed."""
-        view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
-        check(lib.rzc_pack_plan_write(self._plan, view, len(view)))
-
-
-class Sealer:
-    """The digest of a buffer's data section, computed on a native thread
-    while the buffer is filled. Make it once the buffer's layout (header) is
-    written (:meth:`PackPlan.write_layout`); call :meth:`advance` as bytes
-    become final, then :meth:`finish`. The buffer must stay alive and
-    unchanged (below the last ``advance``) until then."""
-
-    __slots__ = ("_handle", "_keep")
-
-    def __init__(self, dst):
-        self._keep = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
-        out = ffi.new("rzc_pack_sealer **")
-        check(lib.rzc_pack_sealer_new(self._keep, len(self._keep), out))
-        self._handle = ffi.gc(out[0], lib.rzc_pack_sealer_free)
-
-    def advance(self, upto: int) -> None:
-        """Bytes below ``upto`` are final."""
-        check(lib.rzc_pack_sealer_advance(self._handle, upto))
-
-    def finish(self) -> bytes:
-        """Hashes the rest, writes the data digest into the header, and
-        returns the buffer's content digest."""
-        out = ffi.new("rzc_digest *")
-        check(lib.rzc_pack_sealer_finish(self._handle, out))
-        return bytes(out.bytes)
-
-    def close(self) -> None:
-        """Stops the thread (when unfinished) and frees the sealer."""
-        h, self._handle = self._handle, None
-        if h is not None:
-            ffi.gc(h, None)  # freed here, not again by the collector
-            lib.rzc_pack_sealer_free(h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def seal_buffer(dst) -> bytes:
-    """Seals a filled buffer planned with ``reserve_digest=True``: writes the
-    BLAKE3 digest of its data section into its header (``rzc.data_blake3``)
-    and returns its content digest (see :meth:`Weights.content_digest`)."""
-    view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
-    out = ffi.new("rzc_digest *")
-    check(lib.rzc_pack_seal(view, len(view), out))
-    return bytes(out.bytes)
-
-
-def pack(
-    tensors: Iterable[PackInput],
-    metadata: Mapping[str, str] | None = None,
-    *,
-    alignment: int = 64,
-    guard_bytes: int = 0,
-) -> np.ndarray:
-    """Lays ``tensors`` out as one standard safetensors buffer (a new ``uint8``
-    numpy array, itself ``alignment``-aligned): every tensor's data starts at
-    an address that is a multiple of ``alignment``;
-    ``guard_bytes`` of non-tensor bytes precede the first tensor and follow the
-    last one. The official safetensors library reads the result as is."""
-    plan = PackPlan(list(tensors), metadata, alignment=alignment, guard_bytes=guard_bytes)
-    out = plan.allocate()
-    plan.write(out)
-    return out

@@ -8,8 +8,9 @@ import functools
 import sys
 import time
 
-from . import _load, _seal, _store, _telemetry
+from . import _load, _seal, _skeleton, _store, _telemetry
 from ._device import parse_device
+from .errors import InvalidInputError, RayNotInitializedError
 
 __all__ = ["ActorWrapper", "TaskWrapper"]
 
@@ -18,7 +19,7 @@ def _require_ray():
     import ray
 
     if not ray.is_initialized():
-        raise RuntimeError(
+        raise RayNotInitializedError(
             "ray.init() has not been called: call ray.init() (or connect to a cluster) before "
             "wrapping a pipeline; its weights are sealed into Ray's object store"
         )
@@ -45,7 +46,14 @@ class ActorWrapper:
     """
 
     def __init__(
-        self, pipeline, device="cpu", use_fast_load: bool = False, *, write_protect: bool = True, share_gpu: bool = True, metadata=None
+        self,
+        pipeline,
+        device="cpu",
+        use_fast_load: bool = False,
+        *,
+        write_protect: bool = True,
+        share_gpu: bool = True,
+        metadata=None,
     ):
         ray = _require_ray()
         self.device = str(parse_device(device))
@@ -55,7 +63,7 @@ class ActorWrapper:
         started = time.perf_counter()
         self._put(ray, _seal.pack_object(pipeline, metadata), started)
 
-    def _put(self, ray, packing: "_seal.Packing", started: float) -> None:
+    def _put(self, ray, packing: _seal.Packing, started: float) -> None:
         # The buffer is packed straight into the object store (no second
         # copy in this process). What travels with the wrapper is the
         # description of the sealed buffer (skeleton, kinds, digest) and its
@@ -67,7 +75,7 @@ class ActorWrapper:
 
         self._ref = _store.put_buffer(packing.nbytes, fill)
         self._sealed = described[0]
-        self._share_key = share_key(self._sealed.content_digest, ray.get_runtime_context().get_session_name())
+        self._share_key = self._sealed.share_key(ray.get_runtime_context().get_session_name())
         _telemetry.sealed(len(self._sealed.kinds), self._sealed.nbytes, time.perf_counter() - started, self._ref.hex())
 
     @classmethod
@@ -81,7 +89,7 @@ class ActorWrapper:
         model=None,
         write_protect: bool = True,
         share_gpu: bool = True,
-    ) -> "ActorWrapper":
+    ) -> ActorWrapper:
         """Seals a checkpoint on disk: a safetensors file, a list of files, a
         directory (every ``*.safetensors`` in it, following
         ``model.safetensors.index.json`` when there is one, as a sharded
@@ -96,16 +104,16 @@ class ActorWrapper:
         tensor the model needs and the checkpoint lacks, or one of another
         shape or dtype, is an error here that names it)."""
         if framework not in _load.FRAMEWORKS:
-            raise ValueError(f"framework {framework!r} is not one of {_load.FRAMEWORKS}")
+            raise InvalidInputError(f"framework {framework!r} is not one of {_load.FRAMEWORKS}")
         if model is not None and framework != "torch":
-            raise ValueError("a checkpoint filled into a model loads as torch only")
+            raise InvalidInputError("a checkpoint filled into a model loads as torch only")
         ray = _require_ray()
         self = cls.__new__(cls)
         self.device = str(parse_device(device))
         self.use_fast_load = bool(use_fast_load)
         self.write_protect = bool(write_protect)
         self.share_gpu = bool(share_gpu)
-        kind = {"torch": _seal.TORCH, "numpy": _seal.NUMPY, "jax": _seal.JAX}[framework]
+        kind = {"torch": _skeleton.TORCH, "numpy": _skeleton.NUMPY, "jax": _skeleton.JAX}[framework]
         started = time.perf_counter()
         self._put(ray, _seal.pack_checkpoint(path, kind, model), started)
         return self
@@ -116,7 +124,7 @@ class ActorWrapper:
         # classes, and make this process's metrics, so that load() only
         # assembles the pipeline.
         self.__dict__.update(state)
-        _seal.import_modules(self._sealed.modules, self._sealed.kinds)
+        _skeleton.import_modules(self._sealed.modules, self._sealed.kinds)
         _telemetry.prepare()
 
     # ------------------------------------------------------------------
@@ -167,14 +175,17 @@ class ActorWrapper:
         by default each comes back as the kind it was. Torch modules come back
         in eval mode with ``requires_grad=False``.
         """
-        return _load.load(
-            self._ref,
-            self._sealed,
-            self.write_protect,
-            self.device if device is None else device,
-            framework,
-            self.use_fast_load,
-            self.share_key,
+        return _load.load(self._ref, self._sealed, self.load_options(device, framework))
+
+    def load_options(self, device=None, framework: str | None = None) -> _load.LoadOptions:
+        """The options :meth:`load` loads with: the wrapper's, with
+        ``device`` (when given) and ``framework``."""
+        return _load.LoadOptions(
+            device=self.device if device is None else device,
+            framework=framework,
+            fast=self.use_fast_load,
+            write_protect=self.write_protect,
+            share_key=self.share_key,
         )
 
     def as_udf(self, predict_fn, *, device=None, framework: str | None = None):
@@ -186,14 +197,6 @@ class ActorWrapper:
                            compute=ActorPoolStrategy(size=4))
         """
         return _make_udf(self, predict_fn, device, framework)
-
-
-def share_key(content_digest: bytes, cluster: str) -> str:
-    """The sharing key of sealed content in a Ray cluster (its session name):
-    128 bits of SHA-256 over both, in hex."""
-    import hashlib
-
-    return hashlib.sha256(b"ray-zerocopy share key v1\0" + content_digest + cluster.encode()).hexdigest()[:32]
 
 
 def _make_udf(wrapper: ActorWrapper, predict_fn, device, framework):
@@ -217,7 +220,7 @@ def _make_udf(wrapper: ActorWrapper, predict_fn, device, framework):
 # ----------------------------------------------------------------------
 # TaskWrapper: each call runs in a Ray task; a worker keeps the pipelines it
 # loaded (a few, most recent first), so later calls on it skip loading.
-_task_cache: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+_task_cache: collections.OrderedDict[tuple, object] = collections.OrderedDict()
 _TASK_CACHE_SIZE = 4
 
 
@@ -244,7 +247,7 @@ def _run_method(wrapper: ActorWrapper, method: str, args, kwargs):
         return fn(*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _remote_run():
     import ray
 
@@ -258,7 +261,14 @@ class TaskWrapper:
     (``num_cpus``, ``num_gpus``, ...) go to every task."""
 
     def __init__(
-        self, pipeline, device="cpu", use_fast_load: bool = False, *, write_protect: bool = True, share_gpu: bool = True, **ray_options
+        self,
+        pipeline,
+        device="cpu",
+        use_fast_load: bool = False,
+        *,
+        write_protect: bool = True,
+        share_gpu: bool = True,
+        **ray_options,
     ):
         ray = _require_ray()
         self._wrapper = ActorWrapper(

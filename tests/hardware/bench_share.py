@@ -41,13 +41,11 @@ def worker(path: str, description: str, share: str):
     torch.cuda.init()
     torch.cuda.synchronize()
     t = time.perf_counter()
-    report = {}
-    model = _load.assemble(w, sealed, device="cuda:0", share=share or None, report=report)
+    model, info = _load.build(w, sealed, _load.LoadOptions(device="cuda:0", share_key=share or None))
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     with torch.no_grad():
         equal = torch.equal(model(x.cuda()).cpu(), expected)
-    info = report["upload"]
     keep = ("sharing", "read_only", "fallback", "note", "verified_nbytes", "verified_copies")
     print(json.dumps({"seconds": seconds, "equal": equal, **{k: info[k] for k in keep}}), flush=True)
     sys.stdin.read()
@@ -120,12 +118,24 @@ def main():
     for r in shared["reports"]:
         print(f"  {r['sharing']:8s} read_only={r['read_only']} fallback={r['fallback']} "
               f"verified {r['verified_nbytes'] / 2**10:.0f} KiB in {r['verified_copies']} copies {r['note']}")
-    ok = len(importers) == args.procs - 1 and all(r["fallback"] == "none" and r["verified_nbytes"] > 0 for r in importers)
+    ok = len(importers) == args.procs - 1 and all(
+        r["fallback"] == "none" and r["verified_nbytes"] > 0 for r in importers
+    )
     print(f"importers verified their mapping: {ok}; read-only: {all(r['read_only'] for r in importers)}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "share.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(0), "model_bytes": nbytes, "one": one, "private": private,
-                   "shared": shared, "importers_verified": ok}, f, indent=2)
+        json.dump(
+            {
+                "gpu": torch.cuda.get_device_name(0),
+                "model_bytes": nbytes,
+                "one": one,
+                "private": private,
+                "shared": shared,
+                "importers_verified": ok,
+            },
+            f,
+            indent=2,
+        )
     return 0 if ok and shared["equal"] and private["equal"] else 1
 
 

@@ -9,13 +9,11 @@ import gc
 
 import numpy as np
 import pytest
-import torch
-
 import ray_zerocopy as rzc
-from ray_zerocopy import _load
-
+import torch
 from common import sample_tensors as sample  # noqa: E402
 from common import sealed_in_shm as sealed  # noqa: E402
+from ray_zerocopy import _load
 
 
 @pytest.mark.parametrize("staging", ["auto", "register", "pinned", "pageable"])
@@ -37,7 +35,9 @@ def test_torch_adopts_every_dtype_bit_for_bit(shm, staging):
 
 def test_model_outputs_equal_to_dot_cuda(shm):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.LayerNorm(128), torch.nn.Linear(128, 8)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.LayerNorm(128), torch.nn.Linear(128, 8)
+    ).eval()
     description, w = sealed(model, shm, "model")
     loaded = _load.assemble(w, description, device="cuda:0")
     x = torch.randn(16, 64, device="cuda")

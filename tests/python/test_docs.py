@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_examples import EXAMPLES
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -36,14 +35,20 @@ BLOCKS = list(python_blocks())
 
 @pytest.mark.parametrize("page, line, mark, code", BLOCKS, ids=[f"{b[0]}:{b[1]}" for b in BLOCKS])
 def test_every_python_block_runs(page, line, mark, code, tmp_path):
-    assert mark is not None, f"{page}:{line}: a Python block needs <!-- test: run --> or <!-- test: examples/python/NAME.py -->"
+    assert mark is not None, (
+        f"{page}:{line}: a Python block needs <!-- test: run --> or <!-- test: examples/python/NAME.py -->"
+    )
     if mark == "run":
         env = dict(os.environ, RAY_AUTH_MODE="disabled")
-        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, f"{page}:{line}:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
     else:
         assert os.path.isfile(os.path.join(ROOT, mark)), f"{page}:{line}: {mark} does not exist"
-        assert os.path.basename(mark) in {name for name, _ in EXAMPLES}, f"{page}:{line}: {mark} is not run by test_examples"
+        assert os.path.basename(mark) in {name for name, _ in EXAMPLES}, (
+            f"{page}:{line}: {mark} is not run by test_examples"
+        )
 
 
 def test_the_docs_have_python_blocks():

@@ -4,7 +4,6 @@ sharded save_pretrained directories filled into their model class, and
 checkpoint layouts that must fail with a clear error."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -102,7 +101,9 @@ class SpectralNormed(torch.nn.Module):
         return self.head(self.conv(input_values).mean(-1))
 
 
-@pytest.mark.parametrize("make", [wav2vec2_ctc, lambda: (SpectralNormed(), None)], ids=["wav2vec2_ctc", "spectral_norm"])
+@pytest.mark.parametrize(
+    "make", [wav2vec2_ctc, lambda: (SpectralNormed(), None)], ids=["wav2vec2_ctc", "spectral_norm"]
+)
 def test_parametrized_modules_load_zero_copy_in_actors(ray_cluster, actor, make):
     """Modules with parametrizations (weight_norm in wav2vec2's positional
     convolution, spectral_norm, orthogonal), which torch refuses to pickle,
@@ -154,7 +155,9 @@ def test_what_still_cannot_be_pickled_is_named(ray_cluster):
             self.lock = threading.Lock()
 
     pipeline = {"model": torch.nn.Linear(4, 4), "pre": [{"tokenizer": Tokenizer()}]}
-    with pytest.raises(TypeError, match=r"pre\.0\.tokenizer\.lock \(a _thread\.lock\) does not pickle.*build it in the actor"):
+    with pytest.raises(
+        TypeError, match=r"pre\.0\.tokenizer\.lock \(a _thread\.lock\) does not pickle.*build it in the actor"
+    ):
         ActorWrapper(pipeline)
 
 
@@ -168,8 +171,15 @@ def test_a_torchao_quantized_llama_loads_zero_copy_in_two_actors(ray_cluster, co
     torchao = pytest.importorskip("torchao.quantization")
     ray = ray_cluster
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()  # 17 M parameters in its linear layers
     torchao.quantize_(model, getattr(torchao, config)())
     kind = type(model.model.layers[0].mlp.up_proj.weight)
@@ -203,7 +213,9 @@ def test_a_torchao_quantized_llama_loads_zero_copy_in_two_actors(ray_cluster, co
     for out, grew, got_kind, is_param, shared in ray.get([Runner.remote().run.remote(w, kwargs) for _ in range(2)]):
         assert torch.equal(out, expected) and got_kind is kind and is_param
         assert shared, "the quantized weight's inner tensors point into the sealed buffer"
-        assert grew < 0.2 * nbytes, f"loading grew private memory by {grew / 2**20:.1f} MiB for a {nbytes / 2**20:.1f} MiB model"
+        assert grew < 0.2 * nbytes, (
+            f"loading grew private memory by {grew / 2**20:.1f} MiB for a {nbytes / 2**20:.1f} MiB model"
+        )
 
 
 def test_packed_quantized_modules_are_named_with_advice_that_works(ray_cluster, actor):
@@ -217,7 +229,9 @@ def test_packed_quantized_modules_are_named_with_advice_that_works(ray_cluster, 
     import copy
 
     quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {torch.nn.Linear}, dtype=torch.qint8)
-    with pytest.raises(UnsupportedDtypeError, match=r"module 'model\.0' .*quantize_dynamic\(model, \{torch.nn.Linear\}"):
+    with pytest.raises(
+        UnsupportedDtypeError, match=r"module 'model\.0' .*quantize_dynamic\(model, \{torch.nn.Linear\}"
+    ):
         ActorWrapper({"model": quantized})
     x = torch.randn(3, 16)
     with torch.no_grad():
@@ -259,7 +273,10 @@ def test_a_sharded_directory_fills_the_users_model(ray_cluster, actor, tmp_path)
     # factory; or without a model, as {name: tensor}.
     shards = sorted(tmp_path.glob("*.safetensors"))
     for source in (tmp_path / "model.safetensors.index.json", shards):
-        assert ActorWrapper.from_safetensors(source, model=lambda: transformers.LlamaForCausalLM(cfg)).num_tensors == w.num_tensors
+        assert (
+            ActorWrapper.from_safetensors(source, model=lambda: transformers.LlamaForCausalLM(cfg)).num_tensors
+            == w.num_tensors
+        )
     tensors = ActorWrapper.from_safetensors(tmp_path).load()
     assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight)
 
@@ -338,11 +355,15 @@ def programs():
     # caches), which must stay small beside the weights.
     m = MLP(h=8192).eval()
     x = torch.randn(4, 1024)
-    return m, x, {
-        "script": torch.jit.script(m),
-        "trace": torch.jit.trace(m, x),
-        "export": torch.export.export(m, (x,)),
-    }
+    return (
+        m,
+        x,
+        {
+            "script": torch.jit.script(m),
+            "trace": torch.jit.trace(m, x),
+            "export": torch.export.export(m, (x,)),
+        },
+    )
 
 
 @pytest.mark.parametrize("kind", ["script", "trace", "export"])

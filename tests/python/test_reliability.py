@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from models import Pipeline, ids  # noqa: E402
-
 import ray_zerocopy as rzc  # noqa: E402
+from models import Pipeline, ids  # noqa: E402
 from ray_zerocopy import ActorWrapper  # noqa: E402
 from ray_zerocopy.weights import live_buffers  # noqa: E402
 
@@ -99,7 +98,11 @@ def test_guard_in_one_process_faults_then_lifts(tmp_path):
     path = tmp_path / "guard.py"
     path.write_text(script)
     crash = subprocess.run([sys.executable, str(path), "write"], capture_output=True, text=True, timeout=120)
-    assert crash.returncode == -11 and "wrote" not in crash.stdout, (crash.returncode, crash.stdout, crash.stderr[-500:])
+    assert crash.returncode == -11 and "wrote" not in crash.stdout, (
+        crash.returncode,
+        crash.stdout,
+        crash.stderr[-500:],
+    )
     assert "ray-zerocopy: a write to read-only shared weights" in crash.stderr, crash.stderr[-2000:]
     assert "clone() a tensor" in crash.stderr
     ok = subprocess.run([sys.executable, str(path), "read"], capture_output=True, text=True, timeout=120)
@@ -111,6 +114,7 @@ def test_guard_needs_guard_pages():
     buf = rzc.pack([rzc.PackInput("x", rzc.Dtype.F32, data.shape, data.ctypes.data, data.nbytes)])  # no guard bytes
     with pytest.raises(rzc.InvalidArgumentError, match="guard_bytes"):
         rzc.Weights.from_buffer(buf, write_protect=True)
+
 
 # The side doors of the guard. mprotect alone left the kernel willing to make
 # the pages writable again, and madvise(MADV_REMOVE) only asks that a mapping
@@ -159,12 +163,10 @@ def _probe_class(ray):
         def backing(self):
             """(permissions, device, inode, path) of the mapping holding the
             weights, from /proc/self/maps."""
-            ptr = self.p.encoder.emb.weight.data_ptr()
-            for line in open("/proc/self/maps"):
-                f = line.split(maxsplit=5)
-                a, b = (int(v, 16) for v in f[0].split("-"))
-                if a <= ptr < b:
-                    return f[1], f[3], int(f[4]), f[5].strip() if len(f) > 5 else ""
+            from ray_zerocopy.diagnostics import mapping_at
+
+            m = mapping_at(self.p.encoder.emb.weight.data_ptr())
+            return (m.perms, m.device, m.inode, m.path) if m is not None else None
 
         def guard_state(self):
             from ray_zerocopy import _load
@@ -237,7 +239,8 @@ def guarded(ray_cluster):
     yield SimpleNamespace(pipe=pipe, probe=probe, new_probe=new_probe)
     for a in actors:
         ray.kill(a)
-    del wrapper, probe, actors
+    actors.clear()
+    wrapper = probe = None
     deadline = time.time() + 20
     while free() < before and time.time() < deadline:
         time.sleep(0.2)
@@ -283,6 +286,7 @@ def test_an_actor_holds_no_descriptor_of_the_store(ray_cluster, guarded):
     outside what a guard on this process's mappings can stop."""
     assert ray_cluster.get(guarded.probe.store_fds.remote()) == []
 
+
 # -- 2. lifetimes ------------------------------------------------------------
 def test_a_loaded_model_in_a_reference_cycle_outlives_the_interpreter_cleanly(tmp_path):
     """A model still alive at exit inside a reference cycle (a module that
@@ -295,7 +299,8 @@ def test_a_loaded_model_in_a_reference_cycle_outlives_the_interpreter_cleanly(tm
         import torch
         import ray_zerocopy as rzc
         from ray_zerocopy import _load, _seal
-        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 8)))
+        normed = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 8))
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), normed)
         sealed, buf = _seal.seal(m.eval())
         for protect in (False, True):
             out = _load.assemble(rzc.Weights.from_buffer(buf, write_protect=protect), sealed)
@@ -340,7 +345,10 @@ def test_tensors_outlive_wrapper_handle_and_refs_then_store_returns_to_baseline(
 
 def test_ten_thousand_cycles_keep_rss_flat():
     data = np.arange(4096, dtype=np.float32)
-    buf = rzc.pack([rzc.PackInput(f"t{i}", rzc.Dtype.F32, (1024,), data.ctypes.data + 4096 * (i % 4), 4096) for i in range(8)], guard_bytes=4096)
+    buf = rzc.pack(
+        [rzc.PackInput(f"t{i}", rzc.Dtype.F32, (1024,), data.ctypes.data + 4096 * (i % 4), 4096) for i in range(8)],
+        guard_bytes=4096,
+    )
 
     def cycle():
         w = rzc.Weights.from_buffer(buf, write_protect=True)
@@ -384,9 +392,23 @@ def test_lost_object_gives_a_clear_error(ray_cluster):
     owner = Owner.remote()
     w = ray.get(owner.make.remote())
     ray.kill(owner)
-    time.sleep(1.0)
+    _wait_until_lost(ray, w.object_ref)
     with pytest.raises(RuntimeError, match="no longer in Ray's object store"):
         w.load()
+
+
+def _wait_until_lost(ray, ref, seconds: float = 60.0) -> None:
+    """Waits, up to a deadline, until reading ``ref`` reports it lost: the
+    node frees a dead owner's objects once it learns of the death."""
+    lost = (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFreedError, ray.exceptions.OwnerDiedError)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            ray.get(ref, timeout=seconds)
+        except lost:
+            return
+        assert time.monotonic() < deadline, f"object {ref.hex()} still readable {seconds} s after its owner died"
+        time.sleep(0.05)  # a poll of the object's state, not a guess at how long the loss takes
 
 
 class _DiesOnce:
@@ -433,8 +455,12 @@ def test_map_batches_survives_a_killed_actor(ray_cluster, tmp_path):
 
 
 def _run_script(body: str, timeout=600):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True, timeout=timeout, env=env)
+    env = dict(
+        os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -446,7 +472,9 @@ def test_spilled_objects_are_restored_and_load():
         """
         import ray, torch
         from ray_zerocopy import ActorWrapper
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 2**20)
+        ray.init(
+            address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 2**20
+        )
         models = [torch.nn.Linear(2048, 2048) for _ in range(4)]   # 16 MiB each, 64 MiB in all
         wrappers = [ActorWrapper(m) for m in models]
         filler = [ray.put(torch.zeros(4 * 2**20).numpy()) for _ in range(4)]  # 64 MiB more
@@ -480,13 +508,10 @@ def test_several_nodes_one_copy_each():
             def run(self, x):
                 # The mapping backing the weights: (device, inode) of the
                 # node's plasma file (unlinked after mapping, so no name).
-                ptr = self.p[0].weight.data_ptr()
-                backing = None
-                for line in open("/proc/self/maps"):
-                    f = line.split()
-                    a, b = (int(v, 16) for v in f[0].split("-"))
-                    if a <= ptr < b:
-                        backing = (f[3], f[4])
+                from ray_zerocopy.diagnostics import mapping_at
+
+                m = mapping_at(self.p[0].weight.data_ptr())
+                backing = (m.device, m.inode) if m is not None else None
                 with torch.no_grad():
                     return ray.get_runtime_context().get_node_id(), backing, self.p(x)
 
@@ -533,7 +558,13 @@ def test_several_nodes_one_copy_each():
 # -- 6. concurrency ----------------------------------------------------------
 def test_threads_open_export_free_concurrently():
     data = np.arange(1 << 16, dtype=np.float32)
-    buf = rzc.pack([rzc.PackInput(f"t{i}", rzc.Dtype.F32, (1 << 14,), data.ctypes.data + (1 << 16) * i, 1 << 16) for i in range(4)], guard_bytes=4096)
+    buf = rzc.pack(
+        [
+            rzc.PackInput(f"t{i}", rzc.Dtype.F32, (1 << 14,), data.ctypes.data + (1 << 16) * i, 1 << 16)
+            for i in range(4)
+        ],
+        guard_bytes=4096,
+    )
     base = live_buffers()
     errors = []
     deadline = time.time() + 30

@@ -14,7 +14,6 @@ serve = pytest.importorskip("ray.serve")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "python"))
 import serve_deployment as example  # noqa: E402
-
 from ray_zerocopy import ActorWrapper  # noqa: E402
 
 
@@ -49,6 +48,8 @@ def test_replicas_serve_over_http_from_one_copy(ray_cluster):
                 break
         assert len(stats) == 2, f"both replicas answered: {stats}"
         private = sum(s["private_mib"] for s in stats.values())
-        assert private < 0.5 * nbytes / 2**20, f"the replicas copied the weights: {stats}, model {nbytes / 2**20:.1f} MiB"
+        assert private < 0.5 * nbytes / 2**20, (
+            f"the replicas copied the weights: {stats}, model {nbytes / 2**20:.1f} MiB"
+        )
     finally:
         serve.shutdown()

@@ -7,14 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-
 import ray_zerocopy as rzc
 from ray_zerocopy.weights import live_buffers
 
 torch = pytest.importorskip("torch")
 from safetensors.numpy import load as st_load_numpy  # noqa: E402
 from safetensors.torch import save, save_file  # noqa: E402
-
 
 DTYPES = [
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16,
@@ -52,7 +50,9 @@ def test_every_dtype_round_trips_zero_copy(tmp_path):
 def test_numpy_views_are_read_only_and_equal(tmp_path):
     arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([True, False])}
     codes = {"float32": rzc.Dtype.F32, "bool": rzc.Dtype.BOOL}
-    w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput(k, codes[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()]))
+    w = rzc.Weights.from_buffer(
+        rzc.pack([rzc.PackInput(k, codes[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()])
+    )
     a = np.from_dlpack(w.dlpack(w.find("a")))
     np.testing.assert_array_equal(a, arrays["a"])
     assert not a.flags.writeable, "numpy must honour DLPack's READ_ONLY flag"
@@ -175,6 +175,114 @@ def test_every_status_raises_its_own_class():
     assert class_for("RZC_BAD_DEVICE") is rzc.BadDeviceError and issubclass(rzc.BadDeviceError, rzc.NoCudaError)
 
 
+def test_every_error_derives_from_one_base_and_only_native_ones_carry_a_status():
+    """One base for every error; a failure found in Python carries no native
+    status, and still meets the ``except`` its native twin meets."""
+    import inspect
+
+    from ray_zerocopy import errors
+    from ray_zerocopy._native import STATUS_NAMES
+    from ray_zerocopy.errors import class_for
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, BaseException)]
+    assert len(classes) > 20 and all(issubclass(c, rzc.RayZeroCopyError) for c in classes), classes
+    assert all(getattr(rzc, c.__name__) is c for c in classes if not c.__name__.startswith("_")), "all exported"
+    for name in list(STATUS_NAMES.values())[1:]:
+        assert class_for(name)(name, "m").status == name, "native classes keep their status"
+
+    from ray_zerocopy import _seal
+
+    with pytest.raises(rzc.UnsupportedDtypeError) as e:  # found in Python: safetensors has no complex128
+        _seal.seal({"z": torch.zeros(3, dtype=torch.complex128)})
+    assert isinstance(e.value, rzc.UnshareableTensorError) and isinstance(e.value, TypeError)
+    assert e.value.status is None and "RZC_" not in str(e.value), str(e.value)
+
+    with pytest.raises(rzc.BadFormatError) as e:  # found natively
+        rzc.Weights.from_buffer(b"\x00" * 8)
+    assert e.value.status == "RZC_BAD_FORMAT" and str(e.value).endswith("[RZC_BAD_FORMAT]")
+
+    one = np.ones(4, np.float32)
+    with pytest.raises(rzc.InvalidInputError) as e:
+        w = rzc.Weights.from_buffer(rzc.pack([rzc.PackInput("x", rzc.Dtype.F32, (4,), one.ctypes.data, 16)]))
+        w.upload(0, staging="sideways")
+    assert isinstance(e.value, ValueError) and e.value.status is None
+
+
+def test_codes_and_sizes_are_the_headers():
+    """The names of staging, sharing and guard codes, the DLPack device types
+    and the layout sizes are read from the native library: they match
+    include/rzc.h, the one list."""
+    import os
+    import re
+
+    from ray_zerocopy import _dlpack, device_weights, weights
+    from ray_zerocopy.pack import DEFAULT_ALIGNMENT, DEVICE_ALIGNMENT, GUARD_NBYTES
+
+    header = open(os.path.join(os.path.dirname(__file__), "..", "..", "include", "rzc.h")).read()
+
+    def defined(prefix):
+        return {int(v): n.lower() for n, v in re.findall(rf"#define {prefix}(\w+) (\d+)", header)}
+
+    assert device_weights.STAGING_NAMES == defined("RZC_STAGING_")
+    assert "register" in device_weights.STAGING_NAMES.values()
+    assert device_weights.SHARING_NAMES == defined("RZC_SHARING_")
+    assert weights.GUARD_NAMES == defined("RZC_GUARD_")
+    assert (_dlpack.kDLCPU, _dlpack.kDLCUDA) == (1, 2)  # dlpack.h's, through the header
+    sizes = {n: int(v) for n, v in re.findall(r"#define (RZC_\w+(?:ALIGNMENT|NBYTES)) (\d+)", header)}
+    assert (DEFAULT_ALIGNMENT, DEVICE_ALIGNMENT, GUARD_NBYTES) == (
+        sizes["RZC_PACK_DEFAULT_ALIGNMENT"],
+        sizes["RZC_DEVICE_ALIGNMENT"],
+        sizes["RZC_PACK_GUARD_NBYTES"],
+    )
+    from ray_zerocopy import _seal
+
+    sealed, buf = _seal.seal({"a": np.arange(5, dtype=np.float32), "b": np.ones(3, np.int8)})
+    w = rzc.Weights.from_buffer(buf)
+    assert all(t.offset % DEVICE_ALIGNMENT == 0 for t in w.table())
+    first, last = w.table()[0], w.table()[-1]
+    assert first.offset >= GUARD_NBYTES and w.nbytes - (last.offset + last.nbytes) >= GUARD_NBYTES
+
+
+def test_load_options_are_one_checked_value():
+    from dataclasses import FrozenInstanceError
+
+    from ray_zerocopy import _load, _seal
+    from ray_zerocopy._device import Device
+
+    options = rzc.LoadOptions(device="cuda:1", framework="numpy")
+    assert options.device == Device("cuda", 1) and options.replace(device="cpu").device == Device("cpu")
+    with pytest.raises(FrozenInstanceError):
+        options.fast = True
+    with pytest.raises(rzc.InvalidInputError, match="framework 'tf'"):
+        rzc.LoadOptions(framework="tf")
+    with pytest.raises(ValueError, match="is not understood"):
+        rzc.LoadOptions(device="tpu")
+
+    tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    sealed, buf = _seal.seal(tree)
+    w = rzc.Weights.from_buffer(buf)
+    loaded = _load.build(w, sealed, rzc.LoadOptions(fast=True))
+    assert loaded.upload is None and np.array_equal(loaded.pipeline["a"], tree["a"])
+    assert np.array_equal(_load.assemble(w, sealed, framework="numpy")["a"], tree["a"])
+
+
+def test_mapping_at_reads_this_process_mappings():
+    import mmap
+
+    from ray_zerocopy.diagnostics import mapping_at, mappings
+
+    area = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    a = np.frombuffer(area, dtype=np.uint8)
+    m = mapping_at(a.ctypes.data + 100)
+    assert m is not None and m.start <= a.ctypes.data and a.ctypes.data + a.nbytes <= m.end
+    assert m.shared and m.writable and m.perms.startswith("rw")
+    assert mapping_at(0) is None
+    rows = mappings()
+    assert rows == sorted(rows) and mapping_at(a.ctypes.data, rows) == m
+    del a
+    area.close()
+
+
 def test_the_table_is_the_validated_header(tmp_path):
     """Weights.table() is the header the native library validated, in one
     call: the official library reads the same names, dtypes, shapes and
@@ -192,7 +300,9 @@ def test_the_table_is_the_validated_header(tmp_path):
             assert list(t.shape) == list(f.get_slice(t.name).get_shape()), t.name
             assert t.dtype == f.get_slice(t.name).get_dtype(), t.name
     ends = [t.offset + t.nbytes for t in table]
-    assert ends[-1] == w.nbytes and all(a <= b.offset for a, b in zip(ends, table[1:])), "in the order of the data"
+    assert ends[-1] == w.nbytes and all(a <= b.offset for a, b in zip(ends, table[1:], strict=False)), (
+        "in the order of the data"
+    )
 
 
 def test_sealing_with_a_progress_bar_writes_the_same_buffer(monkeypatch, capsys):
@@ -201,7 +311,11 @@ def test_sealing_with_a_progress_bar_writes_the_same_buffer(monkeypatch, capsys)
     native call writes."""
     from ray_zerocopy import _seal, _telemetry
 
-    tree = {"a": torch.randn(4096), "b": torch.arange(1000, dtype=torch.int16), "c": torch.ones(3, 7, dtype=torch.bfloat16)}
+    tree = {
+        "a": torch.randn(4096),
+        "b": torch.arange(1000, dtype=torch.int16),
+        "c": torch.ones(3, 7, dtype=torch.bfloat16),
+    }
     _, quiet = _seal.seal(tree)
     monkeypatch.setattr(_telemetry, "PROGRESS_MIN_BYTES", 0)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
@@ -217,14 +331,20 @@ def test_the_digest_computed_while_sealing_is_that_of_every_byte(monkeypatch, tm
     every byte, and the header claims the data section's plain BLAKE3."""
     from ray_zerocopy import _seal, _telemetry
 
-    tree = {"a": torch.randn(300_000), "b": torch.arange(1000, dtype=torch.int16), "c": torch.ones(3, 7, dtype=torch.bfloat16)}
+    tree = {
+        "a": torch.randn(300_000),
+        "b": torch.arange(1000, dtype=torch.int16),
+        "c": torch.ones(3, 7, dtype=torch.bfloat16),
+    }
     results = [_seal.seal(tree)]
     monkeypatch.setattr(_telemetry, "PROGRESS_MIN_BYTES", 0)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     results.append(_seal.seal(tree))
     for i in range(3):
-        save_file({f"s{i}.x": torch.full((50_000,), float(i)), f"s{i}.y": torch.arange(7, dtype=torch.int64)},
-                  str(tmp_path / f"model-0000{i}-of-00003.safetensors"))
+        save_file(
+            {f"s{i}.x": torch.full((50_000,), float(i)), f"s{i}.y": torch.arange(7, dtype=torch.int64)},
+            str(tmp_path / f"model-0000{i}-of-00003.safetensors"),
+        )
     results.append(_seal.seal_checkpoint(tmp_path, _seal.TORCH))
     for sealed, buf in results:
         with rzc.Weights.from_buffer(buf) as w:
@@ -240,8 +360,12 @@ def test_the_sealer_learns_only_the_final_prefix():
     from ray_zerocopy import _seal, _telemetry
 
     data = [np.full(1000, i, np.float32) for i in range(4)]
-    plan = rzc.PackPlan([rzc.PackInput(f"t{i}", rzc.Dtype.F32, d.shape, d.ctypes.data, d.nbytes) for i, d in enumerate(data)],
-                        alignment=256, guard_bytes=4096, reserve_digest=True)
+    plan = rzc.PackPlan(
+        [rzc.PackInput(f"t{i}", rzc.Dtype.F32, d.shape, d.ctypes.data, d.nbytes) for i, d in enumerate(data)],
+        alignment=256,
+        guard_bytes=4096,
+        reserve_digest=True,
+    )
 
     class Recorder:
         def __init__(self):
@@ -277,4 +401,6 @@ def test_every_leaf_keeps_its_shape_and_dtype_scalars_included():
         got = out[k]
         assert type(got) is type(v) or k == "logit_scale", (k, type(got))
         assert tuple(got.shape) == tuple(v.shape) and got.dtype == v.dtype, (k, got.shape, got.dtype)
-        assert np.array_equal(np.asarray(got.float() if k == "bias" else got), np.asarray(v.float() if k == "bias" else v)), k
+        assert np.array_equal(
+            np.asarray(got.float() if k == "bias" else got), np.asarray(v.float() if k == "bias" else v)
+        ), k

@@ -15,7 +15,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from models import Encoder, Pipeline, ids  # noqa: E402
-
 from ray_zerocopy import ActorWrapper, TaskWrapper, UnsupportedDtypeError  # noqa: E402
 
 
@@ -203,8 +202,10 @@ def test_mixed_pytrees_keep_each_leafs_values_and_dtype(ray_cluster, order):
         a, b = got[key], expected[key]
         assert type(a) is type(b) or (isinstance(a, jax.Array) and isinstance(b, jax.Array)), key
         assert a.dtype == b.dtype, key
-        assert np.array_equal(np.asarray(torch.as_tensor(a).float() if isinstance(a, torch.Tensor) else a, dtype=np.float64),
-                              np.asarray(torch.as_tensor(b).float() if isinstance(b, torch.Tensor) else b, dtype=np.float64)), key
+        assert np.array_equal(
+            np.asarray(torch.as_tensor(a).float() if isinstance(a, torch.Tensor) else a, dtype=np.float64),
+            np.asarray(torch.as_tensor(b).float() if isinstance(b, torch.Tensor) else b, dtype=np.float64),
+        ), key
 
 
 def test_the_wrapper_carries_no_table_of_its_own(ray_cluster):
@@ -213,7 +214,15 @@ def test_the_wrapper_carries_no_table_of_its_own(ray_cluster):
     object reference and the options."""
     w = ActorWrapper(Pipeline())
     assert set(vars(w)) == {"device", "use_fast_load", "write_protect", "share_gpu", "_sealed", "_ref", "_share_key"}
-    assert set(vars(w._sealed)) == {"skeleton", "kinds", "modules", "nbytes", "content_digest", "needs_eval", "digest_seconds"}
+    assert set(vars(w._sealed)) == {
+        "skeleton",
+        "kinds",
+        "modules",
+        "nbytes",
+        "content_digest",
+        "needs_eval",
+        "digest_seconds",
+    }
 
 
 def test_a_buffer_that_is_not_the_wrappers_is_refused(ray_cluster):
@@ -287,7 +296,11 @@ def test_share_keys_follow_content_and_cluster(tmp_path):
 def test_from_safetensors(ray_cluster, tmp_path):
     from safetensors.torch import save_file
 
-    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int32), "h": torch.ones(2, dtype=torch.bfloat16)}
+    tensors = {
+        "w": torch.randn(3, 4),
+        "b": torch.arange(5, dtype=torch.int32),
+        "h": torch.ones(2, dtype=torch.bfloat16),
+    }
     path = tmp_path / "ckpt.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
     w = ActorWrapper.from_safetensors(path)
@@ -390,10 +403,16 @@ def test_seal_and_load_each_log_one_info_line_and_record_metrics(ray_cluster, ca
         assert torch.equal(w.load()["w"], tree["w"])
     lines = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert len(lines) == 2, lines
-    assert lines[0].startswith("sealed 1 tensors, 0.0 MiB, in ") and lines[0].endswith(f"as object {w.object_ref.hex()}"), lines
-    assert lines[1].startswith("loaded 1 tensors on cpu: zero-copy, write-protected, in ") and lines[1].endswith(" ms"), lines
+    assert lines[0].startswith("sealed 1 tensors, 0.0 MiB, in ") and lines[0].endswith(
+        f"as object {w.object_ref.hex()}"
+    ), lines
+    assert lines[1].startswith("loaded 1 tensors on cpu: zero-copy, write-protected, in ") and lines[1].endswith(
+        " ms"
+    ), lines
     assert [r[0] for r in recorded] == ["inc", "observe"], recorded
-    assert recorded[0][1] == (w._sealed.nbytes,) and recorded[1][2] == {"tags": {"device": "cpu", "mode": "zero-copy"}}, recorded
+    assert recorded[0][1] == (w._sealed.nbytes,) and recorded[1][2] == {
+        "tags": {"device": "cpu", "mode": "zero-copy"}
+    }, recorded
     # A metric that fails never fails the load.
     monkeypatch.setattr(metrics[0], "observe", lambda *a, **k: 1 / 0)
     assert torch.equal(w.load()["w"], tree["w"])

@@ -16,6 +16,7 @@
 #[macro_use]
 mod handle;
 pub mod device;
+mod facts;
 pub mod pack;
 pub mod seal;
 pub mod status;
