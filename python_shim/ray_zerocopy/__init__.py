@@ -42,7 +42,7 @@ from .errors import (
     UnsupportedDtypeError,
     UnsupportedObjectError,
 )
-from .pack import PackInput, PackPlan, Sealer, pack, seal_buffer
+from .packing import PackInput, PackPlan, Sealer, pack, seal_buffer
 from .weights import TensorInfo, Weights
 
 __version__ = _native_version()

@@ -7,7 +7,7 @@ import numpy as np
 
 from ._native import DTYPE_CODES
 from .errors import UnshareableTensorError
-from .pack import PackInput
+from .packing import PackInput
 from .weights import Weights
 
 _NAMES = {

@@ -24,7 +24,7 @@ from . import _checkpoint, _telemetry
 from ._native import DTYPE_CODES
 from ._skeleton import FRAMEWORK_OF, JAX, NUMPY, TORCH, TORCH_PARAM, items, referenced_modules, walk, walk_modules
 from .errors import InternalError, InvalidInputError, InvalidTypeError, RayZeroCopyError
-from .pack import DEVICE_ALIGNMENT, GUARD_NBYTES, PackInput, PackPlan, Sealer, view_at
+from .packing import DEVICE_ALIGNMENT, GUARD_NBYTES, PackInput, PackPlan, Sealer, view_at
 from .weights import Weights
 
 __all__ = [

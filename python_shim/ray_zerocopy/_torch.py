@@ -14,7 +14,7 @@ from ._native import DTYPE_CODES, DTYPE_NAMES
 from ._skeleton import TORCH, TORCH_PARAM
 from .device_weights import DeviceWeights
 from .errors import InvalidInputError, InvalidTypeError, UnshareableTensorError
-from .pack import PackInput
+from .packing import PackInput
 
 _BY_NAME = {
     "F32": "float32",

@@ -22,7 +22,7 @@ from ._native import DTYPE_NAMES, check, code_names, ffi, lib, new_struct
 # stay importable from here, where they were first documented.
 from .device_weights import DeviceWeights, cuda_device_count
 from .errors import DLPackExportError, InvalidInputError
-from .pack import PackInput, PackPlan, Sealer, pack, seal_buffer, view_at
+from .packing import PackInput, PackPlan, Sealer, pack, seal_buffer, view_at
 
 __all__ = [
     "Weights",

@@ -37,8 +37,10 @@ def backend() -> str:
 
 def _standin_loaded() -> bool:
     """Whether the libcuda this process mapped is the stand-in's."""
-    with open("/proc/self/maps") as f:
-        return any("libcuda.so" in line and os.path.realpath(STANDIN_DIR) in line for line in f)
+    from ray_zerocopy.diagnostics import mappings
+
+    standin = os.path.realpath(STANDIN_DIR)
+    return any("libcuda.so" in m.path and standin in m.path for m in mappings())
 
 
 def sample_tensors() -> dict:

@@ -216,7 +216,7 @@ def test_codes_and_sizes_are_the_headers():
     import re
 
     from ray_zerocopy import _dlpack, device_weights, weights
-    from ray_zerocopy.pack import DEFAULT_ALIGNMENT, DEVICE_ALIGNMENT, GUARD_NBYTES
+    from ray_zerocopy.packing import DEFAULT_ALIGNMENT, DEVICE_ALIGNMENT, GUARD_NBYTES
 
     header = open(os.path.join(os.path.dirname(__file__), "..", "..", "include", "rzc.h")).read()
 

@@ -4,8 +4,9 @@ its data into its header (:class:`Sealer`, :func:`seal_buffer`). The layout
 and the digest are computed by the native library; this module only passes
 tensors and buffers to it.
 
-Import from it by name (``from ray_zerocopy.pack import PackPlan``): the
-package's attribute ``ray_zerocopy.pack`` is the function :func:`pack`.
+The module is ``packing``, not ``pack``: ``ray_zerocopy.pack`` is the
+function :func:`pack`, and a submodule of the same name would make
+``import ray_zerocopy.pack`` hand back the function instead of the module.
 """
 
 from __future__ import annotations
