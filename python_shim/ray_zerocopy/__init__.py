@@ -41,6 +41,7 @@ from .errors import (
     UnshareableTensorError,
     UnsupportedDtypeError,
     UnsupportedObjectError,
+    VersionNotFoundError,
 )
 from .packing import PackInput, PackPlan, Sealer, pack, seal_buffer
 from .weights import TensorInfo, Weights
@@ -88,6 +89,12 @@ __all__ = [
     "SealedObjectLostError",
     "BufferMismatchError",
     "InternalError",
+    "VersionNotFoundError",
+    "publish",
+    "latest",
+    "versions",
+    "Subscription",
+    "Version",
 ]
 
 
@@ -99,6 +106,10 @@ def __getattr__(name):
         from . import wrappers
 
         return getattr(wrappers, name)
+    if name in ("publish", "latest", "versions", "Subscription", "Version"):
+        from . import _versions
+
+        return getattr(_versions, name)
     if name == "LoadOptions":
         from ._load import LoadOptions
 

@@ -158,6 +158,10 @@ class SealedObjectLostError(RayZeroCopyError, RuntimeError):
     the process that made the wrapper, is gone)."""
 
 
+class VersionNotFoundError(RayZeroCopyError, LookupError):
+    """Nothing is published under a name (within the time waited)."""
+
+
 class BufferMismatchError(RayZeroCopyError, RuntimeError):
     """A buffer is not the one the wrapper was sealed with."""
 
