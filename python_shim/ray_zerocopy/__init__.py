@@ -50,6 +50,7 @@ __version__ = _native_version()
 __all__ = [
     "ActorWrapper",
     "TaskWrapper",
+    "Owner",
     "Weights",
     "DeviceWeights",
     "TensorInfo",
@@ -99,6 +100,10 @@ def __getattr__(name):
         from . import wrappers
 
         return getattr(wrappers, name)
+    if name == "Owner":
+        from ._owner import Owner
+
+        return Owner
     if name == "LoadOptions":
         from ._load import LoadOptions
 
