@@ -9,6 +9,7 @@ what an Owner keeps outlives the driver that sealed it).
     python owner_driver.py ADDRESS owner-id OWNER_NAME
     python owner_driver.py ADDRESS errors OWNER_NAME
     python owner_driver.py ADDRESS seal-through-a-copy OWNER_NAME
+    python owner_driver.py ADDRESS far-owner OWNER_NAME
 
 The model, the deployment and the request helper live here and are imported
 by name (``owner_driver``) by the test, the drivers and Serve's replicas.
@@ -210,6 +211,27 @@ def seal_through_a_copy(owner_name: str) -> dict:
             "warnings": messages, "right": right}  # fmt: skip
 
 
+def far_owner(owner_name: str) -> dict:
+    """Makes the owner from a task on the node with the resource ``far``,
+    then seals with it here, on another node."""
+    import ray
+    from ray_zerocopy import ActorWrapper, Owner
+
+    @ray.remote(num_cpus=0, resources={"far": 1})
+    def make(name):
+        return Owner(name)  # on the node this task runs on
+
+    owner = ray.get(make.remote(owner_name))
+    try:
+        ActorWrapper(make_model(), owner=owner)
+        error = None
+    except Exception as e:
+        error = [type(e).__name__, str(e)]
+    held = owner.objects()
+    owner.close()
+    return {"error": error, "held": held}
+
+
 def main(argv):
     import ray
 
@@ -223,6 +245,7 @@ def main(argv):
         "owner-id": owner_id,
         "errors": errors,
         "seal-through-a-copy": seal_through_a_copy,
+        "far-owner": far_owner,
     }[command]
     print(json.dumps(fn(*args)), flush=True)
     ray.shutdown()

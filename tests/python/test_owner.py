@@ -7,6 +7,7 @@ itself never connects to Ray; it talks to the Serve application over HTTP
 and reads the object store's usage from the raylet's node stats.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -108,29 +109,56 @@ def _stop_cluster(temp_dir: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    temp_dir = tempfile.mkdtemp(prefix="rzo", dir="/tmp")  # short: Ray's socket paths live under it
-    port, raylet_port = free_port(), free_port()
+def _start_node(temp_dir: str, head: str | None, raylet_port: int, *flags: str) -> None:
+    """``ray start`` of one node whose processes name ``temp_dir``: the head
+    (``head`` None) or one joining the head at ``head``."""
     ports = {
+        "--node-manager-port": raylet_port,
         "--object-manager-port": free_port(),
-        "--ray-client-server-port": free_port(),
         "--dashboard-agent-listen-port": free_port(),
         "--dashboard-agent-grpc-port": free_port(),
         "--metrics-export-port": free_port(),
         "--runtime-env-agent-port": free_port(),
     }
+    if head is None:
+        where = ["--head", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
+    else:
+        where = [f"--address={head}"]
     cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address=127.0.0.1",
-        f"--port={port}", f"--node-manager-port={raylet_port}", f"--temp-dir={temp_dir}",
-        "--num-cpus=4", f"--object-store-memory={200 * 2**20}", "--include-dashboard=false",
-        "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items()),
+        sys.executable, "-m", "ray.scripts.scripts", "start", *where, "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items()), *flags,
     ]  # fmt: skip
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=180)
+
+
+@contextlib.contextmanager
+def _cluster(far_node: bool = False):
+    """A cluster of its own: one head node (4 CPUs, a 200 MiB object store)
+    and, with ``far_node``, a second node with no CPU and the resource
+    ``far``; every process of it stopped at the end."""
+    temp_dirs = [tempfile.mkdtemp(prefix="rzo", dir="/tmp")]  # short: Ray's socket paths live under it
     try:
-        subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=180)
-        yield Cluster(f"127.0.0.1:{port}", raylet_port, free_port(), temp_dir)
+        port, raylet_port = free_port(), free_port()
+        _start_node(
+            temp_dirs[0], None, raylet_port, f"--port={port}", "--num-cpus=4",
+            f"--object-store-memory={200 * 2**20}",
+        )  # fmt: skip
+        if far_node:
+            temp_dirs.append(tempfile.mkdtemp(prefix="rzo", dir="/tmp"))
+            _start_node(
+                temp_dirs[1], f"127.0.0.1:{port}", free_port(), "--num-cpus=0", '--resources={"far": 1}',
+                f"--object-store-memory={80 * 2**20}",
+            )  # fmt: skip
+        yield Cluster(f"127.0.0.1:{port}", raylet_port, free_port(), temp_dirs[0])
     finally:
-        _stop_cluster(temp_dir)
+        for temp_dir in reversed(temp_dirs):
+            _stop_cluster(temp_dir)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with _cluster() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +277,14 @@ def test_sealing_through_a_copy_leaves_the_owner_one_copy(cluster):
     _poll(f"the store holds one copy of {nbytes} bytes more", lambda: cluster.store_used() - used < 1.5 * nbytes)
     grown = cluster.store_used() - used
     assert grown >= 0.9 * nbytes, f"the store grew by {grown} bytes"
+
+
+def test_an_owner_on_another_node_is_refused():
+    with _cluster(far_node=True) as c:
+        got = c.drive("far-owner", "far")
+    assert got["error"][0] == "InvalidInputError", got
+    assert (
+        "'far' runs on node" in got["error"][1]
+        and "an owner must be on the node of the process that seals" in got["error"][1]
+    )
+    assert got["held"] == [], "a refused seal left an object with the owner"
