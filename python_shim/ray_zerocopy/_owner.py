@@ -8,7 +8,7 @@ puts the sealed objects itself (so it owns them) and keeps them until told to
 release them, or until it is closed.
 
 The sealer still fills the object in place (``_store.put_buffer``): the
-owner ``ray.put``\\ s the zero pages and hands the reference back inside a
+owner puts (``ray.put``) the zero pages and hands the reference back inside a
 list (a reference at the top of a return value would be resolved by Ray);
 the sealer maps it on the same node, fills it, and only then hands it out.
 """
@@ -93,7 +93,7 @@ class Owner:
     on the owner's node: the sealing process fills the object the owner put
     in that node's object store, in place.
 
-    The owner keeps every object sealed with it until :meth:`release`\\ d;
+    The owner keeps every object sealed with it until released (:meth:`release`);
     Ray then frees each object once no process holds it (actors that loaded
     it keep it as long as they use it). :meth:`close` ends the owner and
     frees everything it owns. An ``Owner`` pickles as its name: it can be
@@ -185,7 +185,7 @@ class Owner:
             self._closed = True
             raise self._closed_error(f" (its actor died: {type(e).__name__})") from e
 
-    def check_node(self, node_id: str) -> None:
+    def _check_node(self, node_id: str) -> None:
         """Raises unless the owner's actor runs on the node ``node_id``."""
         where = self._call("node_id")
         if where != node_id:
@@ -195,18 +195,18 @@ class Owner:
                 "on this node, or seal on the owner's node)"
             )
 
-    def put_zeros(self, nbytes: int):
+    def _put_zeros(self, nbytes: int):
         """A new object of ``nbytes`` zero bytes put (and owned) by the owner."""
         return self._call("put_zeros", nbytes)[0]
 
-    def adopt(self, ref):
+    def _adopt(self, ref):
         """A reference to a copy of ``ref``'s object that the owner put (and owns)."""
         return self._call("adopt", [ref])[0]
 
     # ------------------------------------------------------------------
     def release(self, *object_refs) -> int:
-        """Drops the owner's references to ``object_refs`` (``ObjectRef`` s
-        or their hex ids, e.g. ``wrapper.object_ref``); Ray frees each object
+        """Drops the owner's references to ``object_refs`` (``ObjectRef``
+        objects or their hex ids, e.g. ``wrapper.object_ref``); Ray frees each object
         once no process holds it. Returns how many the owner held."""
         ids = []
         for r in object_refs:
@@ -223,9 +223,11 @@ class Owner:
         return self._call("objects")
 
     def close(self) -> None:
-        """Ends the owner's actor: every object it owns is freed (actors that
-        loaded one keep their mapping until they drop it, but nothing can
-        load it any more). Closing a closed owner does nothing."""
+        """Ends the owner's actor: Ray frees every object it owns. Actors
+        that loaded one keep using their mapping until they drop it; a later
+        load of it is not guaranteed (``SealedObjectLostError``): delete or
+        update what uses the weights first. Closing a closed owner does
+        nothing."""
         import ray
 
         if self._closed:

@@ -60,7 +60,7 @@ def put_buffer(nbytes: int, fill, owner=None):
     import ray
 
     if owner is not None:
-        owner.check_node(ray.get_runtime_context().get_node_id())
+        owner._check_node(ray.get_runtime_context().get_node_id())
     if nbytes >= _MIN_IN_PLACE:
         why = _in_place_unavailable(ray)
         if why is None:
@@ -78,7 +78,7 @@ def put_buffer(nbytes: int, fill, owner=None):
     ref = _put_copy(ray, nbytes, fill)
     if owner is None:
         return ref
-    owned = owner.adopt(ref)
+    owned = owner._adopt(ref)
     del ref  # the owner holds its copy: ours is freed
     return owned
 
@@ -109,7 +109,7 @@ def _spilled(ray, ref) -> bool:
 
 def _put_zeros(ray, nbytes: int, owner):
     if owner is not None:
-        return owner.put_zeros(nbytes)
+        return owner._put_zeros(nbytes)
     view, zeros = zero_pages(nbytes)
     try:
         ref = ray.put(view)
