@@ -136,20 +136,36 @@ def teardown(owner_name: str) -> dict:
 
 
 def release_in_actor(owner_name: str) -> dict:
+    """Seals a model and a checkpoint with an owner; an actor given the
+    owner releases both (the objects stay in the store until then)."""
+    import tempfile
+
     import ray
     from ray_zerocopy import ActorWrapper, Owner
+    from safetensors.torch import save_file
 
     owner = Owner(owner_name)
     wrapper = ActorWrapper(make_model(), owner=owner)
+    with tempfile.TemporaryDirectory() as d:
+        save_file(make_model().state_dict(), os.path.join(d, "model.safetensors"))
+        checkpoint = ActorWrapper.from_safetensors(d, owner=owner)
 
     @ray.remote(num_cpus=0)
-    def release(owner, refs):
-        # refs in a list: the task gets the references, not the objects
-        return owner.release(*refs), owner.objects()
+    class Releaser:
+        def __init__(self, owner):
+            self.owner = owner  # unpickled here: found by name
 
+        def release(self, refs):
+            # refs in a list: the actor gets the references, not the objects
+            return self.owner.release(*refs), self.owner.objects()
+
+    releaser = Releaser.remote(owner)
     held_before = owner.objects()
-    released, held_after = ray.get(release.remote(owner, [wrapper.object_ref]))
-    return {"object_id": wrapper.object_ref.hex(), "before": held_before, "released": released, "after": held_after}
+    refs = [wrapper.object_ref, checkpoint.object_ref]
+    released, held_after = ray.get(releaser.release.remote(refs))
+    ray.kill(releaser)
+    return {"object_ids": sorted(r.hex() for r in refs), "nbytes": wrapper.nbytes + checkpoint.nbytes,
+            "before": sorted(held_before), "released": released, "after": held_after}  # fmt: skip
 
 
 def owner_id(owner_name: str) -> dict:

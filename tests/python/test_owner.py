@@ -229,10 +229,16 @@ def test_deleting_the_app_and_closing_the_owner_frees_the_weights(cluster, deplo
     )
 
 
-def test_owner_pickles_into_a_task_that_releases(cluster):
+def test_owner_pickles_into_an_actor_that_releases(cluster):
+    used = cluster.store_used()
     got = cluster.drive("release-in-actor", "releasing")
-    assert got["before"] == [got["object_id"]]
-    assert got["released"] == 1 and got["after"] == []
+    assert got["before"] == got["object_ids"], "the owner holds the model's and the checkpoint's objects"
+    assert got["released"] == 2 and got["after"] == []
+    # Released, and the sealing driver gone: nothing holds them any more.
+    _poll(
+        f"the store returns the {got['nbytes']} bytes released",
+        lambda: cluster.store_used() - used < 0.1 * got["nbytes"],
+    )
 
 
 def test_drivers_get_the_same_owner(cluster):
