@@ -51,6 +51,7 @@ __version__ = _native_version()
 __all__ = [
     "ActorWrapper",
     "TaskWrapper",
+    "Owner",
     "Weights",
     "DeviceWeights",
     "TensorInfo",
@@ -110,6 +111,10 @@ def __getattr__(name):
         from . import _versions
 
         return getattr(_versions, name)
+    if name == "Owner":
+        from ._owner import Owner
+
+        return Owner
     if name == "LoadOptions":
         from ._load import LoadOptions
 

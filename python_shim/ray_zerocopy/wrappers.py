@@ -10,7 +10,7 @@ import time
 
 from . import _load, _seal, _skeleton, _store, _telemetry
 from ._device import parse_device
-from .errors import InvalidInputError, RayNotInitializedError
+from .errors import InvalidInputError, InvalidTypeError, RayNotInitializedError
 
 __all__ = ["ActorWrapper", "TaskWrapper"]
 
@@ -24,6 +24,13 @@ def _require_ray():
             "wrapping a pipeline; its weights are sealed into Ray's object store"
         )
     return ray
+
+
+def _check_owner(owner) -> None:
+    from ._owner import Owner
+
+    if owner is not None and not isinstance(owner, Owner):
+        raise InvalidTypeError(f"owner must be None or a ray_zerocopy.Owner, not {type(owner).__name__}")
 
 
 class ActorWrapper:
@@ -42,7 +49,12 @@ class ActorWrapper:
     shares. ``share_gpu`` (default on): on a GPU, the actors of a node that
     load onto the same GPU share ONE device copy of the weights (the first
     uploads, the others map it); where the device cannot share, each actor
-    uploads its own and a warning says why.
+    uploads its own and a warning says why. ``owner``: ``None`` (the sealed
+    object belongs to this process and is lost when it exits) or an
+    :class:`~ray_zerocopy.Owner` on this node, which then owns it, so the
+    weights outlive this process (a script that deploys a Serve application
+    and exits) until ``owner.release(wrapper.object_ref)`` or
+    ``owner.close()``.
     """
 
     def __init__(
@@ -54,16 +66,18 @@ class ActorWrapper:
         write_protect: bool = True,
         share_gpu: bool = True,
         metadata=None,
+        owner=None,
     ):
         ray = _require_ray()
         self.device = str(parse_device(device))
         self.use_fast_load = bool(use_fast_load)
         self.write_protect = bool(write_protect)
         self.share_gpu = bool(share_gpu)
+        _check_owner(owner)
         started = time.perf_counter()
-        self._put(ray, _seal.pack_object(pipeline, metadata), started)
+        self._put(ray, _seal.pack_object(pipeline, metadata), started, owner)
 
-    def _put(self, ray, packing: _seal.Packing, started: float) -> None:
+    def _put(self, ray, packing: _seal.Packing, started: float, owner=None) -> None:
         # The buffer is packed straight into the object store (no second
         # copy in this process). What travels with the wrapper is the
         # description of the sealed buffer (skeleton, kinds, digest) and its
@@ -73,7 +87,7 @@ class ActorWrapper:
         def fill(dst):
             described[:] = [packing.write(dst)]  # sealed, and validated by the native library
 
-        self._ref = _store.put_buffer(packing.nbytes, fill)
+        self._ref = _store.put_buffer(packing.nbytes, fill, owner)
         self._sealed = described[0]
         self._share_key = self._sealed.share_key(ray.get_runtime_context().get_session_name())
         _telemetry.sealed(len(self._sealed.kinds), self._sealed.nbytes, time.perf_counter() - started, self._ref.hex())
@@ -89,6 +103,7 @@ class ActorWrapper:
         model=None,
         write_protect: bool = True,
         share_gpu: bool = True,
+        owner=None,
     ) -> ActorWrapper:
         """Seals a checkpoint on disk: a safetensors file, a list of files, a
         directory (every ``*.safetensors`` in it, following
@@ -102,7 +117,8 @@ class ActorWrapper:
         module with every parameter and buffer adopted zero-copy from the
         checkpoint by its state-dict name (tied parameters stay tied; a
         tensor the model needs and the checkpoint lacks, or one of another
-        shape or dtype, is an error here that names it)."""
+        shape or dtype, is an error here that names it). ``owner``: as for
+        :class:`ActorWrapper`."""
         if framework not in _load.FRAMEWORKS:
             raise InvalidInputError(f"framework {framework!r} is not one of {_load.FRAMEWORKS}")
         if model is not None and framework != "torch":
@@ -113,9 +129,10 @@ class ActorWrapper:
         self.use_fast_load = bool(use_fast_load)
         self.write_protect = bool(write_protect)
         self.share_gpu = bool(share_gpu)
+        _check_owner(owner)
         kind = {"torch": _skeleton.TORCH, "numpy": _skeleton.NUMPY, "jax": _skeleton.JAX}[framework]
         started = time.perf_counter()
-        self._put(ray, _seal.pack_checkpoint(path, kind, model), started)
+        self._put(ray, _seal.pack_checkpoint(path, kind, model), started, owner)
         return self
 
     def __setstate__(self, state):

@@ -1,0 +1,241 @@
+"""Sealed weights that outlive the process that sealed them.
+
+Ray frees an object when its owner, the process that put it, exits. A Serve
+application is usually deployed by a script that then exits, so weights it
+sealed would be lost with it, and a replica that restarts later could not
+load them. :class:`Owner` is a detached, named actor on the sealing node that
+puts the sealed objects itself (so it owns them) and keeps them until told to
+release them, or until it is closed.
+
+The sealer still fills the object in place (``_store.put_buffer``): the
+owner puts (``ray.put``) the zero pages and hands the reference back inside a
+list (a reference at the top of a return value would be resolved by Ray);
+the sealer maps it on the same node, fills it, and only then hands it out.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+from .errors import InvalidInputError, InvalidTypeError
+
+__all__ = ["Owner", "NAMESPACE"]
+
+#: The Ray namespace of every owner actor.
+NAMESPACE = "ray_zerocopy"
+_PREFIX = "owner:"
+
+
+def zero_pages(nbytes: int):
+    """A read-only ``uint8`` view of ``nbytes`` untouched anonymous pages and
+    the mapping behind it (close it after the put): reading them maps the
+    kernel's zero page, so ``ray.put`` of the view creates an object of zeros
+    without this process allocating its size."""
+    zeros = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
+    return np.frombuffer(zeros, dtype=np.uint8), zeros
+
+
+class _OwnerActor:
+    """The actor behind an :class:`Owner`: it holds the references of the
+    objects it put, by hex id, until released."""
+
+    def __init__(self):
+        self._refs = {}
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def put_zeros(self, nbytes: int) -> list:
+        import ray
+
+        view, zeros = zero_pages(nbytes)
+        try:
+            ref = ray.put(view)
+            del view
+        finally:
+            zeros.close()
+        self._refs[ref.hex()] = ref
+        return [ref]
+
+    def adopt(self, refs: list) -> list:
+        """Puts a copy of the object ``refs[0]`` (which this actor then owns)."""
+        import ray
+
+        value = ray.get(refs[0])
+        ref = ray.put(value)
+        del value
+        self._refs[ref.hex()] = ref
+        return [ref]
+
+    def release(self, object_ids: list) -> int:
+        return sum(self._refs.pop(h, None) is not None for h in object_ids)
+
+    def objects(self) -> list:
+        return list(self._refs)
+
+
+class Owner:
+    """A detached actor that owns sealed weights, so they outlive the process
+    that sealed them (a script that deploys a Serve application and exits)::
+
+        owner = Owner("classifier")
+        wrapper = ActorWrapper(model, owner=owner)   # the owner's object
+
+    ``Owner(name)`` gets the owner of that ``name`` (a string), creating it if
+    there is none: two processes asking at once get the same actor. It lives
+    in the Ray namespace ``"ray_zerocopy"``, on the node of the process that
+    made it, uses no CPU, and stays until :meth:`close`, whatever happens to
+    the process that made it. A wrapper sealed with an owner must be sealed
+    on the owner's node: the sealing process fills the object the owner put
+    in that node's object store, in place.
+
+    The owner keeps every object sealed with it until released (:meth:`release`);
+    Ray then frees each object once no process holds it (actors that loaded
+    it keep it as long as they use it). :meth:`close` ends the owner and
+    frees everything it owns. An ``Owner`` pickles as its name: it can be
+    passed to actors and tasks, which reach the same actor.
+    """
+
+    def __init__(self, name: str):
+        if not isinstance(name, str):
+            raise InvalidTypeError(f"an Owner's name must be a string, not {type(name).__name__}")
+        if not name:
+            raise InvalidInputError("an Owner's name must not be empty")
+        from .wrappers import _require_ray
+
+        ray = _require_ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self._name = name
+        self._closed = False
+        here = ray.get_runtime_context().get_node_id()
+        # get_if_exists: the GCS creates the named actor once, and every
+        # concurrent caller gets that one.
+        self._actor = (
+            ray.remote(_OwnerActor)
+            .options(
+                name=self.actor_name,
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_restarts=0,  # a restarted owner would own nothing: it must look closed instead
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+            )
+            .remote()
+        )
+
+    @property
+    def name(self) -> str:
+        """The name the owner was asked for."""
+        return self._name
+
+    @property
+    def actor_name(self) -> str:
+        """The name of the owner's actor in the namespace ``"ray_zerocopy"``."""
+        return _PREFIX + self._name
+
+    def __getstate__(self):
+        return {"_name": self._name}
+
+    def __setstate__(self, state):
+        self._name = state["_name"]
+        self._closed = False
+        self._actor = None  # found by name when first used
+
+    def __repr__(self) -> str:
+        return f"Owner({self._name!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Owner) and other._name == self._name
+
+    def __hash__(self) -> int:
+        return hash((Owner, self._name))
+
+    # ------------------------------------------------------------------
+    def _closed_error(self, why: str = "") -> InvalidInputError:
+        return InvalidInputError(
+            f"the Owner {self._name!r} is closed{why}: every object it owned was freed; make a new "
+            f"Owner({self._name!r}) and seal again"
+        )
+
+    def _handle(self):
+        if self._closed:
+            raise self._closed_error()
+        if self._actor is None:
+            import ray
+
+            try:
+                self._actor = ray.get_actor(self.actor_name, namespace=NAMESPACE)
+            except ValueError:
+                self._closed = True
+                raise self._closed_error(" (no actor of that name is alive)") from None
+        return self._actor
+
+    def _call(self, method: str, *args):
+        import ray
+
+        try:
+            return ray.get(getattr(self._handle(), method).remote(*args))
+        except ray.exceptions.RayActorError as e:
+            self._closed = True
+            raise self._closed_error(f" (its actor died: {type(e).__name__})") from e
+
+    def _check_node(self, node_id: str) -> None:
+        """Raises unless the owner's actor runs on the node ``node_id``."""
+        where = self._call("node_id")
+        if where != node_id:
+            raise InvalidInputError(
+                f"the Owner {self._name!r} runs on node {where}, but the weights are sealed on node {node_id}: "
+                "an owner must be on the node of the process that seals (make the Owner with another name "
+                "on this node, or seal on the owner's node)"
+            )
+
+    def _put_zeros(self, nbytes: int):
+        """A new object of ``nbytes`` zero bytes put (and owned) by the owner."""
+        return self._call("put_zeros", nbytes)[0]
+
+    def _adopt(self, ref):
+        """A reference to a copy of ``ref``'s object that the owner put (and owns)."""
+        return self._call("adopt", [ref])[0]
+
+    # ------------------------------------------------------------------
+    def release(self, *object_refs) -> int:
+        """Drops the owner's references to ``object_refs`` (``ObjectRef``
+        objects or their hex ids, e.g. ``wrapper.object_ref``); Ray frees each object
+        once no process holds it. Returns how many the owner held."""
+        ids = []
+        for r in object_refs:
+            if isinstance(r, str):
+                ids.append(r)
+            elif hasattr(r, "hex") and hasattr(r, "binary"):
+                ids.append(r.hex())
+            else:
+                raise InvalidTypeError(f"Owner.release takes ObjectRefs or their hex ids, not {type(r).__name__}")
+        return self._call("release", ids)
+
+    def objects(self) -> list[str]:
+        """The hex ids of the objects the owner holds."""
+        return self._call("objects")
+
+    def close(self) -> None:
+        """Ends the owner's actor: Ray frees every object it owns. Actors
+        that loaded one keep using their mapping until they drop it; a later
+        load of it is not guaranteed (``SealedObjectLostError``): delete or
+        update what uses the weights first. Closing a closed owner does
+        nothing."""
+        import ray
+
+        if self._closed:
+            return
+        try:
+            handle = self._handle()
+        except InvalidInputError:
+            return
+        ray.kill(handle, no_restart=True)
+        self._closed = True
+        self._actor = None
