@@ -55,20 +55,23 @@ def _equal(a: int, b: int, nbytes: int) -> bool:
 
 
 class _Base:
-    """The base version's tensors, opened in this process: by address and
-    by name, each as ``(part, index)``."""
+    """The base version's tensors in its opened parts, each as ``(part,
+    index)``: by address and by name. The tensors the base version uses come
+    first; then the others its parts hold (a tensor an earlier version had,
+    e.g. a change reverted), so none is copied again."""
 
-    def __init__(self, parts, sealed, write_protect: bool):
-        self.opened = [_load.open_sealed(p.ref, write_protect) for p in parts]
-        sources = sealed.sources or tuple((0, j) for j in range(len(sealed.kinds)))
+    def __init__(self, opened: list, sealed):
+        self.opened = opened
+        used = sealed.sources or tuple((0, j) for j in range(len(sealed.kinds)))
+        every = ((p, j) for p, w in enumerate(opened) for j in range(len(w)))
         self.by_address: dict[tuple, tuple] = {}
-        self.by_name: dict[str, tuple] = {}
-        for p, j in dict.fromkeys(sources):
-            w = self.opened[p]
+        self.by_name: dict[str, list] = {}
+        for p, j in dict.fromkeys((*used, *every)):
+            w = opened[p]
             t = w.table()[j]
             entry = (p, j, w.address + t.offset, t)
             self.by_address.setdefault((entry[2], t.dtype, tuple(t.shape)), entry)
-            self.by_name.setdefault(t.name, entry)
+            self.by_name.setdefault(t.name, []).append(entry)
         self.identical = self.compared = 0
 
     def match(self, inp, name: str):
@@ -79,12 +82,10 @@ class _Base:
         if hit is not None:
             self.identical += 1
             return hit[:2]
-        hit = self.by_name.get(name)
-        if hit is None or hit[3].dtype != dtype or tuple(hit[3].shape) != shape:
-            return None
-        if _equal(inp.address, hit[2], inp.nbytes):
-            self.compared += 1
-            return hit[:2]
+        for p, j, address, t in self.by_name.get(name, ()):
+            if t.dtype == dtype and tuple(t.shape) == shape and _equal(inp.address, address, inp.nbytes):
+                self.compared += 1
+                return p, j
         return None
 
 
@@ -189,13 +190,14 @@ def _substitutes(pipeline, state: dict, adapters) -> dict:
     return out
 
 
-def pack_update(parts, sealed, new, options: _load.LoadOptions) -> tuple[Packing, tuple]:
-    """The delta of a new version over the version of ``parts`` and
-    ``sealed``: ``new`` is a pipeline, or a state dict (``{name: tensor}``)
-    applied onto the base pipeline (loaded here zero-copy with ``options``).
-    Returns its packing and the base parts it still refers to (in order)."""
+def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) -> tuple[Packing, tuple]:
+    """The delta of a new version over the version of ``parts`` (opened in
+    this process: ``opened``) and ``sealed``: ``new`` is a pipeline, or a
+    state dict (``{name: tensor}``) applied onto the base pipeline (loaded
+    here zero-copy with ``options``). Returns its packing and the base parts
+    it still refers to (in order)."""
     adapters = _adapters()
-    base = _Base(parts, sealed, options.write_protect)
+    base = _Base(opened, sealed)
     substitute: dict = {}
     if _is_state_dict(new, adapters):
         # The base pipeline's tensors ARE the base buffers': unchanged ones

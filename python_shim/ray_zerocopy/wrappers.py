@@ -154,7 +154,9 @@ class ActorWrapper:
         by side; on a GPU the parts they share share their device copy."""
         ray = _require_ray()
         started = time.perf_counter()
-        packing, parts = _delta.pack_update(_delta.parts_of(self), self._sealed, new, self.load_options(device="cpu"))
+        parts = _delta.parts_of(self)
+        opened = [_load.open_sealed(p.ref, self.write_protect) for p in parts]
+        packing, parts = _delta.pack_update(parts, opened, self._sealed, new, self.load_options(device="cpu"))
         out = type(self).__new__(type(self))
         out.__dict__.update((k, v) for k, v in self.__dict__.items() if k not in ("_ref", "_sealed", "_share_key"))
         out._parts = parts
