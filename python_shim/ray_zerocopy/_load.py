@@ -48,6 +48,7 @@ __all__ = [
     "assemble",
     "build",
     "build_parts",
+    "upload_parts",
     "materialize",
     "rebuild",
 ]
@@ -293,30 +294,37 @@ def materialize(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) ->
 
 def _materialize_parts(opened: list, parts, sealed: _seal.Sealed, options: LoadOptions) -> tuple[list, dict | None]:
     """:func:`materialize` for several parts: each part's tensors are adopted
-    from that part's buffer, or on a GPU from that part's upload (shared
-    under the part's own key, so versions that share a part share its
-    device copy too)."""
+    from that part's buffer, or on a GPU from that part's upload."""
     wanted: dict[int, dict[str, list[tuple[int, int]]]] = {}  # part -> framework -> [(reference, index)]
     for i, ((p, j), kind) in enumerate(zip(sealed.sources, sealed.kinds, strict=True)):
         wanted.setdefault(p, collections.defaultdict(list))[options.framework or FRAMEWORK_OF[kind]].append((i, j))
     dev = options.device
     if dev.kind != "cpu" and any("numpy" in groups for groups in wanted.values()):
         raise InvalidInputError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
+    sources, first_info = opened, None
+    if dev.kind != "cpu":
+        sources = upload_parts(opened, parts, dev, options.share_key is not None)
+        first_info = sources[0].info()
     out: list = [None] * len(sealed.kinds)
-    first_info = None
-    for p, groups in sorted(wanted.items()):
-        source = opened[p]
-        if dev.kind != "cpu":
-            key = parts[p].share_key if options.share_key is not None else None
-            source = upload(opened[p], dev, key, parts[p].content_digest)
-            info = source.info()
-            _report_upload(dev, info, key is not None)
-            first_info = info if first_info is None else first_info
+    for p, groups in wanted.items():
         for fw, pairs in groups.items():
-            adopted = _adapter(fw).adopt(source, [j for _, j in pairs], options.fast)
+            adopted = _adapter(fw).adopt(sources[p], [j for _, j in pairs], options.fast)
             for (i, _), a in zip(pairs, adopted, strict=True):
                 out[i] = a
     return out, first_info
+
+
+def upload_parts(opened: list, parts, dev: Device, share: bool) -> list[DeviceWeights]:
+    """Each part's buffer ``opened[k]`` on GPU ``dev``; with ``share``, each
+    shared under its part's own key, so versions that have a part in common
+    share its device copy too."""
+    out = []
+    for w, part in zip(opened, parts, strict=True):
+        key = part.share_key if share else None
+        d = upload(w, dev, key, part.content_digest)
+        _report_upload(dev, d.info(), key is not None)
+        out.append(d)
+    return out
 
 
 def _ray_share_dir():
