@@ -249,3 +249,36 @@ def test_an_update_of_the_base_loaded_here_reads_no_unchanged_tensor(ray_cluster
     assert np.array_equal(got["a"], tree["a"]) and np.array_equal(got["b"], loaded["b"])
     assert got["a"].__array_interface__["data"][0] == loaded["a"].__array_interface__["data"][0]
     assert not got["b"].flags.writeable
+
+
+def _objects_listed() -> str:
+    """Ray's table of every object some process of this cluster references
+    (``ray memory``)."""
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    # This cluster's address: other clusters may run on the machine.
+    return memory_summary(address=ray.get_runtime_context().gcs_address, units="B", num_entries=100000)
+
+
+def test_a_delta_no_version_uses_is_freed_with_the_versions_that_used_it(ray_cluster):
+    """v2 supersedes v1's only change: once v1 is dropped no process
+    references its delta, so Ray frees it, while the base that v2 still
+    uses stays (and loads)."""
+    import time
+
+    v0 = ActorWrapper({"a": torch.zeros(1 << 20), "b": torch.ones(1 << 20)})
+    v1 = v0.update({"a": torch.randn(1 << 20)})
+    a2 = torch.randn(1 << 20)
+    v2 = v1.update({"a": a2})
+    assert v1.object_ref not in v2.object_refs
+    old = v1.object_ref.hex()
+    assert old in _objects_listed()
+    del v1
+    deadline = time.monotonic() + 30
+    while old in _objects_listed() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    listed = _objects_listed()
+    assert old not in listed and all(r.hex() in listed for r in v2.object_refs)
+    got = v2.load()
+    assert torch.equal(got["a"], a2) and torch.equal(got["b"], torch.ones(1 << 20))
