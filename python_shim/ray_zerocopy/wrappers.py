@@ -209,8 +209,9 @@ class ActorWrapper:
         return len(self._sealed.kinds)
 
     def __repr__(self) -> str:
+        parts = f" ({self.total_nbytes / 2**20:.1f} MiB in {len(self.object_refs)} parts)" if self._parts else ""
         return (
-            f"ActorWrapper({self.num_tensors} tensors, {self.nbytes / 2**20:.1f} MiB sealed, "
+            f"ActorWrapper({self.num_tensors} tensors, {self.nbytes / 2**20:.1f} MiB sealed{parts}, "
             f"device={self.device!r}, use_fast_load={self.use_fast_load}, write_protect={self.write_protect}, "
             f"share_gpu={self.share_gpu})"
         )
