@@ -37,7 +37,21 @@ from .device_weights import DeviceWeights, cuda_device_count
 from .errors import BufferMismatchError, DeviceNotVisibleError, InvalidInputError, NoCudaError, SealedObjectLostError
 from .weights import Weights
 
-__all__ = ["FRAMEWORKS", "LoadOptions", "Loaded", "load", "open_sealed", "assemble", "build", "materialize", "rebuild"]
+__all__ = [
+    "FRAMEWORKS",
+    "LoadOptions",
+    "Loaded",
+    "Part",
+    "load",
+    "load_parts",
+    "open_sealed",
+    "assemble",
+    "build",
+    "build_parts",
+    "upload_parts",
+    "materialize",
+    "rebuild",
+]
 
 FRAMEWORKS = ("torch", "numpy", "jax")
 
@@ -71,10 +85,24 @@ class LoadOptions:
 
 
 class Loaded(NamedTuple):
-    """A loaded pipeline, and its upload's ``info()`` (``None`` on the CPU)."""
+    """A loaded pipeline, and its upload's ``info()`` (``None`` on the CPU;
+    for a pipeline of several parts, the first part's)."""
 
     pipeline: object
     upload: dict | None
+
+
+class Part(NamedTuple):
+    """One sealed buffer that a version's tensors come from (see
+    ``ActorWrapper.update``): its object, what identifies it (checked when
+    opened), how many tensors it holds, and the key under which this
+    cluster's processes share its device copy."""
+
+    ref: object
+    nbytes: int
+    content_digest: bytes
+    count: int
+    share_key: str | None
 
 
 @contextlib.contextmanager
@@ -110,6 +138,20 @@ def load(ref, sealed: _seal.Sealed, options: LoadOptions):
     started = time.perf_counter()
     with _no_collection():
         loaded = build(open_sealed(ref, options.write_protect), sealed, options)
+    seconds = time.perf_counter() - started
+    _telemetry.loaded(str(options.device), len(sealed.kinds), seconds, options.write_protect, loaded.upload)
+    return loaded.pipeline
+
+
+def load_parts(parts, sealed: _seal.Sealed, options: LoadOptions):
+    """:func:`load` for a pipeline whose tensors come from several sealed
+    objects, ``parts`` (``sealed.sources`` says which tensor of which part
+    each reference is): each part is opened (once per process, however many
+    versions use it), checked, and on a GPU uploaded with its own share key."""
+    started = time.perf_counter()
+    with _no_collection():
+        opened = [open_sealed(p.ref, options.write_protect) for p in parts]
+        loaded = build_parts(opened, parts, sealed, options)
     seconds = time.perf_counter() - started
     _telemetry.loaded(str(options.device), len(sealed.kinds), seconds, options.write_protect, loaded.upload)
     return loaded.pipeline
@@ -169,25 +211,48 @@ def build(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) -> Loade
     _check(weights, sealed, options)
     with _no_collection():
         tensors, upload_info = materialize(weights, sealed, options)
-        if "torch" in sys.modules and (
-            options.framework == "torch" or (options.framework is None and TORCH_PARAM in sealed.kinds)
-        ):
-            from ._torch import as_parameter
+        return Loaded(_rebuild(tensors, sealed, options), upload_info)
 
-            # Frozen parameters where the pipeline had parameters (one object
-            # per reference, so tied parameters stay one parameter).
-            tensors = [as_parameter(t) if k == TORCH_PARAM else t for t, k in zip(tensors, sealed.kinds, strict=True)]
-        return Loaded(rebuild(sealed.skeleton, tensors, sealed.needs_eval), upload_info)
+
+def build_parts(opened: list, parts, sealed: _seal.Sealed, options: LoadOptions) -> Loaded:
+    """:func:`build` for a pipeline of several parts: ``opened[k]`` is
+    ``parts[k]``'s buffer, opened."""
+    _check_options(sealed, options)
+    for w, p in zip(opened, parts, strict=True):
+        _check_buffer(w, p.count, p.content_digest)
+    with _no_collection():
+        tensors, upload_info = _materialize_parts(opened, parts, sealed, options)
+        return Loaded(_rebuild(tensors, sealed, options), upload_info)
+
+
+def _rebuild(tensors: list, sealed: _seal.Sealed, options: LoadOptions):
+    if "torch" in sys.modules and (
+        options.framework == "torch" or (options.framework is None and TORCH_PARAM in sealed.kinds)
+    ):
+        from ._torch import as_parameter
+
+        # Frozen parameters where the pipeline had parameters (one object
+        # per reference, so tied parameters stay one parameter).
+        tensors = [as_parameter(t) if k == TORCH_PARAM else t for t, k in zip(tensors, sealed.kinds, strict=True)]
+    return rebuild(sealed.skeleton, tensors, sealed.needs_eval)
 
 
 def _check(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) -> None:
     """The buffer is the one ``sealed`` describes, and loads as ``options`` say."""
+    _check_options(sealed, options)
+    _check_buffer(weights, len(sealed.kinds), sealed.content_digest)
+
+
+def _check_options(sealed: _seal.Sealed, options: LoadOptions) -> None:
     if options.framework not in (None, "torch") and TORCH_PARAM in sealed.kinds:
         raise InvalidInputError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
-    if len(weights) != len(sealed.kinds) or weights.content_digest() != sealed.content_digest:
+
+
+def _check_buffer(weights: Weights, count: int, content_digest: bytes) -> None:
+    if len(weights) != count or weights.content_digest() != content_digest:
         raise BufferMismatchError(
             f"the buffer ({len(weights)} tensors) is not the one this wrapper was sealed with "
-            f"({len(sealed.kinds)} tensors): its header (tensor table or content digest) differs"
+            f"({count} tensors): its header (tensor table or content digest) differs"
         )
 
 
@@ -225,6 +290,41 @@ def materialize(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) ->
         for i, a in zip(indices, _adapter(fw).adopt(source, indices, options.fast), strict=True):
             out[i] = a
     return out, upload_info
+
+
+def _materialize_parts(opened: list, parts, sealed: _seal.Sealed, options: LoadOptions) -> tuple[list, dict | None]:
+    """:func:`materialize` for several parts: each part's tensors are adopted
+    from that part's buffer, or on a GPU from that part's upload."""
+    wanted: dict[int, dict[str, list[tuple[int, int]]]] = {}  # part -> framework -> [(reference, index)]
+    for i, ((p, j), kind) in enumerate(zip(sealed.sources, sealed.kinds, strict=True)):
+        wanted.setdefault(p, collections.defaultdict(list))[options.framework or FRAMEWORK_OF[kind]].append((i, j))
+    dev = options.device
+    if dev.kind != "cpu" and any("numpy" in groups for groups in wanted.values()):
+        raise InvalidInputError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
+    sources, first_info = opened, None
+    if dev.kind != "cpu":
+        sources = upload_parts(opened, parts, dev, options.share_key is not None)
+        first_info = sources[0].info()
+    out: list = [None] * len(sealed.kinds)
+    for p, groups in wanted.items():
+        for fw, pairs in groups.items():
+            adopted = _adapter(fw).adopt(sources[p], [j for _, j in pairs], options.fast)
+            for (i, _), a in zip(pairs, adopted, strict=True):
+                out[i] = a
+    return out, first_info
+
+
+def upload_parts(opened: list, parts, dev: Device, share: bool) -> list[DeviceWeights]:
+    """Each part's buffer ``opened[k]`` on GPU ``dev``; with ``share``, each
+    shared under its part's own key, so versions that have a part in common
+    share its device copy too."""
+    out = []
+    for w, part in zip(opened, parts, strict=True):
+        key = part.share_key if share else None
+        d = upload(w, dev, key, part.content_digest)
+        _report_upload(dev, d.info(), key is not None)
+        out.append(d)
+    return out
 
 
 def _ray_share_dir():

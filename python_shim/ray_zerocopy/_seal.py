@@ -29,6 +29,7 @@ from .weights import Weights
 
 __all__ = [
     "Sealed",
+    "SealedParts",
     "Packing",
     "pack_object",
     "pack_checkpoint",
@@ -70,6 +71,8 @@ class Sealed:
     content_digest: bytes  # Weights.content_digest() of the sealed buffer: every byte of it
     needs_eval: bool = False  # some module was pickled in training mode: switch after loading
     digest_seconds: float = 0.0  # what computing the digest cost while sealing
+    # Reference i is tensor i of this buffer (see SealedParts).
+    sources = None
 
     def share_key(self, cluster: str) -> str:
         """The key under which processes of the Ray cluster ``cluster`` (its
@@ -79,6 +82,15 @@ class Sealed:
         import hashlib
 
         return hashlib.sha256(b"ray-zerocopy share key v1\0" + self.content_digest + cluster.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class SealedParts(Sealed):
+    """A :class:`Sealed` whose tensors come from several sealed buffers (a
+    version made by ``ActorWrapper.update``; this buffer is the last part):
+    ``sources[i]`` is ``(part, index)`` of reference ``i``."""
+
+    sources: tuple = ()
 
 
 @dataclass
@@ -97,6 +109,12 @@ class Packing:
     fill: object  # fill(dst: np.ndarray, progress: _Progress) -> None
     label: str = "sealing"  # the progress bar's
     keep: object = None  # what the fill reads, alive until it has run
+    sources: tuple | None = None  # see Sealed.sources
+
+    @property
+    def count(self) -> int:
+        """How many tensors the buffer holds."""
+        return len(self.kinds) if self.sources is None else len(self.plan)
 
     @property
     def nbytes(self) -> int:
@@ -118,10 +136,11 @@ class Packing:
             digest = sealer.finish()
             waited = time.perf_counter() - started
         with Weights.from_buffer(dst) as w:
-            if len(w) != len(self.kinds):
-                raise InternalError(f"packed {len(w)} tensors for {len(self.kinds)} references")
+            if len(w) != self.count:
+                raise InternalError(f"packed {len(w)} tensors for {self.count} references")
         modules = referenced_modules(self.skeleton)
-        return Sealed(self.skeleton, tuple(self.kinds), modules, int(dst.nbytes), digest, self.needs_eval, waited)
+        made = (self.skeleton, tuple(self.kinds), modules, int(dst.nbytes), digest, self.needs_eval, waited)
+        return Sealed(*made) if self.sources is None else SealedParts(*made, self.sources)
 
     def to_array(self) -> tuple[Sealed, np.ndarray]:
         """The buffer as a new array (no Ray needed), and its description."""
@@ -290,7 +309,7 @@ class _Sealer:
                 "object Ray sends to an actor: leave it out of what you wrap (build it in the actor instead), "
                 "or make it picklable (__reduce__, or __getstate__/__setstate__)"
             ) from e
-        if not self.inputs:
+        if not self.refs:
             raise InvalidInputError(
                 "the pipeline holds no tensors or arrays to share (is it an empty model, or are its weights "
                 "held by something other than torch tensors, numpy or JAX arrays?)"

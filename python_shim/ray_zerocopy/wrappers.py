@@ -8,7 +8,7 @@ import functools
 import sys
 import time
 
-from . import _load, _seal, _skeleton, _store, _telemetry
+from . import _delta, _load, _seal, _skeleton, _store, _telemetry
 from ._device import parse_device
 from .errors import InvalidInputError, InvalidTypeError, RayNotInitializedError
 
@@ -56,6 +56,10 @@ class ActorWrapper:
     and exits) until ``owner.release(wrapper.object_ref)`` or
     ``owner.close()``.
     """
+
+    # The earlier parts (sealed buffers) this version's tensors also come
+    # from, base first (see update()); its own buffer is the last part.
+    _parts: tuple = ()
 
     def __init__(
         self,
@@ -144,11 +148,51 @@ class ActorWrapper:
         _skeleton.import_modules(self._sealed.modules, self._sealed.kinds)
         _telemetry.prepare()
 
+    def update(self, new) -> ActorWrapper:
+        """A new version of the pipeline, sealed so that it stores only what
+        changed: returns a new wrapper (same device and options) whose own
+        sealed object, the *delta*, holds only the tensors that differ from
+        this version's, and which refers to this version's objects for every
+        other tensor. Memory: this version plus the changed tensors.
+
+        ``new``: a pipeline of the same form as this one (e.g. the fine-tuned
+        module), or a state dict (``{name: tensor}``) applied onto this
+        version's pipeline (for a module, the names of its ``state_dict()``;
+        a name it lacks, or another dtype or shape, is an error naming the
+        tensor; names not given keep their tensors).
+
+        A tensor is this version's when its dtype, shape and bytes are equal:
+        one whose memory is this version's tensor (this pipeline loaded here,
+        some tensors replaced) without reading it, any other by comparing its
+        bytes with this version's tensor of the same name. An update of an
+        update refers to every part it still uses (the first version, earlier
+        deltas) and to no other, so a part no version uses any more is freed
+        once the versions that used it are dropped. Both versions load side
+        by side; on a GPU the parts they share share their device copy."""
+        ray = _require_ray()
+        started = time.perf_counter()
+        parts = _delta.parts_of(self)
+        opened = [_load.open_sealed(p.ref, self.write_protect) for p in parts]
+        packing, parts = _delta.pack_update(parts, opened, self._sealed, new, self.load_options(device="cpu"))
+        out = type(self).__new__(type(self))
+        out.__dict__.update((k, v) for k, v in self.__dict__.items() if k not in ("_ref", "_sealed", "_share_key"))
+        out._parts = parts
+        out._put(ray, packing, started)
+        return out
+
     # ------------------------------------------------------------------
     @property
     def object_ref(self):
-        """The ``ObjectRef`` of the sealed buffer."""
+        """The ``ObjectRef`` of this version's own sealed buffer (after
+        :meth:`update`, the delta)."""
         return self._ref
+
+    @property
+    def object_refs(self) -> tuple:
+        """The ``ObjectRef`` of every sealed buffer this version's tensors
+        come from, base first, this version's own last (one, unless made by
+        :meth:`update`)."""
+        return (*(p.ref for p in self._parts), self._ref)
 
     @property
     def share_key(self) -> str | None:
@@ -168,16 +212,23 @@ class ActorWrapper:
 
     @property
     def nbytes(self) -> int:
-        """Size of the sealed buffer (weights, header and alignment padding)."""
+        """Size of this version's own sealed buffer (weights, header and
+        alignment padding); after :meth:`update`, of the delta only."""
         return self._sealed.nbytes
+
+    @property
+    def total_nbytes(self) -> int:
+        """Size of every sealed buffer this version's tensors come from."""
+        return sum(p.nbytes for p in self._parts) + self._sealed.nbytes
 
     @property
     def num_tensors(self) -> int:
         return len(self._sealed.kinds)
 
     def __repr__(self) -> str:
+        parts = f" ({self.total_nbytes / 2**20:.1f} MiB in {len(self.object_refs)} parts)" if self._parts else ""
         return (
-            f"ActorWrapper({self.num_tensors} tensors, {self.nbytes / 2**20:.1f} MiB sealed, "
+            f"ActorWrapper({self.num_tensors} tensors, {self.nbytes / 2**20:.1f} MiB sealed{parts}, "
             f"device={self.device!r}, use_fast_load={self.use_fast_load}, write_protect={self.write_protect}, "
             f"share_gpu={self.share_gpu})"
         )
@@ -192,7 +243,9 @@ class ActorWrapper:
         by default each comes back as the kind it was. Torch modules come back
         in eval mode with ``requires_grad=False``.
         """
-        return _load.load(self._ref, self._sealed, self.load_options(device, framework))
+        if self._sealed.sources is None:
+            return _load.load(self._ref, self._sealed, self.load_options(device, framework))
+        return _load.load_parts(_delta.parts_of(self), self._sealed, self.load_options(device, framework))
 
     def load_options(self, device=None, framework: str | None = None) -> _load.LoadOptions:
         """The options :meth:`load` loads with: the wrapper's, with

@@ -1,0 +1,239 @@
+"""New versions of a sealed pipeline that store only what changed.
+
+A version's tensors come from one or more *parts*, each its own sealed
+buffer (its own object, content digest and share key): a wrapper made by
+``ActorWrapper(...)`` has one; ``ActorWrapper.update`` seals a new version
+whose own part, the *delta*, holds only the tensors that differ from the
+base version's, and whose skeleton refers to every other tensor as
+``(part, index)`` in the parts the base already has (``Sealed.sources``).
+
+A tensor of the new version is the base's when it has the same dtype, shape
+and bytes as the base tensor it stands for:
+
+- by identity: its memory is the base tensor's own (the base pipeline
+  loaded in this process, some tensors replaced), found by address without
+  reading a byte;
+- else by comparing its bytes with the base tensor of the same name, at
+  memory speed. Never by a hash alone: equal hashes are not equal bytes.
+
+Only the parts the new version still refers to are kept, so a part no longer
+used is freed once the versions that used it are dropped.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from . import _load, _telemetry
+from ._native import DTYPE_NAMES
+from ._seal import ALIGNMENT, GUARD_BYTES, Packing, _adapters, _copy_inputs, _Sealer, kind_of
+from ._skeleton import walk
+from .errors import InvalidInputError
+from .packing import PackPlan, view_at
+
+__all__ = ["parts_of", "pack_update"]
+
+_NEW = -1  # the part of a tensor the delta stores, before parts are numbered
+_CHUNK = 8 << 20  # bytes compared at once: equal-sized temporaries stay small
+
+
+def parts_of(wrapper) -> tuple[_load.Part, ...]:
+    """Every part of ``wrapper``'s version, base first, its own buffer last."""
+    sealed = wrapper._sealed
+    own = len(wrapper._parts)
+    count = len(sealed.kinds) if sealed.sources is None else sum(1 for p, _ in set(sealed.sources) if p == own)
+    mine = _load.Part(wrapper._ref, sealed.nbytes, sealed.content_digest, count, wrapper._share_key)
+    return (*wrapper._parts, mine)
+
+
+def _equal(a: int, b: int, nbytes: int) -> bool:
+    """Whether ``nbytes`` bytes at ``a`` and at ``b`` are equal."""
+    x, y = view_at(a, nbytes), view_at(b, nbytes)
+    return all(np.array_equal(x[i : i + _CHUNK], y[i : i + _CHUNK]) for i in range(0, nbytes, _CHUNK))
+
+
+class _Base:
+    """The base version's tensors in its opened parts, each as ``(part,
+    index)``: by address and by name. The tensors the base version uses come
+    first; then the others its parts hold (a tensor an earlier version had,
+    e.g. a change reverted), so none is copied again."""
+
+    def __init__(self, opened: list, sealed):
+        self.opened = opened
+        used = sealed.sources or tuple((0, j) for j in range(len(sealed.kinds)))
+        every = ((p, j) for p, w in enumerate(opened) for j in range(len(w)))
+        self.by_address: dict[tuple, tuple] = {}
+        self.by_name: dict[str, list] = {}
+        for p, j in dict.fromkeys((*used, *every)):
+            w = opened[p]
+            t = w.table()[j]
+            entry = (p, j, w.address + t.offset, t)
+            self.by_address.setdefault((entry[2], t.dtype, tuple(t.shape)), entry)
+            self.by_name.setdefault(t.name, []).append(entry)
+        self.identical = self.compared = 0
+
+    def match(self, inp, name: str):
+        """``(part, index)`` of the base tensor equal to pack input ``inp``
+        (the tensor named ``name``), or None."""
+        dtype, shape = DTYPE_NAMES[inp.dtype], tuple(inp.shape)
+        hit = self.by_address.get((inp.address, dtype, shape))
+        if hit is not None:
+            self.identical += 1
+            return hit[:2]
+        for p, j, address, t in self.by_name.get(name, ()):
+            if t.dtype == dtype and tuple(t.shape) == shape and _equal(inp.address, address, inp.nbytes):
+                self.compared += 1
+                return p, j
+        return None
+
+
+class _DeltaSealer(_Sealer):
+    """Pickles the new version: each tensor becomes a reference to the base
+    tensor equal to it, or to a new entry of the delta. ``substitute`` maps
+    ``id(tensor)`` of the pickled object to ``(value, pack input, alive)``
+    that stands in its place (a state dict applied onto the base)."""
+
+    def __init__(self, obj, base: _Base, substitute: dict):
+        super().__init__(obj)
+        self.base, self.substitute = base, substitute
+        self.sources: list[tuple[int, int]] = []  # per reference
+
+    def persistent_id(self, o):
+        r = self.refs.get(id(o))
+        if r is not None:
+            return (r, self.kinds[r])
+        entry = next((e for e in self.adapters if e[1].accepts(o)), None)
+        if entry is None:
+            return None
+        fw, adapter = entry
+        name = self.known.get(id(o)) or f"tensor.{len(self.sources)}"
+        sub = self.substitute.get(id(o))
+        inp, alive = sub[1:] if sub is not None else adapter.pack_input(o, name)
+        hit = self.base.match(inp, name)
+        if hit is None:
+            while inp.name in self.used_names:
+                inp.name += "_"
+            self.used_names.add(inp.name)
+            hit = (_NEW, len(self.inputs))
+            self.inputs.append(inp)
+            self.keep.extend((o, alive))
+        self.refs[id(o)] = len(self.sources)
+        self.sources.append(hit)
+        self.kinds.append(kind_of(o, fw))  # the slot's kind: a parameter stays a parameter
+        return (len(self.sources) - 1, self.kinds[-1])
+
+
+def _is_state_dict(new, adapters) -> bool:
+    return isinstance(new, dict) and all(
+        isinstance(k, str) and any(a.accepts(v) for _, a in adapters) for k, v in new.items()
+    )
+
+
+def _slots(obj, adapters) -> dict:
+    """Every tensor of ``obj`` by every name it has: state-dict names
+    (parameters and buffers, tied ones under each name) for modules, the
+    attribute/key path for other tensors and arrays."""
+    torch = sys.modules.get("torch")
+
+    def is_leaf(o):
+        return (torch is not None and isinstance(o, torch.nn.Module)) or any(a.accepts(o) for _, a in adapters)
+
+    out: dict = {}
+    for path, leaf in walk(obj, is_leaf):
+        if torch is not None and isinstance(leaf, torch.nn.Module):
+            for n, t in [
+                *leaf.named_parameters(prefix=path, remove_duplicate=False),
+                *leaf.named_buffers(prefix=path, remove_duplicate=False),
+            ]:
+                out.setdefault(n, t)
+        else:
+            out.setdefault(path or "tensor", leaf)
+    return out
+
+
+def _substitutes(pipeline, state: dict, adapters) -> dict:
+    """What each tensor of the base ``pipeline`` named in ``state`` is
+    replaced by, checked: every name is one of the pipeline's, every value
+    of the slot's framework, dtype and shape, tied names given one value."""
+    slots = _slots(pipeline, adapters)
+    out: dict = {}
+    named: dict[int, str] = {}
+    for name, value in state.items():
+        slot = slots.get(name)
+        if slot is None:
+            some = ", ".join(repr(n) for n in list(slots)[:5])
+            raise InvalidInputError(
+                f"update: the base pipeline has no tensor {name!r} (its names are those of its state dict, e.g. {some})"
+            )
+        fw, adapter = next(e for e in adapters if e[1].accepts(slot))
+        if not adapter.accepts(value):
+            raise InvalidInputError(
+                f"update: tensor {name!r} is a {fw} tensor in the base, not a {type(value).__name__}"
+            )
+        old, _ = adapter.pack_input(slot, name)
+        inp, alive = adapter.pack_input(value, name)
+        if inp.dtype != old.dtype or tuple(inp.shape) != tuple(old.shape):
+            raise InvalidInputError(
+                f"update: tensor {name!r} is {DTYPE_NAMES[old.dtype]} {list(old.shape)} in the base, "
+                f"the new value {DTYPE_NAMES[inp.dtype]} {list(inp.shape)}"
+            )
+        prev = out.get(id(slot))
+        if prev is not None and prev[0] is not value and not _equal(prev[1].address, inp.address, inp.nbytes):
+            raise InvalidInputError(
+                f"update: {named[id(slot)]!r} and {name!r} are one tied tensor in the base, "
+                "but the state dict gives them different values"
+            )
+        out[id(slot)] = (value, inp, alive)
+        named.setdefault(id(slot), name)
+    return out
+
+
+def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) -> tuple[Packing, tuple]:
+    """The delta of a new version over the version of ``parts`` (opened in
+    this process: ``opened``) and ``sealed``: ``new`` is a pipeline, or a
+    state dict (``{name: tensor}``) applied onto the base pipeline (loaded
+    here zero-copy with ``options``). Returns its packing and the base parts
+    it still refers to (in order)."""
+    adapters = _adapters()
+    base = _Base(opened, sealed)
+    substitute: dict = {}
+    if _is_state_dict(new, adapters):
+        # The base pipeline's tensors ARE the base buffers': unchanged ones
+        # match by address, without a byte read.
+        if sealed.sources is None:
+            pipeline = _load.build(base.opened[0], sealed, options).pipeline
+        else:
+            pipeline = _load.build_parts(base.opened, parts, sealed, options).pipeline
+        substitute = _substitutes(pipeline, new, adapters)
+        new = pipeline
+    sealer = _DeltaSealer(new, base, substitute)
+    skeleton = sealer.pickle(new)
+    used = sorted({p for p, _ in sealer.sources if p != _NEW})
+    number = {p: k for k, p in enumerate(used)}
+    own = len(used)
+    sources = tuple((own, j) if p == _NEW else (number[p], j) for p, j in sealer.sources)
+    if not used and sources == tuple((0, j) for j in range(len(sources))):
+        sources = None  # nothing in common with the base: one part, loaded as any wrapper
+    inputs = sealer.inputs
+    plan = PackPlan(inputs, None, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES, reserve_digest=True)
+
+    def fill(dst, progress):
+        if isinstance(progress.bar, _telemetry._NoProgress):
+            plan.write_sealing(dst, progress.sealer)
+        else:
+            _copy_inputs(dst, plan, inputs, 0, progress)
+
+    _telemetry.log.info(
+        "update: %d tensors, %d unchanged by identity, %d compared equal, %d stored in the delta (%d parts kept)",
+        len(sealer.sources),
+        base.identical,
+        base.compared,
+        len(inputs),
+        own,
+    )
+    packing = Packing(
+        skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan, fill, "sealing update", sealer.keep, sources
+    )
+    return packing, tuple(parts[p] for p in used)

@@ -1,0 +1,284 @@
+"""New versions that store only what changed (``ActorWrapper.update``) on a
+real local Ray cluster, with real torch and transformers models: what the
+delta holds, where every loaded tensor's memory is, chains of updates, and
+the errors."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from models import Encoder, Pipeline, ids  # noqa: E402
+from ray_zerocopy import ActorWrapper, InvalidInputError, RayZeroCopyError  # noqa: E402
+from ray_zerocopy.packing import GUARD_NBYTES  # noqa: E402
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _object_size(ray, ref) -> int:
+    """Bytes the object takes in Ray's object store, as Ray reports them."""
+    return ray.experimental.get_object_locations([ref])[ref]["object_size"]
+
+
+def _ranges(ray, refs) -> list:
+    """``[start, end)`` of each object's mapping in this process."""
+    out = []
+    for ref in refs:
+        buf = ray.get(ref)
+        start = buf.__array_interface__["data"][0]
+        out.append((start, start + buf.nbytes))
+    return out
+
+
+def _where(ptr, ranges):
+    """Index of the range ``ptr`` lies in, or None."""
+    return next((k for k, (lo, hi) in enumerate(ranges) if lo <= ptr < hi), None)
+
+
+class _Holder:
+    """An actor that loads versions and reports on them."""
+
+    def __init__(self, wrappers):
+        self.models = [w.load() for w in wrappers]
+
+    def logits(self, k, x):
+        with torch.no_grad():
+            return self.models[k](x).logits
+
+    def places(self, k, refs):
+        """For each state-dict tensor of model ``k``: which of ``refs``'
+        objects its memory lies in (None: private memory)."""
+        import ray
+
+        ranges = _ranges(ray, refs)
+        return {n: _where(t.data_ptr(), ranges) for n, t in self.models[k].state_dict().items()}
+
+    def tied(self, k):
+        m = self.models[k]
+        return m.lm_head.weight is m.model.embed_tokens.weight
+
+
+def _fine_tune(model, names, delta=0.25):
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for n in names:
+            tuned.get_parameter(n).add_(delta)
+    return tuned
+
+
+CHANGED = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.self_attn.q_proj.weight", "model.norm.weight"]
+
+
+def test_a_fine_tuned_transformers_model_stores_only_what_changed(ray_cluster):
+    """The delta of a fine-tuned Llama over its base holds the changed
+    tensors only (plus header, guards and alignment); loaded in an actor,
+    the new version computes as the fine-tuned model, its unchanged
+    tensors' memory is the base object's, its changed ones the delta's, and
+    tied weights stay tied."""
+    ray = ray_cluster
+    base_model = _llama()
+    tuned = _fine_tune(base_model, CHANGED)
+    base = ActorWrapper(base_model)
+    new = base.update(tuned)
+
+    assert new.object_refs[0] == base.object_ref and new.object_refs[-1] == new.object_ref
+    assert len(new.object_refs) == 2 and new.num_tensors == base.num_tensors
+    changed = sum(tuned.get_parameter(n).nbytes for n in CHANGED)
+    delta, whole = _object_size(ray, new.object_ref), _object_size(ray, base.object_ref)
+    # What Ray stores beside the buffer: its serialization header.
+    assert 0 <= delta - new.nbytes < 1024 and 0 <= whole - base.nbytes < 1024
+    # Header (a few hundred bytes a tensor), one guard page on each side,
+    # at most 255 bytes of padding a tensor: nothing else.
+    assert changed <= new.nbytes <= changed + 2 * GUARD_NBYTES + 4096 + 256 * len(CHANGED), (delta, changed)
+    assert delta < 0.25 * whole, f"the delta is {delta} bytes for a {whole}-byte base"
+    print(f"\nbase object {whole} B, delta object {delta} B, changed tensors {changed} B")
+
+    actor = ray.remote(_Holder).remote([base, new])
+    x = ids(n=2, seq=7, vocab=256)
+    with torch.no_grad():
+        assert torch.equal(ray.get(actor.logits.remote(1, x)), tuned(x).logits)
+        assert torch.equal(ray.get(actor.logits.remote(0, x)), base_model(x).logits)
+    places = ray.get(actor.places.remote(1, list(new.object_refs)))
+    assert {n for n, k in places.items() if k == 1} == set(CHANGED)
+    assert all(k == 0 for n, k in places.items() if n not in CHANGED), places
+    assert ray.get(actor.tied.remote(1))
+    ray.kill(actor)
+
+
+def test_a_state_dict_update_of_a_module(ray_cluster):
+    """A state dict applied onto the base module by its state-dict names: the
+    named tensors (a parameter, a persistent buffer) take the new values,
+    the rest stay the base's, in an actor, and parameters stay parameters."""
+    ray = ray_cluster
+    enc = Encoder().eval()
+    base = ActorWrapper(enc)
+    weight = torch.randn(32, 32)
+    new = base.update({"block.0.weight": weight, "norm.running_mean": torch.full((32,), 0.5)})
+    assert new.nbytes < 3 * GUARD_NBYTES + weight.nbytes + 1024
+
+    @ray.remote
+    def check(wrappers, refs):
+        old, cur = (w.load() for w in wrappers)
+        ranges = _ranges(ray, refs)
+        where = {n: _where(t.data_ptr(), ranges) for n, t in cur.state_dict().items()}
+        is_param = isinstance(cur.block[0].weight, torch.nn.Parameter)
+        return cur.block[0].weight.clone(), cur.norm.running_mean.clone(), old.block[0].weight.clone(), where, is_param
+
+    w, mean, old_w, where, is_param = ray.get(check.remote([base, new], list(new.object_refs)))
+    assert torch.equal(w, weight) and torch.equal(mean, torch.full((32,), 0.5)) and is_param
+    assert torch.equal(old_w, enc.block[0].weight)
+    assert where["block.0.weight"] == where["norm.running_mean"] == 1
+    assert all(k == 0 for n, k in where.items() if n not in ("block.0.weight", "norm.running_mean")), where
+
+
+def test_a_chain_of_updates_keeps_only_the_parts_it_uses(ray_cluster):
+    """An update of an update refers to the first version and the earlier
+    delta it still uses, copying nothing either holds; once a delta's
+    tensors are all superseded (or reverted to the base's values) the new
+    version no longer refers to it."""
+    enc = Encoder().eval()
+    v0 = ActorWrapper(enc)
+    a0, b0 = enc.block[0].weight.detach().clone(), enc.emb.weight.detach().clone()
+    a1, b2, a3 = torch.randn(32, 32), torch.randn(64, 32), torch.randn(32, 32)
+    v1 = v0.update({"block.0.weight": a1})
+    v2 = v1.update({"emb.weight": b2})  # a1 lives on in v1's delta
+    assert v2.object_refs[:2] == (v0.object_ref, v1.object_ref) and len(v2.object_refs) == 3
+    assert v2.nbytes < 3 * GUARD_NBYTES + b2.nbytes + 1024, "v2 stores only its own change"
+    v3 = v2.update({"block.0.weight": a3})  # supersedes v1's only tensor
+    assert v1.object_ref not in v3.object_refs
+    assert v3.object_refs[:2] == (v0.object_ref, v2.object_ref) and len(v3.object_refs) == 3
+    # Reverted to the base's values: the base's tensors, nothing stored.
+    v4 = v3.update({"block.0.weight": a0, "emb.weight": b0})
+    assert v4.object_refs[0] == v0.object_ref and len(v4.object_refs) == 2
+    assert v4.nbytes <= 2 * GUARD_NBYTES + 4096, "a revert stores no tensor"
+    # A whole pipeline equal to an older version's: nothing stored either.
+    v5 = v4.update(copy.deepcopy(enc))
+    assert len(v5.object_refs) == 2 and v5.nbytes <= 2 * GUARD_NBYTES + 4096
+
+    ray = pytest.importorskip("ray")
+
+    @ray.remote
+    def values(wrappers):
+        return [(m.block[0].weight.clone(), m.emb.weight.clone()) for m in (w.load() for w in wrappers)]
+
+    got = ray.get(values.remote([v0, v1, v2, v3, v4, v5]))
+    want = [(a0, b0), (a1, b0), (a1, b2), (a3, b2), (a0, b0), (a0, b0)]
+    for k, ((a, b), (wa, wb)) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, wa) and torch.equal(b, wb), f"version {k}"
+
+
+def test_tied_weights_stay_tied_across_an_update(ray_cluster):
+    """A tied tensor replaced under one of its names is replaced under all;
+    given two different values under its two names it is an error."""
+    pipe = Pipeline()
+    base = ActorWrapper(pipe)
+    emb = torch.randn(64, 32)
+    new = base.update({"decoder.proj.weight": emb})
+    loaded = new.load()
+    assert loaded.decoder.proj.weight is loaded.encoder.emb.weight
+    assert torch.equal(loaded.encoder.emb.weight, emb)
+    same = base.update({"decoder.proj.weight": emb, "encoder.emb.weight": emb.clone()})
+    assert same.nbytes == new.nbytes
+    with pytest.raises(InvalidInputError, match="'encoder.emb.weight'.*'decoder.proj.weight'|one tied tensor"):
+        base.update({"encoder.emb.weight": emb, "decoder.proj.weight": emb + 1})
+
+
+def test_errors_name_the_tensor(ray_cluster):
+    base = ActorWrapper(Encoder().eval())
+    with pytest.raises(InvalidInputError, match="no tensor 'block.9.weight'"):
+        base.update({"block.9.weight": torch.zeros(32, 32)})
+    with pytest.raises(InvalidInputError, match=r"'block.0.weight' is F32 \[32, 32\] in the base.*F32 \[32, 31\]"):
+        base.update({"block.0.weight": torch.zeros(32, 31)})
+    with pytest.raises(InvalidInputError, match=r"'block.0.bias' is F32 \[32\] in the base.*F16 \[32\]"):
+        base.update({"block.0.bias": torch.zeros(32, dtype=torch.float16)})
+    with pytest.raises(InvalidInputError, match="'block.0.bias' is a torch tensor in the base, not a ndarray"):
+        base.update({"block.0.bias": np.zeros(32, np.float32)})
+    assert issubclass(InvalidInputError, RayZeroCopyError)
+
+
+def test_old_and_new_versions_side_by_side_in_one_process(ray_cluster):
+    """Both versions loaded in one process are right, and share the memory
+    of every unchanged tensor (one opened base object for both)."""
+    pipe = Pipeline()
+    base = ActorWrapper(pipe)
+    tuned = copy.deepcopy(pipe)
+    with torch.no_grad():
+        tuned.heads["extra"][0].weight.mul_(-1)
+    new = base.update(tuned)
+    old_p, new_p = base.load(), new.load()
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(old_p(x), pipe(x)) and torch.equal(new_p(x), tuned(x))
+    assert new_p.encoder.emb.weight.data_ptr() == old_p.encoder.emb.weight.data_ptr()
+    assert new_p.heads["extra"][0].weight.data_ptr() != old_p.heads["extra"][0].weight.data_ptr()
+
+
+def test_an_update_of_the_base_loaded_here_reads_no_unchanged_tensor(ray_cluster):
+    """The base pipeline loaded in the driver with a few tensors replaced:
+    every unchanged tensor is the base's by its address (identity), not by
+    comparing bytes; a pytree of numpy arrays updates as well."""
+    from ray_zerocopy import _delta
+
+    calls = []
+    real = _delta._equal
+
+    def counting(a, b, n):
+        calls.append(n)
+        return real(a, b, n)
+
+    tree = {"a": np.arange(4096, dtype=np.float32), "b": np.ones((64, 64), np.float32), "c": np.zeros(7, np.int64)}
+    base = ActorWrapper(tree)
+    loaded = base.load()
+    loaded = dict(loaded, b=np.full((64, 64), 2, np.float32))
+    _delta._equal = counting
+    try:
+        new = base.update(loaded)
+    finally:
+        _delta._equal = real
+    assert calls == [64 * 64 * 4], "only the replaced array is compared (with the base array of its name)"
+    got = new.load()
+    assert np.array_equal(got["a"], tree["a"]) and np.array_equal(got["b"], loaded["b"])
+    assert got["a"].__array_interface__["data"][0] == loaded["a"].__array_interface__["data"][0]
+    assert not got["b"].flags.writeable
+
+
+def _objects_listed() -> str:
+    """Ray's table of every object some process of this cluster references
+    (``ray memory``)."""
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    # This cluster's address: other clusters may run on the machine.
+    return memory_summary(address=ray.get_runtime_context().gcs_address, units="B", num_entries=100000)
+
+
+def test_a_delta_no_version_uses_is_freed_with_the_versions_that_used_it(ray_cluster):
+    """v2 supersedes v1's only change: once v1 is dropped no process
+    references its delta, so Ray frees it, while the base that v2 still
+    uses stays (and loads)."""
+    import time
+
+    v0 = ActorWrapper({"a": torch.zeros(1 << 20), "b": torch.ones(1 << 20)})
+    v1 = v0.update({"a": torch.randn(1 << 20)})
+    a2 = torch.randn(1 << 20)
+    v2 = v1.update({"a": a2})
+    assert v1.object_ref not in v2.object_refs
+    old = v1.object_ref.hex()
+    assert old in _objects_listed()
+    del v1
+    deadline = time.monotonic() + 30
+    while old in _objects_listed() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    listed = _objects_listed()
+    assert old not in listed and all(r.hex() in listed for r in v2.object_refs)
+    got = v2.load()
+    assert torch.equal(got["a"], a2) and torch.equal(got["b"], torch.ones(1 << 20))
