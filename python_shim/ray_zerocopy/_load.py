@@ -179,7 +179,8 @@ def open_sealed(ref, write_protect: bool) -> Weights:
         except (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFreedError, ray.exceptions.OwnerDiedError) as e:
             raise SealedObjectLostError(
                 f"the sealed weights (object {key[0]}) are no longer in Ray's object store ({type(e).__name__}); "
-                "the driver that created the wrapper must keep it (and Ray) alive while actors load it"
+                "the process that sealed it owns it and must stay alive while actors load it, unless it was sealed "
+                "with owner=ray_zerocopy.Owner(...), which outlives that process"
             ) from e
         w = Weights.from_buffer(buffer, write_protect=write_protect)
         if write_protect and w.guard_state == "mprotect":

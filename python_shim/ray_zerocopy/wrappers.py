@@ -92,6 +92,7 @@ class ActorWrapper:
             described[:] = [packing.write(dst)]  # sealed, and validated by the native library
 
         self._ref = _store.put_buffer(packing.nbytes, fill, owner)
+        self._owner = owner
         self._sealed = described[0]
         self._share_key = self._sealed.share_key(ray.get_runtime_context().get_session_name())
         _telemetry.sealed(len(self._sealed.kinds), self._sealed.nbytes, time.perf_counter() - started, self._ref.hex())
@@ -177,10 +178,18 @@ class ActorWrapper:
         out = type(self).__new__(type(self))
         out.__dict__.update((k, v) for k, v in self.__dict__.items() if k not in ("_ref", "_sealed", "_share_key"))
         out._parts = parts
-        out._put(ray, packing, started)
+        out._put(ray, packing, started, self._owner)  # a new version has its base's owner
         return out
 
     # ------------------------------------------------------------------
+    _owner = None  # wrappers sealed without an owner
+
+    @property
+    def owner(self):
+        """The :class:`~ray_zerocopy.Owner` of the sealed objects, or ``None``
+        when the process that sealed them owns them."""
+        return self._owner
+
     @property
     def object_ref(self):
         """The ``ObjectRef`` of this version's own sealed buffer (after

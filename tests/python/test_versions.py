@@ -174,3 +174,46 @@ def test_a_served_model_is_updated_without_a_failed_or_mixed_request(ray_cluster
     assert not mixed, f"{len(mixed)} of {len(results)} answers do not match the version they name"
     assert {r["version"] for _, r in results} == {1, 2}
     assert converge_s < 30, converge_s
+
+
+def test_publish_lets_the_owner_go_of_what_only_old_versions_used(ray_cluster):
+    """Owned by an Owner, a delta only a replaced version used is released
+    on publish and freed once the subscriber has moved on; the base that the
+    newest version still uses stays."""
+    from test_update import _objects_listed
+
+    ray = ray_cluster
+    name = "test-owner-versions"
+    owner = rzc.Owner("test-versions")
+
+    @ray.remote(num_cpus=0)
+    class Server:
+        def __init__(self, name):
+            self.sub = Subscription(name)
+
+        def version(self):
+            return self.sub.version
+
+    try:
+        base = model(1)
+        v1 = ActorWrapper(base, owner=owner)
+        tuned = model(1)
+        with torch.no_grad():
+            tuned[2].weight.add_(1.0)
+        v2 = v1.update(tuned)
+        assert v2.owner == owner and len(v2.object_refs) == 2
+        rzc.publish(name, v2)
+        server = Server.remote(name)
+        assert ray.get(server.version.remote()) == 1
+        delta = v2.object_ref.hex()
+        assert delta in owner.objects()
+        v3 = v1.update(model(1))  # back to the base: an empty delta
+        del v2
+        rzc.publish(name, v3)
+        wait_for(lambda: ray.get(server.version.remote()) == 2, "the subscriber to load version 2")
+        assert delta not in owner.objects(), "publish released the replaced delta"
+        wait_for(lambda: delta not in _objects_listed(), "the replaced delta to be freed")
+        assert v1.object_ref.hex() in _objects_listed()
+        ray.kill(server)
+    finally:
+        owner.close()
