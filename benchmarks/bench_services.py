@@ -45,12 +45,11 @@ import urllib.request
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
+import ray_zerocopy as rzc
 import torch
 from ray import serve
-from starlette.requests import Request
-
-import ray_zerocopy as rzc
 from ray_zerocopy.diagnostics import pss_breakdown
+from starlette.requests import Request
 
 
 def make_model(seed: int, mib: int) -> torch.nn.Module:
@@ -231,7 +230,8 @@ def updating(port: int, mib: int, replicas: int, x) -> dict:
     rzc.publish(name, v1.update(make_model(10, mib)))  # version 3: the base again
     freed = False
     for _ in range(600):
-        if {call(port, "/versioned", {"x": x.tolist()})["version"] for _ in range(4)} == {3} and delta not in objects_listed():
+        served = {call(port, "/versioned", {"x": x.tolist()})["version"] for _ in range(4)}
+        if served == {3} and delta not in objects_listed():
             freed = True
             break
         time.sleep(0.1)

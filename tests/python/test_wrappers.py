@@ -213,7 +213,9 @@ def test_the_wrapper_carries_no_table_of_its_own(ray_cluster):
     carries the skeleton, each tensor's framework, the buffer's digest, the
     object reference and the options."""
     w = ActorWrapper(Pipeline())
-    assert set(vars(w)) == {"device", "use_fast_load", "write_protect", "share_gpu", "_sealed", "_ref", "_share_key", "_owner"}
+    assert set(vars(w)) == {
+        "device", "use_fast_load", "write_protect", "share_gpu", "_sealed", "_ref", "_share_key", "_owner"
+    }
     assert set(vars(w._sealed)) == {
         "skeleton",
         "kinds",
