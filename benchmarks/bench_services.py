@@ -2,7 +2,7 @@
 many models per node, updates without restarts, weights that outlive the
 script that sealed them. Prints ONE JSON line.
 
-    python benchmarks/bench_services.py [--models 3] [--replicas 2] [--mib 128] [--out bench-results/services.json]
+    python benchmarks/bench_services.py [--models 3] [--replicas 2] [--mib 256] [--out bench-results/services.json]
 
 1. Model multiplexing (``@serve.multiplexed``), K models on R replicas,
    ours (``wrapper.load()``) beside plain Ray objects (``ray.get`` of the
@@ -10,10 +10,11 @@ script that sealed them. Prints ONE JSON line.
    - ``multiplex_switch_p50_ms``: a replica holding one model at a time gets
      requests that cycle through the models, so every request switches; the
      median of the replicas' own timing of ``get_model`` (the switch);
-   - ``memory_ratio``: every replica loads every model; what the replicas
-     add to their private memory, plus the sealed objects they map (ours;
-     plain Ray objects are copied into each replica instead), over the bytes
-     of the distinct models. One copy per node is 1.0; K x R copies is R.
+   - ``memory_ratio``: every replica loads every model (K x R loads); what
+     the replicas add to their private memory, plus the sealed objects they
+     map (ours; plain Ray objects are copied into each replica instead),
+     over the bytes of the distinct models. One copy per node is 1.0; a copy
+     per replica is R (``memory_ratio_plain``).
 2. An update (``publish`` / ``Subscription``): R replicas serve version 1
    while a loop sends requests; version 2, sealed by ``wrapper.update`` as a
    delta of the tensors that changed, is published mid-loop:
@@ -89,7 +90,12 @@ class _Models:
     async def _serve(self, request: Request, model):
         if request.method == "GET":
             return {"pid": self.pid, "loads": self.loads, "anon": pss_breakdown()["anon"] - self.anon}
-        x = torch.tensor((await request.json())["x"])
+        body = await request.json()
+        if body.get("load_all"):  # every model in this replica (Serve would route each to one)
+            for model_id in self.sources:
+                await self.get_model(model_id)
+            return {"pid": self.pid}
+        x = torch.tensor(body["x"])
         return {"y": answer(model, x), "pid": self.pid}
 
 
@@ -163,9 +169,9 @@ def multiplexing(port: int, models: dict, replicas: int, x) -> dict:
         switch[kind] = round(statistics.median(loads), 2)
         serve.delete("switch")
         serve.run(AllOfThem.options(num_replicas=replicas).bind(src, kind), name="all", route_prefix="/all")
-        for _ in range(3):
-            for mid in models:
-                call(port, "/all", {"x": x.tolist()}, mid)
+        loaded = set()
+        while len(loaded) < replicas:  # until every replica holds every model: K x R loads
+            loaded.add(call(port, "/all", {"load_all": True})["pid"])
         added = sum(r["anon"] for r in records(port, "/all", replicas))
         mapped = distinct if kind == "ours" else 0  # the sealed objects, once per node
         memory[kind] = round((added + mapped) / distinct, 3)
@@ -216,7 +222,7 @@ def updating(port: int, mib: int, replicas: int, x) -> dict:
         if len(newest) == replicas and set(newest.values()) == {2}:
             break
         time.sleep(0.02)
-    time.sleep(0.5)  # a little traffic after the switch
+    time.sleep(2.0)  # traffic after the switch too
     stop.set()
     t.join()
     first = {}
@@ -298,7 +304,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--mib", type=int, default=128, help="size of each model")
+    ap.add_argument("--mib", type=int, default=256, help="size of each model")
     ap.add_argument("--out", default="bench-results/services.json")
     ap.add_argument("--deploy-and-exit", metavar="ADDRESS")
     args = ap.parse_args()

@@ -14,6 +14,7 @@ EXAMPLES = [
     ("ray_data_demo.py", ["--size-mb", "16", "--rows", "32"]),
     ("serve_deployment.py", ["--port", "8471"]),
     ("serve_many_models.py", ["--port", "8472"]),
+    ("serve_updates.py", ["--port", "8473"]),
     ("checkpoints.py", []),
     ("quantized_and_audio.py", []),
     ("diffusers_pipeline.py", []),

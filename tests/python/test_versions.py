@@ -217,3 +217,66 @@ def test_publish_lets_the_owner_go_of_what_only_old_versions_used(ray_cluster):
         ray.kill(server)
     finally:
         owner.close()
+
+
+class _Batches:
+    """Counts the batches a Ray Data job has computed (a named actor)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def done(self):
+        self.n += 1
+
+    def count(self):
+        return self.n
+
+
+class Infer:
+    """A Ray Data UDF that follows the newest version, one per batch."""
+
+    def __init__(self, name, counter):
+        self.sub, self.counter = Subscription(name), counter
+
+    def __call__(self, batch):
+        import numpy as np
+
+        v = self.sub.current()  # one version for the whole batch
+        y = answer(v.pipeline, torch.tensor(batch["x"]))
+        time.sleep(0.02)  # a batch takes a while, as real inference does
+        self.counter.done.remote()
+        return {"x": batch["x"], "version": np.full(len(y), v.number), "y": np.array(y)}
+
+
+def test_a_ray_data_job_picks_up_a_new_version_mid_job(ray_cluster):
+    import numpy as np
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ray = ray_cluster
+    name = "test-ray-data"
+    versions = {1: model(1), 2: model(2)}
+    rzc.publish(name, ActorWrapper(versions[1]))
+    counter = ray.remote(_Batches).options(num_cpus=0).remote()
+    rows = [{"x": np.random.default_rng(i).standard_normal(DIM).astype(np.float32)} for i in range(400)]
+    ds = ray.data.from_items(rows).map_batches(
+        Infer, fn_constructor_kwargs={"name": name, "counter": counter}, batch_size=2,
+        compute=ActorPoolStrategy(size=2), num_cpus=0.5,
+    )
+    out = []
+    job = threading.Thread(target=lambda: out.extend(ds.iter_rows()))
+    job.start()
+    wait_for(lambda: ray.get(counter.count.remote()) >= 5, "the job to compute a few batches")
+    rzc.publish(name, ActorWrapper(versions[2]))
+    job.join(timeout=600)
+    assert not job.is_alive() and len(out) == len(rows)
+    seen = {int(r["version"]) for r in out}
+    assert seen == {1, 2}, f"versions seen: {seen}"
+    # Each row computed by the version it names, whole (a mixed batch would
+    # match neither); batches of other sizes round differently, hence close.
+    for number, m in versions.items():
+        mine = [r for r in out if int(r["version"]) == number]
+        x = torch.tensor(np.stack([r["x"] for r in mine]))
+        y = np.stack([r["y"] for r in mine])
+        assert np.allclose(y, np.array(answer(m, x)), rtol=1e-5, atol=1e-6), f"rows of version {number}"
+    ray.kill(counter)
