@@ -153,10 +153,22 @@ def records(port: int, route: str, replicas: int) -> list[dict]:
     return list(seen.values())
 
 
+def store_used() -> int:
+    """Bytes in this node's object store, as the raylet counts them."""
+    from ray._private.internal_api import node_stats
+
+    node = ray._private.worker.global_worker.node
+    stats = node_stats(node.node_ip_address, node.node_manager_port, include_memory_info=False)
+    return stats.store_stats.object_store_bytes_used
+
+
 def multiplexing(port: int, models: dict, replicas: int, x) -> dict:
     distinct = sum(model_bytes(m) for m in models.values())
+    before = store_used()
+    ours = {mid: rzc.ActorWrapper(m) for mid, m in models.items()}
+    sealed = store_used() - before  # the sealed objects, measured
     sources = {
-        "ours": {mid: rzc.ActorWrapper(m) for mid, m in models.items()},
+        "ours": ours,
         "plain": {mid: [ray.put(m)] for mid, m in models.items()},  # in a list: Serve passes the ref itself
     }
     switch, memory = {}, {}
@@ -173,7 +185,7 @@ def multiplexing(port: int, models: dict, replicas: int, x) -> dict:
         while len(loaded) < replicas:  # until every replica holds every model: K x R loads
             loaded.add(call(port, "/all", {"load_all": True})["pid"])
         added = sum(r["anon"] for r in records(port, "/all", replicas))
-        mapped = distinct if kind == "ours" else 0  # the sealed objects, once per node
+        mapped = sealed if kind == "ours" else 0  # the sealed objects, once per node
         memory[kind] = round((added + mapped) / distinct, 3)
         serve.delete("all")
     return {

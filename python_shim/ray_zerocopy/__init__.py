@@ -36,6 +36,7 @@ from .errors import (
     PanicError,
     RayNotInitializedError,
     RayZeroCopyError,
+    RegistryUnavailableError,
     RzcError,
     SealedObjectLostError,
     UnshareableTensorError,
@@ -91,7 +92,9 @@ __all__ = [
     "BufferMismatchError",
     "InternalError",
     "VersionNotFoundError",
+    "RegistryUnavailableError",
     "publish",
+    "unpublish",
     "latest",
     "versions",
     "Subscription",
@@ -107,7 +110,7 @@ def __getattr__(name):
         from . import wrappers
 
         return getattr(wrappers, name)
-    if name in ("publish", "latest", "versions", "Subscription", "Version"):
+    if name in ("publish", "unpublish", "latest", "versions", "Subscription", "Version"):
         from . import _versions
 
         return getattr(_versions, name)

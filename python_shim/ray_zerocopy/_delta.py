@@ -167,7 +167,13 @@ def _substitutes(pipeline, state: dict, adapters) -> dict:
             raise InvalidInputError(
                 f"update: the base pipeline has no tensor {name!r} (its names are those of its state dict, e.g. {some})"
             )
-        fw, adapter = next(e for e in adapters if e[1].accepts(slot))
+        found = next((e for e in adapters if e[1].accepts(slot)), None)
+        if found is None:
+            raise InvalidInputError(
+                f"update: the base's tensor {name!r} is a {type(slot).__name__}, which a state-dict update cannot "
+                "replace: pass the whole new pipeline instead"
+            )
+        fw, adapter = found
         if not adapter.accepts(value):
             raise InvalidInputError(
                 f"update: tensor {name!r} is a {fw} tensor in the base, not a {type(value).__name__}"
@@ -214,6 +220,9 @@ def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) ->
     number = {p: k for k, p in enumerate(used)}
     own = len(used)
     sources = tuple((own, j) if p == _NEW else (number[p], j) for p, j in sealer.sources)
+    # Pickled: the base's opened buffers and pipeline are no longer needed
+    # here; what the fill reads is in ``inputs`` and ``keep``.
+    sealer.base = sealer.substitute = sealer.obj = None
     if not used and sources == tuple((0, j) for j in range(len(sources))):
         sources = None  # nothing in common with the base: one part, loaded as any wrapper
     inputs = sealer.inputs

@@ -95,8 +95,12 @@ class Owner:
 
     The owner keeps every object sealed with it until released (:meth:`release`);
     Ray then frees each object once no process holds it (actors that loaded
-    it keep it as long as they use it). :meth:`close` ends the owner and
-    frees everything it owns. An ``Owner`` pickles as its name: it can be
+    it keep it as long as they use it). Ray cannot count holders it does not
+    see: a wrapper bound into a Serve application (``.bind(wrapper)``) is
+    pickled by Serve outside Ray's reference counting, so release its
+    objects only after the application is deleted (or publish a name and
+    load with ``latest``/``Subscription``, which Ray counts). :meth:`close`
+    ends the owner and frees everything it owns. An ``Owner`` pickles as its name: it can be
     passed to actors and tasks, which reach the same actor.
     """
 

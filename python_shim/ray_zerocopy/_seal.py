@@ -12,6 +12,7 @@ weights) is one reference, so it is stored once and comes back tied.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import sys
@@ -230,6 +231,31 @@ def _base_pickler():
     return cloudpickle.Pickler
 
 
+@functools.cache
+def _pickler_class(base):
+    """The sealing pickler over ``base``, made once: the sealer rides on the
+    instance. (A class made per call, closing over the sealer, is a reference
+    cycle: it kept the sealer, and with it the opened buffers of an update's
+    base, alive until a full garbage collection.)"""
+
+    class _Pickler(base):
+        def __init__(self, file, sealer, torch_reduce):
+            super().__init__(file, protocol=5)
+            self.sealer, self.torch_reduce = sealer, torch_reduce
+
+        def persistent_id(self, o):
+            return self.sealer.persistent_id(o)
+
+        def reducer_override(self, o):
+            rv = self.torch_reduce(o, self.sealer, self.proto) if self.torch_reduce is not None else None
+            if rv is not None:
+                return rv
+            inherited = getattr(base, "reducer_override", None)
+            return inherited(self, o) if inherited is not None else NotImplemented
+
+    return _Pickler
+
+
 class _Sealer:
     """Pickles an object into a skeleton, turning every tensor or array it
     reaches into a reference (pickle's ``persistent_id``) to an entry of the
@@ -279,21 +305,11 @@ class _Sealer:
         return (len(self.inputs) - 1, self.kinds[-1])
 
     def _dump(self, obj, f) -> None:
-        sealer = self
-        torch_reduce = _torch_reducer()
-
-        class _Pickler(_base_pickler()):
-            def persistent_id(self, o):
-                return sealer.persistent_id(o)
-
-            def reducer_override(self, o):
-                rv = torch_reduce(o, sealer, self.proto) if torch_reduce is not None else None
-                if rv is not None:
-                    return rv
-                base = getattr(super(), "reducer_override", None)
-                return base(o) if base is not None else NotImplemented
-
-        _Pickler(f, protocol=5).dump(obj)
+        pickler = _pickler_class(_base_pickler())(f, self, _torch_reducer())
+        try:
+            pickler.dump(obj)
+        finally:
+            pickler.sealer = pickler.torch_reduce = None
 
     def pickle(self, obj) -> bytes:
         f = io.BytesIO()

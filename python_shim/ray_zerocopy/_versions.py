@@ -31,11 +31,18 @@ import logging
 import pickle
 import threading
 import time
+import weakref
 from typing import NamedTuple
 
-from .errors import InvalidInputError, RayNotInitializedError, VersionNotFoundError
+from .errors import (
+    InvalidInputError,
+    RayNotInitializedError,
+    RayZeroCopyError,
+    RegistryUnavailableError,
+    VersionNotFoundError,
+)
 
-__all__ = ["publish", "latest", "versions", "Subscription", "Version"]
+__all__ = ["publish", "unpublish", "latest", "versions", "Subscription", "Version"]
 
 _NAME = "ray_zerocopy.versions"
 _NAMESPACE = "ray_zerocopy"
@@ -43,13 +50,21 @@ logger = logging.getLogger("ray_zerocopy")
 
 
 class _Registry:
-    """The cluster's table of published versions (a detached asyncio actor)."""
+    """The cluster's table of published versions (a detached asyncio actor).
+
+    An entry is ``(version, refs, blob, owner, generation)``: the wrapper
+    pickled without its references (``blob``) and those references, the
+    wrapper's owner pickled by name (or ``None``), and this registry's
+    generation: a registry made again (after its actor died) numbers from 1
+    again, and a subscriber that sees another generation starts over."""
 
     def __init__(self):
         import asyncio
+        import uuid
 
         self._asyncio = asyncio
-        self._entries = {}  # name -> (version, refs, blob)
+        self._generation = uuid.uuid4().hex
+        self._entries = {}  # name -> (version, refs, blob, owner)
         self._events = {}  # name -> asyncio.Event, set (and replaced) on publish
 
     def _event(self, name):
@@ -57,25 +72,42 @@ class _Registry:
             self._events[name] = self._asyncio.Event()
         return self._events[name]
 
-    async def publish(self, name, refs, blob):
-        version = self._entries.get(name, (0, [], b""))[0] + 1
-        old = self._entries.get(name, (0, [], b""))[1]
-        self._entries[name] = (version, refs, blob)
+    def _entry(self, name):
+        entry = self._entries.get(name)
+        return None if entry is None else (*entry, self._generation)
+
+    def _unused(self, refs) -> list:
+        """Of ``refs``, those no entry refers to."""
+        held = {r.hex() for entry in self._entries.values() for r in entry[1]}
+        return [r for r in refs if r.hex() not in held]
+
+    async def publish(self, name, refs, blob, owner):
+        """Makes the entry of ``name`` the newest; returns its version and,
+        of the replaced entry, the references no entry uses any more with
+        that entry's owner (the publisher lets that owner go of them)."""
+        old = self._entries.get(name)
+        version = (old[0] if old else 0) + 1
+        self._entries[name] = (version, refs, blob, owner)
         self._event(name).set()
         self._events[name] = self._asyncio.Event()
-        return version, old
+        return version, (self._unused(old[1]) if old else []), (old[3] if old else None)
 
-    async def get(self, name):
-        return self._entries.get(name)
+    async def withdraw(self, name):
+        """Removes ``name``; returns what :meth:`publish` returns of it."""
+        old = self._entries.pop(name, None)
+        return (self._unused(old[1]), old[3]) if old else ([], None)
 
-    async def wait_newer(self, name, version, timeout):
-        """The entry of ``name`` once its version is above ``version``, or
-        ``None`` after ``timeout`` seconds."""
+    async def wait_newer(self, name, version, generation, timeout):
+        """The entry of ``name`` once it is newer than ``version`` of
+        ``generation`` (any entry, for another generation), or ``None``
+        after ``timeout`` seconds."""
+        if generation != self._generation:
+            version = 0
         deadline = time.monotonic() + timeout
         while True:
             entry = self._entries.get(name)
             if entry is not None and entry[0] > version:
-                return entry
+                return self._entry(name)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -86,10 +118,6 @@ class _Registry:
 
     async def names(self):
         return {name: entry[0] for name, entry in self._entries.items()}
-
-    async def withdraw(self, name):
-        entry = self._entries.pop(name, None)
-        return [] if entry is None else entry[1]
 
 
 _handle = None  # (Ray session name, the registry's handle) of this process
@@ -114,6 +142,33 @@ def _registry():
         )
         _handle = (session, actor.remote())
     return _handle[1]
+
+
+def _ask(method: str, *args, timeout: float | None = None):
+    """Calls the registry; a registry that died is made again on the next
+    call, and the failure is a :class:`RegistryUnavailableError`."""
+    global _handle
+    import ray
+
+    try:
+        ref = getattr(_registry(), method).remote(*args)
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        _handle = None
+        raise RegistryUnavailableError(f"the versions registry ({_NAME}) is unavailable: {e}") from e
+
+
+def _let_go(gone: list, owner_blob) -> None:
+    """The owner of a replaced or withdrawn version lets go of ``gone``."""
+    if not gone or owner_blob is None:
+        return
+    owner = pickle.loads(owner_blob)
+    try:
+        owner.release(*gone)
+    except RayZeroCopyError as e:  # a closed owner has let go of everything already
+        logger.warning("could not release %d object(s) of a replaced version from %r: %s", len(gone), owner, e)
 
 
 def _check_name(name) -> str:
@@ -169,53 +224,57 @@ def publish(name: str, wrapper) -> int:
     :class:`Subscription` to ``name`` loads it in the background and switches
     to it between two calls of :meth:`Subscription.current`.
 
-    The registry keeps the newest version only. The objects only an older
-    version used are freed once no actor holds that version any more and
-    their owner lets them go: with an :class:`~ray_zerocopy.Owner`, this call
-    lets go of them; without one, the process that sealed them does when it
-    drops its wrappers (or exits)."""
-    import ray
-
+    The registry keeps the newest version of each name. When a version is
+    replaced, the objects that no published version uses any more are let go
+    by the replaced version's :class:`~ray_zerocopy.Owner` (if it had one),
+    and Ray frees each once no process holds it. Without an owner, the
+    process that sealed them frees them when it drops its wrappers (or
+    exits). Wrappers bound into a Serve application (``.bind(wrapper)``) are
+    pinned by Serve until the application is deleted: publish a name and
+    load with :func:`latest` or :class:`Subscription` instead when versions
+    change while the application runs."""
     from .wrappers import ActorWrapper
 
     _check_name(name)
     if not isinstance(wrapper, ActorWrapper):
         raise InvalidInputError(f"publish takes an ActorWrapper, not {type(wrapper).__name__}")
     refs, blob = _split(wrapper)
-    version, old = ray.get(_registry().publish.remote(name, refs, blob))
-    owner = getattr(wrapper, "owner", None)
-    if owner is not None and old:
-        keep = {r.hex() for r in refs}
-        gone = [r for r in old if r.hex() not in keep]
-        if gone:
-            owner.release(*gone)
+    owner = None if wrapper.owner is None else pickle.dumps(wrapper.owner)
+    version, gone, old_owner = _ask("publish", name, refs, blob, owner)
+    _let_go(gone, old_owner)
     return version
+
+
+def unpublish(name: str) -> None:
+    """Removes ``name`` from the registry; its newest version's objects that
+    no other name uses are let go by its owner, as :func:`publish` does for
+    a replaced version. Subscriptions keep the version they hold."""
+    gone, owner = _ask("withdraw", _check_name(name))
+    _let_go(gone, owner)
 
 
 def latest(name: str, *, timeout: float = 0.0):
     """The newest :class:`~ray_zerocopy.ActorWrapper` published as ``name``.
     Waits up to ``timeout`` seconds for a first version; raises
-    :class:`~ray_zerocopy.errors.VersionNotFoundError` when there is none."""
-    return _entry(name, 0, timeout)[1]
+    :class:`~ray_zerocopy.errors.VersionNotFoundError` when there is none.
+    It asks the registry (a remote call): in an ``async`` method, call it
+    through ``await asyncio.to_thread(...)``."""
+    return _entry(name, 0, None, timeout)[1]
 
 
 def versions() -> dict[str, int]:
     """``{name: newest version number}`` of everything published."""
-    import ray
-
-    return ray.get(_registry().names.remote())
+    return _ask("names")
 
 
-def _entry(name: str, above: int, timeout: float):
-    """``(version, wrapper)`` of ``name`` newer than ``above``."""
-    import ray
-
+def _entry(name: str, above: int, generation, timeout: float):
+    """``(version, wrapper, generation)`` of ``name`` newer than ``above``."""
     _check_name(name)
-    entry = ray.get(_registry().wait_newer.remote(name, above, float(timeout)))
+    entry = _ask("wait_newer", name, above, generation, float(timeout))
     if entry is None:
         raise VersionNotFoundError(f"nothing is published as {name!r} (waited {timeout:g} s)")
-    version, refs, blob = entry
-    return version, _join(refs, blob)
+    version, refs, blob, _, generation = entry
+    return version, _join(refs, blob), generation
 
 
 class Version(NamedTuple):
@@ -235,23 +294,27 @@ class Subscription:
     and loads each as it is published, zero-copy like any
     :meth:`~ray_zerocopy.ActorWrapper.load`. :meth:`current` returns the
     newest loaded :class:`Version`: take it once per request or batch and
-    use only it, so that no request mixes two versions; a request in flight
-    keeps its version alive until it returns, and the older version's memory
-    goes once none does.
+    use only it, so that no request mixes two versions. A request in flight
+    keeps its version alive until it returns; an older version's memory goes
+    once no request uses it (or when the subscription is closed or dropped).
 
     ``load``: how a wrapper becomes the object handed out (default
     ``wrapper.load()``; e.g. ``lambda w: w.load().eval()``). A version that
     fails to load is logged and skipped: the previous one stays current."""
 
-    def __init__(self, name: str, *, timeout: float = 60.0, load=None, wait: float = 30.0):
+    def __init__(self, name: str, *, timeout: float = 60.0, load=None):
         self.name = _check_name(name)
         self._make = load or (lambda wrapper: wrapper.load())
-        self._wait = float(wait)
-        number, wrapper = _entry(name, 0, timeout)
+        number, wrapper, generation = _entry(name, 0, None, timeout)
         self._current = Version(number, self._make(wrapper), wrapper)
+        self._generation = generation
         self._failed = 0  # the newest version that failed to load: not retried
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name=f"rzc-versions-{name}", daemon=True)
+        # The thread holds the subscription weakly: a subscription dropped
+        # without close() stops following (and frees its version) all the same.
+        self._thread = threading.Thread(
+            target=_follow, args=(weakref.ref(self),), name=f"rzc-versions-{name}", daemon=True
+        )
         self._thread.start()
 
     def current(self) -> Version:
@@ -268,30 +331,50 @@ class Subscription:
         return self._current.number
 
     def close(self) -> None:
-        """Stops following new versions (the current one stays)."""
+        """Stops following new versions within a second (the current one stays)."""
         self._closed.set()
 
-    def _follow(self) -> None:
-        import ray
+    __del__ = close
 
-        while not self._closed.is_set():
-            try:
-                above = max(self._current.number, self._failed)
-                number, wrapper = _entry(self.name, above, self._wait)
-            except VersionNotFoundError:
-                continue  # nothing newer within the wait: ask again
-            except Exception as e:  # the registry restarting, the cluster going down
-                if self._closed.is_set() or not ray.is_initialized():
-                    return
-                logger.warning("following versions of %r: %s; retrying in 1 s", self.name, e)
-                self._closed.wait(1.0)
-                continue
-            try:
-                loaded = Version(number, self._make(wrapper), wrapper)
-            except Exception as e:
-                logger.warning("version %d of %r failed to load, keeping version %d: %s",
-                               number, self.name, self._current.number, e)
-                self._failed = number
-                continue
-            self._current = loaded
+    def _apply(self, number: int, wrapper, generation) -> None:
+        """Loads version ``number`` and makes it current (unless closed)."""
+        try:
+            loaded = Version(number, self._make(wrapper), wrapper)
+        except Exception as e:
+            logger.warning("version %d of %r failed to load, keeping version %d: %s",
+                           number, self.name, self._current.number, e)
+            self._failed, self._generation = number, generation
+            return
+        if not self._closed.is_set():
+            self._current, self._generation, self._failed = loaded, generation, 0
             logger.info("now serving version %d of %r", number, self.name)
+
+
+def _follow(subscription: weakref.ref) -> None:
+    """A subscription's background thread: waits in the registry for a newer
+    version, a second at a time (so that close() or a drop ends it soon)."""
+    import ray
+
+    while (sub := subscription()) is not None and not sub._closed.is_set():
+        name, above, generation = sub.name, max(sub._current.number, sub._failed), sub._generation
+        closed = sub._closed
+        del sub  # not held while waiting
+        try:
+            entry = _ask("wait_newer", name, above, generation, 1.0)
+        except Exception as e:  # the registry made again, the cluster going down
+            if closed.is_set() or not ray.is_initialized():
+                return
+            logger.warning("following versions of %r: %s; retrying in 1 s", name, e)
+            closed.wait(1.0)
+            continue
+        sub = subscription()
+        if entry is None or sub is None:
+            continue
+        number, refs, blob, _, generation = entry
+        try:
+            wrapper = _join(refs, blob)
+        except Exception as e:
+            logger.warning("version %d of %r cannot be read, skipped: %s", number, name, e)
+            sub._failed, sub._generation = number, generation
+            continue
+        sub._apply(number, wrapper, generation)

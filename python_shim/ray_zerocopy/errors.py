@@ -162,6 +162,11 @@ class VersionNotFoundError(RayZeroCopyError, LookupError):
     """Nothing is published under a name (within the time waited)."""
 
 
+class RegistryUnavailableError(RayZeroCopyError, RuntimeError):
+    """The versions registry actor is unavailable (it died; the next call
+    makes it again, empty)."""
+
+
 class BufferMismatchError(RayZeroCopyError, RuntimeError):
     """A buffer is not the one the wrapper was sealed with."""
 

@@ -32,7 +32,9 @@ def test_many_models_on_replicas_share_one_copy_each(ray_cluster):
     try:
         serve.run(example.build_app(wrappers, R), name="many", route_prefix="/models")
         wrong, pids = [], set()
-        # Every model, again and again: more models than the replicas hold.
+        # Every model, again and again: more models than the replicas hold,
+        # so replicas evict; every answer after an eviction, from either
+        # replica, must still come from the right, whole weights.
         for _ in range(4):
             for model_id in ["m0", "m1", "m2", "m3", "m4", "m2", "m0"]:
                 answer = example.ask(port, model_id, x.tolist())
@@ -56,12 +58,6 @@ def test_many_models_on_replicas_share_one_copy_each(ray_cluster):
         private = sum(r["private_mib"] for r in records.values()) * 2**20
         held = sum(min(2, len({m for m, _ in r["loads"]})) for r in records.values())
         assert private < 0.3 * held * nbytes, (private / 2**20, held, records)
-        # Evictions unmapped one replica's views; every sealed object is
-        # still in the store, whole (the answers above came from them).
-        import ray
-
-        located = ray.experimental.get_object_locations([w.object_ref for w in wrappers.values()])
-        assert all(loc["object_size"] and loc["node_ids"] for loc in located.values()), located
     finally:
         serve.delete("many")
         serve.shutdown()

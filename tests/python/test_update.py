@@ -4,6 +4,7 @@ delta holds, where every loaded tensor's memory is, chains of updates, and
 the errors."""
 
 import copy
+import gc
 
 import numpy as np
 import pytest
@@ -275,9 +276,15 @@ def test_a_delta_no_version_uses_is_freed_with_the_versions_that_used_it(ray_clu
     old = v1.object_ref.hex()
     assert old in _objects_listed()
     del v1
-    deadline = time.monotonic() + 30
-    while old in _objects_listed() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # No garbage collection in this process meanwhile: nothing here may hold
+    # the delta in a reference cycle.
+    gc.disable()
+    try:
+        deadline = time.monotonic() + 30
+        while old in _objects_listed() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        gc.enable()
     listed = _objects_listed()
     assert old not in listed and all(r.hex() in listed for r in v2.object_refs)
     got = v2.load()
