@@ -5,11 +5,15 @@
   peer       ray-zerocopy 0.2.0 from PyPI: ModelWrapper.from_model(model, mode="actor"); wrapper.load()
   ray_flag   Ray's RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1: ray.put(model); ray.get(ref) in the actor
 
-    python benchmarks/bench_load.py [--actors 8] [--out bench-results/load.json]
+    python benchmarks/bench_load.py [--tensors 400,20000] [--actors 8] [--out bench-results/load.json]
 
-The model: 64 blocks of two nn.Linear(1024, 1024) and an nn.LayerNorm(1024),
-plus an nn.Linear(1024, 16) head: 386 fp32 tensors, about 512 MiB. It is
-built once, in this process.
+The models, one per ``--tensors`` count (default 400 and 20,000, in one run):
+blocks of two nn.Linear(d, d) and an nn.LayerNorm(d), plus an nn.Linear(d,
+16) head, 6 fp32 tensors per block. Their width d is the largest power of two
+up to 1024 that keeps the model within about 512 MiB: 400 tensors are 66
+blocks of d = 1024 (530 MiB), 20,000 tensors 3,333 blocks of d = 128 (the
+shape of a mixture-of-experts model: many small tensors). Each is built in
+this process; per tensor figures (us) divide a load by the tensor count.
 
 Each load runs in a new actor, one actor at a time: the actor is created and
 made ready (its __init__ imports torch and the package; the wrapper argument
@@ -84,18 +88,29 @@ class Net(nn.Module):
         return self.head(x)
 
 
-def build(seed: int = 0) -> Net:
+def shape_for(tensors: int) -> tuple[int, int]:
+    """``(d, blocks)`` of a model with about ``tensors`` tensors (6 per
+    block, 2 in the head) within about 512 MiB."""
+    blocks = max(1, round((tensors - 2) / 6))
+    d = 1024
+    while d > 16 and blocks * 2 * d * d * 4 > 560 * 2**20:
+        d //= 2
+    return d, blocks
+
+
+def build(tensors: int = 386, seed: int = 0) -> Net:
+    d, blocks = shape_for(tensors)
     torch.manual_seed(seed)
     with torch.no_grad():
-        model = Net()
+        model = Net(d, blocks)
         for p in model.parameters():  # LayerNorm starts at 1/0: give every tensor distinct values
             p.normal_(0, 0.02)
     return model.eval()
 
 
-def probe_input() -> torch.Tensor:
+def probe_input(d: int = 1024) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(4, 1024, generator=g)
+    return torch.randn(4, d, generator=g)
 
 
 def nbytes(model) -> int:
@@ -198,7 +213,7 @@ class Loader:
 
     def check(self, expected) -> dict:
         with torch.no_grad():
-            out = self.model(probe_input())
+            out = self.model(probe_input(self.model.head.in_features))
         where = _where(self.model)
         return {
             "output_matches": bool(torch.allclose(out, expected, rtol=1e-5, atol=1e-6)),
@@ -278,6 +293,7 @@ def summary(xs) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--tensors", default="400,20000", help="tensor counts of the models, comma-separated")
     ap.add_argument("--actors", type=int, default=8, help="loads (fresh actors) per way")
     ap.add_argument("--out", default="bench-results/load.json")
     ap.add_argument("--peer-site", default="bench-results/peer-site")
@@ -292,20 +308,16 @@ def main():
 
     import ray
     import ray_zerocopy
-    from ray_zerocopy import ActorWrapper
 
     ours_file = ray_zerocopy.__file__
     assert not ours_file.startswith(peer_site)
-
-    model = build()
-    size = nbytes(model)
-    with torch.no_grad():
-        expected = model(probe_input())
+    counts = [int(n) for n in args.tensors.split(",")]
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        object_store_memory=int(5 * size + 2**30),  # ours, peer, flag, the copy for the helpers: no spilling
+        # ours, peer, flag and the copy for the helpers of the largest model: no spilling
+        object_store_memory=int(5 * 560 * 2**20 + 2**30),
     )
     envs = {
         # Every way gets a runtime_env, so every actor starts in a new worker process.
@@ -316,7 +328,28 @@ def main():
         },
         "ray_flag": {"env_vars": {"RZC_BENCH_WAY": "ray_flag", FLAG: "1"}},
     }
+    results = {}
+    for n in counts:
+        results[str(n)] = measure(build(n), args.actors, envs, ours_file, peer_site)
+    print("\nper tensor, first load (us): " + "; ".join(
+        f"{n} tensors: " + ", ".join(f"{w} {r['ways'][w]['median'] * 1e3 / r['tensors']:.2f}" for w in WAYS)
+        for n, r in results.items()
+    ))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"models": results}, f, indent=2)
+    print(f"\nwrote {args.out}")
 
+
+def measure(model, actors: int, envs: dict, ours_file: str, peer_site: str) -> dict:
+    """The four ways on ``model``, ``actors`` fresh actors each; prints a
+    table and returns the figures."""
+    import ray
+    from ray_zerocopy import ActorWrapper
+
+    size = nbytes(model)
+    with torch.no_grad():
+        expected = model(probe_input(model.head.in_features))
     # Sealing, once per way.
     t = time.perf_counter()
     base = ActorWrapper(model)
@@ -345,7 +378,7 @@ def main():
     gcs = {w: [] for w in WAYS}
     warm_gcs = {w: [] for w in WAYS}
     checks = {}
-    for r in range(args.actors):
+    for r in range(actors):
         order = WAYS[r % len(WAYS) :] + WAYS[: r % len(WAYS)]
         for way in order:
             actor = LoaderActor.options(runtime_env=envs[way]).remote(way)
@@ -373,7 +406,7 @@ def main():
             wait_gone(info["pid"])
 
     peer_med = statistics.median(loads["peer"])
-    print(f"\nfirst load in a fresh actor, ms, {args.actors} actors per way (one at a time):")
+    print(f"\nfirst load in a fresh actor, ms, {actors} actors per way (one at a time):")
     print(
         f"{'way':10} {'median':>9} {'min':>9} {'max':>9} {'vs peer':>8} {'gc in it':>9} "
         f"{'warm 2nd':>9} {'gc in it':>9} {'private +MiB':>12}"
@@ -381,7 +414,7 @@ def main():
     result = {
         "model_bytes": size,
         "tensors": sum(1 for _ in model.parameters()),
-        "actors_per_way": args.actors,
+        "actors_per_way": actors,
         "ours_file": ours_file,
         "peer_file": peer_file,
         "peer_version": PEER_VERSION,
@@ -416,10 +449,11 @@ def main():
             "private_growth_kib": growth[way],
             "check": checks[way],
         }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out}")
+    for h in (sealer, putter):
+        ray.kill(h)  # their objects go with them
+    return result
+
+
 
 
 if __name__ == "__main__":
