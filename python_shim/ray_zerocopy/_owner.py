@@ -28,13 +28,19 @@ NAMESPACE = "ray_zerocopy"
 _PREFIX = "owner:"
 
 
-def zero_pages(nbytes: int):
-    """A read-only ``uint8`` view of ``nbytes`` untouched anonymous pages and
-    the mapping behind it (close it after the put): reading them maps the
-    kernel's zero page, so ``ray.put`` of the view creates an object of zeros
-    without this process allocating its size."""
+def put_zero_pages(ray, nbytes: int):
+    """``ray.put`` of a read-only ``uint8`` view of ``nbytes`` untouched
+    anonymous pages: reading them maps the kernel's zero page, so Ray creates
+    an object of zeros without this process allocating its size. The sealer
+    (this process, or an owner for it) fills the object in place."""
     zeros = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
-    return np.frombuffer(zeros, dtype=np.uint8), zeros
+    try:
+        view = np.frombuffer(zeros, dtype=np.uint8)
+        ref = ray.put(view)
+        del view
+    finally:
+        zeros.close()
+    return ref
 
 
 class _OwnerActor:
@@ -52,12 +58,7 @@ class _OwnerActor:
     def put_zeros(self, nbytes: int) -> list:
         import ray
 
-        view, zeros = zero_pages(nbytes)
-        try:
-            ref = ray.put(view)
-            del view
-        finally:
-            zeros.close()
+        ref = put_zero_pages(ray, nbytes)
         self._refs[ref.hex()] = ref
         return [ref]
 

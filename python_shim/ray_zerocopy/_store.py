@@ -38,7 +38,7 @@ import mmap
 import numpy as np
 
 from . import _telemetry
-from ._owner import zero_pages
+from ._owner import put_zero_pages
 from .diagnostics import mapping_at
 
 # ray.put keeps objects up to 100 KiB in the owner's memory instead of the
@@ -110,13 +110,7 @@ def _spilled(ray, ref) -> bool:
 def _put_zeros(ray, nbytes: int, owner):
     if owner is not None:
         return owner._put_zeros(nbytes)
-    view, zeros = zero_pages(nbytes)
-    try:
-        ref = ray.put(view)
-        del view
-    finally:
-        zeros.close()
-    return ref
+    return put_zero_pages(ray, nbytes)
 
 
 def _put_in_place(ray, nbytes: int, fill, owner=None):
