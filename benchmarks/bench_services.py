@@ -98,6 +98,11 @@ class _Models:
         x = torch.tensor(body["x"])
         return {"y": answer(model, x), "pid": self.pid}
 
+    async def __call__(self, request: Request):
+        # get_model: each deployment's, multiplexed with its own bound
+        model_id = serve.get_multiplexed_model_id()
+        return await self._serve(request, await self.get_model(model_id) if model_id else None)
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class OneAtATime(_Models):
@@ -105,20 +110,12 @@ class OneAtATime(_Models):
     async def get_model(self, model_id: str):
         return self._load(model_id)
 
-    async def __call__(self, request: Request):
-        model_id = serve.get_multiplexed_model_id()
-        return await self._serve(request, await self.get_model(model_id) if model_id else None)
-
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class AllOfThem(_Models):
     @serve.multiplexed(max_num_models_per_replica=16)
     async def get_model(self, model_id: str):
         return self._load(model_id)
-
-    async def __call__(self, request: Request):
-        model_id = serve.get_multiplexed_model_id()
-        return await self._serve(request, await self.get_model(model_id) if model_id else None)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -50,6 +50,20 @@ def wait_for(check, what: str, timeout: float = 60.0):
         time.sleep(0.05)
 
 
+class Server:
+    """An actor that answers with the newest version, and names it."""
+
+    def __init__(self, name):
+        self.sub = Subscription(name)
+
+    def run(self, x):
+        v = self.sub.current()
+        return v.number, answer(v.pipeline, x)
+
+    def version(self):
+        return self.sub.version
+
+
 def test_publish_and_latest(ray_cluster):
     ray = ray_cluster
     name = "test-publish-and-latest"
@@ -77,20 +91,11 @@ def test_an_actor_follows_new_versions_and_the_old_one_is_freed(ray_cluster):
     ray = ray_cluster
     name = "test-follow"
 
-    @ray.remote(num_cpus=0)
-    class Server:
-        def __init__(self, name):
-            self.sub = Subscription(name)
-
-        def run(self, x):
-            v = self.sub.current()
-            return v.number, answer(v.pipeline, x)
-
     v1, v2 = model(1), model(2)
     x = torch.randn(2, DIM)
     w1 = ActorWrapper(v1)
     rzc.publish(name, w1)
-    server = Server.remote(name)
+    server = ray.remote(num_cpus=0)(Server).remote(name)
     assert ray.get(server.run.remote(x)) == (1, answer(v1, x))
     rzc.publish(name, ActorWrapper(v2))
     seen = wait_for(lambda: (r := ray.get(server.run.remote(x)))[0] == 2 and r, "the actor to load version 2")
@@ -187,14 +192,6 @@ def test_publish_lets_the_owner_go_of_what_only_old_versions_used(ray_cluster):
     name = "test-owner-versions"
     owner = rzc.Owner("test-versions")
 
-    @ray.remote(num_cpus=0)
-    class Server:
-        def __init__(self, name):
-            self.sub = Subscription(name)
-
-        def version(self):
-            return self.sub.version
-
     try:
         base = model(1)
         v1 = ActorWrapper(base, owner=owner)
@@ -204,7 +201,7 @@ def test_publish_lets_the_owner_go_of_what_only_old_versions_used(ray_cluster):
         v2 = v1.update(tuned)
         assert v2.owner == owner and len(v2.object_refs) == 2
         rzc.publish(name, v2)
-        server = Server.remote(name)
+        server = ray.remote(num_cpus=0)(Server).remote(name)
         assert ray.get(server.version.remote()) == 1
         delta = v2.object_ref.hex()
         assert delta in owner.objects()
@@ -324,16 +321,7 @@ def test_a_registry_that_died_is_made_again_and_subscribers_start_over(ray_clust
     rzc.publish(name, ActorWrapper(model(1)))
     rzc.publish(name, ActorWrapper(model(2)))
 
-    @ray.remote(num_cpus=0)
-    class Server:
-        def __init__(self, name):
-            self.sub = Subscription(name)
-
-        def run(self, x):
-            v = self.sub.current()
-            return v.number, answer(v.pipeline, x)
-
-    server = Server.remote(name)
+    server = ray.remote(num_cpus=0)(Server).remote(name)
     x = torch.randn(2, DIM)
     assert ray.get(server.run.remote(x))[0] == 2
     ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"))
