@@ -67,19 +67,19 @@ def pack_input(a: np.ndarray, name: str) -> tuple[PackInput, object]:
 
 
 def adopt(weights: Weights, indices, fast: bool = False) -> list:
-    """Read-only numpy views of tensors ``indices``, all cut from one export
-    of the data section by the handle's table (numpy honours DLPack's
-    read-only flag). ``fast`` changes nothing: this is the fast way."""
+    """Read-only numpy views of tensors ``indices``, each made by one
+    ``ndarray`` constructor over one export of the data section, at the
+    place the handle's table says (numpy honours DLPack's read-only flag).
+    ``fast`` changes nothing: this is the fast way."""
     section = np.from_dlpack(weights.data_section())
-    start, table = weights.data_start, weights.table()
+    dtypes, shapes, offsets, _ = weights.columns()
+    start, array, to_numpy = weights.data_start, np.ndarray, TO_NUMPY
     out = []
     for i in indices:
-        t = table[i]
-        dt = TO_NUMPY.get(t.dtype)
+        dt = to_numpy.get(dtypes[i])
         if dt is None:
             raise UnshareableTensorError(
-                f"tensor {t.name!r} has dtype {t.dtype}; install ml_dtypes to read it with numpy"
+                f"tensor {weights.info(i).name!r} has dtype {dtypes[i]}; install ml_dtypes to read it with numpy"
             )
-        off = t.offset - start
-        out.append(section[off : off + t.nbytes].view(dt).reshape(t.shape))
+        out.append(array(shapes[i], dt, section, offsets[i] - start))
     return out

@@ -77,6 +77,22 @@ static void test_file(const char *dir) {
     CHECK(numel * rzc_dtype_bits(info.dtype) / 8 == info.nbytes);
   }
 
+  /* Every extent in one array, tensor after tensor; nothing written when
+   * the array is too small. */
+  size_t ndims = rzc_weights_dims_len(w);
+  int64_t *dims = calloc(ndims + 1, sizeof(int64_t));
+  CHECK(ndims > 0 && rzc_weights_get_dims(w, dims, ndims - 1) == RZC_BUFFER_TOO_SMALL && dims[0] == 0);
+  CHECK(rzc_weights_get_dims(w, dims, ndims + 1) == RZC_OK);
+  for (size_t i = 0, at = 0; i < rzc_weights_len(w); i++) {
+    rzc_tensor_info row;
+    CHECK(rzc_weights_get(w, i, &row) == RZC_OK);
+    for (uint32_t d = 0; d < row.ndim; d++) CHECK(dims[at + d] == row.shape[d]);
+    at += row.ndim;
+    if (i + 1 == rzc_weights_len(w)) CHECK(at == ndims);
+  }
+  free(dims);
+  CHECK(rzc_weights_dims_len(NULL) == 0);
+
   rzc_tensor_info info;
   CHECK(rzc_weights_get(w, find(w, "ramp_f32"), &info) == RZC_OK);
   CHECK(info.dtype == RZC_DTYPE_F32 && info.ndim == 3 && info.shape[0] == 2 &&

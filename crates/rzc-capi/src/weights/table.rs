@@ -109,6 +109,47 @@ pub unsafe extern "C" fn rzc_weights_get_all(
     }
 }
 
+/// Number of extents of all tensors together: the sum of every tensor's
+/// `ndim`, the room `rzc_weights_get_dims` needs (0 for a NULL handle).
+///
+/// # Safety
+/// `w` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_dims_len(w: *const rzc_weights) -> usize {
+    ffi_value_boundary!(
+        0,
+        borrow_or_none!(rzc_weights, w)
+            .map(|h| h.weights.tensors().iter().map(|t| t.shape.len()).sum())
+            .unwrap_or(0)
+    )
+}
+
+/// Writes every tensor's extents into one array, in the order of the data:
+/// tensor 0's `ndim` extents, then tensor 1's, and so on. With the `ndim`
+/// column of `rzc_weights_get_all` a caller reads every shape with one call
+/// and one copy, instead of following one `shape` pointer per tensor (the
+/// cost that dominates reading a table of 20,000 tensors from Python). Fails
+/// with `RZC_BUFFER_TOO_SMALL`, writing nothing, when `dims_len` is less
+/// than `rzc_weights_dims_len(w)`.
+///
+/// # Safety
+/// `w` is a live handle; `dims_out` has room for `dims_len` values (may be
+/// NULL when `dims_len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_get_dims(
+    w: *const rzc_weights,
+    dims_out: *mut i64,
+    dims_len: usize,
+) -> rzc_status {
+    ffi_boundary! {
+        let h = borrow!(rzc_weights, w);
+        let out = out_slice!(dims_out, dims_len);
+        let tensors = h.weights.tensors();
+        let dims: Vec<i64> = tensors.iter().flat_map(|t| t.shape.iter().copied()).collect();
+        out.write(dims.into_iter(), "dims_out")
+    }
+}
+
 /// Finds the index of the tensor called `name` (NUL-terminated UTF-8).
 ///
 /// # Safety
