@@ -103,7 +103,7 @@ class _DeltaSealer(_Sealer):
     def persistent_id(self, o):
         r = self.refs.get(id(o))
         if r is not None:
-            return (r, self.kinds[r])
+            return r
         entry = next((e for e in self.adapters if e[1].accepts(o)), None)
         if entry is None:
             return None
@@ -122,7 +122,7 @@ class _DeltaSealer(_Sealer):
         self.refs[id(o)] = len(self.sources)
         self.sources.append(hit)
         self.kinds.append(kind_of(o, fw))  # the slot's kind: a parameter stays a parameter
-        return (len(self.sources) - 1, self.kinds[-1])
+        return len(self.sources) - 1
 
 
 def _is_state_dict(new, adapters) -> bool:

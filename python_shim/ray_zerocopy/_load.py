@@ -230,11 +230,11 @@ def _rebuild(tensors: list, sealed: _seal.Sealed, options: LoadOptions):
     if "torch" in sys.modules and (
         options.framework == "torch" or (options.framework is None and TORCH_PARAM in sealed.kinds)
     ):
-        from ._torch import as_parameter
+        from ._torch import make_parameters
 
         # Frozen parameters where the pipeline had parameters (one object
         # per reference, so tied parameters stay one parameter).
-        tensors = [as_parameter(t) if k == TORCH_PARAM else t for t, k in zip(tensors, sealed.kinds, strict=True)]
+        make_parameters(tensors, sealed.kinds)
     return rebuild(sealed.skeleton, tensors, sealed.needs_eval)
 
 
@@ -275,9 +275,7 @@ def materialize(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) ->
 
     On a GPU the whole buffer is uploaded once, before any framework adopts
     its tensors: torch and JAX tensors of one pipeline share the allocation."""
-    groups: dict[str, list[int]] = collections.defaultdict(list)
-    for i, kind in enumerate(sealed.kinds):
-        groups[options.framework or FRAMEWORK_OF[kind]].append(i)
+    groups = _by_framework(sealed.kinds, options.framework)
     dev = options.device
     if dev.kind != "cpu" and "numpy" in groups:
         raise InvalidInputError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
@@ -286,11 +284,26 @@ def materialize(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) ->
         source = upload(weights, dev, options.share_key, sealed.content_digest)
         upload_info = source.info()
         _report_upload(dev, upload_info, options.share_key is not None)
+    if len(groups) == 1:  # the usual case: no reordering
+        ((fw, indices),) = groups.items()
+        return _adapter(fw).adopt(source, indices, options.fast), upload_info
     out: list = [None] * len(sealed.kinds)
     for fw, indices in groups.items():
         for i, a in zip(indices, _adapter(fw).adopt(source, indices, options.fast), strict=True):
             out[i] = a
     return out, upload_info
+
+
+def _by_framework(kinds, framework: str | None) -> dict[str, list[int]]:
+    """The indices of the references each framework adopts: all of them by
+    ``framework`` when given, else each by the framework it was sealed from."""
+    frameworks = {framework} if framework else {FRAMEWORK_OF[k] for k in set(kinds)}
+    if len(frameworks) == 1:
+        return {frameworks.pop(): list(range(len(kinds)))}
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for i, kind in enumerate(kinds):
+        groups[FRAMEWORK_OF[kind]].append(i)
+    return groups
 
 
 def _materialize_parts(opened: list, parts, sealed: _seal.Sealed, options: LoadOptions) -> tuple[list, dict | None]:

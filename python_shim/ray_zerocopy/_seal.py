@@ -286,7 +286,7 @@ class _Sealer:
     def persistent_id(self, o):
         i = self.refs.get(id(o))
         if i is not None:
-            return (i, self.kinds[i])
+            return i
         for entry in self.adapters:
             if entry[1].accepts(o):
                 break
@@ -302,7 +302,7 @@ class _Sealer:
         self.inputs.append(inp)
         self.kinds.append(kind_of(o, fw))
         self.keep.extend((o, alive))
-        return (len(self.inputs) - 1, self.kinds[-1])
+        return len(self.inputs) - 1
 
     def _dump(self, obj, f) -> None:
         pickler = _pickler_class(_base_pickler())(f, self, _torch_reducer())
@@ -430,7 +430,7 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
 
         class _Pickler(pickle.Pickler):
             def persistent_id(self, o):
-                return (o.index, kind) if isinstance(o, _Ref) else None
+                return o.index if isinstance(o, _Ref) else None
 
         f = io.BytesIO()
         _Pickler(f, protocol=5).dump({e.name: _Ref(i) for i, e in enumerate(entries)})

@@ -1,6 +1,8 @@
 """The skeleton: the object graph of a sealed pipeline without its tensors,
 pickled with every tensor replaced by a reference (pickle's
-``persistent_id``) of a *kind* that says which framework it comes back as.
+``persistent_id``): its index, a plain int. Each reference's *kind*, which
+says which framework it comes back as, travels beside the skeleton
+(``Sealed.kinds``).
 
 Sealing (``_seal``) writes skeletons; this module holds what reads them
 back: the modules a skeleton's classes live in, imported when a wrapper
@@ -102,7 +104,9 @@ def rebuild(skeleton: bytes, objects: list, needs_eval: bool = True) -> object:
     Sealing pickles modules in eval mode; ``needs_eval`` (some module could
     not be) walks the result and switches every module to eval mode."""
     unpickler = pickle.Unpickler(io.BytesIO(skeleton))
-    unpickler.persistent_load = lambda pid: objects[pid[0]]
+    # A reference is an index: the list's own __getitem__ resolves it, with
+    # no Python call per tensor.
+    unpickler.persistent_load = objects.__getitem__
     obj = unpickler.load()
     if needs_eval:
         for _, module in walk_modules(obj):
