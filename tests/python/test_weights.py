@@ -405,3 +405,111 @@ def test_every_leaf_keeps_its_shape_and_dtype_scalars_included():
         assert np.array_equal(
             np.asarray(got.float() if k == "bias" else got), np.asarray(v.float() if k == "bias" else v)
         ), k
+
+
+def test_columns_are_the_table_read_in_bulk(tmp_path):
+    """``Weights.columns()`` (dtype, shape, offset, size of every tensor, read
+    with three native calls) says what ``table()`` says, for every dtype, a
+    scalar and an empty tensor."""
+    path = tmp_path / "m.safetensors"
+    save_file(sample_tensors(), str(path))
+    w = rzc.Weights.open_file(path)
+    dtypes, shapes, offsets, nbytes = w.columns()
+    table = w.table()
+    assert dtypes == [t.dtype for t in table]
+    assert shapes == [t.shape for t in table] and () in shapes and (0, 3) in shapes
+    assert offsets == [t.offset for t in table]
+    assert nbytes == [t.nbytes for t in table]
+
+
+def test_dims_need_room_for_every_extent(tmp_path):
+    from ray_zerocopy._native import ffi, lib
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(2, 3), "s": torch.tensor(1.0), "b": torch.zeros(4)}, str(path))
+    w = rzc.Weights.open_file(path)
+    handle = w._live()
+    assert lib.rzc_weights_dims_len(handle) == 3
+    dims = ffi.new("int64_t[]", 2)
+    assert lib.rzc_weights_get_dims(handle, dims, 2) == lib.RZC_BUFFER_TOO_SMALL
+    assert list(dims) == [0, 0], "nothing may be written when the array is too small"
+    assert lib.rzc_weights_dims_len(ffi.NULL) == 0
+
+
+def test_loaded_parameters_are_frozen_parameters_over_the_buffer():
+    """A load turns each adopted tensor into the parameter itself (its class
+    set, as torch's UninitializedParameter.materialize does): it is an
+    ``nn.Parameter`` in every way a model uses one, over the shared bytes."""
+    import copy
+    import io
+    import pickle
+
+    from ray_zerocopy import _load, _seal
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4)).eval()
+    model.register_buffer("scale", torch.tensor(2.0))
+    x = torch.randn(3, 8)
+    expected = model(x) * 2
+    sealed, buf = _seal.seal(model)
+    w = rzc.Weights.from_buffer(buf)
+    for fast in (False, True):
+        loaded = _load.assemble(w, sealed, fast=fast)
+        params = list(loaded.parameters())
+        assert len(params) == 4
+        for p in params:
+            assert type(p) is torch.nn.Parameter and not p.requires_grad and p.is_leaf
+            assert w.address <= p.data_ptr() < w.address + w.nbytes, "the parameter was copied"
+        assert type(loaded.scale) is torch.Tensor, "a buffer stays a plain tensor"
+        torch.testing.assert_close(loaded(x) * loaded.scale, expected)
+        seen = []
+        loaded[0].register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.shape))
+        loaded(x)
+        assert seen == [torch.Size([3, 4])]
+        twin = copy.deepcopy(loaded)
+        with torch.no_grad():
+            next(twin.parameters()).add_(1.0)  # a private, writable copy
+        assert type(next(twin.parameters())) is torch.nn.Parameter
+        torch.testing.assert_close(loaded(x) * loaded.scale, expected)
+        f = io.BytesIO()
+        torch.save(loaded.state_dict(), f)
+        f.seek(0)
+        assert torch.equal(torch.load(f)["0.weight"], model[0].weight)
+        if not fast:
+            # Each parameter is its own storage: pickled alone it carries its own bytes only.
+            assert len(pickle.dumps(params[1])) < 2048
+        loaded[0].weight.requires_grad_(True)  # fine-tuning a loaded model starts like this
+        assert loaded[0].weight.requires_grad
+
+
+def test_jax_arrays_are_the_same_by_either_import():
+    """JAX arrays come from JAX's own DLPack import, called directly where this
+    jaxlib has it in the known form; they must equal what the public
+    ``jax.dlpack.from_dlpack`` makes, zero-copy, and a dtype JAX would
+    convert (float64 without x64) takes the public way."""
+    jax = pytest.importorskip("jax")
+    from ray_zerocopy import _jax
+
+    arrays = {
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "i8": np.arange(-4, 4, dtype=np.int8),
+        "bool": np.array([True, False, True]),
+        "f64": np.linspace(0, 1, 5),
+        "scalar": np.array(2.5, np.float32),
+        "empty": np.zeros((0, 2), np.float32),
+    }
+    codes = {"float32": rzc.Dtype.F32, "int8": rzc.Dtype.I8, "bool": rzc.Dtype.BOOL, "float64": rzc.Dtype.F64}
+    w = rzc.Weights.from_buffer(
+        rzc.pack([rzc.PackInput(k, codes[str(v.dtype)], v.shape, v.ctypes.data, v.nbytes) for k, v in arrays.items()])
+    )
+    names = w.names()
+    got = _jax.adopt(w, list(range(len(w))))
+    assert _jax._direct() is not None, "this jaxlib's DLPack import was not found: every array took the slow way"
+    for name, a in zip(names, got, strict=True):
+        public = jax.dlpack.from_dlpack(w.dlpack(w.find(name)))
+        assert isinstance(a, jax.Array) and a.dtype == public.dtype and a.shape == public.shape, name
+        assert a.sharding == public.sharding, name
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(public))
+        np.testing.assert_array_equal(np.asarray(a), arrays[name].astype(a.dtype))
+        if name != "f64" and a.size:
+            assert a.unsafe_buffer_pointer() == w.address + w.info(w.find(name)).offset, f"{name} was copied"
