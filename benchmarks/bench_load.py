@@ -5,7 +5,7 @@
   peer       ray-zerocopy 0.2.0 from PyPI: ModelWrapper.from_model(model, mode="actor"); wrapper.load()
   ray_flag   Ray's RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1: ray.put(model); ray.get(ref) in the actor
 
-    python benchmarks/bench_load.py [--tensors 400,20000] [--actors 8] [--out bench-results/load.json]
+    python benchmarks/bench_load.py [--tensors 400,20000] [--flat 20000] [--actors 8] [--out bench-results/load.json]
 
 The models, one per ``--tensors`` count (default 400 and 20,000, in one run):
 blocks of two nn.Linear(d, d) and an nn.LayerNorm(d), plus an nn.Linear(d,
@@ -34,6 +34,14 @@ helper actor (which owns the objects it puts), and its wrapper travels to the
 loading actors as an object reference this process never unpickles. Ray's
 flag is likewise set only in a helper actor that puts the model and in the
 loading actors of that way (it is read when a worker starts).
+
+Then ``--flat`` (default 20,000): pipelines that are a plain dict of that
+many 1,024-element fp32 arrays, one per framework (torch, numpy, JAX), with
+no modules to rebuild: what a load costs per tensor itself. Each is loaded
+in fresh actors the same way, ours (write guard on) beside a plain
+``ray.get`` of the same dict put by Ray (numpy arrays come back zero-copy
+that way; torch tensors and JAX arrays are copied). Every load is checked:
+values, type, and (ours) every array's memory in Ray's shared memory.
 
 Prints medians (min, max) per way, each way's ratio to the peer, and the
 median time Python's garbage collector ran inside the timed load (a
@@ -223,6 +231,114 @@ class Loader:
         }
 
 
+def flat_pipeline(framework: str, count: int) -> dict:
+    """``{name: array}`` of ``count`` 1,024-element fp32 arrays of
+    ``framework``, array ``i`` filled with ``i`` (checked after a load)."""
+    import numpy as np
+
+    base = np.arange(1024, dtype=np.float32) / 1024
+    arrays = {f"expert.{i}": base + i for i in range(count)}
+    if framework == "torch":
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+    if framework == "jax":
+        import jax.numpy as jnp
+
+        return {k: jnp.asarray(v) for k, v in arrays.items()}
+    return arrays
+
+
+def _address(a) -> int:
+    if hasattr(a, "data_ptr"):
+        return a.data_ptr()
+    if hasattr(a, "unsafe_buffer_pointer"):
+        return a.unsafe_buffer_pointer()
+    return a.ctypes.data
+
+
+class FlatLoader:
+    """One per load of a flat pipeline: ``ours`` (wrapper.load()) or
+    ``ray`` (ray.get of the plain dict, given as ``[ref]``)."""
+
+    def __init__(self, framework: str):
+        import numpy  # noqa: F401
+
+        if framework == "jax":
+            import jax  # noqa: F401
+        import ray_zerocopy  # noqa: F401
+
+        self.framework = framework
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def load(self, way: str, wrapper) -> dict:
+        import ray
+
+        fn = wrapper.load if way == "ours" else (lambda: ray.get(wrapper[0]))
+        self.pipeline, ms, gc_info = Loader._timed(fn)
+        values = self.pipeline
+        first, last = values["expert.0"], values[f"expert.{len(values) - 1}"]
+        starts, rows = _mappings()
+        shared = 0
+        for a in values.values():
+            i = bisect.bisect_right(starts, _address(a)) - 1
+            shared += i >= 0 and ("/dev/shm" in rows[i][3] or "plasma" in rows[i][3])
+        return {
+            "ms": ms,
+            "gc": gc_info,
+            "type": f"{type(first).__module__}.{type(first).__name__}",
+            "values_ok": float(first[1]) == 1 / 1024 and float(last[0]) == len(values) - 1,
+            "in_shared_memory": shared,
+        }
+
+
+def measure_flat(count: int, actors: int) -> dict:
+    """Ours and a plain ray.get on flat pipelines of ``count`` arrays, one
+    per framework; prints a table and returns the figures."""
+    import ray
+    from ray_zerocopy import ActorWrapper
+
+    FlatActor = ray.remote(num_cpus=0.5)(FlatLoader)
+    env = {"env_vars": {"RZC_BENCH_WAY": "flat"}}  # every actor in a new worker process
+    out = {}
+    print(f"\nflat pipelines of {count} arrays (no modules), first load in a fresh actor, ms, {actors} actors per way:")
+    print(f"{'framework':10} {'ours':>9} {'per tensor':>11} {'ray.get':>9} {'per tensor':>11} {'ours/ray':>9}")
+    for framework in ("torch", "numpy", "jax"):
+        pipeline = flat_pipeline(framework, count)
+        ways = {"ours": ActorWrapper(pipeline), "ray": [ray.put(pipeline)]}
+        del pipeline
+        times = {"ours": [], "ray": []}
+        for r in range(actors):
+            for way in ("ours", "ray") if r % 2 == 0 else ("ray", "ours"):
+                actor = FlatActor.options(runtime_env=env).remote(framework)
+                pid = ray.get(actor.ready.remote())
+                res = ray.get(actor.load.remote(way, ways[way]))
+                assert res["values_ok"], f"{framework}/{way}: wrong values after the load"
+                if way == "ours":
+                    assert res["in_shared_memory"] == count, (
+                        f"{framework}: {count - res['in_shared_memory']} arrays outside Ray's shared memory"
+                    )
+                times[way].append(res["ms"])
+                ray.kill(actor)
+                wait_gone(pid)
+        ours, plain = statistics.median(times["ours"]), statistics.median(times["ray"])
+        print(
+            f"{framework:10} {ours:9.2f} {ours * 1e3 / count:8.2f} us {plain:9.2f} {plain * 1e3 / count:8.2f} us "
+            f"{ours / plain:9.3f}"
+        )
+        out[framework] = {
+            "ours_ms": times["ours"],
+            "ray_get_ms": times["ray"],
+            "ours_median": ours,
+            "ray_get_median": plain,
+            "ours_us_per_tensor": ours * 1e3 / count,
+            "ratio_to_ray_get": ours / plain,
+            "type": res["type"],
+        }
+        del ways
+    return out
+
+
 class PeerSealer:
     """Seals the model with the peer package, in a worker that has it on its
     PYTHONPATH; lives for the whole run because it owns the objects."""
@@ -294,6 +410,7 @@ def summary(xs) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tensors", default="400,20000", help="tensor counts of the models, comma-separated")
+    ap.add_argument("--flat", type=int, default=20000, help="arrays in the flat pipelines (0: none)")
     ap.add_argument("--actors", type=int, default=8, help="loads (fresh actors) per way")
     ap.add_argument("--out", default="bench-results/load.json")
     ap.add_argument("--peer-site", default="bench-results/peer-site")
@@ -335,9 +452,10 @@ def main():
         f"{n} tensors: " + ", ".join(f"{w} {r['ways'][w]['median'] * 1e3 / r['tensors']:.2f}" for w in WAYS)
         for n, r in results.items()
     ))
+    flat = measure_flat(args.flat, args.actors) if args.flat else {}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"models": results}, f, indent=2)
+        json.dump({"models": results, "flat": flat}, f, indent=2)
     print(f"\nwrote {args.out}")
 
 
