@@ -10,7 +10,7 @@ use cudarc::driver::result;
 use cudarc::driver::sys;
 
 use crate::driver::Checked;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 
 /// Page-locked host memory, freed on drop.
 pub struct PinnedBuffer {
@@ -48,11 +48,19 @@ impl Drop for PinnedBuffer {
 }
 
 /// Host ranges this process registered, by start: `(end, users)`, where
-/// `users == 0` marks a registration in progress. Two uploads of one buffer
-/// at once (two threads, two GPUs) register the same chunks: the second uses
-/// the first's registration, and the last user unregisters it. Without the
-/// count the first upload would unregister pages the second still copies
-/// from.
+/// `users == 0` marks a registration in progress. Ranges never overlap.
+///
+/// Two uploads of one buffer at once (two threads, two GPUs) copy from the
+/// same pages, and a copy the driver issues from page-locked memory reads
+/// it when it runs, not when it is issued: so no upload may unregister
+/// pages while another upload's copies from them may still be queued. Each
+/// upload holds (counts itself a user of) every registration of this
+/// process that its copies read from, from before it issues them until its
+/// stream has drained; the last user unregisters. An upload registering a
+/// chunk registered already with the same bounds joins it; one whose copies
+/// read pages registered with other bounds (another chunk size, a pageable
+/// upload) holds those registrations and issues its copies under the lock,
+/// so that no registration appears under them unheld.
 struct Registry {
     ranges: Mutex<BTreeMap<usize, (usize, usize)>>,
     /// Signalled when a registration in progress succeeded or failed.
@@ -64,10 +72,24 @@ static REGISTRY: Registry = Registry {
     settled: Condvar::new(),
 };
 
-fn ranges() -> MutexGuard<'static, BTreeMap<usize, (usize, usize)>> {
+type Ranges = MutexGuard<'static, BTreeMap<usize, (usize, usize)>>;
+
+fn ranges() -> Ranges {
     // A panic elsewhere cannot leave the map inconsistent: every change is
     // one insert or remove.
     REGISTRY.ranges.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The registered ranges overlapping `[start, end)`: `(start, end, users)`.
+fn overlaps(reg: &Ranges, start: usize, end: usize) -> Vec<(usize, usize, usize)> {
+    // Ranges do not overlap, so those that overlap `[start, end)` are the
+    // last ones that start before `end`, as far back as they end after
+    // `start`.
+    reg.range(..end)
+        .rev()
+        .take_while(|(_, (e, _))| *e > start)
+        .map(|(s, (e, users))| (*s, *e, *users))
+        .collect()
 }
 
 /// A host range registered (page-locked) with the driver, shared by the
@@ -75,67 +97,95 @@ fn ranges() -> MutexGuard<'static, BTreeMap<usize, (usize, usize)>> {
 /// done.
 pub struct Registration(usize);
 
+/// What an upload holds while it copies from a host range: the
+/// registrations its copies read from, to keep (in a list dropped only
+/// after its stream has drained), and, when its copies must be issued
+/// before anyone registers or unregisters pages there, the registry's lock:
+/// issue them, then drop the `Holding`.
+pub struct Holding {
+    // Dropped first (fields drop in order): a registration dropped with
+    // the lock held would wait for it forever.
+    _lock: Option<Ranges>,
+    pub registrations: Vec<Registration>,
+}
+
 impl Registration {
-    /// Registers `[start, start + len)` (whole pages) with `flags`, or joins
-    /// this process's registration of exactly that range. `None` when the
-    /// range is page-locked by someone else already (pinned by its owner):
-    /// the caller copies from it as it is, and there is nothing to undo.
-    pub fn new(start: usize, len: usize, flags: u32) -> Result<Option<Registration>> {
-        let end = start + len;
+    /// For copies from `[start, end)` (whole pages): with `register` (its
+    /// flags), registers the range or joins this process's registration of
+    /// exactly that range; without, or where registrations of this process
+    /// with other bounds overlap the range, holds those and keeps the lock
+    /// (see [`Holding`]). A range page-locked by someone else (pinned by its
+    /// owner) is copied from as it is: nothing to hold or undo.
+    pub fn hold(start: usize, end: usize, register: Option<u32>) -> Result<Holding> {
         let mut reg = ranges();
         loop {
-            match reg.get_mut(&start) {
-                Some((e, users)) if *e == end && *users > 0 => {
-                    *users += 1;
-                    return Ok(Some(Registration(start)));
-                }
-                // Being registered by another upload: wait until it settles.
-                Some((e, 0)) if *e == end => {
-                    reg = REGISTRY
-                        .settled
-                        .wait(reg)
-                        .unwrap_or_else(|p| p.into_inner());
-                    continue;
-                }
-                _ => {}
+            let over = overlaps(&reg, start, end);
+            // One being registered (by another upload): wait until it settles.
+            if over.iter().any(|&(_, _, users)| users == 0) {
+                reg = REGISTRY
+                    .settled
+                    .wait(reg)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
             }
-            if reg
-                .range(..end)
-                .next_back()
-                .is_some_and(|(_, (e, _))| *e > start)
-            {
-                return Err(Error::new(
-                    ErrorKind::Cuda,
-                    "cuMemHostRegister: the range overlaps a registration of another upload in progress in this process \
-                     (with other chunk boundaries)",
-                ));
+            match (register, over.as_slice()) {
+                (Some(_), &[(s, e, _)]) if s == start && e == end => {
+                    return Ok(Holding {
+                        registrations: vec![join(&mut reg, s)],
+                        _lock: None,
+                    });
+                }
+                (Some(flags), []) => {
+                    reg.insert(start, (end, 0));
+                    drop(reg);
+                    return Ok(Holding {
+                        registrations: register_new(start, end, flags)?.into_iter().collect(),
+                        _lock: None,
+                    });
+                }
+                _ => {
+                    let registrations = over.iter().map(|&(s, _, _)| join(&mut reg, s)).collect();
+                    return Ok(Holding {
+                        registrations,
+                        _lock: Some(reg),
+                    });
+                }
             }
-            reg.insert(start, (end, 0));
-            break;
         }
-        // Not under the lock: registering takes long, and other chunks
-        // register at the same time.
-        drop(reg);
-        // SAFETY: the caller's whole pages, mapped for as long as the
-        // registration lives; `result` has no function for this call.
-        let r = unsafe { sys::cuMemHostRegister_v2(start as *mut c_void, len, flags) };
-        let mut reg = ranges();
-        let out = match r {
-            sys::cudaError_enum::CUDA_SUCCESS => {
-                reg.insert(start, (end, 1));
-                Ok(Some(Registration(start)))
-            }
-            other => {
-                reg.remove(&start);
-                match other {
-                    sys::cudaError_enum::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED => Ok(None),
-                    _ => other.or_fail("cuMemHostRegister").map(|_| None),
-                }
-            }
-        };
-        REGISTRY.settled.notify_all();
-        out
     }
+}
+
+/// Counts one more user of the registration starting at `start`.
+fn join(reg: &mut Ranges, start: usize) -> Registration {
+    if let Some((_, users)) = reg.get_mut(&start) {
+        *users += 1;
+    }
+    Registration(start)
+}
+
+/// Registers `[start, end)`, marked in progress in the registry by the
+/// caller, with the lock released: registering takes long, and other
+/// chunks register at the same time.
+fn register_new(start: usize, end: usize, flags: u32) -> Result<Option<Registration>> {
+    // SAFETY: the caller's whole pages, mapped for as long as the
+    // registration lives; `result` has no function for this call.
+    let r = unsafe { sys::cuMemHostRegister_v2(start as *mut c_void, end - start, flags) };
+    let mut reg = ranges();
+    let out = match r {
+        sys::cudaError_enum::CUDA_SUCCESS => {
+            reg.insert(start, (end, 1));
+            Ok(Some(Registration(start)))
+        }
+        other => {
+            reg.remove(&start);
+            match other {
+                sys::cudaError_enum::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED => Ok(None),
+                _ => other.or_fail("cuMemHostRegister").map(|_| None),
+            }
+        }
+    };
+    REGISTRY.settled.notify_all();
+    out
 }
 
 impl Drop for Registration {
@@ -147,7 +197,7 @@ impl Drop for Registration {
         *users -= 1;
         if *users == 0 {
             reg.remove(&self.0);
-            // SAFETY: registered by `new`, still mapped (registrations go
+            // SAFETY: registered by `register_new`, still mapped (registrations go
             // before the buffer's owner releases it); no upload uses it any
             // more. Under the lock: nobody registers the range meanwhile.
             let _ = unsafe { sys::cuMemHostUnregister(self.0 as *mut c_void) };

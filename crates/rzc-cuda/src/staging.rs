@@ -98,13 +98,14 @@ pub fn registered(
     // Dropped first: the copies drain before any registration is undone.
     let drain = Drain(stream);
     parallel(ctx, threads, &regions, |r| {
-        let reg = Registration::new(r.start, r.end - r.start, flags)?;
+        let mut held = Registration::hold(r.start, r.end, Some(flags))?;
         registrations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend(reg);
+            .append(&mut held.registrations);
         for c in &r.copies {
-            // SAFETY: the region is registered (or page-locked already) and
+            // SAFETY: the region is registered (or page-locked already), or
+            // read where registrations of other bounds hold its pages, and
             // stays so until `drain` has synchronized the stream.
             unsafe { stream.copy_in(dst + c.dst as u64, c.src, c.len) }?;
         }
@@ -157,13 +158,29 @@ pub fn pinned(
     drain.0.synchronize()
 }
 
-/// Copies straight from the (pageable) source.
+/// Copies straight from the (pageable) source. Another upload of this
+/// process may have registered pages of it meanwhile: a copy from them is
+/// a late one that reads them when it runs, so the upload holds those
+/// registrations until its copies have completed, and issues its copies
+/// before anyone can register or unregister pages of the source.
 pub fn pageable(dst: CUdeviceptr, ops: &[CopyOp], stream: &Stream) -> Result<()> {
+    let start = ops.iter().map(|c| c.src).min().unwrap_or(0) / PAGE * PAGE;
+    let end = ops.iter().map(|c| c.src + c.len).max().unwrap_or(0);
+    let mut registrations = Vec::new();
+    // Dropped before the registrations: the copies drain before they go.
     let drain = Drain(stream);
-    for c in ops {
-        // SAFETY: the source buffer outlives the upload (the caller's
-        // weights); the destination lies in the allocation.
-        unsafe { stream.copy_in(dst + c.dst as u64, c.src, c.len) }?;
+    if end > start {
+        // Dropped at the end of this block (also on an error), before any
+        // registration: the lock is let go first.
+        let mut held = Registration::hold(start, end.next_multiple_of(PAGE), None)?;
+        registrations.append(&mut held.registrations);
+        for c in ops {
+            // SAFETY: the source buffer outlives the upload (the caller's
+            // weights), and what of it is registered stays so until `drain`
+            // has synchronized the stream; the destination lies in the
+            // allocation.
+            unsafe { stream.copy_in(dst + c.dst as u64, c.src, c.len) }?;
+        }
     }
     drain.0.synchronize()
 }

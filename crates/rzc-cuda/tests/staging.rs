@@ -199,6 +199,59 @@ fn two_uploads_of_one_buffer_at_once() {
 
 #[test]
 #[ignore = "needs the stand-in CUDA driver: make fakecuda, then LD_LIBRARY_PATH=$PWD/build/fakecuda cargo test -p rzc-cuda -- --include-ignored"]
+fn uploads_in_other_modes_and_chunks_while_one_registers() {
+    // A registered upload of one buffer (one chunk: the whole buffer), and
+    // while its copies are under way, a pageable upload and a registered one
+    // with other chunk bounds, to the other GPU. A pageable copy from pages
+    // page-locked meanwhile is a late copy that reads them when it runs:
+    // were they unregistered when the first upload finished, it would fault
+    // (CUDA_ERROR_ILLEGAL_ADDRESS); and pages registered with other bounds
+    // are no reason to fail.
+    let body = || {
+        let w = sample(1, 40000);
+        let cases = [
+            (Staging::Register, 1 << 20, 0, 0),
+            (Staging::Pageable, 1 << 20, 1, 5),
+            (Staging::Register, 16384, 1, 5),
+        ];
+        std::thread::scope(|s| {
+            let runs: Vec<_> = cases
+                .iter()
+                .map(|&(staging, chunk, ordinal, after_ms)| {
+                    let w = &w;
+                    s.spawn(move || {
+                        std::thread::sleep(std::time::Duration::from_millis(after_ms));
+                        let dev = upload(w, ordinal, &options(staging, chunk))
+                            .map_err(|e| format!("{staging:?}, chunks of {chunk}: {e}"))?;
+                        assert_eq!(dev.staging(), Some(staging));
+                        Ok::<bool, String>(equal(w, &dev))
+                    })
+                })
+                .collect();
+            let got: Vec<_> = runs
+                .into_iter()
+                .map(|r| r.join().expect("no panic"))
+                .collect();
+            assert!(got.iter().all(|r| r == &Ok(true)), "{got:?}");
+        });
+    };
+    let env = [
+        ("FAKECUDA_COPY_DELAY_US", "20000"),
+        ("FAKECUDA_DEVICES", "2"),
+    ];
+    let name = "uploads_in_other_modes_and_chunks_while_one_registers";
+    if let Some(done) = child(name, &env, body) {
+        let done = done.clean();
+        assert_eq!(
+            done.count("register"),
+            1,
+            "the other uploads held the first's registration"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the stand-in CUDA driver: make fakecuda, then LD_LIBRARY_PATH=$PWD/build/fakecuda cargo test -p rzc-cuda -- --include-ignored"]
 fn bad_arguments_are_errors_of_the_cores_kinds() {
     use rzc_core::ErrorKind as Core;
     let body = || {
