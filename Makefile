@@ -85,8 +85,13 @@ test-header-c: venv
 test-c: native fixtures test-header-c
 	gcc -std=c99 -Wall -Wextra -Werror -Iinclude tests/c/test_rzc.c -L$(LIBDIR) -lrzc -Wl,-rpath,$(CURDIR)/$(LIBDIR) -o $(BUILD)/test_rzc_c
 	g++ -std=c++17 -Wall -Wextra -Werror -Iinclude tests/cpp/test_rzc.cpp -L$(LIBDIR) -lrzc -Wl,-rpath,$(CURDIR)/$(LIBDIR) -o $(BUILD)/test_rzc_cpp
+	gcc -std=c99 -Wall -Wextra -Werror -pthread -Iinclude tests/c/test_threads.c -L$(LIBDIR) -lrzc -Wl,-rpath,$(CURDIR)/$(LIBDIR) -o $(BUILD)/test_threads_c
 	$(VALGRIND) $(BUILD)/test_rzc_c $(FIXTURES)
 	$(VALGRIND) $(BUILD)/test_rzc_cpp $(FIXTURES)
+	# The thread-safety contract: natively (threads truly at once), then
+	# under valgrind (which runs one thread at a time, checking memory).
+	$(BUILD)/test_threads_c $(FIXTURES)
+	$(VALGRIND) --suppressions=tests/c/valgrind-threads.supp $(BUILD)/test_threads_c $(FIXTURES)
 	$(MAKE) --no-print-directory examples
 
 # The C, C++ and Rust examples, built and run on the fixture.
@@ -150,13 +155,19 @@ fakecuda:
 STANDIN := LD_LIBRARY_PATH=$(CURDIR)/$(FAKECUDA) RZC_FAKECUDA=$(CURDIR)/$(FAKECUDA)
 test-gpu: python fakecuda test-c
 	bash tests/fakecuda/run_selftest.sh $(FAKECUDA)
-	rm -f $(FAKECUDA)/c-log.jsonl $(FAKECUDA)/pytest-log.jsonl
+	rm -f $(FAKECUDA)/c-log.jsonl $(FAKECUDA)/c-threads-log.jsonl $(FAKECUDA)/pytest-log.jsonl
 	# The driver (and dlopen) keep state for the life of the process: here only
 	# definite and indirect leaks are errors; the driver's log says whether
 	# any driver resource was left behind.
 	$(STANDIN) FAKECUDA_LOG=$(CURDIR)/$(FAKECUDA)/c-log.jsonl FAKECUDA_MEM_MB=256 \
 	  valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite,indirect $(BUILD)/test_rzc_c $(FIXTURES)
 	grep -q '"op": *"alloc"' $(FAKECUDA)/c-log.jsonl && grep -q '"leaks": *0' $(FAKECUDA)/c-log.jsonl
+	# The thread-safety contract's device half: uploads of one handle at
+	# once in every mode to two devices, copies slowed so that they overlap
+	# (natively: under valgrind it takes a minute).
+	$(STANDIN) FAKECUDA_LOG=$(CURDIR)/$(FAKECUDA)/c-threads-log.jsonl FAKECUDA_DEVICES=2 FAKECUDA_COPY_DELAY_US=2000 \
+	  $(BUILD)/test_threads_c $(FIXTURES)
+	grep -q '"op": *"register"' $(FAKECUDA)/c-threads-log.jsonl && grep -q '"leaks": *0' $(FAKECUDA)/c-threads-log.jsonl
 	$(STANDIN) FAKECUDA_LOG=$(CURDIR)/$(FAKECUDA)/pytest-log.jsonl $(VPY) -m pytest -q -rs tests/gpu
 
 # The distributions in build/dist: a manylinux_2_28 wheel (one py3 wheel for

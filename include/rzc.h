@@ -23,15 +23,43 @@
  *  - Every fallible function returns rzc_status. On failure,
  *    rzc_last_error_message() returns a message for this thread that names
  *    the problem; it stays valid until this thread's next call.
- *  - A function taking a const handle only reads it and may run on several
- *    threads at once on the same handle. Freeing a handle while another thread
- *    uses it is an error of the caller.
+ *  - Handles are `const` wherever the function only reads them; the only
+ *    functions taking a handle that is not const are the rzc_*_free ones
+ *    (see Threads).
  *  - No Rust panic crosses this boundary: an internal bug returns RZC_PANIC.
  *  - The DLPack types below are those of dlpack.h (DLPack 1.1), under their
  *    standard names; a program that includes dlpack.h (>= 1.0) itself
  *    includes it before this header. A DLPack tensor keeps the memory it
  *    points into alive until its deleter runs, even after the handle it came
  *    from is freed.
+ *
+ * Threads
+ *  - Every function may be called from any thread, and from several threads
+ *    at once; nothing needs initialising first. Handles belong to no thread:
+ *    one made on one thread may be used on others and freed on yet another.
+ *  - A function taking a const handle (`const rzc_weights *`, ...) only
+ *    reads it, and any of them may run on several threads at once on the
+ *    same handle: tables and lookups (rzc_weights_get*, _find*, _metadata_*),
+ *    DLPack exports, rzc_weights_content_digest; rzc_device_weights_upload
+ *    of one rzc_weights by several threads at once (any staging, chunk size
+ *    and device: each gets its own upload, and all succeed; under one share
+ *    key, they make one allocation); rzc_device_weights_get, _read, _info
+ *    and exports of one upload; rzc_pack_plan_write* of one plan into
+ *    different buffers; rzc_pack_sealer_advance by the threads that fill
+ *    the buffer (then rzc_pack_sealer_finish, once they have returned).
+ *  - rzc_*_free takes the handle that is not const: call it once, when no
+ *    other call on that handle is running or will start. Freeing a handle
+ *    that another thread is using is an error of the caller (the library
+ *    cannot detect it: undefined behaviour, as with free()).
+ *  - rzc_last_error_message() is per thread: other threads' calls do not
+ *    change it.
+ *  - Opening one buffer on several threads at once gives independent
+ *    handles; with RZC_OPEN_WRITE_PROTECT its pages stay read-only until
+ *    the last of them (and of their tensors) is gone.
+ *  - A DLPack tensor is independent of its handle and of other tensors: its
+ *    deleter runs once, on any thread, before or after the handle is freed.
+ *    A release callback (rzc_open_options.release) runs once, on the thread
+ *    that lets go of the last user of the buffer (a free or a deleter).
  */
 
 
@@ -1214,7 +1242,8 @@ enum rzc_status rzc_device_weights_to_dlpack_legacy(const struct rzc_device_weig
  * NULL is a no-op.
  *
  * # Safety
- * `dev` is NULL or a handle not yet freed.
+ * `dev` is NULL or a handle not yet freed, which no other thread is using
+ * (nor will: the one call on a handle that may not overlap others).
  */
 void rzc_device_weights_free(struct rzc_device_weights *dev);
 
@@ -1322,7 +1351,8 @@ enum rzc_status rzc_pack_seal(uint8_t *dst, size_t dst_len, struct rzc_digest *o
  * Frees a plan; NULL is a no-op.
  *
  * # Safety
- * `plan` is NULL or a plan not yet freed.
+ * `plan` is NULL or a plan not yet freed, which no other thread is using
+ * (nor will: the one call on a plan that may not overlap others).
  */
 void rzc_pack_plan_free(struct rzc_pack_plan *plan);
 
@@ -1342,7 +1372,8 @@ enum rzc_status rzc_pack_sealer_new(uint8_t *dst, size_t dst_len, struct rzc_pac
 
 /**
  * Declares the bytes of the buffer below `upto` final: the caller writes
- * them no more. Calls may come in any order; the largest counts.
+ * them no more. Calls may come in any order, and from several threads at
+ * once (the threads filling the buffer); the largest counts.
  *
  * # Safety
  * `sealer` is a live sealer.
@@ -1356,8 +1387,8 @@ enum rzc_status rzc_pack_sealer_advance(const struct rzc_pack_sealer *sealer, si
  * `rzc_pack_seal` gives). The sealer is then spent: free it.
  *
  * # Safety
- * `sealer` is a live sealer; nothing else uses its buffer meanwhile; `out`
- * is valid for a write.
+ * `sealer` is a live sealer; nothing else uses its buffer meanwhile (every
+ * `rzc_pack_sealer_advance` has returned); `out` is valid for a write.
  */
 enum rzc_status rzc_pack_sealer_finish(const struct rzc_pack_sealer *sealer,
                                        struct rzc_digest *out);
@@ -1366,7 +1397,8 @@ enum rzc_status rzc_pack_sealer_finish(const struct rzc_pack_sealer *sealer,
  * Frees a sealer (stopping its thread when unfinished); NULL is a no-op.
  *
  * # Safety
- * `sealer` is NULL or a sealer not yet freed.
+ * `sealer` is NULL or a sealer not yet freed, which no other thread is
+ * using (nor will: the one call on a sealer that may not overlap others).
  */
 void rzc_pack_sealer_free(struct rzc_pack_sealer *sealer);
 
@@ -1416,7 +1448,8 @@ enum rzc_status rzc_weights_open_file(const char *path, struct rzc_weights **out
  * they keep the buffer alive until their own deleters run. NULL is a no-op.
  *
  * # Safety
- * `w` is NULL or a handle not yet freed.
+ * `w` is NULL or a handle not yet freed, which no other thread is using
+ * (nor will: the one call on a handle that may not overlap others).
  */
 void rzc_weights_free(struct rzc_weights *w);
 

@@ -8,8 +8,15 @@ use std::ptr::NonNull;
 use crate::status::{Failure, FfiResult, RZC_BUFFER_TOO_SMALL, RZC_INVALID_ARGUMENT};
 
 /// A C handle type whose pointers point to a boxed `Self::Rust`.
+///
+/// The header promises that the functions taking a `const` handle may run on
+/// several threads at once on one handle, and that a handle may be used and
+/// freed on any thread: every export borrows the object behind a handle as a
+/// shared `&Self::Rust` (only `free` takes it whole), so the promise holds
+/// where `Self::Rust` is `Sync` and `Send`, which this bound makes the
+/// compiler check for every handle type.
 pub trait Handle {
-    type Rust;
+    type Rust: Send + Sync;
 
     /// Moves `value` to the heap and gives its handle to C.
     fn into_raw(value: Self::Rust) -> *mut Self

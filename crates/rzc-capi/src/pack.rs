@@ -74,6 +74,13 @@ pub struct PlanState {
     data: Vec<(*const u8, usize)>,
 }
 
+// SAFETY: the pointers are the caller's tensors, only ever read (by the
+// writes, whose contract keeps them valid and unchanged while they run):
+// reading them on any thread, or on several at once, is sound.
+unsafe impl Send for PlanState {}
+// SAFETY: as above; a shared `PlanState` hands out nothing but reads.
+unsafe impl Sync for PlanState {}
+
 impl Handle for rzc_pack_plan {
     type Rust = PlanState;
 }
@@ -295,7 +302,8 @@ pub unsafe extern "C" fn rzc_pack_seal(
 /// Frees a plan; NULL is a no-op.
 ///
 /// # Safety
-/// `plan` is NULL or a plan not yet freed.
+/// `plan` is NULL or a plan not yet freed, which no other thread is using
+/// (nor will: the one call on a plan that may not overlap others).
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_plan_free(plan: *mut rzc_pack_plan) {
     ffi_value_boundary!((), free_handle!(rzc_pack_plan, plan))

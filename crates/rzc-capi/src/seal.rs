@@ -48,6 +48,10 @@ struct Region {
 // no longer written) while the caller keeps the buffer alive (until the
 // sealer is finished or freed, both of which join the thread).
 unsafe impl Send for Region {}
+// SAFETY: a shared `Region` is an address and a length, read by the calls
+// on the sealer (`rzc_pack_sealer_*` take a const sealer), which read or
+// write the buffer only as their contracts allow.
+unsafe impl Sync for Region {}
 
 pub struct Sealer {
     shared: Arc<Shared>,
@@ -168,7 +172,8 @@ pub unsafe extern "C" fn rzc_pack_sealer_new(
 }
 
 /// Declares the bytes of the buffer below `upto` final: the caller writes
-/// them no more. Calls may come in any order; the largest counts.
+/// them no more. Calls may come in any order, and from several threads at
+/// once (the threads filling the buffer); the largest counts.
 ///
 /// # Safety
 /// `sealer` is a live sealer.
@@ -190,8 +195,8 @@ pub unsafe extern "C" fn rzc_pack_sealer_advance(
 /// `rzc_pack_seal` gives). The sealer is then spent: free it.
 ///
 /// # Safety
-/// `sealer` is a live sealer; nothing else uses its buffer meanwhile; `out`
-/// is valid for a write.
+/// `sealer` is a live sealer; nothing else uses its buffer meanwhile (every
+/// `rzc_pack_sealer_advance` has returned); `out` is valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_sealer_finish(
     sealer: *const rzc_pack_sealer,
@@ -217,7 +222,8 @@ pub unsafe extern "C" fn rzc_pack_sealer_finish(
 /// Frees a sealer (stopping its thread when unfinished); NULL is a no-op.
 ///
 /// # Safety
-/// `sealer` is NULL or a sealer not yet freed.
+/// `sealer` is NULL or a sealer not yet freed, which no other thread is
+/// using (nor will: the one call on a sealer that may not overlap others).
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_sealer_free(sealer: *mut rzc_pack_sealer) {
     ffi_value_boundary!((), free_handle!(rzc_pack_sealer, sealer))

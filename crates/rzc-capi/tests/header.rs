@@ -168,3 +168,72 @@ fn status_codes_are_dense() {
         "`LAST` in status.rs is not the last code"
     );
 }
+
+/// The header's thread-safety contract rests on its `const` convention: a
+/// function that takes a handle by a pointer that is not const is a
+/// `rzc_*_free` (the one call that may not overlap others on its handle);
+/// every other takes `const` handles, which `Handle`'s `Send + Sync` bound
+/// lets run on several threads at once.
+#[test]
+fn only_the_frees_take_a_handle_that_is_not_const() {
+    let header = generate();
+    // Comments out, then one declaration per `;`.
+    let mut code = String::new();
+    let mut rest = header.as_str();
+    while let Some(open) = rest.find("/*") {
+        code.push_str(&rest[..open]);
+        rest = &rest[open + rest[open..].find("*/").expect("a closed comment") + 2..];
+    }
+    code.push_str(rest);
+    let handles: Vec<&str> = code
+        .lines()
+        .filter_map(|l| l.strip_prefix("typedef struct "))
+        .filter(|l| l.ends_with(';') && !l.contains('{'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("rzc_"))
+        .collect();
+    assert_eq!(
+        handles,
+        [
+            "rzc_device_weights",
+            "rzc_pack_plan",
+            "rzc_pack_sealer",
+            "rzc_weights"
+        ]
+    );
+    let (mut frees, mut functions) = (Vec::new(), 0);
+    for decl in code
+        .split(';')
+        .map(|d| d.split_whitespace().collect::<Vec<_>>().join(" "))
+    {
+        let Some(open) = decl.find('(') else { continue };
+        if decl.starts_with("typedef") || decl.contains('#') || !decl.contains(" rzc_") {
+            continue;
+        }
+        let name = decl[..open].rsplit([' ', '*']).next().unwrap_or("");
+        functions += 1;
+        for param in decl[open + 1..decl.len() - 1].split(',').map(str::trim) {
+            let mutable = handles
+                .iter()
+                .any(|h| param.starts_with(&format!("struct {h} *")) && !param.contains("**"));
+            if mutable {
+                assert!(
+                    name.ends_with("_free"),
+                    "{name} takes `{param}`: a handle that is not const, yet it is not a _free"
+                );
+                frees.push(name.to_owned());
+            }
+        }
+    }
+    assert!(functions > 40, "{functions} functions found");
+    frees.sort();
+    assert_eq!(
+        frees,
+        [
+            "rzc_device_weights_free",
+            "rzc_pack_plan_free",
+            "rzc_pack_sealer_free",
+            "rzc_weights_free"
+        ]
+    );
+}

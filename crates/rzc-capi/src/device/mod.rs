@@ -203,7 +203,8 @@ pub unsafe extern "C" fn rzc_device_weights_to_dlpack_legacy(
 /// NULL is a no-op.
 ///
 /// # Safety
-/// `dev` is NULL or a handle not yet freed.
+/// `dev` is NULL or a handle not yet freed, which no other thread is using
+/// (nor will: the one call on a handle that may not overlap others).
 #[no_mangle]
 pub unsafe extern "C" fn rzc_device_weights_free(dev: *mut rzc_device_weights) {
     ffi_value_boundary!((), free_handle!(rzc_device_weights, dev))

@@ -205,7 +205,8 @@ pub unsafe extern "C" fn rzc_weights_open_file(
 /// they keep the buffer alive until their own deleters run. NULL is a no-op.
 ///
 /// # Safety
-/// `w` is NULL or a handle not yet freed.
+/// `w` is NULL or a handle not yet freed, which no other thread is using
+/// (nor will: the one call on a handle that may not overlap others).
 #[no_mangle]
 pub unsafe extern "C" fn rzc_weights_free(w: *mut rzc_weights) {
     ffi_value_boundary!((), free_handle!(rzc_weights, w))
