@@ -14,15 +14,25 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 log = logging.getLogger("ray_zerocopy")
 
 _metrics = None
+_metrics_lock = threading.Lock()  # made once, however many threads load at once
 
 
 def _ray_metrics():
     """The metrics, made once per process where Ray is initialized (they
     need a connected worker), else ``None``."""
+    if _metrics is not None:
+        return _metrics or None
+    with _metrics_lock:
+        return _make_metrics()
+
+
+def _make_metrics():
+    """:func:`_ray_metrics`, under its lock."""
     global _metrics
     if _metrics is None:
         ray = sys.modules.get("ray")

@@ -78,7 +78,9 @@ def upload(
 
 class DeviceWeights:
     """Tensors uploaded to one CUDA device allocation. Exported tensors keep
-    the allocation alive after this handle is closed."""
+    the allocation alive after this handle is gone. Every method may be
+    called from several threads at once; the handle is freed when the last
+    reference to it goes."""
 
     __slots__ = ("_handle", "_device")
 

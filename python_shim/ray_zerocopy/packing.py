@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._native import check, ffi, lib, new_struct
+from .errors import InvalidInputError
 
 __all__ = [
     "PackInput",
@@ -141,7 +142,7 @@ class PackPlan:
         """Copies every tensor into ``dst`` (its layout written, ``sealer``
         made on it), telling ``sealer`` as each tensor's bytes are final."""
         view = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
-        check(lib.rzc_pack_plan_write_sealing(self._plan, view, len(view), sealer._handle))
+        check(lib.rzc_pack_plan_write_sealing(self._plan, view, len(view), sealer._live()))
 
     def write(self, dst) -> None:
         """Writes the whole buffer into ``dst``, copying every tensor from the
@@ -167,23 +168,30 @@ class Sealer:
         check(lib.rzc_pack_sealer_new(self._keep, len(self._keep), out))
         self._handle = ffi.gc(out[0], lib.rzc_pack_sealer_free)
 
+    def _live(self):
+        handle = self._handle  # read once: close() may run meanwhile
+        if handle is None:
+            raise InvalidInputError("the Sealer is closed")
+        return handle
+
     def advance(self, upto: int) -> None:
-        """Bytes below ``upto`` are final."""
-        check(lib.rzc_pack_sealer_advance(self._handle, upto))
+        """Bytes below ``upto`` are final. Several threads filling the
+        buffer may call it at once."""
+        check(lib.rzc_pack_sealer_advance(self._live(), upto))
 
     def finish(self) -> bytes:
         """Hashes the rest, writes the data digest into the header, and
         returns the buffer's content digest."""
         out = ffi.new("rzc_digest *")
-        check(lib.rzc_pack_sealer_finish(self._handle, out))
+        check(lib.rzc_pack_sealer_finish(self._live(), out))
         return bytes(out.bytes)
 
     def close(self) -> None:
-        """Stops the thread (when unfinished) and frees the sealer."""
-        h, self._handle = self._handle, None
-        if h is not None:
-            ffi.gc(h, None)  # freed here, not again by the collector
-            lib.rzc_pack_sealer_free(h)
+        """Stops the thread (when unfinished) and frees the sealer: now, or,
+        when a call on another thread is using it, as soon as that call
+        returns (each call holds the handle it passes). Calls made after
+        this raise :class:`~ray_zerocopy.errors.InvalidInputError`."""
+        self._handle = None
 
     def __enter__(self):
         return self

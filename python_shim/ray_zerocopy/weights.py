@@ -106,14 +106,20 @@ class Weights:
     """An opened, validated safetensors buffer.
 
     Use :meth:`open_file` (memory-maps) or :meth:`from_buffer` (any object with
-    the buffer protocol, without copying). Every method that reads is safe from
-    several threads.
+    the buffer protocol, without copying). One ``Weights`` may be used from
+    several threads at once, :meth:`close` included: a call in progress on
+    another thread completes, and a call made after ``close()`` raises
+    :class:`~ray_zerocopy.errors.InvalidInputError`.
     """
 
     __slots__ = ("_handle", "_base", "_data_start", "_data_end", "_table", "_columns", "__weakref__")
 
     def __init__(self, handle):
-        self._handle = handle
+        # Freed by the collector when the last reference to it goes: this
+        # object's, or that of a call in progress on another thread (each
+        # call holds the handle it passes), so close() never frees a handle
+        # a native call still reads.
+        self._handle = ffi.gc(handle, lib.rzc_weights_free)
         layout = ffi.new("rzc_buffer_layout *")
         check(lib.rzc_weights_get_layout(handle, layout))
         self._base = int(ffi.cast("uintptr_t", layout.bytes))
@@ -164,16 +170,11 @@ class Weights:
         return cls(out[0])
 
     def close(self) -> None:
-        """Frees the handle now; exported tensors stay valid."""
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            lib.rzc_weights_free(handle)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        """Lets go of the handle: it is freed now, or, when a call on another
+        thread is using it, as soon as that call returns. Calls made after
+        this raise :class:`~ray_zerocopy.errors.InvalidInputError`; exported
+        tensors stay valid."""
+        self._handle = None
 
     def __enter__(self):
         return self
@@ -182,9 +183,10 @@ class Weights:
         self.close()
 
     def _live(self):
-        if self._handle is None:
+        handle = self._handle  # read once: close() may run meanwhile
+        if handle is None:
             raise InvalidInputError("the Weights handle is closed")
-        return self._handle
+        return handle
 
     def __len__(self) -> int:
         return lib.rzc_weights_len(self._live())

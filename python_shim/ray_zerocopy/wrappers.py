@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import functools
 import sys
+import threading
 import time
 
 from . import _delta, _load, _seal, _skeleton, _store, _telemetry
@@ -300,19 +301,22 @@ def _make_udf(wrapper: ActorWrapper, predict_fn, device, framework):
 # TaskWrapper: each call runs in a Ray task; a worker keeps the pipelines it
 # loaded (a few, most recent first), so later calls on it skip loading.
 _task_cache: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+_task_cache_lock = threading.Lock()  # a worker may run tasks on several threads
 _TASK_CACHE_SIZE = 4
 
 
 def _cached_pipeline(wrapper: ActorWrapper):
     key = (wrapper.object_ref.hex(), wrapper.device)
-    pipeline = _task_cache.get(key)
-    if pipeline is None:
-        pipeline = wrapper.load()
+    with _task_cache_lock:
+        pipeline = _task_cache.get(key)
+        if pipeline is not None:
+            _task_cache.move_to_end(key)
+            return pipeline
+    pipeline = wrapper.load()  # not under the lock: loads of others go on
+    with _task_cache_lock:
         _task_cache[key] = pipeline
         while len(_task_cache) > _TASK_CACHE_SIZE:
             _task_cache.popitem(last=False)
-    else:
-        _task_cache.move_to_end(key)
     return pipeline
 
 
