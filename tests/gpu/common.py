@@ -111,3 +111,13 @@ def held(events: list[dict], pid: int | None = None) -> dict[str, int]:
         elif op in GIVES:
             out[GIVES[op]] = out.get(GIVES[op], 0) - 1
     return {k: v for k, v in out.items() if v}
+
+
+def wait_for_exit() -> None:
+    """What a worker process does once it has reported: holds what it made
+    until its test writes "exit" to its standard input (or closes it)."""
+    import sys
+
+    for line in sys.stdin:
+        if line.strip() == "exit":
+            break

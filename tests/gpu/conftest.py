@@ -82,3 +82,15 @@ class Case:
 def case(tmp_path):
     """Runs a snippet on the stand-in: ``case(code, FAKECUDA_FAIL=...)``."""
     return lambda code, **env: Case(tmp_path, code, env)
+
+
+@pytest.fixture
+def share_env(tmp_path):
+    """A private share directory and a driver log for this test's processes."""
+    share_dir = tmp_path / "share"
+    share_dir.mkdir(mode=0o700)
+    log = tmp_path / "driver.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKECUDA_")}
+    env.update(RZC_SHARE_DIR=str(share_dir), FAKECUDA_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join([_HERE, env.get("PYTHONPATH", "")])
+    return env, log

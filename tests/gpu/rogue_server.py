@@ -19,6 +19,8 @@ import struct
 import sys
 import threading
 
+from common import wait_for_exit
+
 
 def main():
     share_dir, mode, size, digest = sys.argv[1], sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4])
@@ -48,9 +50,7 @@ def main():
 
     threading.Thread(target=serve, daemon=True).start()
     print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "exit":
-            break
+    wait_for_exit()
     lock.close()
 
 

@@ -20,7 +20,7 @@ import time
 
 import ray_zerocopy as rzc
 import torch
-from common import shared_buffer
+from common import shared_buffer, wait_for_exit
 from ray_zerocopy import _seal
 
 
@@ -85,9 +85,7 @@ def main():
         return
     out, held = load(key, tensors, w)
     print(json.dumps(out), flush=True)
-    for line in sys.stdin:
-        if line.strip() == "exit":
-            break
+    wait_for_exit()
     del held, w
     gc.collect()
 

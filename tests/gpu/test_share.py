@@ -20,18 +20,6 @@ pytestmark = pytest.mark.standin
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture
-def share_env(tmp_path):
-    """A private share directory and a driver log for this test's processes."""
-    share_dir = tmp_path / "share"
-    share_dir.mkdir(mode=0o700)
-    log = tmp_path / "driver.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKECUDA_")}
-    env.update(RZC_SHARE_DIR=str(share_dir), FAKECUDA_LOG=str(log))
-    env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
-    return env, log
-
-
 class Worker:
     def __init__(self, env, key, *args):
         self.proc = subprocess.Popen(

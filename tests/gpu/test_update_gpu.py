@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 import pytest
-from common import read_log, shared_buffer
+from common import read_log, shared_buffer, wait_for_exit
 
 pytestmark = pytest.mark.standin
 
@@ -67,9 +67,7 @@ def worker(k: int) -> None:
         "equal": all(devs[p].read(j).tobytes() == t.numpy().tobytes() for (p, j), t in expected.items()),
     }
     print(json.dumps(out), flush=True)
-    for line in sys.stdin:
-        if line.strip() == "exit":
-            break
+    wait_for_exit()
     del devs, opened
     gc.collect()
 
@@ -85,13 +83,8 @@ def _start(env, k):
     return proc, json.loads(line)
 
 
-def test_versions_share_the_base_parts_device_copy(tmp_path):
-    share_dir = tmp_path / "share"
-    share_dir.mkdir(mode=0o700)
-    log = tmp_path / "driver.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKECUDA_")}
-    env.update(RZC_SHARE_DIR=str(share_dir), FAKECUDA_LOG=str(log))
-    env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
+def test_versions_share_the_base_parts_device_copy(share_env):
+    env, log = share_env
     procs = []
     try:
         procs.append(_start(env, 1))
