@@ -4,6 +4,8 @@ tensor of a sealed buffer is 256-byte aligned."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -52,9 +54,7 @@ def _canonical_dtypes(weights) -> set:
     return {i for i, name in enumerate(dtypes) if name in keep}
 
 
-_DIRECT: list = []
-
-
+@functools.cache
 def _direct():
     """JAX's own import of a DLPack capsule onto its CPU device, without
     ``jax.dlpack.from_dlpack``'s wrapper around it (a producer object asked
@@ -63,19 +63,18 @@ def _direct():
     does not have that function in the form known here; then every array
     takes the public way. The two ways make the same array: a test compares
     them."""
-    if not _DIRECT:
-        fn = None
-        try:
-            from jax._src import xla_bridge
-            from jax._src.lib import _jax, jaxlib_extension_version
+    try:
+        from jax._src import xla_bridge
+        from jax._src.lib import _jax, jaxlib_extension_version
 
-            to_buffer = _jax.dlpack_managed_tensor_to_buffer
-            if jaxlib_extension_version >= 467:
-                device = xla_bridge.get_backend("cpu").local_devices()[0]
+        to_buffer = _jax.dlpack_managed_tensor_to_buffer
+        if jaxlib_extension_version < 467:
+            return None
+        device = xla_bridge.get_backend("cpu").local_devices()[0]
+    except (ImportError, AttributeError, RuntimeError):
+        return None
 
-                def fn(capsule):
-                    return to_buffer(capsule, device, None, False, kDLCPU)
-        except (ImportError, AttributeError, RuntimeError):
-            fn = None
-        _DIRECT.append(fn)
-    return _DIRECT[0]
+    def from_capsule(capsule):
+        return to_buffer(capsule, device, None, False, kDLCPU)
+
+    return from_capsule

@@ -112,7 +112,7 @@ class Weights:
     :class:`~ray_zerocopy.errors.InvalidInputError`.
     """
 
-    __slots__ = ("_handle", "_base", "_data_start", "_data_end", "_table", "_columns", "__weakref__")
+    __slots__ = ("_handle", "_base", "_data_start", "_data_end", "_table", "_columns", "_rows_read", "__weakref__")
 
     def __init__(self, handle):
         # Freed by the collector when the last reference to it goes: this
@@ -127,6 +127,7 @@ class Weights:
         self._data_end = layout.data_end
         self._table = None
         self._columns = None
+        self._rows_read = None
 
     @classmethod
     def open_file(cls, path: str | os.PathLike) -> Weights:
@@ -193,37 +194,29 @@ class Weights:
 
     def table(self) -> tuple[TensorInfo, ...]:
         """Every tensor's description, in the order of the data: the tensor
-        table the native library validated, fetched with one call the first
-        time it is asked for."""
+        table the native library validated, fetched in bulk the first time
+        it is asked for (see :meth:`columns`)."""
         if self._table is None:
-            n = len(self)
-            raw = ffi.new("rzc_tensor_info[]", n)
-            check(lib.rzc_weights_get_all(self._live(), raw, n))
-            base, names = self._base, DTYPE_NAMES
-            self._table = tuple(
-                TensorInfo(
-                    ffi.unpack(t.name, t.name_len).decode("utf-8"),
-                    names[t.dtype],
-                    tuple(ffi.unpack(t.shape, t.ndim)),
-                    t.nbytes,
-                    int(ffi.cast("uintptr_t", t.data)) - base,
-                )
-                for t in raw
-            )
+            handle = self._live()  # the names lie in its memory: held while they are read
+            rows = self._rows()
+            names = [
+                ffi.unpack(ffi.cast("char *", at), n).decode("utf-8")
+                for at, n in zip(rows["name"].tolist(), rows["name_len"].tolist(), strict=True)
+            ]
+            dtypes, shapes, offsets, nbytes = self.columns()
+            self._table = tuple(map(TensorInfo._make, zip(names, dtypes, shapes, nbytes, offsets, strict=True)))
+            del handle
         return self._table
 
     def columns(self) -> tuple[list, list, list, list]:
         """What a load needs of the table, as four lists in the order of the
         data: every tensor's dtype name, shape, offset from the buffer's
-        start and size in bytes. Read with three native calls and a few
-        vectorized steps, not one Python step per field and tensor as
-        :meth:`table` takes: a table of 20,000 tensors costs about
-        1.5 us a tensor that way, this a tenth of it."""
+        start and size in bytes, without the names. Read with three native
+        calls and a few vectorized steps, not one Python step per field and
+        tensor (that way a table of 20,000 tensors cost about 1.5 us a
+        tensor; this costs a tenth of it)."""
         if self._columns is None:
-            handle, n = self._live(), len(self)
-            raw = ffi.new("rzc_tensor_info[]", n)
-            check(lib.rzc_weights_get_all(handle, raw, n))
-            rows = np.frombuffer(ffi.buffer(raw), dtype=_INFO_ROWS)
+            handle, rows = self._live(), self._rows()
             ndims = lib.rzc_weights_dims_len(handle)
             dims_out = ffi.new("int64_t[]", ndims)
             check(lib.rzc_weights_get_dims(handle, dims_out, ndims))
@@ -238,6 +231,16 @@ class Weights:
                 rows["nbytes"].tolist(),
             )
         return self._columns
+
+    def _rows(self) -> np.ndarray:
+        """``rzc_weights_get_all`` as a numpy record array (pointers as
+        addresses), read once; :meth:`table` and :meth:`columns` share it."""
+        if self._rows_read is None:
+            n = len(self)
+            raw = ffi.new("rzc_tensor_info[]", n)
+            check(lib.rzc_weights_get_all(self._live(), raw, n))
+            self._rows_read = np.frombuffer(ffi.buffer(raw), dtype=_INFO_ROWS)  # keeps `raw` alive
+        return self._rows_read
 
     def info(self, index: int) -> TensorInfo:
         """Describes tensor ``index`` (in the order of the data)."""
