@@ -1008,6 +1008,25 @@ typedef struct rzc_pack_options {
 } rzc_pack_options;
 
 /**
+ * One tensor for `rzc_pack_sealer_copy`: its bytes, and where they go.
+ */
+typedef struct rzc_pack_copy {
+  /**
+   * The tensor's bytes, `nbytes` of them (NULL only when 0), outside the
+   * sealer's buffer.
+   */
+  const uint8_t *src;
+  /**
+   * Offset of the tensor's data in the buffer (`rzc_pack_plan_offset`).
+   */
+  uint64_t dst_offset;
+  /**
+   * Size in bytes; must be the tensor's.
+   */
+  uint64_t nbytes;
+} rzc_pack_copy;
+
+/**
  * Called exactly once with `ctx` when the last user of a borrowed buffer is
  * gone (the handle and every tensor exported from it). It may run on any
  * thread: whichever frees the last of them.
@@ -1321,9 +1340,9 @@ enum rzc_status rzc_pack_plan_write(const struct rzc_pack_plan *plan, uint8_t *d
 
 /**
  * Copies every tensor's data into `dst`, whose layout is written already
- * (`rzc_pack_plan_write_layout`, then `rzc_pack_sealer_new` on it), telling
- * `sealer` as each tensor's bytes are final, so that the digest is computed
- * while the rest is copied. Then call `rzc_pack_sealer_finish`.
+ * (`rzc_pack_plan_write_layout`, then `rzc_pack_sealer_new` on it), on
+ * every core, hashing each block as it completes (`rzc_pack_sealer_copy`).
+ * Then call `rzc_pack_sealer_finish`.
  *
  * # Safety
  * As `rzc_pack_plan_write`; `sealer` is a live sealer of `dst`.
@@ -1359,8 +1378,9 @@ void rzc_pack_plan_free(struct rzc_pack_plan *plan);
 /**
  * Starts computing the digest of the data section of `dst`, a buffer
  * planned with `reserve_digest` whose header is written already
- * (`rzc_pack_plan_write_layout`), on a thread of its own. Then fill the
- * buffer, calling `rzc_pack_sealer_advance` as its bytes become final, and
+ * (`rzc_pack_plan_write_layout`), with a thread of its own. Then fill the
+ * buffer, with `rzc_pack_sealer_copy`, or by writing it and calling
+ * `rzc_pack_sealer_advance` as its bytes become final, and call
  * `rzc_pack_sealer_finish`.
  *
  * # Safety
@@ -1381,6 +1401,24 @@ enum rzc_status rzc_pack_sealer_new(uint8_t *dst, size_t dst_len, struct rzc_pac
 enum rzc_status rzc_pack_sealer_advance(const struct rzc_pack_sealer *sealer, size_t upto);
 
 /**
+ * Copies `copies_len` whole tensors into the sealer's buffer, on up to
+ * `threads` threads (0: one per core; a small copy runs on the calling
+ * thread), hashing every block of the buffer whose bytes this completes
+ * while it is still in cache. Each tensor is named by its offset and size
+ * in the buffer's layout; a tensor may be copied once, and not below the
+ * bytes declared final. Nothing is copied when one entry is refused.
+ * Several calls may run at once, for different tensors.
+ *
+ * # Safety
+ * `sealer` is a live sealer; `copies` points to `copies_len` entries (NULL
+ * only when 0) whose sources stay readable and unchanged during the call.
+ */
+enum rzc_status rzc_pack_sealer_copy(const struct rzc_pack_sealer *sealer,
+                                     const struct rzc_pack_copy *copies,
+                                     size_t copies_len,
+                                     uint32_t threads);
+
+/**
  * Declares the whole buffer final, completes the digest of its data
  * section (on every core), writes it into the header (`rzc.data_blake3`)
  * and writes the buffer's content digest to `*out` (the same as
@@ -1388,7 +1426,8 @@ enum rzc_status rzc_pack_sealer_advance(const struct rzc_pack_sealer *sealer, si
  *
  * # Safety
  * `sealer` is a live sealer; nothing else uses its buffer meanwhile (every
- * `rzc_pack_sealer_advance` has returned); `out` is valid for a write.
+ * `rzc_pack_sealer_advance` and `rzc_pack_sealer_copy` has returned);
+ * `out` is valid for a write.
  */
 enum rzc_status rzc_pack_sealer_finish(const struct rzc_pack_sealer *sealer,
                                        struct rzc_digest *out);

@@ -14,8 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .errors import CheckpointNotFoundError, InvalidInputError
 from .weights import Weights
 
@@ -110,25 +108,17 @@ def read(path) -> Checkpoint:
     return Checkpoint(tuple(entries), metadata or {}, tuple(files))
 
 
-def copy_into(dst: np.ndarray, entries, offsets, copied=lambda i: None) -> None:
-    """Copies each entry's bytes to ``dst[offsets[i]:]``, one shard at a time
-    (each shard is mapped while it is copied, then unmapped), calling
-    ``copied(i)`` after entry ``i``."""
+def copy_into(entries, offsets, copy) -> None:
+    """Copies each entry's bytes to offset ``offsets[i]`` of the buffer being
+    sealed, one shard at a time (each shard is mapped while it is copied,
+    then unmapped): ``copy([(address, offset, nbytes)])`` is the fill's
+    (``_seal._Progress.copy``)."""
     by_shard: dict[Path, list[int]] = {}
     for i, e in enumerate(entries):
         by_shard.setdefault(e.shard, []).append(i)
     for shard, indices in by_shard.items():
-        w = Weights.open_file(shard)
-        section = np.from_dlpack(w.data_section())
-        try:
-            start = w.data_start
-            for i in indices:
-                e = entries[i]
-                src = e.offset - start
-                dst[offsets[i] : offsets[i] + e.nbytes] = section[src : src + e.nbytes]
-                copied(i)
-        finally:
-            # The handle and the view are the mapping's last users: the shard
-            # is unmapped before the next one is mapped.
-            del section
-            w.close()
+        # The handle is the mapping's only user: the shard is unmapped
+        # before the next one is mapped.
+        with Weights.open_file(shard) as w:
+            base = w.address
+            copy([(base + entries[i].offset, offsets[i], entries[i].nbytes) for i in indices])

@@ -232,7 +232,7 @@ def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) ->
         if isinstance(progress.bar, _telemetry._NoProgress):
             plan.write_sealing(dst, progress.sealer)
         else:
-            _copy_inputs(dst, plan, inputs, 0, progress)
+            _copy_inputs(plan, inputs, 0, progress)
 
     _telemetry.log.info(
         "update: %d tensors, %d unchanged by identity, %d compared equal, %d stored in the delta (%d parts kept)",

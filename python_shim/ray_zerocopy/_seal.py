@@ -25,7 +25,7 @@ from . import _checkpoint, _telemetry
 from ._native import DTYPE_CODES
 from ._skeleton import FRAMEWORK_OF, JAX, NUMPY, TORCH, TORCH_PARAM, items, referenced_modules, walk, walk_modules
 from .errors import InternalError, InvalidInputError, InvalidTypeError, RayZeroCopyError
-from .packing import DEVICE_ALIGNMENT, GUARD_NBYTES, PackInput, PackPlan, Sealer, view_at
+from .packing import DEVICE_ALIGNMENT, GUARD_NBYTES, PackInput, PackPlan, Sealer
 from .weights import Weights
 
 __all__ = [
@@ -98,8 +98,8 @@ class SealedParts(Sealed):
 class Packing:
     """A pickled skeleton and how to write the buffer it refers to: a
     buffer of ``nbytes`` bytes laid out by ``plan``, whose tensors
-    ``fill(dst, progress)`` copies in, calling ``progress.done(i)`` after
-    tensor ``i`` (or writing them all through ``progress.sealer``), wherever
+    ``fill(dst, progress)`` copies in through ``progress.copy`` (or
+    ``progress.sealer`` itself), wherever
     ``dst`` lives (straight into Ray's object store, see ``_store``, or a
     new array: :meth:`to_array`)."""
 
@@ -150,23 +150,32 @@ class Packing:
 
 
 class _Progress:
-    """What the fill reports as tensors land, in whatever order: the
-    progress bar advances, and the sealer learns how far the buffer is final
-    (up to the first tensor not yet copied; the layout is written first)."""
+    """How a fill copies tensors in: through the sealer, on every core, each
+    block of the buffer hashed as soon as its bytes are final. While a
+    progress bar shows, in groups of about :attr:`GROUP` bytes, the bar
+    advancing after each."""
+
+    GROUP = 256 << 20
 
     def __init__(self, plan: PackPlan, sealer: Sealer, bar):
         self.plan, self.sealer, self.bar = plan, sealer, bar
-        self._done = bytearray(len(plan))
-        self._next = 0
 
-    def done(self, i: int) -> None:
-        self._done[i] = 1
-        self.bar.update(self.plan.size(i))
-        if i != self._next:
+    def copy(self, copies) -> None:
+        """``copies``: ``[(address, offset, nbytes)]`` as for :meth:`Sealer.copy`."""
+        if isinstance(self.bar, _telemetry._NoProgress):
+            self.sealer.copy(copies)
             return
-        while self._next < len(self._done) and self._done[self._next]:
-            self._next += 1
-        self.sealer.advance(self.plan.offset(self._next) if self._next < len(self._done) else self.plan.nbytes)
+        group, size = [], 0
+        for c in copies:
+            group.append(c)
+            size += c[2]
+            if size >= self.GROUP:
+                self.sealer.copy(group)
+                self.bar.update(size)
+                group, size = [], 0
+        if group:
+            self.sealer.copy(group)
+            self.bar.update(size)
 
 
 def _adapters():
@@ -389,18 +398,15 @@ def pack_object(obj, metadata=None) -> Packing:
         if isinstance(progress.bar, _telemetry._NoProgress):
             plan.write_sealing(dst, progress.sealer)  # one native call
         else:
-            _copy_inputs(dst, plan, inputs, 0, progress)  # tensor by tensor, to show progress
+            _copy_inputs(plan, inputs, 0, progress)  # in groups, to show progress
 
     return Packing(skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan, fill, keep=sealer.keep)
 
 
-def _copy_inputs(dst, plan: PackPlan, inputs, first: int, progress: _Progress) -> None:
+def _copy_inputs(plan: PackPlan, inputs, first: int, progress: _Progress) -> None:
     """Copies ``inputs`` (tensors ``first``, ``first + 1``, ... of ``plan``)
-    from their addresses into ``dst``, reporting each to ``progress``."""
-    for i, inp in enumerate(inputs, start=first):
-        at = plan.offset(i)
-        dst[at : at + inp.nbytes] = view_at(inp.address, inp.nbytes)
-        progress.done(i)
+    from their addresses into the buffer through ``progress``."""
+    progress.copy([(inp.address, plan.offset(i), inp.nbytes) for i, inp in enumerate(inputs, start=first)])
 
 
 def seal(obj, metadata=None) -> tuple[Sealed, np.ndarray]:
@@ -448,8 +454,8 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
     offsets = [plan.offset(i) for i in range(len(inputs))]
 
     def fill(dst, progress):
-        _checkpoint.copy_into(dst, entries, offsets, progress.done)
-        _copy_inputs(dst, plan, extras, len(entries), progress)
+        _checkpoint.copy_into(entries, offsets, progress.copy)
+        _copy_inputs(plan, extras, len(entries), progress)
 
     return Packing(skeleton, tuple(kinds), needs_eval, plan, fill, "sealing checkpoint", keep)
 

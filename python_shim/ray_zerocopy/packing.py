@@ -179,6 +179,21 @@ class Sealer:
         buffer may call it at once."""
         check(lib.rzc_pack_sealer_advance(self._live(), upto))
 
+    def copy(self, copies, threads: int = 0) -> None:
+        """Copies whole tensors into the buffer on ``threads`` threads (0:
+        one per core), hashing each block as it completes: ``copies`` is
+        ``[(address, offset, nbytes)]``, each tensor's bytes at ``address``
+        (alive and unchanged during the call) and its offset and size in the
+        buffer's layout. A tensor is copied once, and not below ``advance``.
+        The GIL is released while it runs."""
+        copies = list(copies)
+        arr = ffi.new("rzc_pack_copy[]", len(copies))
+        for c, (address, offset, nbytes) in zip(arr, copies, strict=True):
+            c.src = ffi.cast("const uint8_t *", address)
+            c.dst_offset = offset
+            c.nbytes = nbytes
+        check(lib.rzc_pack_sealer_copy(self._live(), arr, len(copies), threads))
+
     def finish(self) -> bytes:
         """Hashes the rest, writes the data digest into the header, and
         returns the buffer's content digest."""

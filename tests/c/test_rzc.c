@@ -277,6 +277,33 @@ static void test_pack(void) {
   CHECK(rzc_pack_sealer_new(again, total, &sealer) == RZC_OK);
   CHECK(rzc_pack_plan_write_sealing(plan, dst, total, sealer) == RZC_INVALID_ARGUMENT);
   rzc_pack_sealer_free(sealer);
+  /* Tensors copied by the sealer: named by their offset and size in the
+     layout, each once, never from the buffer itself; a refused call copies
+     nothing; the same digest. */
+  CHECK(rzc_pack_plan_write_layout(plan, again, total) == RZC_OK);
+  CHECK(rzc_pack_sealer_new(again, total, &sealer) == RZC_OK);
+  uint64_t at0 = 0, at1 = 0;
+  CHECK(rzc_pack_plan_offset(plan, 0, &at0) == RZC_OK && rzc_pack_plan_offset(plan, 1, &at1) == RZC_OK);
+  rzc_pack_copy copies[2] = {{in[0].data, at0, in[0].nbytes}, {in[1].data, at1, in[1].nbytes}};
+  rzc_pack_copy wrong[2] = {copies[0], {in[1].data, at1 + 4, in[1].nbytes}};
+  CHECK(rzc_pack_sealer_copy(sealer, wrong, 2, 0) == RZC_INVALID_ARGUMENT);
+  CHECK(strstr(rzc_last_error_message(), "copies[1]") != NULL);
+  wrong[1] = copies[1];
+  wrong[1].nbytes -= 1;
+  CHECK(rzc_pack_sealer_copy(sealer, wrong, 2, 0) == RZC_INVALID_ARGUMENT);
+  wrong[1] = copies[1];
+  wrong[1].src = again + 8;
+  CHECK(rzc_pack_sealer_copy(sealer, wrong, 2, 0) == RZC_INVALID_ARGUMENT);
+  CHECK(strstr(rzc_last_error_message(), "overlaps") != NULL);
+  CHECK(rzc_pack_sealer_copy(sealer, NULL, 2, 0) == RZC_NULL_ARGUMENT);
+  CHECK(rzc_pack_sealer_copy(NULL, copies, 2, 0) == RZC_NULL_ARGUMENT);
+  CHECK(rzc_pack_sealer_copy(sealer, copies, 1, 1) == RZC_OK);
+  CHECK(rzc_pack_sealer_copy(sealer, copies, 2, 1) == RZC_INVALID_ARGUMENT); /* the first again */
+  CHECK(rzc_pack_sealer_copy(sealer, copies + 1, 1, 0) == RZC_OK);
+  CHECK(rzc_pack_sealer_finish(sealer, &streamed) == RZC_OK);
+  CHECK(rzc_pack_sealer_copy(sealer, copies, 0, 0) == RZC_INVALID_ARGUMENT); /* spent */
+  rzc_pack_sealer_free(sealer);
+  CHECK(memcmp(streamed.bytes, sealed.bytes, 32) == 0 && memcmp(again, dst, total) == 0);
   /* A sealer freed unfinished stops its thread. */
   CHECK(rzc_pack_plan_write_layout(plan, again, total) == RZC_OK);
   CHECK(rzc_pack_sealer_new(again, total, &sealer) == RZC_OK);

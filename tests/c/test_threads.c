@@ -340,6 +340,74 @@ static void test_pack(void) {
   for (int k = 0; k < THREADS; k++) free(x[k].dst);
 }
 
+/* -- tensors copied by one sealer from several threads at once ---------- */
+struct copier {
+  const rzc_pack_sealer *sealer;
+  rzc_pack_copy copies[2];
+};
+
+static void *copy_tensors(void *arg) {
+  struct copier *x = arg;
+  pthread_barrier_wait(&start);
+  CHECK(rzc_pack_sealer_copy(x->sealer, x->copies, 2, 2) == RZC_OK);
+  return NULL;
+}
+
+static void test_sealer_copy(void) {
+  /* 2 * THREADS tensors over several 1 MiB hashing blocks, most of them
+   * straddling a block boundary: each thread copies two (on two threads of
+   * the library's), so blocks complete on whichever thread writes last. */
+  enum { N = 2 * THREADS };
+  uint8_t *data[N];
+  int64_t shapes[N];
+  rzc_pack_tensor in[N];
+  char names[N][8];
+  for (int k = 0; k < N; k++) {
+    shapes[k] = 250000 + 37 * k;
+    data[k] = malloc((size_t)shapes[k]);
+    memset(data[k], k + 1, (size_t)shapes[k]);
+    snprintf(names[k], sizeof names[k], "t%d", k);
+    rzc_pack_tensor t = {names[k], strlen(names[k]), RZC_DTYPE_U8, 1, &shapes[k], data[k], (uint64_t)shapes[k]};
+    in[k] = t;
+  }
+  rzc_pack_options popts = {.struct_nbytes = sizeof(rzc_pack_options), .reserve_digest = 1};
+  rzc_pack_plan *plan = NULL;
+  CHECK(rzc_pack_plan_new(in, N, NULL, 0, &popts, &plan) == RZC_OK);
+  size_t len = (size_t)rzc_pack_plan_nbytes(plan);
+  uint8_t *whole = malloc(len), *dst = malloc(len);
+  CHECK(rzc_pack_plan_write(plan, whole, len) == RZC_OK);
+  rzc_digest sealed, copied;
+  CHECK(rzc_pack_seal(whole, len, &sealed) == RZC_OK);
+
+  CHECK(rzc_pack_plan_write_layout(plan, dst, len) == RZC_OK);
+  rzc_pack_sealer *sealer = NULL;
+  CHECK(rzc_pack_sealer_new(dst, len, &sealer) == RZC_OK);
+  struct copier x[THREADS];
+  void *args[THREADS];
+  for (int k = 0; k < THREADS; k++) {
+    x[k].sealer = sealer;
+    for (int j = 0; j < 2; j++) {
+      int t = k + j * THREADS; /* not neighbours: blocks are shared across threads */
+      uint64_t at = 0;
+      CHECK(rzc_pack_plan_offset(plan, (size_t)t, &at) == RZC_OK);
+      rzc_pack_copy c = {data[t], at, (uint64_t)shapes[t]};
+      x[k].copies[j] = c;
+    }
+    args[k] = &x[k];
+  }
+  run_threads(THREADS, copy_tensors, args);
+  /* Every tensor is taken: another copy of one is refused. */
+  CHECK(rzc_pack_sealer_copy(sealer, x[0].copies, 1, 0) == RZC_INVALID_ARGUMENT);
+  CHECK(strstr(rzc_last_error_message(), "copied already") != NULL);
+  CHECK(rzc_pack_sealer_finish(sealer, &copied) == RZC_OK);
+  CHECK(memcmp(copied.bytes, sealed.bytes, 32) == 0 && memcmp(dst, whole, len) == 0);
+  rzc_pack_sealer_free(sealer);
+  rzc_pack_plan_free(plan);
+  for (int k = 0; k < N; k++) free(data[k]);
+  free(whole);
+  free(dst);
+}
+
 /* -- uploads of one handle at once, and one upload read from every thread -- */
 struct uploader {
   const rzc_weights *w;
@@ -486,6 +554,7 @@ int main(int argc, char **argv) {
   test_one_handle(argv[1]);
   test_open_at_once();
   test_pack();
+  test_sealer_copy();
   test_device();
   printf("C threads: %d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;

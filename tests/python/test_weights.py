@@ -355,31 +355,98 @@ def test_the_digest_computed_while_sealing_is_that_of_every_byte(monkeypatch, tm
     assert results[0][0].content_digest == results[1][0].content_digest
 
 
-def test_the_sealer_learns_only_the_final_prefix():
-    """Tensors may land in any order; the sealer is told only how far the
-    buffer is final: up to the first tensor not yet copied."""
-    from ray_zerocopy import _seal, _telemetry
-
-    data = [np.full(1000, i, np.float32) for i in range(4)]
+def _multi_block_plan(sizes):
+    """Tensors of ``sizes`` bytes (filled with their index + 1), planned
+    into one buffer with room for the digest, and their data."""
+    data = [np.full(n, i + 1, np.uint8) for i, n in enumerate(sizes)]
     plan = rzc.PackPlan(
-        [rzc.PackInput(f"t{i}", rzc.Dtype.F32, d.shape, d.ctypes.data, d.nbytes) for i, d in enumerate(data)],
+        [rzc.PackInput(f"t{i}", rzc.Dtype.U8, d.shape, d.ctypes.data, d.nbytes) for i, d in enumerate(data)],
         alignment=256,
         guard_bytes=4096,
         reserve_digest=True,
     )
+    return plan, data
 
-    class Recorder:
-        def __init__(self):
-            self.calls = []
 
-        def advance(self, upto):
-            self.calls.append(upto)
+# Several 1 MiB hashing blocks, tensors that straddle their boundaries, one
+# that spans three, an empty one and one that shares a block with others.
+SIZES = (700_000, 1_500_000, 3, 0, 2_600_000, 1_048_576, 99_999)
 
-    sealer = Recorder()
-    progress = _seal._Progress(plan, sealer, _telemetry._NoProgress())
-    for i in (2, 0, 3, 1):
-        progress.done(i)
-    assert sealer.calls == [plan.offset(1), plan.nbytes], sealer.calls
+
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_tensors_copied_by_the_sealer_in_any_order_give_the_digest_of_every_byte(threads):
+    """However the tensors reach the sealer (on several threads, in several
+    calls, in any order, some written by the caller behind ``advance``), the
+    digest is plain BLAKE3 of the data section and the content digest is
+    the one ``seal_buffer`` computes from the finished bytes."""
+    from ray_zerocopy.packing import Sealer, seal_buffer
+
+    plan, data = _multi_block_plan(SIZES)
+    copies = [(d.ctypes.data, plan.offset(i), d.nbytes) for i, d in enumerate(data)]
+    expected = np.zeros(plan.nbytes, np.uint8)
+    plan.write_layout(expected)
+    for (_, at, n), d in zip(copies, data, strict=True):
+        expected[at : at + n] = d
+    want = seal_buffer(expected)
+
+    # By copies alone, out of order, in three calls.
+    dst = np.zeros(plan.nbytes, np.uint8)
+    plan.write_layout(dst)
+    with Sealer(dst) as sealer:
+        for group in ([copies[4], copies[1]], [copies[6], copies[0], copies[3]], [copies[5], copies[2]]):
+            sealer.copy(group, threads=threads)
+        assert sealer.finish() == want
+    assert dst.tobytes() == expected.tobytes()
+
+    # The first two written by the caller and declared final, the rest copied.
+    dst = np.zeros(plan.nbytes, np.uint8)
+    plan.write_layout(dst)
+    with Sealer(dst) as sealer:
+        for _, at, n in copies[:2]:
+            dst[at : at + n] = expected[at : at + n]
+        sealer.advance(plan.offset(2))
+        sealer.copy(copies[2:], threads=threads)
+        assert sealer.finish() == want
+    with rzc.Weights.from_buffer(dst) as w:
+        assert w.content_digest(trust_claim=False) == w.content_digest() == want
+
+
+def test_a_refused_copy_names_the_problem_and_copies_nothing():
+    """A copy that does not match the layout, copies a tensor twice, reads
+    from the buffer itself, or writes below the final bytes is refused with
+    an error that names it; nothing of that call is copied, and the buffer
+    still seals to the digest of its bytes."""
+    from ray_zerocopy.packing import Sealer
+
+    plan, data = _multi_block_plan(SIZES)
+    copies = [(d.ctypes.data, plan.offset(i), d.nbytes) for i, d in enumerate(data)]
+    dst = np.zeros(plan.nbytes, np.uint8)
+    plan.write_layout(dst)
+    with Sealer(dst) as sealer:
+        src, at, n = copies[1]
+        bad = {
+            "no tensor's data starts at offset": [copies[0], (src, at + 1, n)],
+            f"is {n} bytes, not {n - 1}": [copies[0], (src, at, n - 1)],
+            "copied twice": [copies[0], copies[1], copies[1]],
+            "overlaps the sealer's buffer": [copies[0], (dst.ctypes.data + 10, at, n)],
+        }
+        for message, group in bad.items():
+            with pytest.raises(rzc.InvalidArgumentError, match=message):
+                sealer.copy(group)
+        assert not dst[copies[0][1] : copies[0][1] + copies[0][2]].any(), "a refused call copied nothing"
+        sealer.copy(copies[:2])
+        with pytest.raises(rzc.InvalidArgumentError, match="copied already"):
+            sealer.copy([copies[4], copies[1]])
+        dst[copies[2][1] : copies[2][1] + 3] = data[2]
+        sealer.advance(plan.offset(3))
+        with pytest.raises(rzc.InvalidArgumentError, match="below the bytes declared final"):
+            sealer.copy([copies[2]])
+        sealer.copy(copies[3:])
+        digest = sealer.finish()
+        with pytest.raises(rzc.InvalidArgumentError, match="finished already"):
+            sealer.copy([copies[0]])
+    with rzc.Weights.from_buffer(dst) as w:
+        assert w.content_digest(trust_claim=False) == w.content_digest() == digest
 
 
 def test_every_leaf_keeps_its_shape_and_dtype_scalars_included():

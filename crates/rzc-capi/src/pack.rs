@@ -237,9 +237,9 @@ pub unsafe extern "C" fn rzc_pack_plan_write(
 }
 
 /// Copies every tensor's data into `dst`, whose layout is written already
-/// (`rzc_pack_plan_write_layout`, then `rzc_pack_sealer_new` on it), telling
-/// `sealer` as each tensor's bytes are final, so that the digest is computed
-/// while the rest is copied. Then call `rzc_pack_sealer_finish`.
+/// (`rzc_pack_plan_write_layout`, then `rzc_pack_sealer_new` on it), on
+/// every core, hashing each block as it completes (`rzc_pack_sealer_copy`).
+/// Then call `rzc_pack_sealer_finish`.
 ///
 /// # Safety
 /// As `rzc_pack_plan_write`; `sealer` is a live sealer of `dst`.
@@ -262,17 +262,11 @@ pub unsafe extern "C" fn rzc_pack_plan_write_sealing(
         }
         // SAFETY: the export's contract: the plan's data pointers are valid.
         let sources = unsafe { p.sources()? };
+        let mut copies = Vec::with_capacity(sources.len());
         for (i, src) in sources.into_iter().enumerate() {
-            let (at, n) = (p.plan.offset(i)?, src.len());
-            // Through the raw pointer, not a `&mut` over the whole buffer:
-            // the sealer's thread reads the bytes already declared final.
-            // SAFETY: `[at, at + n)` lies in the caller's `dst_len` writable
-            // bytes (the plan fits them) above every byte declared final,
-            // and does not overlap `src` (the caller's promise).
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(at), n) };
-            s.advance(at + n);
+            copies.push(crate::seal::rzc_pack_copy { src: src.as_ptr(), dst_offset: p.plan.offset(i)? as u64, nbytes: src.len() as u64 });
         }
-        Ok(())
+        s.copy(&copies, 0)
     }
 }
 

@@ -1,138 +1,457 @@
-//! `rzc_pack_sealer`: the digest of a buffer's data section, computed on a
-//! thread of its own while the buffer is being filled, so that sealing costs
-//! little more than the fill. The filler says how far the bytes are final
-//! (`rzc_pack_sealer_advance`); the thread hashes up to there and waits for
-//! more; `rzc_pack_sealer_finish` hashes the rest on every core, writes the
-//! digest into the header and returns the content digest.
+//! `rzc_pack_sealer`: the digest of a buffer's data section, computed while
+//! the buffer is being filled, so that sealing costs little more than the
+//! fill, on every core there is.
 //!
-//! The thread reads memory the caller owns through a raw pointer: only bytes
-//! the caller declared final, and only until `finish` or `free` returns.
+//! The data section is hashed in blocks of 1 MiB, each a whole BLAKE3
+//! subtree (`rzc_core::digest::blocks`), so blocks can be hashed in any
+//! order and on any thread; `finish` joins their chaining values into the
+//! same digest as one pass over the bytes. A block is hashed as soon as its
+//! bytes are final, by whoever sees that first:
+//!
+//! - `rzc_pack_sealer_copy` copies whole tensors into the buffer on several
+//!   threads; the thread that writes a block's last missing tensor byte
+//!   hashes the block at once, while it is still in that core's cache;
+//! - a filler that writes the buffer itself declares how far the bytes are
+//!   final (`rzc_pack_sealer_advance`); a thread of the sealer's own hashes
+//!   the blocks below that watermark, in order, behind the fill;
+//! - `rzc_pack_sealer_finish` hashes what is left on every core.
+//!
+//! Every block is hashed exactly once (claimed by an atomic flag), and only
+//! once every byte of it is final: below the watermark, or holding no tensor
+//! byte that `copy` has yet to write (the padding is written with the layout,
+//! before the sealer is made).
+//!
+//! The threads read and write memory the caller owns through a raw pointer,
+//! only as the contracts below allow, and only until `finish` or `free`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rzc_core::digest::{self, Digest};
+use rzc_core::digest::{self, blocks, Digest};
+use rzc_core::header;
+use rzc_core::pack::PAD_PREFIX;
 
 use crate::handle::Handle;
-use crate::status::{ffi_boundary, ffi_value_boundary, rzc_status, Failure, RZC_INVALID_ARGUMENT};
+use crate::status::{
+    ffi_boundary, ffi_value_boundary, rzc_status, Failure, FfiResult, RZC_INVALID_ARGUMENT,
+};
 use crate::weights::rzc_digest;
 
-/// Bytes hashed between two looks at the watermark.
-const STEP: usize = 1 << 20;
+/// Below this many bytes, a copy runs on the calling thread alone: starting
+/// threads would cost more than they save.
+const PARALLEL_MIN: usize = 8 << 20;
 
 /// A digest being computed while its buffer is filled (opaque).
 pub struct rzc_pack_sealer {
     _private: [u8; 0],
 }
 
-/// What the hashing thread and the filler share.
-struct Shared {
-    /// Bytes below this are final.
-    upto: AtomicUsize,
-    /// Stop early (the sealer was freed unfinished).
-    cancel: AtomicBool,
-    wake: Condvar,
-    lock: Mutex<()>,
+/// One tensor for `rzc_pack_sealer_copy`: its bytes, and where they go.
+#[repr(C)]
+pub struct rzc_pack_copy {
+    /// The tensor's bytes, `nbytes` of them (NULL only when 0), outside the
+    /// sealer's buffer.
+    pub src: *const u8,
+    /// Offset of the tensor's data in the buffer (`rzc_pack_plan_offset`).
+    pub dst_offset: u64,
+    /// Size in bytes; must be the tensor's.
+    pub nbytes: u64,
 }
 
-/// The caller's buffer, read by the hashing thread.
+/// The caller's buffer.
 #[derive(Clone, Copy)]
 struct Region {
-    ptr: *const u8,
+    ptr: *mut u8,
     len: usize,
 }
 
-// SAFETY: the thread reads only bytes the caller declared final (they are
-// no longer written) while the caller keeps the buffer alive (until the
-// sealer is finished or freed, both of which join the thread).
-unsafe impl Send for Region {}
-// SAFETY: a shared `Region` is an address and a length, read by the calls
-// on the sealer (`rzc_pack_sealer_*` take a const sealer), which read or
-// write the buffer only as their contracts allow.
-unsafe impl Sync for Region {}
-
-pub struct Sealer {
-    shared: Arc<Shared>,
+/// What the sealer's thread, the copying threads and the callers share.
+struct State {
     region: Region,
     data_start: usize,
-    /// The thread, with what it has hashed so far: `(hasher, position)`.
-    thread: Mutex<Option<JoinHandle<(blake3::Hasher, usize)>>>,
+    /// Bytes below this are final (`advance`).
+    upto: AtomicUsize,
+    /// Stop the hashing thread (the sealer is finishing or freed).
+    cancel: AtomicBool,
+    wake: Condvar,
+    lock: Mutex<()>,
+    /// Every tensor with bytes: `(offset, nbytes)`, by offset.
+    tensors: Vec<(usize, usize)>,
+    /// Whether `copy` has taken tensor `i` (each is copied at most once).
+    copied: Box<[AtomicBool]>,
+    /// Per block (none when the data section fits one block): tensor bytes
+    /// that `copy` has yet to write, whether it is taken for hashing, and
+    /// its chaining value.
+    pending: Box<[AtomicUsize]>,
+    claimed: Box<[AtomicBool]>,
+    cvs: Box<[OnceLock<blocks::Cv>]>,
+}
+
+// SAFETY: `region` is the caller's buffer, which outlives the sealer (the
+// contract of `rzc_pack_sealer_new`). It is written only by `copy`, each
+// byte once and by one thread (a tensor is taken by one copy, each fragment
+// by one worker), and read only where final (see `State::is_final`).
+unsafe impl Send for State {}
+// SAFETY: as above; every other field is atomic or locked.
+unsafe impl Sync for State {}
+
+impl State {
+    fn data_len(&self) -> usize {
+        self.region.len - self.data_start
+    }
+
+    /// Block `k`'s byte range in the buffer.
+    fn block_span(&self, k: usize) -> (usize, usize) {
+        let at = self.data_start + k * blocks::LEN;
+        (at, (at + blocks::LEN).min(self.region.len))
+    }
+
+    /// Whether every byte of block `k` is final. The Acquire loads order
+    /// the caller's reads after the writes that made the bytes final (the
+    /// Release of `advance`, the AcqRel decrements of `copy`).
+    fn is_final(&self, k: usize) -> bool {
+        self.block_span(k).1 <= self.upto.load(Ordering::Acquire)
+            || self.pending[k].load(Ordering::Acquire) == 0
+    }
+
+    /// Hashes block `k` unless it is taken already. Its bytes are final.
+    fn hash_block(&self, k: usize) {
+        if self.claimed[k].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (at, end) = self.block_span(k);
+        // SAFETY: `[at, end)` lies in the caller's buffer and is final (the
+        // caller checked `is_final`, or every copy has returned): no one
+        // writes it any more.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.region.ptr.add(at).cast_const(), end - at) };
+        let _ = self.cvs[k].set(blocks::cv(bytes, k, blocks::LEN));
+    }
+
+    /// Hashes, in order, every block that becomes final below the
+    /// watermark, until cancelled (the sealer's own thread).
+    fn hash_behind(&self) {
+        let mut next = 0;
+        while next < self.pending.len() && !self.cancel.load(Ordering::Acquire) {
+            if self.claimed[next].load(Ordering::Acquire) {
+                next += 1;
+            } else if self.is_final(next) {
+                self.hash_block(next);
+                next += 1;
+            } else {
+                let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+                // Re-checked under the lock: `advance` notifies under it.
+                if !self.is_final(next) && !self.cancel.load(Ordering::Acquire) {
+                    let _ = self.wake.wait_timeout(guard, Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Index of the tensor whose data is exactly `[offset, offset + nbytes)`.
+    fn tensor_at(&self, i: usize, offset: u64, nbytes: u64) -> FfiResult<usize> {
+        let t = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.tensors.binary_search_by_key(&o, |&(at, _)| at).ok())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "copies[{i}]: no tensor's data starts at offset {offset} of the buffer"
+                ))
+            })?;
+        if self.tensors[t].1 as u64 != nbytes {
+            return Err(invalid(format!(
+                "copies[{i}]: the tensor at offset {offset} is {} bytes, not {nbytes}",
+                self.tensors[t].1
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Checks `copies` against the layout and takes their tensors: nothing
+    /// is taken when one is refused.
+    fn take(&self, copies: &[rzc_pack_copy]) -> FfiResult<Vec<(usize, *const u8)>> {
+        let (lo, hi) = (
+            self.region.ptr as usize,
+            self.region.ptr as usize + self.region.len,
+        );
+        let upto = self.upto.load(Ordering::Acquire);
+        let mut found = Vec::with_capacity(copies.len());
+        for (i, c) in copies.iter().enumerate() {
+            if c.nbytes == 0 {
+                continue;
+            }
+            let t = self.tensor_at(i, c.dst_offset, c.nbytes)?;
+            let (at, n) = self.tensors[t];
+            if c.src.is_null() {
+                return Err(Failure::null(&format!("copies[{i}].src")));
+            }
+            let src = c.src as usize;
+            let overlaps = match src.checked_add(n) {
+                Some(end) => end > lo && src < hi,
+                None => true,
+            };
+            if overlaps {
+                return Err(invalid(format!(
+                    "copies[{i}]: the source overlaps the sealer's buffer"
+                )));
+            }
+            if at < upto {
+                return Err(invalid(format!(
+                    "copies[{i}]: the tensor at offset {at} lies below the bytes declared final ({upto})"
+                )));
+            }
+            found.push((t, c.src));
+        }
+        let mut seen: Vec<usize> = found.iter().map(|&(t, _)| t).collect();
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(format!(
+                "the tensor at offset {} is copied twice",
+                self.tensors[w[0]].0
+            )));
+        }
+        for (j, &(t, _)) in found.iter().enumerate() {
+            if self.copied[t].swap(true, Ordering::AcqRel) {
+                for &(u, _) in &found[..j] {
+                    self.copied[u].store(false, Ordering::Release);
+                }
+                return Err(invalid(format!(
+                    "the tensor at offset {} is copied already",
+                    self.tensors[t].0
+                )));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Copies the tensors `copies` into the buffer on up to `threads`
+    /// threads (0: one per core), hashing each block as it completes.
+    fn copy(self: &Arc<Self>, copies: &[rzc_pack_copy], threads: usize) -> FfiResult<()> {
+        let taken = self.take(copies)?;
+        // Fragments that do not cross a block boundary, in buffer order, so
+        // that blocks complete (and are hashed) early and in order. Sources
+        // as addresses: the workers read them only during this call.
+        let mut work: Vec<(usize, usize, usize)> = Vec::new();
+        for &(t, src) in &taken {
+            let (at, n) = self.tensors[t];
+            let mut done = 0;
+            while done < n {
+                let here = at + done;
+                let step = if self.pending.is_empty() {
+                    n - done
+                } else {
+                    let block_end = self.block_span((here - self.data_start) / blocks::LEN).1;
+                    (n - done).min(block_end - here)
+                };
+                work.push((here, src as usize + done, step));
+                done += step;
+            }
+        }
+        work.sort_unstable_by_key(|&(at, _, _)| at);
+        let total: usize = work.iter().map(|&(_, _, n)| n).sum();
+        let threads = if threads == 0 { cores() } else { threads }
+            .min(work.len())
+            .min(total / PARALLEL_MIN + 1);
+        let (state, next) = (self.clone(), AtomicUsize::new(0));
+        fan_out(threads, move || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(at, src, n)) = work.get(i) else {
+                return;
+            };
+            // SAFETY: `[at, at + n)` is part of a tensor this call took (no
+            // one else writes it, and nobody reads it before it is final);
+            // the source is the caller's `n` readable bytes outside the
+            // buffer, valid until this call returns, which `fan_out` joins.
+            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, state.region.ptr.add(at), n) };
+            if !state.pending.is_empty() {
+                let k = (at - state.data_start) / blocks::LEN;
+                if state.pending[k].fetch_sub(n, Ordering::AcqRel) == n {
+                    state.hash_block(k);
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Runs `job` on the calling thread and on `threads - 1` more (fewer when
+/// the system refuses to start them), all joined before it returns; a panic
+/// in any of them is resumed here. Not `std::thread::scope`: that gives the
+/// calling thread (a C caller's) a Rust thread handle of its own, kept until
+/// the thread ends.
+fn fan_out(threads: usize, job: impl Fn() + Send + Sync + 'static) {
+    let job = Arc::new(job);
+    let helpers: Vec<JoinHandle<()>> = (1..threads)
+        .map_while(|_| {
+            let job = job.clone();
+            std::thread::Builder::new()
+                .name("rzc-seal-copy".into())
+                .spawn(move || job())
+                .ok()
+        })
+        .collect();
+    let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job()));
+    let mut panicked = mine.err();
+    for h in helpers {
+        if let Err(p) = h.join() {
+            panicked.get_or_insert(p);
+        }
+    }
+    if let Some(p) = panicked {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn invalid(message: String) -> Failure {
+    Failure::new(RZC_INVALID_ARGUMENT, message)
+}
+
+pub struct Sealer {
+    state: Arc<State>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    finished: AtomicBool,
 }
 
 impl Handle for rzc_pack_sealer {
     type Rust = Sealer;
 }
 
-fn hash_behind(shared: &Shared, region: Region, start: usize) -> (blake3::Hasher, usize) {
-    let mut hasher = blake3::Hasher::new();
-    let mut pos = start;
-    loop {
-        let upto = shared.upto.load(Ordering::Acquire).min(region.len);
-        if shared.cancel.load(Ordering::Acquire) || pos >= region.len {
-            return (hasher, pos);
-        }
-        if upto > pos {
-            let end = upto.min(pos + STEP);
-            // SAFETY: `[pos, end)` lies in the caller's buffer below the
-            // watermark (final, no longer written; the Acquire load above
-            // orders these reads after the caller's writes), and the buffer
-            // outlives this thread (see `Region`).
-            let bytes = unsafe { std::slice::from_raw_parts(region.ptr.add(pos), end - pos) };
-            hasher.update(bytes);
-            pos = end;
-            continue;
-        }
-        let guard = shared.lock.lock().unwrap_or_else(|p| p.into_inner());
-        // Re-checked under the lock: `advance` notifies under it.
-        if shared.upto.load(Ordering::Acquire) <= pos && !shared.cancel.load(Ordering::Acquire) {
-            let _ = shared.wake.wait_timeout(guard, Duration::from_millis(50));
-        }
-    }
-}
-
 impl Sealer {
     /// Whether this sealer hashes the buffer at `ptr` of `len` bytes.
     pub fn seals(&self, ptr: *const u8, len: usize) -> bool {
-        self.region.ptr == ptr && self.region.len == len
+        self.state.region.ptr.cast_const() == ptr && self.state.region.len == len
     }
 
     /// Bytes below `upto` are final.
     pub fn advance(&self, upto: usize) {
-        let _g = self.shared.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.shared.upto.fetch_max(upto, Ordering::Release);
-        self.shared.wake.notify_one();
+        let _g = self.state.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.state.upto.fetch_max(upto, Ordering::Release);
+        self.state.wake.notify_one();
     }
 
-    /// Stops the thread where it is and returns what it hashed (the rest
-    /// is hashed on every core by the caller); `None` when it was stopped
-    /// before.
-    fn stop(&self) -> Option<(blake3::Hasher, usize)> {
-        {
-            let _g = self.shared.lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.shared.cancel.store(true, Ordering::Release);
-            self.shared.wake.notify_one();
+    /// See `rzc_pack_sealer_copy`.
+    pub fn copy(&self, copies: &[rzc_pack_copy], threads: usize) -> FfiResult<()> {
+        if self.finished.load(Ordering::Acquire) {
+            return Err(invalid("this sealer is finished already".into()));
         }
-        let t = self
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()?;
-        t.join().ok()
+        self.state.copy(copies, threads)
+    }
+
+    /// Stops the hashing thread where it is.
+    fn stop(&self) {
+        {
+            let _g = self.state.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.state.cancel.store(true, Ordering::Release);
+            self.state.wake.notify_one();
+        }
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
+    /// Hashes the blocks left (on every core), joins them and writes the
+    /// digest into the header.
+    fn finish(&self) -> FfiResult<Digest> {
+        if self.finished.swap(true, Ordering::AcqRel) {
+            return Err(invalid("this sealer is finished already".into()));
+        }
+        self.stop();
+        let s = &*self.state;
+        s.upto.store(s.region.len, Ordering::Release);
+        let data = if s.pending.is_empty() {
+            // SAFETY: every byte is final (the caller's contract: every copy
+            // and advance has returned) and the thread is joined.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    s.region.ptr.add(s.data_start).cast_const(),
+                    s.data_len(),
+                )
+            };
+            digest::blake3(bytes)
+        } else {
+            let left = s
+                .claimed
+                .iter()
+                .filter(|c| !c.load(Ordering::Acquire))
+                .count();
+            let threads = cores().min(left * blocks::LEN / PARALLEL_MIN + 1);
+            let (state, next) = (self.state.clone(), AtomicUsize::new(0));
+            fan_out(threads, move || loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= state.pending.len() {
+                    return;
+                }
+                state.hash_block(k);
+            });
+            let cvs: Option<Vec<blocks::Cv>> = s.cvs.iter().map(|c| c.get().copied()).collect();
+            let cvs =
+                cvs.ok_or_else(|| invalid("a block of the buffer was never hashed".into()))?;
+            blocks::root(&cvs, s.data_len(), blocks::LEN)
+        };
+        // SAFETY: the caller's contract: the buffer is writable and no one
+        // else uses it during this call; every thread of ours is done.
+        let buffer = unsafe { std::slice::from_raw_parts_mut(s.region.ptr, s.region.len) };
+        Ok(digest::write_data_digest(buffer, &data)?)
     }
 }
 
 impl Drop for Sealer {
     fn drop(&mut self) {
-        let _ = self.stop();
+        self.stop();
     }
+}
+
+/// The sealer's view of a buffer whose header is written.
+fn state_of(bytes: &[u8], region: Region) -> FfiResult<State> {
+    let data_start = digest::sealable(bytes)?;
+    let parsed = header::parse(bytes)?;
+    let mut tensors: Vec<(usize, usize)> = parsed
+        .tensors
+        .iter()
+        .filter(|t| t.nbytes > 0 && !t.name.starts_with(PAD_PREFIX))
+        .map(|t| (t.offset, t.nbytes))
+        .collect();
+    tensors.sort_unstable();
+    let n = blocks::count(region.len - data_start, blocks::LEN);
+    let mut pending = vec![0usize; n];
+    if n > 0 {
+        for &(at, len) in &tensors {
+            let (mut here, end) = (at, at + len);
+            while here < end {
+                let k = (here - data_start) / blocks::LEN;
+                let block_end = (data_start + (k + 1) * blocks::LEN).min(end);
+                pending[k] += block_end - here;
+                here = block_end;
+            }
+        }
+    }
+    Ok(State {
+        region,
+        data_start,
+        upto: AtomicUsize::new(data_start),
+        cancel: AtomicBool::new(false),
+        wake: Condvar::new(),
+        lock: Mutex::new(()),
+        copied: tensors.iter().map(|_| AtomicBool::new(false)).collect(),
+        tensors,
+        pending: pending.into_iter().map(AtomicUsize::new).collect(),
+        claimed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        cvs: (0..n).map(|_| OnceLock::new()).collect(),
+    })
 }
 
 /// Starts computing the digest of the data section of `dst`, a buffer
 /// planned with `reserve_digest` whose header is written already
-/// (`rzc_pack_plan_write_layout`), on a thread of its own. Then fill the
-/// buffer, calling `rzc_pack_sealer_advance` as its bytes become final, and
+/// (`rzc_pack_plan_write_layout`), with a thread of its own. Then fill the
+/// buffer, with `rzc_pack_sealer_copy`, or by writing it and calling
+/// `rzc_pack_sealer_advance` as its bytes become final, and call
 /// `rzc_pack_sealer_finish`.
 ///
 /// # Safety
@@ -150,24 +469,14 @@ pub unsafe extern "C" fn rzc_pack_sealer_new(
         crate::handle::not_null(dst, "dst")?;
         // SAFETY: `dst_len` readable bytes per the caller; only the header
         // is read here, which the caller has written.
-        let bytes = unsafe { std::slice::from_raw_parts(dst, dst_len) };
-        let data_start = digest::sealable(bytes)?;
-        let shared = Arc::new(Shared {
-            upto: AtomicUsize::new(data_start),
-            cancel: AtomicBool::new(false),
-            wake: Condvar::new(),
-            lock: Mutex::new(()),
-        });
-        let region = Region { ptr: dst.cast_const(), len: dst_len };
-        let for_thread = shared.clone();
+        let bytes = unsafe { std::slice::from_raw_parts(dst.cast_const(), dst_len) };
+        let state = Arc::new(state_of(bytes, Region { ptr: dst, len: dst_len })?);
+        let for_thread = state.clone();
         let thread = std::thread::Builder::new()
             .name("rzc-seal".into())
-            .spawn(move || {
-                let region = region;
-                hash_behind(&for_thread, region, data_start)
-            })
-            .map_err(|e| Failure::new(RZC_INVALID_ARGUMENT, format!("cannot start the hashing thread: {e}")))?;
-        out.write(rzc_pack_sealer::into_raw(Sealer { shared, region, data_start, thread: Mutex::new(Some(thread)) }))
+            .spawn(move || for_thread.hash_behind())
+            .map_err(|e| invalid(format!("cannot start the hashing thread: {e}")))?;
+        out.write(rzc_pack_sealer::into_raw(Sealer { state, thread: Mutex::new(Some(thread)), finished: AtomicBool::new(false) }))
     }
 }
 
@@ -189,6 +498,31 @@ pub unsafe extern "C" fn rzc_pack_sealer_advance(
     }
 }
 
+/// Copies `copies_len` whole tensors into the sealer's buffer, on up to
+/// `threads` threads (0: one per core; a small copy runs on the calling
+/// thread), hashing every block of the buffer whose bytes this completes
+/// while it is still in cache. Each tensor is named by its offset and size
+/// in the buffer's layout; a tensor may be copied once, and not below the
+/// bytes declared final. Nothing is copied when one entry is refused.
+/// Several calls may run at once, for different tensors.
+///
+/// # Safety
+/// `sealer` is a live sealer; `copies` points to `copies_len` entries (NULL
+/// only when 0) whose sources stay readable and unchanged during the call.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_sealer_copy(
+    sealer: *const rzc_pack_sealer,
+    copies: *const rzc_pack_copy,
+    copies_len: usize,
+    threads: u32,
+) -> rzc_status {
+    ffi_boundary! {
+        let s = borrow!(rzc_pack_sealer, sealer);
+        let copies = slice_arg!(copies, copies_len);
+        s.copy(copies, threads as usize)
+    }
+}
+
 /// Declares the whole buffer final, completes the digest of its data
 /// section (on every core), writes it into the header (`rzc.data_blake3`)
 /// and writes the buffer's content digest to `*out` (the same as
@@ -196,7 +530,8 @@ pub unsafe extern "C" fn rzc_pack_sealer_advance(
 ///
 /// # Safety
 /// `sealer` is a live sealer; nothing else uses its buffer meanwhile (every
-/// `rzc_pack_sealer_advance` has returned); `out` is valid for a write.
+/// `rzc_pack_sealer_advance` and `rzc_pack_sealer_copy` has returned);
+/// `out` is valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_sealer_finish(
     sealer: *const rzc_pack_sealer,
@@ -205,17 +540,7 @@ pub unsafe extern "C" fn rzc_pack_sealer_finish(
     ffi_boundary! {
         let out = out!(out);
         let s = borrow!(rzc_pack_sealer, sealer);
-        let Some((mut hasher, pos)) = s.stop() else {
-            return Err(Failure::new(RZC_INVALID_ARGUMENT, "this sealer is finished already"));
-        };
-        let Region { ptr, len } = s.region;
-        // SAFETY: the thread is joined; the caller declared every byte final
-        // and lets no one else use the buffer during this call, and the
-        // buffer is writable (it was planned and filled by the caller).
-        let buffer = unsafe { std::slice::from_raw_parts_mut(ptr.cast_mut(), len) };
-        hasher.update_rayon(&buffer[pos.max(s.data_start)..]);
-        let data: Digest = *hasher.finalize().as_bytes();
-        out.write(rzc_digest { bytes: digest::write_data_digest(buffer, &data)? })
+        out.write(rzc_digest { bytes: s.finish()? })
     }
 }
 
