@@ -28,14 +28,51 @@ NAMESPACE = "ray_zerocopy"
 _PREFIX = "owner:"
 
 
-def put_zero_pages(ray, nbytes: int):
-    """``ray.put`` of a read-only ``uint8`` view of ``nbytes`` untouched
-    anonymous pages: reading them maps the kernel's zero page, so Ray creates
-    an object of zeros without this process allocating its size. The sealer
-    (this process, or an owner for it) fills the object in place."""
-    zeros = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
+_HUGE = 2 << 20  # the x86-64 and arm64 (4 KiB pages) transparent huge page
+
+
+def _huge_zero_page() -> bool:
+    """Whether reading untouched anonymous memory marked for huge pages
+    maps the kernel's shared huge zero page (no memory) rather than
+    allocating zeroed huge pages."""
     try:
-        view = np.frombuffer(zeros, dtype=np.uint8)
+        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def zero_view(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
+    """A read-only ``uint8`` view of ``nbytes`` zeros that costs no memory,
+    and the mapping to close when done with it: untouched anonymous pages,
+    which reading maps to the kernel's zero page.
+
+    Where the kernel has a huge zero page, the view is marked for huge pages:
+    a reader (Ray's copy in :func:`put_zero_pages`) then faults once per
+    2 MiB of it instead of once per 4 KiB (2 GiB put: 0.05 s instead of 0.3 s
+    into pages the store reuses, 1.05 s instead of 1.5 s into fresh ones, on
+    the project's machine). Where it has none, the view is marked against
+    them, so that no read allocates memory however transparent huge pages
+    are configured."""
+    extra = _HUGE if nbytes >= _HUGE else 0
+    zeros = mmap.mmap(-1, nbytes + extra, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
+    whole = np.frombuffer(zeros, dtype=np.uint8)
+    skip = -whole.ctypes.data % _HUGE if extra else 0
+    advice = getattr(mmap, "MADV_HUGEPAGE" if _huge_zero_page() else "MADV_NOHUGEPAGE", None)
+    if advice is not None and nbytes:
+        try:
+            zeros.madvise(advice, skip, nbytes)  # a hint: a kernel without THP says no
+        except OSError:
+            pass
+    return zeros, whole[skip : skip + nbytes]
+
+
+def put_zero_pages(ray, nbytes: int):
+    """``ray.put`` of :func:`zero_view`: Ray creates an object of zeros
+    without this process allocating its size. The sealer (this process, or
+    an owner for it) fills the object in place."""
+    zeros, view = zero_view(nbytes)
+    try:
         ref = ray.put(view)
         del view
     finally:

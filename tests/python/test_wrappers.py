@@ -386,6 +386,29 @@ def test_sealing_packs_straight_into_the_object_store(ray_cluster):
     assert torch.equal(w.load()["w"], tree["w"])
 
 
+@pytest.mark.parametrize("huge_zero_page", [True, False])
+def test_the_zeros_an_object_is_created_from_cost_no_memory(monkeypatch, huge_zero_page):
+    """Ray creates the object that sealing fills from a read-only view of
+    zeros: reading every byte of it, as Ray's copy does, allocates no memory,
+    whether the kernel's huge zero page or its 4 KiB one backs it."""
+    from ray_zerocopy import _owner
+
+    if huge_zero_page and not _owner._huge_zero_page():
+        pytest.skip("this kernel has no huge zero page")
+    monkeypatch.setattr(_owner, "_huge_zero_page", lambda: huge_zero_page)
+    nbytes = 256 << 20
+    before = _status_kib("RssAnon")
+    zeros, view = _owner.zero_view(nbytes)
+    try:
+        assert view.nbytes == nbytes and not view.flags.writeable
+        assert not view.any()  # every byte read
+        grew = (_status_kib("RssAnon") - before) * 1024
+    finally:
+        del view
+        zeros.close()
+    assert grew < nbytes // 16, f"reading the zeros allocated {grew >> 20} MiB"
+
+
 def test_seal_and_load_each_log_one_info_line_and_record_metrics(ray_cluster, caplog, monkeypatch):
     from ray_zerocopy import _telemetry
 
