@@ -1377,10 +1377,12 @@ void rzc_pack_plan_free(struct rzc_pack_plan *plan);
 
 /**
  * Starts computing the digest of the data section of `dst`, a buffer
- * planned with `reserve_digest` whose header is written already
- * (`rzc_pack_plan_write_layout`), with a thread of its own. Then fill the
- * buffer, with `rzc_pack_sealer_copy`, or by writing it and calling
- * `rzc_pack_sealer_advance` as its bytes become final, and call
+ * planned with `reserve_digest` whose layout is written already
+ * (`rzc_pack_plan_write_layout`: the header, and the padding between and
+ * around the tensors, neither of which may change afterwards), with a
+ * thread of its own. Then fill in the tensors' data, with
+ * `rzc_pack_sealer_copy`, or by writing it and calling
+ * `rzc_pack_sealer_advance` as it becomes final, and call
  * `rzc_pack_sealer_finish`.
  *
  * # Safety
@@ -1393,7 +1395,8 @@ enum rzc_status rzc_pack_sealer_new(uint8_t *dst, size_t dst_len, struct rzc_pac
 /**
  * Declares the bytes of the buffer below `upto` final: the caller writes
  * them no more. Calls may come in any order, and from several threads at
- * once (the threads filling the buffer); the largest counts.
+ * once (the threads filling the buffer); the largest counts. A block that
+ * a running `rzc_pack_sealer_copy` is writing waits for that copy.
  *
  * # Safety
  * `sealer` is a live sealer.

@@ -15,6 +15,7 @@ the sealer maps it on the same node, fills it, and only then hands it out.
 
 from __future__ import annotations
 
+import functools
 import mmap
 
 import numpy as np
@@ -28,7 +29,15 @@ NAMESPACE = "ray_zerocopy"
 _PREFIX = "owner:"
 
 
-_HUGE = 2 << 20  # the x86-64 and arm64 (4 KiB pages) transparent huge page
+@functools.cache
+def _huge_page_size() -> int:
+    """The transparent huge page's size (2 MiB on x86-64 and on arm64 with
+    4 KiB pages, 512 MiB with 64 KiB pages)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
 
 
 def _huge_zero_page() -> bool:
@@ -54,10 +63,11 @@ def zero_view(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
     the project's machine). Where it has none, the view is marked against
     them, so that no read allocates memory however transparent huge pages
     are configured."""
-    extra = _HUGE if nbytes >= _HUGE else 0
+    huge = _huge_page_size()
+    extra = huge if nbytes >= huge else 0
     zeros = mmap.mmap(-1, nbytes + extra, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
     whole = np.frombuffer(zeros, dtype=np.uint8)
-    skip = -whole.ctypes.data % _HUGE if extra else 0
+    skip = -whole.ctypes.data % huge if extra else 0
     advice = getattr(mmap, "MADV_HUGEPAGE" if _huge_zero_page() else "MADV_NOHUGEPAGE", None)
     if advice is not None and nbytes:
         try:
@@ -73,11 +83,10 @@ def put_zero_pages(ray, nbytes: int):
     an owner for it) fills the object in place."""
     zeros, view = zero_view(nbytes)
     try:
-        ref = ray.put(view)
-        del view
+        return ray.put(view)
     finally:
+        del view  # the mapping closes only once no view of it is left
         zeros.close()
-    return ref
 
 
 class _OwnerActor:

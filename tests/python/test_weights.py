@@ -411,6 +411,56 @@ def test_tensors_copied_by_the_sealer_in_any_order_give_the_digest_of_every_byte
         assert w.content_digest(trust_claim=False) == w.content_digest() == want
 
 
+def test_declaring_bytes_final_while_they_are_copied_waits_for_the_copy():
+    """A watermark raised past tensors that a copy is still writing (from
+    another thread, as the contract allows) does not get their blocks
+    hashed before the copy has written them: the digest is still that of
+    the final bytes. (Where the watermark came first, the copy is refused
+    whole, as it must be; such a round is done again.)"""
+    import threading
+    import time
+
+    from ray_zerocopy.packing import Sealer, seal_buffer
+
+    plan, data = _multi_block_plan((48 << 20, 3, 5 << 20))
+    copies = [(d.ctypes.data, plan.offset(i), d.nbytes) for i, d in enumerate(data)]
+    expected = np.zeros(plan.nbytes, np.uint8)
+    plan.write_layout(expected)
+    for (_, at, n), d in zip(copies, data, strict=True):
+        expected[at : at + n] = d
+    want = seal_buffer(expected)
+    raced = 0
+    for _ in range(20):
+        dst = np.zeros(plan.nbytes, np.uint8)
+        plan.write_layout(dst)
+        with Sealer(dst) as sealer:
+            copying, done = threading.Event(), threading.Event()
+
+            def declare_all_final(sealer=sealer, copying=copying, done=done):
+                copying.wait()
+                time.sleep(0.001)  # the copy has taken its tensors by now
+                while not done.is_set():
+                    sealer.advance(plan.nbytes)
+
+            t = threading.Thread(target=declare_all_final)
+            t.start()
+            copying.set()
+            try:
+                sealer.copy(copies, threads=1)  # one thread: the slowest copy, the widest window
+            except rzc.InvalidArgumentError as e:
+                assert "below the bytes declared final" in str(e)
+                continue
+            finally:
+                done.set()
+                t.join()
+            assert sealer.finish() == want
+        assert dst.tobytes() == expected.tobytes()
+        raced += 1
+        if raced == 3:
+            break
+    assert raced == 3, "the copy never ran while the watermark rose"
+
+
 def test_a_refused_copy_names_the_problem_and_copies_nothing():
     """A copy that does not match the layout, copies a tensor twice, reads
     from the buffer itself, or writes below the final bytes is refused with

@@ -82,9 +82,12 @@ struct State {
     /// Whether `copy` has taken tensor `i` (each is copied at most once).
     copied: Box<[AtomicBool]>,
     /// Per block (none when the data section fits one block): tensor bytes
-    /// that `copy` has yet to write, whether it is taken for hashing, and
-    /// its chaining value.
+    /// that `copy` has yet to write, bytes that a running `copy` took and
+    /// has yet to write (a block below the watermark is final only when
+    /// none are in flight), whether it is taken for hashing, and its
+    /// chaining value.
     pending: Box<[AtomicUsize]>,
+    inflight: Box<[AtomicUsize]>,
     claimed: Box<[AtomicBool]>,
     cvs: Box<[OnceLock<blocks::Cv>]>,
 }
@@ -108,12 +111,26 @@ impl State {
         (at, (at + blocks::LEN).min(self.region.len))
     }
 
-    /// Whether every byte of block `k` is final. The Acquire loads order
-    /// the caller's reads after the writes that made the bytes final (the
-    /// Release of `advance`, the AcqRel decrements of `copy`).
+    /// Whether every byte of block `k` is final: every tensor byte in it
+    /// copied, or the block below the watermark with no copy of it still
+    /// running. The Acquire loads order the caller's reads after the writes
+    /// that made the bytes final (the Release of `advance`, the AcqRel
+    /// decrements of `copy`).
     fn is_final(&self, k: usize) -> bool {
-        self.block_span(k).1 <= self.upto.load(Ordering::Acquire)
-            || self.pending[k].load(Ordering::Acquire) == 0
+        self.pending[k].load(Ordering::Acquire) == 0
+            || (self.block_span(k).1 <= self.upto.load(Ordering::Acquire)
+                && self.inflight[k].load(Ordering::Acquire) == 0)
+    }
+
+    /// Calls `f(block, bytes)` for each block that `[at, at + n)` touches.
+    fn per_block(&self, at: usize, n: usize, mut f: impl FnMut(usize, usize)) {
+        let (mut here, end) = (at, at + n);
+        while here < end {
+            let k = (here - self.data_start) / blocks::LEN;
+            let step = self.block_span(k).1.min(end) - here;
+            f(k, step);
+            here += step;
+        }
     }
 
     /// Hashes block `k` unless it is taken already. Its bytes are final.
@@ -152,14 +169,11 @@ impl State {
 
     /// Index of the tensor whose data is exactly `[offset, offset + nbytes)`.
     fn tensor_at(&self, i: usize, offset: u64, nbytes: u64) -> FfiResult<usize> {
-        let t = usize::try_from(offset)
-            .ok()
-            .and_then(|o| self.tensors.binary_search_by_key(&o, |&(at, _)| at).ok())
-            .ok_or_else(|| {
-                invalid(format!(
-                    "copies[{i}]: no tensor's data starts at offset {offset} of the buffer"
-                ))
-            })?;
+        let t = self.starting_at(offset).ok_or_else(|| {
+            invalid(format!(
+                "copies[{i}]: no tensor's data starts at offset {offset} of the buffer"
+            ))
+        })?;
         if self.tensors[t].1 as u64 != nbytes {
             return Err(invalid(format!(
                 "copies[{i}]: the tensor at offset {offset} is {} bytes, not {nbytes}",
@@ -176,14 +190,16 @@ impl State {
             self.region.ptr as usize,
             self.region.ptr as usize + self.region.len,
         );
-        let upto = self.upto.load(Ordering::Acquire);
         let mut found = Vec::with_capacity(copies.len());
         for (i, c) in copies.iter().enumerate() {
             if c.nbytes == 0 {
+                // Nothing to copy (an empty tensor shares its offset with
+                // the next one; a tensor with bytes left uncopied is
+                // hashed as it stands).
                 continue;
             }
             let t = self.tensor_at(i, c.dst_offset, c.nbytes)?;
-            let (at, n) = self.tensors[t];
+            let n = self.tensors[t].1;
             if c.src.is_null() {
                 return Err(Failure::null(&format!("copies[{i}].src")));
             }
@@ -197,11 +213,6 @@ impl State {
                     "copies[{i}]: the source overlaps the sealer's buffer"
                 )));
             }
-            if at < upto {
-                return Err(invalid(format!(
-                    "copies[{i}]: the tensor at offset {at} lies below the bytes declared final ({upto})"
-                )));
-            }
             found.push((t, c.src));
         }
         let mut seen: Vec<usize> = found.iter().map(|&(t, _)| t).collect();
@@ -210,6 +221,21 @@ impl State {
             return Err(invalid(format!(
                 "the tensor at offset {} is copied twice",
                 self.tensors[w[0]].0
+            )));
+        }
+        // Under the lock `advance` takes: the watermark cannot pass a tensor
+        // between the check and the in-flight count that keeps its blocks
+        // from being hashed before this copy has written them.
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let upto = self.upto.load(Ordering::Acquire);
+        if let Some(&(t, _)) = found.iter().find(|&&(t, _)| self.tensors[t].0 < upto) {
+            let i = copies
+                .iter()
+                .position(|c| c.dst_offset == self.tensors[t].0 as u64)
+                .unwrap_or(0);
+            return Err(invalid(format!(
+                "copies[{i}]: the tensor at offset {} lies below the bytes declared final ({upto})",
+                self.tensors[t].0
             )));
         }
         for (j, &(t, _)) in found.iter().enumerate() {
@@ -223,7 +249,21 @@ impl State {
                 )));
             }
         }
+        if !self.inflight.is_empty() {
+            for &(t, _) in &found {
+                let (at, n) = self.tensors[t];
+                self.per_block(at, n, |k, bytes| {
+                    self.inflight[k].fetch_add(bytes, Ordering::Relaxed);
+                });
+            }
+        }
         Ok(found)
+    }
+
+    /// The tensor with bytes whose data starts at `offset`, if any.
+    fn starting_at(&self, offset: u64) -> Option<usize> {
+        let o = usize::try_from(offset).ok()?;
+        self.tensors.binary_search_by_key(&o, |&(at, _)| at).ok()
     }
 
     /// Copies the tensors `copies` into the buffer on up to `threads`
@@ -236,17 +276,14 @@ impl State {
         let mut work: Vec<(usize, usize, usize)> = Vec::new();
         for &(t, src) in &taken {
             let (at, n) = self.tensors[t];
-            let mut done = 0;
-            while done < n {
-                let here = at + done;
-                let step = if self.pending.is_empty() {
-                    n - done
-                } else {
-                    let block_end = self.block_span((here - self.data_start) / blocks::LEN).1;
-                    (n - done).min(block_end - here)
-                };
-                work.push((here, src as usize + done, step));
-                done += step;
+            if self.pending.is_empty() {
+                work.push((at, src as usize, n));
+            } else {
+                let mut here = at;
+                self.per_block(at, n, |_, step| {
+                    work.push((here, src as usize + (here - at), step));
+                    here += step;
+                });
             }
         }
         work.sort_unstable_by_key(|&(at, _, _)| at);
@@ -267,7 +304,9 @@ impl State {
             unsafe { std::ptr::copy_nonoverlapping(src as *const u8, state.region.ptr.add(at), n) };
             if !state.pending.is_empty() {
                 let k = (at - state.data_start) / blocks::LEN;
-                if state.pending[k].fetch_sub(n, Ordering::AcqRel) == n {
+                let completed = state.pending[k].fetch_sub(n, Ordering::AcqRel) == n;
+                let drained = state.inflight[k].fetch_sub(n, Ordering::AcqRel) == n;
+                if completed || (drained && state.is_final(k)) {
                     state.hash_block(k);
                 }
             }
@@ -398,7 +437,7 @@ impl Sealer {
         // SAFETY: the caller's contract: the buffer is writable and no one
         // else uses it during this call; every thread of ours is done.
         let buffer = unsafe { std::slice::from_raw_parts_mut(s.region.ptr, s.region.len) };
-        Ok(digest::write_data_digest(buffer, &data)?)
+        Ok(digest::write_data_digest_from(buffer, s.data_start, &data)?)
     }
 }
 
@@ -442,16 +481,19 @@ fn state_of(bytes: &[u8], region: Region) -> FfiResult<State> {
         copied: tensors.iter().map(|_| AtomicBool::new(false)).collect(),
         tensors,
         pending: pending.into_iter().map(AtomicUsize::new).collect(),
+        inflight: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         claimed: (0..n).map(|_| AtomicBool::new(false)).collect(),
         cvs: (0..n).map(|_| OnceLock::new()).collect(),
     })
 }
 
 /// Starts computing the digest of the data section of `dst`, a buffer
-/// planned with `reserve_digest` whose header is written already
-/// (`rzc_pack_plan_write_layout`), with a thread of its own. Then fill the
-/// buffer, with `rzc_pack_sealer_copy`, or by writing it and calling
-/// `rzc_pack_sealer_advance` as its bytes become final, and call
+/// planned with `reserve_digest` whose layout is written already
+/// (`rzc_pack_plan_write_layout`: the header, and the padding between and
+/// around the tensors, neither of which may change afterwards), with a
+/// thread of its own. Then fill in the tensors' data, with
+/// `rzc_pack_sealer_copy`, or by writing it and calling
+/// `rzc_pack_sealer_advance` as it becomes final, and call
 /// `rzc_pack_sealer_finish`.
 ///
 /// # Safety
@@ -482,7 +524,8 @@ pub unsafe extern "C" fn rzc_pack_sealer_new(
 
 /// Declares the bytes of the buffer below `upto` final: the caller writes
 /// them no more. Calls may come in any order, and from several threads at
-/// once (the threads filling the buffer); the largest counts.
+/// once (the threads filling the buffer); the largest counts. A block that
+/// a running `rzc_pack_sealer_copy` is writing waits for that copy.
 ///
 /// # Safety
 /// `sealer` is a live sealer.

@@ -174,6 +174,24 @@ pub fn write_data_digest(buffer: &mut [u8], data: &Digest) -> Result<Digest> {
     write_at(buffer, start, data)
 }
 
+/// [`write_data_digest`] for a buffer whose data section was hashed from
+/// byte `data_start` on: fails, changing nothing, when its header now puts
+/// the data section elsewhere (it was rewritten while the data was hashed).
+pub fn write_data_digest_from(
+    buffer: &mut [u8],
+    data_start: usize,
+    data: &Digest,
+) -> Result<Digest> {
+    let start = sealable(buffer)?;
+    if start != data_start {
+        fail!(
+            InvalidArgument,
+            "the buffer's header changed while it was sealed: its data section now starts at byte {start}, not {data_start}"
+        );
+    }
+    write_at(buffer, start, data)
+}
+
 /// [`write_data_digest`] for a buffer [`sealable`] checked: its data
 /// section starts at `start`.
 fn write_at(buffer: &mut [u8], start: usize, data: &Digest) -> Result<Digest> {
