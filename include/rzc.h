@@ -1568,6 +1568,20 @@ enum rzc_status rzc_weights_to_dlpack_legacy(const struct rzc_weights *w,
                                              struct DLManagedTensor **out);
 
 /**
+ * `rzc_weights_to_dlpack_legacy` of the tensors `indices[0 .. indices_len)`
+ * in one call, as `rzc_weights_to_dlpack_many` does for the versioned form
+ * (for consumers such as JAX that take only the legacy one): all or
+ * nothing.
+ *
+ * # Safety
+ * As `rzc_weights_to_dlpack_many`.
+ */
+enum rzc_status rzc_weights_to_dlpack_legacy_many(const struct rzc_weights *w,
+                                                  const size_t *indices,
+                                                  size_t indices_len,
+                                                  struct DLManagedTensor **tensors_out);
+
+/**
  * Exports the whole data section (everything after the header) as one
  * read-only 1-D `U8` versioned DLPack tensor. Tensor `i` lies at byte
  * `info.data - (layout.bytes + layout.data_start)` of it (see

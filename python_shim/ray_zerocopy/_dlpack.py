@@ -78,6 +78,40 @@ def consume_versioned(addresses, consumer) -> list:
     return out
 
 
+_is_capsule = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_IsValid", _api))
+
+
+def consume_legacy(addresses, consumer) -> list:
+    """``consumer(capsule)`` for a bare legacy capsule around each of
+    ``addresses`` (``DLManagedTensor *``), as :func:`consume_versioned`, for
+    a consumer that may refuse one (JAX refuses what it cannot adopt): where
+    it raises, the capsule it left unconsumed is freed and ``None`` stands
+    for it, for the caller to take another way. Anything but an
+    ``Exception`` frees every tensor not taken, and propagates."""
+    new, free = _new_bare, lib.rzc_dlpack_legacy_free
+    out, i, capsule = [], 0, None
+    try:
+        while i < len(addresses):
+            capsule = new(addresses[i], _LEGACY, None)
+            try:
+                out.append(consumer(capsule))
+            except Exception:
+                if _is_capsule(capsule, _LEGACY):  # not taken: still ours
+                    free(ffi.cast("DLManagedTensor *", addresses[i]))
+                out.append(None)
+            capsule = None
+            i += 1
+    except BaseException:
+        # Tensor i is in hand: ours unless its outcome is recorded or the
+        # consumer took its capsule.
+        if len(out) == i and i < len(addresses) and (capsule is None or _is_capsule(capsule, _LEGACY)):
+            free(ffi.cast("DLManagedTensor *", addresses[i]))
+        for address in addresses[i + 1 :]:
+            free(ffi.cast("DLManagedTensor *", address))
+        raise
+    return out
+
+
 def legacy_capsule(managed) -> object:
     """Wraps a ``DLManagedTensor *`` (cffi pointer) in a capsule."""
     return _api.PyCapsule_New(int(ffi.cast("uintptr_t", managed)), _LEGACY, _free_legacy)

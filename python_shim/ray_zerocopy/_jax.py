@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from . import _numpy
-from ._dlpack import kDLCPU, legacy_capsule
+from ._dlpack import consume_legacy, kDLCPU
 from .device_weights import DeviceWeights
 
 
@@ -24,22 +24,34 @@ def pack_input(a, name: str):
 
 def adopt(source, indices, fast: bool = False) -> list:
     """Tensors ``indices`` of ``source`` (an opened buffer, or its upload to a
-    GPU) as JAX arrays: zero-copy on the CPU, on the upload's GPU otherwise."""
-    direct = _direct() if not isinstance(source, DeviceWeights) else None
-    canonical = _canonical_dtypes(source) if direct is not None else ()
-    out = []
-    for i in indices:
-        try:
-            if i in canonical:
-                out.append(direct(legacy_capsule(source.export_legacy(i))))
-            else:
-                out.append(jax.dlpack.from_dlpack(source.dlpack(i)))
-        except Exception:
-            if isinstance(source, DeviceWeights):
-                raise
-            # A dtype JAX's DLPack import does not take: go through numpy.
-            out.append(jax.numpy.asarray(_numpy.adopt(source, [i])[0]))
+    GPU) as JAX arrays: zero-copy on the CPU, on the upload's GPU otherwise.
+    On the CPU, every array of a dtype JAX keeps is exported in one native
+    call and handed to JAX's own import (:func:`_direct`); any other, or one
+    JAX refuses, takes the public way."""
+    if isinstance(source, DeviceWeights):
+        return [jax.dlpack.from_dlpack(source.dlpack(i)) for i in indices]
+    out = [None] * len(indices)
+    direct = _direct()
+    if direct is not None:
+        canonical = _canonical_dtypes(source)
+        quick = [k for k, i in enumerate(indices) if i in canonical]
+        if quick:
+            made = consume_legacy(source.export_legacy_many([indices[k] for k in quick]), direct)
+            for k, a in zip(quick, made, strict=True):
+                out[k] = a
+    for k, i in enumerate(indices):
+        if out[k] is None:
+            out[k] = _public(source, i)
     return out
+
+
+def _public(weights, i):
+    """Array ``i`` through ``jax.dlpack.from_dlpack``; a dtype JAX's DLPack
+    import does not take goes through numpy."""
+    try:
+        return jax.dlpack.from_dlpack(weights.dlpack(i))
+    except Exception:
+        return jax.numpy.asarray(_numpy.adopt(weights, [i])[0])
 
 
 def _canonical_dtypes(weights) -> set:

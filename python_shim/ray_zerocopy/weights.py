@@ -336,6 +336,14 @@ class Weights:
     def export_legacy(self, index: int):
         return export_checked(lib.rzc_weights_to_dlpack_legacy, self._live(), index, "DLManagedTensor")
 
+    def export_legacy_many(self, indices) -> list[int]:
+        """:meth:`export_versioned_many` in the legacy DLPack form: the
+        addresses of the ``DLManagedTensor`` of tensors ``indices``."""
+        n = len(indices)
+        out = ffi.new("uintptr_t[]", n)
+        check(lib.rzc_weights_to_dlpack_legacy_many(self._live(), indices, n, ffi.cast("DLManagedTensor **", out)))
+        return ffi.unpack(out, n)
+
 
     # CUDA -----------------------------------------------------------------
     def upload(

@@ -126,6 +126,21 @@ static void test_file(const char *dir) {
   CHECK(rzc_weights_to_dlpack_legacy(w, find(w, "ids_i64"), &legacy) == RZC_OK);
   DLManagedTensorVersioned *b16 = NULL;
   CHECK(rzc_weights_to_dlpack(w, find(w, "ones_bf16"), &b16) == RZC_OK);
+  /* Many at once, in either form: all or nothing. */
+  size_t pair[2] = {ramp_index, find(w, "ids_i64")}, bad[2] = {ramp_index, 999};
+  DLManagedTensorVersioned *vmany[2] = {NULL, NULL};
+  DLManagedTensor *lmany[2] = {NULL, NULL};
+  CHECK(rzc_weights_to_dlpack_many(w, pair, 2, vmany) == RZC_OK);
+  CHECK(rzc_weights_to_dlpack_legacy_many(w, pair, 2, lmany) == RZC_OK);
+  CHECK(vmany[0]->dl_tensor.data == lmany[0]->dl_tensor.data && lmany[1]->dl_tensor.dtype.bits == 64);
+  CHECK(((const int64_t *)lmany[1]->dl_tensor.data)[2] == (1LL << 40));
+  DLManagedTensor *none[2] = {NULL, NULL};
+  CHECK(rzc_weights_to_dlpack_legacy_many(w, bad, 2, none) == RZC_OUT_OF_RANGE && none[0] == NULL);
+  CHECK(rzc_weights_to_dlpack_legacy_many(w, pair, 2, NULL) == RZC_NULL_ARGUMENT);
+  for (int k = 0; k < 2; k++) {
+    vmany[k]->deleter(vmany[k]);
+    lmany[k]->deleter(lmany[k]);
+  }
   rzc_weights_free(w);
   w = NULL;
 

@@ -599,6 +599,33 @@ def test_loaded_parameters_are_frozen_parameters_over_the_buffer():
         assert loaded[0].weight.requires_grad
 
 
+def test_arrays_jax_refuses_are_copied_and_their_exports_freed():
+    """JAX adopts only 64-byte aligned memory: from a buffer that is not,
+    every array it refuses is made another way (a copy, with the right
+    values), and each DLPack tensor it was offered and left is freed: once
+    the arrays are gone and the handle closed, nothing holds the buffer."""
+    pytest.importorskip("jax")
+    from ray_zerocopy import _jax
+
+    data = [np.arange(100, dtype=np.float32) + k for k in range(5)]
+    inputs = [rzc.PackInput(f"t{k}", rzc.Dtype.F32, d.shape, d.ctypes.data, d.nbytes) for k, d in enumerate(data)]
+    packed = rzc.pack(inputs)
+    raw = np.empty(len(packed) + 64, np.uint8)
+    skew = (-raw.ctypes.data % 64) + 8  # 8 bytes past a 64-byte boundary
+    buf = raw[skew : skew + len(packed)]
+    buf[:] = np.frombuffer(packed, np.uint8)
+    base = live_buffers()
+    w = rzc.Weights.from_buffer(buf)
+    got = _jax.adopt(w, list(range(len(w))))
+    for k, a in enumerate(got):
+        np.testing.assert_array_equal(np.asarray(a), data[k])
+        assert a.unsafe_buffer_pointer() != w.address + w.info(k).offset, "an unaligned array was adopted"
+    del got, a
+    w.close()
+    gc.collect()
+    assert live_buffers() == base, "a DLPack tensor JAX refused still holds the buffer"
+
+
 def test_jax_arrays_are_the_same_by_either_import():
     """JAX arrays come from JAX's own DLPack import, called directly where this
     jaxlib has it in the known form; they must equal what the public

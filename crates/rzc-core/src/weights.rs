@@ -293,4 +293,17 @@ impl Weights {
         let (desc, owner) = self.cpu_desc(index)?;
         Ok(dlpack::export_legacy(owner, &desc))
     }
+
+    /// [`Weights::to_dlpack_legacy`] of tensors `indices`, all or none: on
+    /// an error no tensor is created.
+    pub fn to_dlpack_legacy_many(&self, indices: &[usize]) -> Result<Vec<*mut DLManagedTensor>> {
+        let descs = indices
+            .iter()
+            .map(|&i| self.cpu_desc(i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(descs
+            .into_iter()
+            .map(|(desc, owner)| dlpack::export_legacy(owner, &desc))
+            .collect())
+    }
 }

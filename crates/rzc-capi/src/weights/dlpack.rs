@@ -73,6 +73,29 @@ pub unsafe extern "C" fn rzc_weights_to_dlpack_legacy(
     }
 }
 
+/// `rzc_weights_to_dlpack_legacy` of the tensors `indices[0 .. indices_len)`
+/// in one call, as `rzc_weights_to_dlpack_many` does for the versioned form
+/// (for consumers such as JAX that take only the legacy one): all or
+/// nothing.
+///
+/// # Safety
+/// As `rzc_weights_to_dlpack_many`.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_weights_to_dlpack_legacy_many(
+    w: *const rzc_weights,
+    indices: *const usize,
+    indices_len: usize,
+    tensors_out: *mut *mut DLManagedTensor,
+) -> rzc_status {
+    ffi_boundary! {
+        let h = borrow!(rzc_weights, w);
+        let out = out_slice!(tensors_out, indices_len);
+        let indices = slice_arg!(indices, indices_len);
+        // As many tensors as `tensors_out` has room for: the write cannot fail.
+        out.write(h.weights.to_dlpack_legacy_many(indices)?.into_iter(), "tensors_out")
+    }
+}
+
 /// Exports the whole data section (everything after the header) as one
 /// read-only 1-D `U8` versioned DLPack tensor. Tensor `i` lies at byte
 /// `info.data - (layout.bytes + layout.data_start)` of it (see
