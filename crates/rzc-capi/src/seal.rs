@@ -17,9 +17,9 @@
 //! - `rzc_pack_sealer_finish` hashes what is left on every core.
 //!
 //! Every block is hashed exactly once (claimed by an atomic flag), and only
-//! once every byte of it is final: below the watermark, or holding no tensor
-//! byte that `copy` has yet to write (the padding is written with the layout,
-//! before the sealer is made).
+//! once every byte of it is final: holding no tensor byte that `copy` has
+//! yet to write, or below the watermark with no copy into it still running
+//! (the padding is written with the layout, before the sealer is made).
 //!
 //! The threads read and write memory the caller owns through a raw pointer,
 //! only as the contracts below allow, and only until `finish` or `free`.
