@@ -369,6 +369,19 @@ def _multi_block_plan(sizes):
     return plan, data
 
 
+def _copies_and_expected(plan, data):
+    """The sealer's copies of ``data`` into ``plan``'s layout, the buffer
+    they must make, and its content digest (sealed whole)."""
+    from ray_zerocopy.packing import seal_buffer
+
+    copies = [(d.ctypes.data, plan.offset(i), d.nbytes) for i, d in enumerate(data)]
+    expected = np.zeros(plan.nbytes, np.uint8)
+    plan.write_layout(expected)
+    for (_, at, n), d in zip(copies, data, strict=True):
+        expected[at : at + n] = d
+    return copies, expected, seal_buffer(expected)
+
+
 # Several 1 MiB hashing blocks, tensors that straddle their boundaries, one
 # that spans three, an empty one and one that shares a block with others.
 SIZES = (700_000, 1_500_000, 3, 0, 2_600_000, 1_048_576, 99_999)
@@ -380,15 +393,10 @@ def test_tensors_copied_by_the_sealer_in_any_order_give_the_digest_of_every_byte
     calls, in any order, some written by the caller behind ``advance``), the
     digest is plain BLAKE3 of the data section and the content digest is
     the one ``seal_buffer`` computes from the finished bytes."""
-    from ray_zerocopy.packing import Sealer, seal_buffer
+    from ray_zerocopy.packing import Sealer
 
     plan, data = _multi_block_plan(SIZES)
-    copies = [(d.ctypes.data, plan.offset(i), d.nbytes) for i, d in enumerate(data)]
-    expected = np.zeros(plan.nbytes, np.uint8)
-    plan.write_layout(expected)
-    for (_, at, n), d in zip(copies, data, strict=True):
-        expected[at : at + n] = d
-    want = seal_buffer(expected)
+    copies, expected, want = _copies_and_expected(plan, data)
 
     # By copies alone, out of order, in three calls.
     dst = np.zeros(plan.nbytes, np.uint8)
@@ -421,15 +429,10 @@ def test_declaring_bytes_final_while_they_are_copied_waits_for_the_copy():
     import threading
     import time
 
-    from ray_zerocopy.packing import Sealer, seal_buffer
+    from ray_zerocopy.packing import Sealer
 
     plan, data = _multi_block_plan((48 << 20, 3, 5 << 20))
-    copies = [(d.ctypes.data, plan.offset(i), d.nbytes) for i, d in enumerate(data)]
-    expected = np.zeros(plan.nbytes, np.uint8)
-    plan.write_layout(expected)
-    for (_, at, n), d in zip(copies, data, strict=True):
-        expected[at : at + n] = d
-    want = seal_buffer(expected)
+    copies, expected, want = _copies_and_expected(plan, data)
     raced = 0
     for _ in range(20):
         dst = np.zeros(plan.nbytes, np.uint8)

@@ -255,15 +255,25 @@ impl Weights {
     /// Exports tensors `indices` as [`Weights::to_dlpack`] does, all or none:
     /// on an error no tensor is created.
     pub fn to_dlpack_many(&self, indices: &[usize]) -> Result<Vec<*mut DLManagedTensorVersioned>> {
+        self.export_many(indices, |owner, desc| {
+            dlpack::export_versioned(owner, desc, dlpack::DLPACK_FLAG_BITMASK_READ_ONLY)
+        })
+    }
+
+    /// `export` of tensors `indices`, all or none: every index is checked
+    /// (and every description made) before the first tensor is created.
+    fn export_many<T>(
+        &self,
+        indices: &[usize],
+        export: impl Fn(Storage, &TensorDesc<'_>) -> *mut T,
+    ) -> Result<Vec<*mut T>> {
         let descs = indices
             .iter()
             .map(|&i| self.cpu_desc(i))
             .collect::<Result<Vec<_>>>()?;
         Ok(descs
             .into_iter()
-            .map(|(desc, owner)| {
-                dlpack::export_versioned(owner, &desc, dlpack::DLPACK_FLAG_BITMASK_READ_ONLY)
-            })
+            .map(|(desc, owner)| export(owner, &desc))
             .collect())
     }
 
@@ -297,13 +307,6 @@ impl Weights {
     /// [`Weights::to_dlpack_legacy`] of tensors `indices`, all or none: on
     /// an error no tensor is created.
     pub fn to_dlpack_legacy_many(&self, indices: &[usize]) -> Result<Vec<*mut DLManagedTensor>> {
-        let descs = indices
-            .iter()
-            .map(|&i| self.cpu_desc(i))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(descs
-            .into_iter()
-            .map(|(desc, owner)| dlpack::export_legacy(owner, &desc))
-            .collect())
+        self.export_many(indices, dlpack::export_legacy)
     }
 }
