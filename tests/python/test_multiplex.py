@@ -13,8 +13,8 @@ serve = pytest.importorskip("ray.serve")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "python"))
 import serve_many_models as example  # noqa: E402
+from ports import free_port  # noqa: E402
 from ray_zerocopy import ActorWrapper  # noqa: E402
-from test_serve import free_port  # noqa: E402
 
 K = 5  # models
 R = 2  # replicas, each holding at most 2: 4 places for 5 models, so some replica evicts

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,11 @@ pytest.importorskip("torch")
 pytest.importorskip("ray.serve")
 
 import owner_driver  # noqa: E402
+from ports import free_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "owner_driver.py")
 OWNER = "owned-app"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -128,7 +122,8 @@ def _start_node(temp_dir: str, head: str | None, raylet_port: int, *flags: str) 
         sys.executable, "-m", "ray.scripts.scripts", "start", *where, "--node-ip-address=127.0.0.1",
         f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items()), *flags,
     ]  # fmt: skip
-    subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=180)
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"ray start failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ one copy of the weights between them (each loads zero-copy from the sealed
 object; none adds the weights to its private memory)."""
 
 import os
-import socket
 import sys
 
 import pytest
@@ -14,13 +13,8 @@ serve = pytest.importorskip("ray.serve")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "python"))
 import serve_deployment as example  # noqa: E402
+from ports import free_port  # noqa: E402
 from ray_zerocopy import ActorWrapper  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_replicas_serve_over_http_from_one_copy(ray_cluster):

@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 serve = pytest.importorskip("ray.serve")
 
 import ray_zerocopy as rzc  # noqa: E402
+from ports import free_port  # noqa: E402
 from ray_zerocopy import ActorWrapper, Subscription, VersionNotFoundError  # noqa: E402
-from test_serve import free_port  # noqa: E402
 
 DIM = 256
 
