@@ -30,7 +30,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rzc_core::digest::{self, blocks, Digest};
-use rzc_core::header;
 use rzc_core::pack::PAD_PREFIX;
 
 use crate::handle::Handle;
@@ -123,14 +122,8 @@ impl State {
     }
 
     /// Calls `f(block, bytes)` for each block that `[at, at + n)` touches.
-    fn per_block(&self, at: usize, n: usize, mut f: impl FnMut(usize, usize)) {
-        let (mut here, end) = (at, at + n);
-        while here < end {
-            let k = (here - self.data_start) / blocks::LEN;
-            let step = self.block_span(k).1.min(end) - here;
-            f(k, step);
-            here += step;
-        }
+    fn per_block(&self, at: usize, n: usize, f: impl FnMut(usize, usize)) {
+        per_block(self.data_start, at, n, f);
     }
 
     /// Hashes block `k` unless it is taken already. Its bytes are final.
@@ -447,10 +440,22 @@ impl Drop for Sealer {
     }
 }
 
+/// Calls `f(block, bytes)` for each block of a data section starting at
+/// `data_start` that `[at, at + n)` touches.
+fn per_block(data_start: usize, at: usize, n: usize, mut f: impl FnMut(usize, usize)) {
+    let (mut here, end) = (at, at + n);
+    while here < end {
+        let k = (here - data_start) / blocks::LEN;
+        let step = (data_start + (k + 1) * blocks::LEN).min(end) - here;
+        f(k, step);
+        here += step;
+    }
+}
+
 /// The sealer's view of a buffer whose header is written.
 fn state_of(bytes: &[u8], region: Region) -> FfiResult<State> {
-    let data_start = digest::sealable(bytes)?;
-    let parsed = header::parse(bytes)?;
+    let parsed = digest::sealable_header(bytes)?;
+    let data_start = parsed.data_start;
     let mut tensors: Vec<(usize, usize)> = parsed
         .tensors
         .iter()
@@ -462,13 +467,7 @@ fn state_of(bytes: &[u8], region: Region) -> FfiResult<State> {
     let mut pending = vec![0usize; n];
     if n > 0 {
         for &(at, len) in &tensors {
-            let (mut here, end) = (at, at + len);
-            while here < end {
-                let k = (here - data_start) / blocks::LEN;
-                let block_end = (data_start + (k + 1) * blocks::LEN).min(end);
-                pending[k] += block_end - here;
-                here = block_end;
-            }
+            per_block(data_start, at, len, |k, bytes| pending[k] += bytes);
         }
     }
     Ok(State {

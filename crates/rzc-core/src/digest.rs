@@ -156,6 +156,12 @@ pub fn seal(buffer: &mut [u8]) -> Result<Digest> {
 /// Where the data section of `buffer` starts, once its header is checked
 /// to be valid and to reserve room for the data digest.
 pub fn sealable(buffer: &[u8]) -> Result<usize> {
+    Ok(sealable_header(buffer)?.data_start)
+}
+
+/// [`sealable`], giving the whole parsed header (for a caller that needs
+/// its tensors too: the header is read once).
+pub fn sealable_header(buffer: &[u8]) -> Result<header::Header> {
     let parsed = header::parse(buffer)?;
     if parsed.metadata.get(DATA_DIGEST_KEY).map(String::as_str) != Some(DATA_DIGEST_PLACEHOLDER) {
         fail!(
@@ -163,7 +169,7 @@ pub fn sealable(buffer: &[u8]) -> Result<usize> {
             "the buffer's header reserves no place for its digest (metadata {DATA_DIGEST_KEY:?} = 64 zeros)"
         );
     }
-    Ok(parsed.data_start)
+    Ok(parsed)
 }
 
 /// Writes `data` (the digest of the data section, computed by the caller)
