@@ -1027,6 +1027,25 @@ typedef struct rzc_pack_copy {
 } rzc_pack_copy;
 
 /**
+ * One tensor for `rzc_pack_sealer_read`: where its bytes are in the file,
+ * and where they go.
+ */
+typedef struct rzc_pack_read {
+  /**
+   * Offset of the tensor's bytes in the file.
+   */
+  uint64_t src_offset;
+  /**
+   * Offset of the tensor's data in the buffer (`rzc_pack_plan_offset`).
+   */
+  uint64_t dst_offset;
+  /**
+   * Size in bytes; must be the tensor's.
+   */
+  uint64_t nbytes;
+} rzc_pack_read;
+
+/**
  * Called exactly once with `ctx` when the last user of a borrowed buffer is
  * gone (the handle and every tensor exported from it). It may run on any
  * thread: whichever frees the last of them.
@@ -1419,6 +1438,28 @@ enum rzc_status rzc_pack_sealer_advance(const struct rzc_pack_sealer *sealer, si
 enum rzc_status rzc_pack_sealer_copy(const struct rzc_pack_sealer *sealer,
                                      const struct rzc_pack_copy *copies,
                                      size_t copies_len,
+                                     uint32_t threads);
+
+/**
+ * Reads `reads_len` whole tensors from the open file `fd` into the
+ * sealer's buffer with pread(2), as `rzc_pack_sealer_copy` copies them from
+ * memory: on up to `threads` threads, each block hashed as it completes,
+ * each tensor named by its offset and size in the buffer's layout and read
+ * once, nothing read when one entry is refused. Reading, not mapping, the
+ * file means that a file cut short while it is read is an error
+ * (`RZC_IO`, naming the offset where it ended) instead of a SIGBUS; the
+ * sealer then refuses to go on or to finish, since its buffer is not whole.
+ * Whether the file's bytes are still those its header was read from is the
+ * caller's to check (its size and times, before and after).
+ *
+ * # Safety
+ * `sealer` is a live sealer; `reads` points to `reads_len` entries (NULL
+ * only when 0). `fd` is only read from, and is not closed.
+ */
+enum rzc_status rzc_pack_sealer_read(const struct rzc_pack_sealer *sealer,
+                                     int32_t fd,
+                                     const struct rzc_pack_read *reads,
+                                     size_t reads_len,
                                      uint32_t threads);
 
 /**

@@ -3,18 +3,32 @@ files, a directory (every ``*.safetensors`` in it, following
 ``model.safetensors.index.json`` when there is one, as Hugging Face's
 ``save_pretrained`` writes sharded checkpoints), or the index file itself.
 
-Reading a checkpoint maps each shard only long enough to read its header;
-copying it into a sealed buffer maps one shard at a time, so the process
-holds at most the buffer plus the shard being copied.
+Reading a checkpoint maps each shard only long enough to read its header.
+Copying it into a sealed buffer reads each shard with pread(2) on every
+core (``Sealer.read``), not through a mapping: a shard cut short meanwhile
+is an error, where a mapping would end the process with SIGBUS, and the
+process holds no more than the buffer.
+
+A checkpoint is a file others may write: a training job saving its next
+checkpoint over the one being sealed, say. Each shard's identity (device,
+inode, size, change times) is taken before its header is read, and checked
+before and after its tensors are copied, so that tensors are never copied
+by the offsets of a header the file no longer has
+(:class:`~ray_zerocopy.errors.CheckpointChangedError`). A writer that
+changes a shard in place within the file system's timestamp granularity
+(a few milliseconds) of that first look, keeping its size, could go
+unseen; replacing the file (the way ``save_file`` and ``save_pretrained``
+write) cannot.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointNotFoundError, InvalidInputError
+from .errors import CheckpointChangedError, CheckpointNotFoundError, InvalidInputError, IoError
 from .weights import Weights
 
 __all__ = ["INDEX", "Entry", "Checkpoint", "read"]
@@ -39,6 +53,12 @@ class Checkpoint:
     entries: tuple  # every tensor, shard by shard, in the order of their data
     metadata: dict  # the first shard's __metadata__ (the index's own is not a string map)
     shards: tuple
+    identity: dict  # shard Path -> _identity() taken before its header was read
+
+
+def _identity(st: os.stat_result) -> tuple:
+    """What changes when a file is replaced, rewritten or cut short."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _shards(path) -> tuple[list[Path], dict | None]:
@@ -88,8 +108,13 @@ def read(path) -> Checkpoint:
     """Every tensor of the checkpoint at ``path``, from the shards' headers
     (validated by the native library) and no tensor data."""
     files, weight_map = _shards(path)
-    entries, seen, metadata = [], {}, None
+    entries, seen, metadata, identity = [], {}, None, {}
     for f in files:
+        # Before the header is read: a change after this look shows at copy.
+        try:
+            identity[f] = _identity(os.stat(f))
+        except OSError as e:
+            raise CheckpointNotFoundError(f"checkpoint file {f}: {e}") from e
         with Weights.open_file(f) as w:
             if metadata is None:
                 metadata = w.metadata
@@ -105,20 +130,41 @@ def read(path) -> Checkpoint:
                 raise InvalidInputError(f"the index lists tensor {name!r} in {shard}, but {where}")
     if not entries:
         raise InvalidInputError(f"{path} holds no tensors")
-    return Checkpoint(tuple(entries), metadata or {}, tuple(files))
+    return Checkpoint(tuple(entries), metadata or {}, tuple(files), identity)
 
 
-def copy_into(entries, offsets, copy) -> None:
+def copy_into(ckpt: Checkpoint, entries, offsets, read) -> None:
     """Copies each entry's bytes to offset ``offsets[i]`` of the buffer being
-    sealed, one shard at a time (each shard is mapped while it is copied,
-    then unmapped): ``copy([(address, offset, nbytes)])`` is the fill's
-    (``_seal._Progress.copy``)."""
+    sealed, one shard at a time: ``read(fd, [(file_offset, offset,
+    nbytes)])`` is the fill's (``_seal._Progress.read``). Raises
+    :class:`~ray_zerocopy.errors.CheckpointChangedError` for a shard that is
+    not, before or after its copy, the file ``ckpt`` read the header of."""
     by_shard: dict[Path, list[int]] = {}
     for i, e in enumerate(entries):
         by_shard.setdefault(e.shard, []).append(i)
     for shard, indices in by_shard.items():
-        # The handle is the mapping's only user: the shard is unmapped
-        # before the next one is mapped.
-        with Weights.open_file(shard) as w:
-            base = w.address
-            copy([(base + entries[i].offset, offsets[i], entries[i].nbytes) for i in indices])
+        try:
+            fd = os.open(shard, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise CheckpointChangedError(f"checkpoint shard {shard} cannot be opened any more: {e}") from e
+        try:
+            _unchanged(ckpt, shard, fd, "before its tensors were copied")
+            try:
+                read(fd, [(entries[i].offset, offsets[i], entries[i].nbytes) for i in indices])
+            except IoError:
+                _unchanged(ckpt, shard, fd, "while its tensors were copied")
+                raise
+            _unchanged(ckpt, shard, fd, "while its tensors were copied")
+        finally:
+            os.close(fd)
+
+
+def _unchanged(ckpt: Checkpoint, shard: Path, fd: int, when: str) -> None:
+    now = _identity(os.fstat(fd))
+    was = ckpt.identity[shard]
+    if now != was:
+        what = "replaced by another file" if now[:2] != was[:2] else f"written to ({was[2]} bytes then, {now[2]} now)"
+        raise CheckpointChangedError(
+            f"checkpoint shard {shard} was {what} {when}, after its header was read: "
+            "nothing was sealed; seal it again once it is written"
+        )

@@ -162,19 +162,27 @@ class _Progress:
 
     def copy(self, copies) -> None:
         """``copies``: ``[(address, offset, nbytes)]`` as for :meth:`Sealer.copy`."""
+        self._grouped(copies, self.sealer.copy)
+
+    def read(self, fd: int, reads) -> None:
+        """``reads``: ``[(file_offset, offset, nbytes)]`` of the open file
+        ``fd``, as for :meth:`Sealer.read`."""
+        self._grouped(reads, lambda group: self.sealer.read(fd, group))
+
+    def _grouped(self, pieces, fill) -> None:
         if isinstance(self.bar, _telemetry._NoProgress):
-            self.sealer.copy(copies)
+            fill(pieces)
             return
         group, size = [], 0
-        for c in copies:
+        for c in pieces:
             group.append(c)
             size += c[2]
             if size >= self.GROUP:
-                self.sealer.copy(group)
+                fill(group)
                 self.bar.update(size)
                 group, size = [], 0
         if group:
-            self.sealer.copy(group)
+            fill(group)
             self.bar.update(size)
 
 
@@ -454,7 +462,7 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
     offsets = [plan.offset(i) for i in range(len(inputs))]
 
     def fill(dst, progress):
-        _checkpoint.copy_into(entries, offsets, progress.copy)
+        _checkpoint.copy_into(ckpt, entries, offsets, progress.read)
         _copy_inputs(plan, extras, len(entries), progress)
 
     return Packing(skeleton, tuple(kinds), needs_eval, plan, fill, "sealing checkpoint", keep)

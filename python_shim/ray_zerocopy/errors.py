@@ -132,6 +132,11 @@ class CheckpointNotFoundError(RayZeroCopyError, FileNotFoundError):
     """A checkpoint file, directory or shard does not exist."""
 
 
+class CheckpointChangedError(RayZeroCopyError, RuntimeError):
+    """A checkpoint file changed (rewritten, truncated or replaced) between
+    reading its header and copying its tensors, or during the copy."""
+
+
 class MissingTensorError(RayZeroCopyError, KeyError):
     """A rebuilt object was not given the tensors it was stripped of."""
 

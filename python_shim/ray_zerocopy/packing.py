@@ -194,6 +194,20 @@ class Sealer:
             c.nbytes = nbytes
         check(lib.rzc_pack_sealer_copy(self._live(), arr, len(copies), threads))
 
+    def read(self, fd: int, reads, threads: int = 0) -> None:
+        """Reads whole tensors from the open file ``fd`` into the buffer, as
+        :meth:`copy` copies them from memory: ``reads`` is ``[(file_offset,
+        offset, nbytes)]``. A file that ends before a tensor does raises
+        :class:`~ray_zerocopy.errors.IoError`, and the sealer can then
+        neither go on nor finish. The GIL is released while it runs."""
+        reads = list(reads)
+        arr = ffi.new("rzc_pack_read[]", len(reads))
+        for r, (src, offset, nbytes) in zip(arr, reads, strict=True):
+            r.src_offset = src
+            r.dst_offset = offset
+            r.nbytes = nbytes
+        check(lib.rzc_pack_sealer_read(self._live(), fd, arr, len(reads), threads))
+
     def finish(self) -> bytes:
         """Hashes the rest, writes the data digest into the header, and
         returns the buffer's content digest."""

@@ -448,3 +448,66 @@ def test_sealing_a_checkpoint_counts_every_tensor_on_its_progress_bar(tmp_path, 
     assert len(tensors) > len(index["weight_map"]), "the model adds tensors the checkpoint lacks"
     assert sum(counted) == sum(end - start for start, end in tensors)
 
+
+def test_a_checkpoint_written_while_it_is_sealed_is_refused_not_sealed_wrong(tmp_path, monkeypatch):
+    """A training job may save its next checkpoint over the one being
+    sealed. Whether the shard is rewritten in place (at another size, or at
+    the same size), replaced by a new file, or cut short while its tensors
+    are read, sealing stops with an error naming the shard: it never copies
+    tensors by the offsets of a header the file no longer has, and never
+    dies of SIGBUS on a shrunk mapping."""
+    import os
+    import time
+
+    from ray_zerocopy import CheckpointChangedError, IoError, _seal
+    from safetensors.torch import load, load_file, save_file
+    from safetensors.torch import save as save_bytes
+
+    path = tmp_path / "model.safetensors"
+    first = {"a": torch.arange(1000.0), "b": torch.full((3000,), 2.0)}
+    # The same names in another order, so the same offsets hold other bytes.
+    same_size = {"b": torch.full((3000,), 5.0), "a": torch.arange(1000.0) * 3}
+    bigger = {**same_size, "c": torch.ones(10)}
+
+    def save(tensors, where=path):
+        save_file(tensors, str(where))
+
+    def rewritten_in_place(tensors):
+        save(first)
+        packing = _seal.pack_checkpoint(path, _seal.TORCH)
+        time.sleep(0.05)  # past the file system's timestamp granularity
+        ino = os.stat(path).st_ino
+        path.write_bytes(save_bytes(tensors))  # in place: save_file would replace the file
+        assert os.stat(path).st_ino == ino
+        return packing
+
+    for tensors in (bigger, same_size):
+        packing = rewritten_in_place(tensors)
+        with pytest.raises(CheckpointChangedError, match=f"shard {path} was written to .* before its tensors"):
+            packing.to_array()
+
+    save(first)
+    packing = _seal.pack_checkpoint(path, _seal.TORCH)
+    save(same_size)  # save_file writes a new file in the old one's place
+    with pytest.raises(CheckpointChangedError, match="replaced by another file"):
+        packing.to_array()
+
+    save(first)
+    packing = _seal.pack_checkpoint(path, _seal.TORCH)
+    read = _seal._Progress.read
+
+    def read_while_it_shrinks(progress, fd, reads):
+        os.truncate(path, 200)
+        read(progress, fd, reads)
+
+    monkeypatch.setattr(_seal._Progress, "read", read_while_it_shrinks)
+    with pytest.raises(CheckpointChangedError, match=r"written to \(\d+ bytes then, 200 now\) while its tensors") as e:
+        packing.to_array()
+    assert isinstance(e.value.__context__, IoError) and "ends at byte" in str(e.value.__context__)
+
+    monkeypatch.undo()
+    save(first)
+    _, buf = _seal.pack_checkpoint(path, _seal.TORCH).to_array()
+    got = {k: v for k, v in load(buf.tobytes()).items() if not k.startswith("__")}
+    want = load_file(str(path))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

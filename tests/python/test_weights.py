@@ -503,6 +503,74 @@ def test_a_refused_copy_names_the_problem_and_copies_nothing():
         assert w.content_digest(trust_claim=False) == w.content_digest() == digest
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tensors_read_from_a_file_by_the_sealer_give_the_digest_of_every_byte(tmp_path, threads):
+    """``Sealer.read`` fills tensors from an open file by pread (at other
+    offsets than the buffer's, in any order, in several calls, beside
+    copies from memory), and the buffer seals to the digest of its bytes."""
+    import os
+
+    from ray_zerocopy.packing import Sealer
+
+    plan, data = _multi_block_plan(SIZES)
+    copies, expected, want = _copies_and_expected(plan, data)
+    # The file holds the tensors back to back after a 123-byte prefix.
+    at_in_file, pos = [], 123
+    for d in data:
+        at_in_file.append(pos)
+        pos += d.nbytes
+    path = tmp_path / "tensors.bin"
+    path.write_bytes(b"p" * 123 + b"".join(d.tobytes() for d in data))
+    reads = [(src, at, n) for src, (_, at, n) in zip(at_in_file, copies, strict=True)]
+    dst = np.zeros(plan.nbytes, np.uint8)
+    plan.write_layout(dst)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with Sealer(dst) as sealer:
+            sealer.read(fd, [reads[5], reads[1], reads[4]], threads=threads)
+            sealer.copy([copies[0], copies[6]], threads=threads)
+            sealer.read(fd, [reads[3], reads[2]], threads=threads)
+            assert sealer.finish() == want
+    finally:
+        os.close(fd)
+    assert dst.tobytes() == expected.tobytes()
+
+
+def test_a_file_that_ends_inside_a_tensor_is_an_error_and_the_buffer_is_never_sealed(tmp_path):
+    """A file shorter than the tensors read from it (cut short while it is
+    read, say) raises an error naming where it ended, never a SIGBUS and
+    never a tensor half read; the sealer then refuses to go on and to
+    finish, since its buffer is not whole. A bad descriptor is an error too."""
+    import os
+
+    from ray_zerocopy.packing import Sealer
+
+    plan, data = _multi_block_plan(SIZES)
+    copies, _, _ = _copies_and_expected(plan, data)
+    path = tmp_path / "short.bin"
+    path.write_bytes(data[1].tobytes()[:1_000_000])  # tensor 1 is 1,500,000 bytes
+    dst = np.zeros(plan.nbytes, np.uint8)
+    plan.write_layout(dst)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with Sealer(dst) as sealer:
+            with pytest.raises(rzc.InvalidArgumentError, match="not a file descriptor"):
+                sealer.read(-1, [(0, copies[1][1], copies[1][2])])
+            with pytest.raises(rzc.InvalidArgumentError, match="past any file's end"):
+                sealer.read(fd, [(2**63, copies[1][1], copies[1][2])])
+            with pytest.raises(rzc.IoError, match="ends at byte 1000000"):
+                sealer.read(fd, [(0, copies[1][1], copies[1][2])], threads=2)
+            with pytest.raises(rzc.InvalidArgumentError, match="cannot be sealed: .*ends at byte 1000000"):
+                sealer.copy([copies[0]])
+            with pytest.raises(rzc.InvalidArgumentError, match="cannot be sealed"):
+                sealer.finish()
+        with Sealer(dst) as sealer:
+            with pytest.raises(rzc.IoError, match="Bad file descriptor"):
+                sealer.read(fd + 1000, [(0, copies[0][1], copies[0][2])])
+    finally:
+        os.close(fd)
+
+
 def test_every_leaf_keeps_its_shape_and_dtype_scalars_included():
     """0-d arrays (a temperature, a logit scale, a step counter) come back
     0-d, in every framework, with their dtype and value."""

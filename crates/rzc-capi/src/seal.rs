@@ -34,7 +34,7 @@ use rzc_core::pack::PAD_PREFIX;
 
 use crate::handle::Handle;
 use crate::status::{
-    ffi_boundary, ffi_value_boundary, rzc_status, Failure, FfiResult, RZC_INVALID_ARGUMENT,
+    ffi_boundary, ffi_value_boundary, rzc_status, Failure, FfiResult, RZC_INVALID_ARGUMENT, RZC_IO,
 };
 use crate::weights::rzc_digest;
 
@@ -57,6 +57,34 @@ pub struct rzc_pack_copy {
     pub dst_offset: u64,
     /// Size in bytes; must be the tensor's.
     pub nbytes: u64,
+}
+
+/// One tensor for `rzc_pack_sealer_read`: where its bytes are in the file,
+/// and where they go.
+#[repr(C)]
+pub struct rzc_pack_read {
+    /// Offset of the tensor's bytes in the file.
+    pub src_offset: u64,
+    /// Offset of the tensor's data in the buffer (`rzc_pack_plan_offset`).
+    pub dst_offset: u64,
+    /// Size in bytes; must be the tensor's.
+    pub nbytes: u64,
+}
+
+/// Where a fill's bytes come from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The caller's memory: a piece's `src` is an address.
+    Memory,
+    /// An open file: a piece's `src` is an offset in it.
+    File(std::os::fd::RawFd),
+}
+
+/// One tensor to fill, as `rzc_pack_copy` or `rzc_pack_read` name it.
+struct Piece {
+    src: u64,
+    dst_offset: u64,
+    nbytes: u64,
 }
 
 /// The caller's buffer.
@@ -89,6 +117,10 @@ struct State {
     inflight: Box<[AtomicUsize]>,
     claimed: Box<[AtomicBool]>,
     cvs: Box<[OnceLock<blocks::Cv>]>,
+    /// Why a fill failed part-way (a read from a file fell short): the
+    /// buffer holds bytes that are not the tensors', so the sealer refuses
+    /// to go on, and to finish.
+    failed: OnceLock<String>,
 }
 
 // SAFETY: `region` is the caller's buffer, which outlives the sealer (the
@@ -161,50 +193,65 @@ impl State {
     }
 
     /// Index of the tensor whose data is exactly `[offset, offset + nbytes)`.
-    fn tensor_at(&self, i: usize, offset: u64, nbytes: u64) -> FfiResult<usize> {
+    fn tensor_at(&self, what: &str, i: usize, offset: u64, nbytes: u64) -> FfiResult<usize> {
         let t = self.starting_at(offset).ok_or_else(|| {
             invalid(format!(
-                "copies[{i}]: no tensor's data starts at offset {offset} of the buffer"
+                "{what}[{i}]: no tensor's data starts at offset {offset} of the buffer"
             ))
         })?;
         if self.tensors[t].1 as u64 != nbytes {
             return Err(invalid(format!(
-                "copies[{i}]: the tensor at offset {offset} is {} bytes, not {nbytes}",
+                "{what}[{i}]: the tensor at offset {offset} is {} bytes, not {nbytes}",
                 self.tensors[t].1
             )));
         }
         Ok(t)
     }
 
-    /// Checks `copies` against the layout and takes their tensors: nothing
-    /// is taken when one is refused.
-    fn take(&self, copies: &[rzc_pack_copy]) -> FfiResult<Vec<(usize, *const u8)>> {
+    /// Checks `pieces` (the caller's `what`) against the layout and takes
+    /// their tensors: nothing is taken when one is refused. Gives each
+    /// tensor's index and source.
+    fn take(&self, what: &str, pieces: &[Piece], source: Source) -> FfiResult<Vec<(usize, u64)>> {
         let (lo, hi) = (
             self.region.ptr as usize,
             self.region.ptr as usize + self.region.len,
         );
-        let mut found = Vec::with_capacity(copies.len());
-        for (i, c) in copies.iter().enumerate() {
+        let mut found = Vec::with_capacity(pieces.len());
+        for (i, c) in pieces.iter().enumerate() {
             if c.nbytes == 0 {
                 // Nothing to copy (an empty tensor shares its offset with
                 // the next one; a tensor with bytes left uncopied is
                 // hashed as it stands).
                 continue;
             }
-            let t = self.tensor_at(i, c.dst_offset, c.nbytes)?;
-            let n = self.tensors[t].1;
-            if c.src.is_null() {
-                return Err(Failure::null(&format!("copies[{i}].src")));
-            }
-            let src = c.src as usize;
-            let overlaps = match src.checked_add(n) {
-                Some(end) => end > lo && src < hi,
-                None => true,
-            };
-            if overlaps {
-                return Err(invalid(format!(
-                    "copies[{i}]: the source overlaps the sealer's buffer"
-                )));
+            let t = self.tensor_at(what, i, c.dst_offset, c.nbytes)?;
+            match source {
+                Source::Memory => {
+                    if c.src == 0 {
+                        return Err(Failure::null(&format!("{what}[{i}].src")));
+                    }
+                    let overlaps = match (c.src as usize).checked_add(c.nbytes as usize) {
+                        Some(end) => end > lo && (c.src as usize) < hi,
+                        None => true,
+                    };
+                    if overlaps {
+                        return Err(invalid(format!(
+                            "{what}[{i}]: the source overlaps the sealer's buffer"
+                        )));
+                    }
+                }
+                Source::File(_) => {
+                    let past = match c.src.checked_add(c.nbytes) {
+                        Some(end) => end > i64::MAX as u64,
+                        None => true,
+                    };
+                    if past {
+                        return Err(invalid(format!(
+                            "{what}[{i}]: {} bytes from offset {} lie past any file's end",
+                            c.nbytes, c.src
+                        )));
+                    }
+                }
             }
             found.push((t, c.src));
         }
@@ -222,12 +269,12 @@ impl State {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let upto = self.upto.load(Ordering::Acquire);
         if let Some(&(t, _)) = found.iter().find(|&&(t, _)| self.tensors[t].0 < upto) {
-            let i = copies
+            let i = pieces
                 .iter()
                 .position(|c| c.dst_offset == self.tensors[t].0 as u64)
                 .unwrap_or(0);
             return Err(invalid(format!(
-                "copies[{i}]: the tensor at offset {} lies below the bytes declared final ({upto})",
+                "{what}[{i}]: the tensor at offset {} lies below the bytes declared final ({upto})",
                 self.tensors[t].0
             )));
         }
@@ -259,22 +306,30 @@ impl State {
         self.tensors.binary_search_by_key(&o, |&(at, _)| at).ok()
     }
 
-    /// Copies the tensors `copies` into the buffer on up to `threads`
-    /// threads (0: one per core), hashing each block as it completes.
-    fn copy(self: &Arc<Self>, copies: &[rzc_pack_copy], threads: usize) -> FfiResult<()> {
-        let taken = self.take(copies)?;
+    /// Fills the tensors `pieces` (the caller's `what`) from `source` on up
+    /// to `threads` threads (0: one per core), hashing each block as it
+    /// completes.
+    fn fill(
+        self: &Arc<Self>,
+        what: &str,
+        pieces: &[Piece],
+        source: Source,
+        threads: usize,
+    ) -> FfiResult<()> {
+        self.usable()?;
+        let taken = self.take(what, pieces, source)?;
         // Fragments that do not cross a block boundary, in buffer order, so
-        // that blocks complete (and are hashed) early and in order. Sources
-        // as addresses: the workers read them only during this call.
-        let mut work: Vec<(usize, usize, usize)> = Vec::new();
+        // that blocks complete (and are hashed) early and in order. Memory
+        // sources as addresses: the workers read them only during this call.
+        let mut work: Vec<(usize, u64, usize)> = Vec::new();
         for &(t, src) in &taken {
             let (at, n) = self.tensors[t];
             if self.pending.is_empty() {
-                work.push((at, src as usize, n));
+                work.push((at, src, n));
             } else {
                 let mut here = at;
                 self.per_block(at, n, |_, step| {
-                    work.push((here, src as usize + (here - at), step));
+                    work.push((here, src + (here - at) as u64, step));
                     here += step;
                 });
             }
@@ -290,11 +345,28 @@ impl State {
             let Some(&(at, src, n)) = work.get(i) else {
                 return;
             };
-            // SAFETY: `[at, at + n)` is part of a tensor this call took (no
-            // one else writes it, and nobody reads it before it is final);
-            // the source is the caller's `n` readable bytes outside the
-            // buffer, valid until this call returns, which `fan_out` joins.
-            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, state.region.ptr.add(at), n) };
+            if state.failed.get().is_some() {
+                return;
+            }
+            // SAFETY: `[at, at + n)` is part of a tensor this call took: no
+            // one else writes it, and nobody reads it before it is final.
+            let dst = unsafe { std::slice::from_raw_parts_mut(state.region.ptr.add(at), n) };
+            match source {
+                // SAFETY: the source is the caller's `n` readable bytes
+                // outside the buffer, valid until this call returns, which
+                // `fan_out` joins.
+                Source::Memory => unsafe {
+                    std::ptr::copy_nonoverlapping(src as usize as *const u8, dst.as_mut_ptr(), n)
+                },
+                Source::File(fd) => {
+                    if let Err(why) = read_at(fd, dst, src) {
+                        // The block stays pending: never hashed, and the
+                        // sealer refuses to finish.
+                        let _ = state.failed.set(why);
+                        return;
+                    }
+                }
+            }
             if !state.pending.is_empty() {
                 let k = (at - state.data_start) / blocks::LEN;
                 let completed = state.pending[k].fetch_sub(n, Ordering::AcqRel) == n;
@@ -304,8 +376,50 @@ impl State {
                 }
             }
         });
-        Ok(())
+        match self.failed.get() {
+            Some(why) => Err(Failure::new(RZC_IO, why.clone())),
+            None => Ok(()),
+        }
     }
+
+    /// Refuses a sealer whose fill failed.
+    fn usable(&self) -> FfiResult<()> {
+        match self.failed.get() {
+            Some(why) => Err(invalid(format!(
+                "a fill of this sealer's buffer failed, so it cannot be sealed: {why}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reads `dst.len()` bytes at offset `at` of the open file `fd` into `dst`,
+/// or says why it cannot: a file that ends first (shorter than its header
+/// says, or truncated while it is read) is an error, not a short tensor.
+fn read_at(fd: std::os::fd::RawFd, dst: &mut [u8], at: u64) -> Result<(), String> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileExt;
+    // Borrowed, never closed: the caller owns the descriptor.
+    // SAFETY: `File` only reads through it here; an fd that is not open
+    // makes pread(2) fail with EBADF, which is reported.
+    let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let mut done = 0;
+    while done < dst.len() {
+        match file.read_at(&mut dst[done..], at + done as u64) {
+            Ok(0) => {
+                return Err(format!(
+                    "the file (fd {fd}) ends at byte {}, inside the {} bytes to read from offset {at}: \
+                     it is shorter than its header says, or was truncated while it was read",
+                    at + done as u64,
+                    dst.len()
+                ))
+            }
+            Ok(k) => done += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading the file (fd {fd}) at offset {}: {e}", at + done as u64)),
+        }
+    }
+    Ok(())
 }
 
 /// Runs `job` on the calling thread and on `threads - 1` more (fewer when
@@ -369,10 +483,43 @@ impl Sealer {
 
     /// See `rzc_pack_sealer_copy`.
     pub fn copy(&self, copies: &[rzc_pack_copy], threads: usize) -> FfiResult<()> {
+        let pieces: Vec<Piece> = copies
+            .iter()
+            .map(|c| Piece {
+                src: c.src as usize as u64,
+                dst_offset: c.dst_offset,
+                nbytes: c.nbytes,
+            })
+            .collect();
+        self.fill("copies", &pieces, Source::Memory, threads)
+    }
+
+    /// See `rzc_pack_sealer_read`.
+    pub fn read(
+        &self,
+        fd: std::os::fd::RawFd,
+        reads: &[rzc_pack_read],
+        threads: usize,
+    ) -> FfiResult<()> {
+        if fd < 0 {
+            return Err(invalid(format!("fd {fd} is not a file descriptor")));
+        }
+        let pieces: Vec<Piece> = reads
+            .iter()
+            .map(|r| Piece {
+                src: r.src_offset,
+                dst_offset: r.dst_offset,
+                nbytes: r.nbytes,
+            })
+            .collect();
+        self.fill("reads", &pieces, Source::File(fd), threads)
+    }
+
+    fn fill(&self, what: &str, pieces: &[Piece], source: Source, threads: usize) -> FfiResult<()> {
         if self.finished.load(Ordering::Acquire) {
             return Err(invalid("this sealer is finished already".into()));
         }
-        self.state.copy(copies, threads)
+        self.state.fill(what, pieces, source, threads)
     }
 
     /// Stops the hashing thread where it is.
@@ -396,6 +543,7 @@ impl Sealer {
         }
         self.stop();
         let s = &*self.state;
+        s.usable()?;
         s.upto.store(s.region.len, Ordering::Release);
         let data = if s.pending.is_empty() {
             // SAFETY: every byte is final (the caller's contract: every copy
@@ -483,6 +631,7 @@ fn state_of(bytes: &[u8], region: Region) -> FfiResult<State> {
         inflight: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         claimed: (0..n).map(|_| AtomicBool::new(false)).collect(),
         cvs: (0..n).map(|_| OnceLock::new()).collect(),
+        failed: OnceLock::new(),
     })
 }
 
@@ -562,6 +711,35 @@ pub unsafe extern "C" fn rzc_pack_sealer_copy(
         let s = borrow!(rzc_pack_sealer, sealer);
         let copies = slice_arg!(copies, copies_len);
         s.copy(copies, threads as usize)
+    }
+}
+
+/// Reads `reads_len` whole tensors from the open file `fd` into the
+/// sealer's buffer with pread(2), as `rzc_pack_sealer_copy` copies them from
+/// memory: on up to `threads` threads, each block hashed as it completes,
+/// each tensor named by its offset and size in the buffer's layout and read
+/// once, nothing read when one entry is refused. Reading, not mapping, the
+/// file means that a file cut short while it is read is an error
+/// (`RZC_IO`, naming the offset where it ended) instead of a SIGBUS; the
+/// sealer then refuses to go on or to finish, since its buffer is not whole.
+/// Whether the file's bytes are still those its header was read from is the
+/// caller's to check (its size and times, before and after).
+///
+/// # Safety
+/// `sealer` is a live sealer; `reads` points to `reads_len` entries (NULL
+/// only when 0). `fd` is only read from, and is not closed.
+#[no_mangle]
+pub unsafe extern "C" fn rzc_pack_sealer_read(
+    sealer: *const rzc_pack_sealer,
+    fd: i32,
+    reads: *const rzc_pack_read,
+    reads_len: usize,
+    threads: u32,
+) -> rzc_status {
+    ffi_boundary! {
+        let s = borrow!(rzc_pack_sealer, sealer);
+        let reads = slice_arg!(reads, reads_len);
+        s.read(fd, reads, threads as usize)
     }
 }
 
