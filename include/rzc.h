@@ -1519,7 +1519,9 @@ enum rzc_status rzc_weights_open_memory_ex(const uint8_t *data,
 
 /**
  * Memory-maps the file at `path` (UTF-8, NUL-terminated) read-only and opens
- * it. The file must not be modified while it is open.
+ * it. The file must not be modified while it is open: a read past a point
+ * where someone else cut it short is SIGBUS, as with every mapping (to copy
+ * a file that others may write, read it: `rzc_pack_sealer_read`).
  *
  * # Safety
  * `path` is a NUL-terminated string; `out` is valid for a write.
