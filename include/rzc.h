@@ -501,6 +501,13 @@ typedef struct DLManagedTensor {
 #define RZC_PACK_GUARD_NBYTES 4096
 
 /**
+ * Largest header (the JSON after the 8-byte length) a buffer may have, as in
+ * the official implementation: a reader that fetches a header itself (with
+ * read(2), say) need not fetch a longer one, which is refused anyway.
+ */
+#define RZC_MAX_HEADER_NBYTES 100000000
+
+/**
  * Flag of `rzc_open_options`: make every whole page of the buffer (tensor
  * data and header; see `rzc_weights_guard_state`) read-only in this
  * process while the buffer is open (any handle or tensor alive), so that a
@@ -1400,7 +1407,7 @@ void rzc_pack_plan_free(struct rzc_pack_plan *plan);
  * (`rzc_pack_plan_write_layout`: the header, and the padding between and
  * around the tensors, neither of which may change afterwards), with a
  * thread of its own. Then fill in the tensors' data, with
- * `rzc_pack_sealer_copy`, or by writing it and calling
+ * `rzc_pack_sealer_copy` or `rzc_pack_sealer_read`, or by writing it and calling
  * `rzc_pack_sealer_advance` as it becomes final, and call
  * `rzc_pack_sealer_finish`.
  *
@@ -1447,14 +1454,17 @@ enum rzc_status rzc_pack_sealer_copy(const struct rzc_pack_sealer *sealer,
  * each tensor named by its offset and size in the buffer's layout and read
  * once, nothing read when one entry is refused. Reading, not mapping, the
  * file means that a file cut short while it is read is an error
- * (`RZC_IO`, naming the offset where it ended) instead of a SIGBUS; the
- * sealer then refuses to go on or to finish, since its buffer is not whole.
+ * (`RZC_IO`, naming the entry and the file's size) instead of a SIGBUS;
+ * the sealer then refuses to go on or to finish, since its buffer is not
+ * whole (another fill running at that moment is refused as well).
  * Whether the file's bytes are still those its header was read from is the
- * caller's to check (its size and times, before and after).
+ * caller's to check (its identity, size and times, before and after).
  *
  * # Safety
  * `sealer` is a live sealer; `reads` points to `reads_len` entries (NULL
- * only when 0). `fd` is only read from, and is not closed.
+ * only when 0). `fd` is open for reading and names the same file for the
+ * whole call (no other thread closes it meanwhile); it is only read from
+ * (pread: its file offset does not move), and not closed.
  */
 enum rzc_status rzc_pack_sealer_read(const struct rzc_pack_sealer *sealer,
                                      int32_t fd,
@@ -1470,7 +1480,8 @@ enum rzc_status rzc_pack_sealer_read(const struct rzc_pack_sealer *sealer,
  *
  * # Safety
  * `sealer` is a live sealer; nothing else uses its buffer meanwhile (every
- * `rzc_pack_sealer_advance` and `rzc_pack_sealer_copy` has returned);
+ * `rzc_pack_sealer_advance`, `rzc_pack_sealer_copy` and
+ * `rzc_pack_sealer_read` has returned);
  * `out` is valid for a write.
  */
 enum rzc_status rzc_pack_sealer_finish(const struct rzc_pack_sealer *sealer,

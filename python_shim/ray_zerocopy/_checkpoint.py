@@ -3,32 +3,37 @@ files, a directory (every ``*.safetensors`` in it, following
 ``model.safetensors.index.json`` when there is one, as Hugging Face's
 ``save_pretrained`` writes sharded checkpoints), or the index file itself.
 
-Reading a checkpoint maps each shard only long enough to read its header.
-Copying it into a sealed buffer reads each shard with pread(2) on every
-core (``Sealer.read``), not through a mapping: a shard cut short meanwhile
-is an error, where a mapping would end the process with SIGBUS, and the
-process holds no more than the buffer.
-
 A checkpoint is a file others may write: a training job saving its next
-checkpoint over the one being sealed, say. Each shard's identity (device,
-inode, size, change times) is taken before its header is read, and checked
-before and after its tensors are copied, so that tensors are never copied
-by the offsets of a header the file no longer has
-(:class:`~ray_zerocopy.errors.CheckpointChangedError`). A writer that
-changes a shard in place within the file system's timestamp granularity
-(a few milliseconds) of that first look, keeping its size, could go
-unseen; replacing the file (the way ``save_file`` and ``save_pretrained``
-write) cannot.
+checkpoint over the one being sealed, say. So no shard is ever mapped (a
+mapping of a file that someone cuts short ends the process with SIGBUS):
+its header is read with pread(2) and its tensors are read straight into the
+sealed buffer with pread on every core (``Sealer.read``), where a file cut
+short is an error. And each shard's identity (device, inode, size,
+modification and change times), taken from the descriptor its header is
+read through, is checked again before and after its tensors are read, so
+that tensors are never copied by the offsets of a header the file no
+longer has (:class:`~ray_zerocopy.errors.CheckpointChangedError`).
+
+What that check cannot see: a writer that changes a shard in place,
+keeping its size, within the file system's timestamp granularity of the
+header being read (a few milliseconds on local Linux file systems, up to
+seconds on others), writes through a mapping whose times the kernel has not
+updated yet, or, on NFS, a write on another node that this node's cached
+attributes do not show yet. ``save_file`` of safetensors 0.8 and later and
+``save_pretrained`` write a new file and rename it over the old one, which
+is always seen.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointChangedError, CheckpointNotFoundError, InvalidInputError, IoError
+from ._native import lib
+from .errors import CheckpointChangedError, CheckpointNotFoundError, InvalidInputError, IoError, RzcError, error_for
 from .weights import Weights
 
 __all__ = ["INDEX", "Entry", "Checkpoint", "read"]
@@ -110,19 +115,23 @@ def read(path) -> Checkpoint:
     files, weight_map = _shards(path)
     entries, seen, metadata, identity = [], {}, None, {}
     for f in files:
-        # Before the header is read: a change after this look shows at copy.
         try:
-            identity[f] = _identity(os.stat(f))
-        except OSError as e:
-            raise CheckpointNotFoundError(f"checkpoint file {f}: {e}") from e
-        with Weights.open_file(f) as w:
-            if metadata is None:
-                metadata = w.metadata
-            for t in w.table():
-                if t.name in seen:
-                    raise InvalidInputError(f"tensor {t.name!r} is in two shards: {seen[t.name].name} and {f.name}")
-                seen[t.name] = f
-                entries.append(Entry(t.name, t.dtype, t.shape, t.nbytes, f, t.offset))
+            fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"checkpoint file {f} does not exist") from e
+        try:
+            st = os.fstat(fd)
+            identity[f] = _identity(st)
+            table, meta = _header(fd, st.st_size, f)
+        finally:
+            os.close(fd)
+        if metadata is None:
+            metadata = meta
+        for t in table:
+            if t.name in seen:
+                raise InvalidInputError(f"tensor {t.name!r} is in two shards: {seen[t.name].name} and {f.name}")
+            seen[t.name] = f
+            entries.append(Entry(t.name, t.dtype, t.shape, t.nbytes, f, t.offset))
     if weight_map is not None:
         for name, shard in weight_map.items():
             if seen.get(name, None) is None or seen[name].name != Path(shard).name:
@@ -131,6 +140,44 @@ def read(path) -> Checkpoint:
     if not entries:
         raise InvalidInputError(f"{path} holds no tensors")
     return Checkpoint(tuple(entries), metadata or {}, tuple(files), identity)
+
+
+# Linux's MAP_NORESERVE (Python's mmap module does not name it): the stand-in
+# below reserves address space only, and no swap or commit charge.
+_MAP_NORESERVE = 0x4000
+
+
+def _header(fd: int, size: int, path: Path) -> tuple:
+    """The tensor table and metadata of the ``size``-byte shard open at
+    ``fd``, validated by the native library, with the header read by pread.
+
+    The parser checks a header against the whole buffer (every byte of the
+    data section covered by exactly one tensor), so it is given a stand-in
+    of the file's length: the header read from the file, then untouched
+    anonymous memory, which costs no memory. Only the table and metadata
+    are taken from it, and it is closed here: nothing can export its
+    (zero) tensor data."""
+    head = os.pread(fd, 8, 0)
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if len(head) == 8 and n <= min(lib.RZC_MAX_HEADER_NBYTES, size - 8):
+        head = os.pread(fd, 8 + n, 0)  # else the length alone is refused
+    if size == 0 or len(head) < min(size, 8):
+        stand_in = bytearray(head)  # too short to hold a header: let the parser say so
+    else:
+        stand_in = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+        stand_in[: len(head)] = head
+    try:
+        with Weights.from_buffer(stand_in) as w:
+            found, error = (w.table(), w.metadata), None
+    except RzcError as e:
+        found, error = None, error_for(e.status, f"checkpoint file {path}: {e.message}")
+    # Here, not in a `finally`: a failed open's traceback still holds the
+    # parser's view of the stand-in there, and a viewed mapping cannot close.
+    if isinstance(stand_in, mmap.mmap):
+        stand_in.close()
+    if error is not None:
+        raise error
+    return found
 
 
 def copy_into(ckpt: Checkpoint, entries, offsets, read) -> None:
@@ -145,26 +192,31 @@ def copy_into(ckpt: Checkpoint, entries, offsets, read) -> None:
     for shard, indices in by_shard.items():
         try:
             fd = os.open(shard, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise CheckpointChangedError(f"checkpoint shard {shard} cannot be opened any more: {e}") from e
+        except FileNotFoundError as e:
+            raise CheckpointChangedError(f"checkpoint shard {shard} was removed after its header was read") from e
         try:
-            _unchanged(ckpt, shard, fd, "before its tensors were copied")
+            _unchanged(ckpt, shard, fd, "before its tensors were read")
             try:
                 read(fd, [(entries[i].offset, offsets[i], entries[i].nbytes) for i in indices])
-            except IoError:
-                _unchanged(ckpt, shard, fd, "while its tensors were copied")
-                raise
-            _unchanged(ckpt, shard, fd, "while its tensors were copied")
+            except IoError as e:
+                _unchanged(ckpt, shard, fd, "while its tensors were read")
+                raise error_for(e.status, f"checkpoint shard {shard}: {e.message}") from None
+            _unchanged(ckpt, shard, fd, "while its tensors were read")
         finally:
             os.close(fd)
 
 
 def _unchanged(ckpt: Checkpoint, shard: Path, fd: int, when: str) -> None:
-    now = _identity(os.fstat(fd))
-    was = ckpt.identity[shard]
-    if now != was:
-        what = "replaced by another file" if now[:2] != was[:2] else f"written to ({was[2]} bytes then, {now[2]} now)"
-        raise CheckpointChangedError(
-            f"checkpoint shard {shard} was {what} {when}, after its header was read: "
-            "nothing was sealed; seal it again once it is written"
-        )
+    was, now = ckpt.identity[shard], _identity(os.fstat(fd))
+    if now == was:
+        return
+    if now[:2] != was[:2]:
+        what = "replaced by another file"
+    elif now[2] != was[2]:
+        what = f"written to ({was[2]} bytes when its header was read, {now[2]} now)"
+    else:
+        what = "changed (its modification or change time moved: written to in place, or its attributes changed)"
+    raise CheckpointChangedError(
+        f"checkpoint shard {shard} was {what} {when}, after its header was read: "
+        "nothing was sealed; seal it again once it is written"
+    )

@@ -81,7 +81,8 @@ class UnsupportedDtypeError(RzcError, TypeError):
 
 
 class IoError(RzcError, OSError):
-    """A file could not be opened or mapped."""
+    """A file could not be opened, mapped or read (it is shorter than its
+    header says)."""
 
 
 #: The name this class had before it followed the status names.

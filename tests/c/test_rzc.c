@@ -346,7 +346,7 @@ static void test_pack(void) {
     CHECK(rzc_pack_plan_write_layout(plan, again, total) == RZC_OK);
     CHECK(rzc_pack_sealer_new(again, total, &sealer) == RZC_OK);
     CHECK(rzc_pack_sealer_read(sealer, fd, reads, 2, 0) == RZC_IO);
-    CHECK(strstr(rzc_last_error_message(), "ends at byte") != NULL);
+    CHECK(strstr(rzc_last_error_message(), "bytes long") != NULL);
     CHECK(rzc_pack_sealer_copy(sealer, copies, 1, 0) == RZC_INVALID_ARGUMENT);
     CHECK(rzc_pack_sealer_finish(sealer, &streamed) == RZC_INVALID_ARGUMENT);
     CHECK(strstr(rzc_last_error_message(), "cannot be sealed") != NULL);

@@ -398,7 +398,7 @@ static void test_sealer_copy(void) {
   run_threads(THREADS, copy_tensors, args);
   /* Every tensor is taken: another copy of one is refused. */
   CHECK(rzc_pack_sealer_copy(sealer, x[0].copies, 1, 0) == RZC_INVALID_ARGUMENT);
-  CHECK(strstr(rzc_last_error_message(), "copied already") != NULL);
+  CHECK(strstr(rzc_last_error_message(), "filled already") != NULL);
   CHECK(rzc_pack_sealer_finish(sealer, &copied) == RZC_OK);
   CHECK(memcmp(copied.bytes, sealed.bytes, 32) == 0 && memcmp(dst, whole, len) == 0);
   rzc_pack_sealer_free(sealer);

@@ -452,10 +452,10 @@ def test_sealing_a_checkpoint_counts_every_tensor_on_its_progress_bar(tmp_path, 
 def test_a_checkpoint_written_while_it_is_sealed_is_refused_not_sealed_wrong(tmp_path, monkeypatch):
     """A training job may save its next checkpoint over the one being
     sealed. Whether the shard is rewritten in place (at another size, or at
-    the same size), replaced by a new file, or cut short while its tensors
-    are read, sealing stops with an error naming the shard: it never copies
-    tensors by the offsets of a header the file no longer has, and never
-    dies of SIGBUS on a shrunk mapping."""
+    the same size), replaced by a new file, removed, or cut short or
+    rewritten while its tensors are read, sealing stops with an error
+    naming the shard: it never copies tensors by the offsets of a header
+    the file no longer has, and never dies of SIGBUS on a shrunk mapping."""
     import os
     import time
 
@@ -468,46 +468,97 @@ def test_a_checkpoint_written_while_it_is_sealed_is_refused_not_sealed_wrong(tmp
     # The same names in another order, so the same offsets hold other bytes.
     same_size = {"b": torch.full((3000,), 5.0), "a": torch.arange(1000.0) * 3}
     bigger = {**same_size, "c": torch.ones(10)}
+    shard = f"shard {path} was"
 
-    def save(tensors, where=path):
-        save_file(tensors, str(where))
+    def stamp(st):
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
-    def rewritten_in_place(tensors):
-        save(first)
-        packing = _seal.pack_checkpoint(path, _seal.TORCH)
-        time.sleep(0.05)  # past the file system's timestamp granularity
-        ino = os.stat(path).st_ino
-        path.write_bytes(save_bytes(tensors))  # in place: save_file would replace the file
-        assert os.stat(path).st_ino == ino
-        return packing
+    def rewrite_in_place(tensors):
+        """Writes ``tensors`` into the same file (save_file would replace
+        it), again until its times move: on a file system whose timestamps
+        are coarse, a rewrite within the same tick changes nothing visible."""
+        before, deadline = os.stat(path), time.monotonic() + 10
+        while True:
+            path.write_bytes(save_bytes(tensors))
+            now = os.stat(path)
+            assert now.st_ino == before.st_ino
+            if stamp(now) != stamp(before):
+                return
+            if time.monotonic() > deadline:
+                pytest.skip("this file system's timestamps did not move in 10 s")
+            time.sleep(0.01)
 
-    for tensors in (bigger, same_size):
-        packing = rewritten_in_place(tensors)
-        with pytest.raises(CheckpointChangedError, match=f"shard {path} was written to .* before its tensors"):
-            packing.to_array()
+    def packed():
+        save_file(first, str(path))
+        return _seal.pack_checkpoint(path, _seal.TORCH)
 
-    save(first)
-    packing = _seal.pack_checkpoint(path, _seal.TORCH)
-    save(same_size)  # save_file writes a new file in the old one's place
-    with pytest.raises(CheckpointChangedError, match="replaced by another file"):
+    packing = packed()
+    rewrite_in_place(bigger)
+    grew = rf"{shard} written to \(\d+ bytes when its header was read, \d+ now\) before"
+    with pytest.raises(CheckpointChangedError, match=grew):
+        packing.to_array()
+    packing = packed()
+    rewrite_in_place(same_size)
+    touched = rf"{shard} changed \(its modification or change time moved.* before"
+    with pytest.raises(CheckpointChangedError, match=touched):
+        packing.to_array()
+    packing = packed()
+    save_file(same_size, str(path))  # save_file writes a new file in the old one's place
+    with pytest.raises(CheckpointChangedError, match=f"{shard} replaced by another file before"):
+        packing.to_array()
+    packing = packed()
+    os.remove(path)
+    with pytest.raises(CheckpointChangedError, match=f"{shard} removed after its header was read"):
         packing.to_array()
 
-    save(first)
-    packing = _seal.pack_checkpoint(path, _seal.TORCH)
+    # While its tensors are read: cut short (the read fails), or rewritten
+    # at the same size once they are read (the read succeeds, with bytes
+    # the header read did not describe).
     read = _seal._Progress.read
 
     def read_while_it_shrinks(progress, fd, reads):
         os.truncate(path, 200)
         read(progress, fd, reads)
 
+    def read_then_rewrite(progress, fd, reads):
+        read(progress, fd, reads)
+        rewrite_in_place(same_size)
+
+    packing = packed()
     monkeypatch.setattr(_seal._Progress, "read", read_while_it_shrinks)
-    with pytest.raises(CheckpointChangedError, match=r"written to \(\d+ bytes then, 200 now\) while its tensors") as e:
+    shrunk = rf"{shard} written to \(\d+ bytes when its header was read, 200 now\) while"
+    with pytest.raises(CheckpointChangedError, match=shrunk) as e:
         packing.to_array()
-    assert isinstance(e.value.__context__, IoError) and "ends at byte" in str(e.value.__context__)
+    assert isinstance(e.value.__context__, IoError) and "is 200 bytes long" in str(e.value.__context__)
+    packing = packed()
+    monkeypatch.setattr(_seal._Progress, "read", read_then_rewrite)
+    with pytest.raises(CheckpointChangedError, match=f"{shard} changed .* while its tensors were read"):
+        packing.to_array()
 
     monkeypatch.undo()
-    save(first)
-    _, buf = _seal.pack_checkpoint(path, _seal.TORCH).to_array()
+    _, buf = packed().to_array()
     got = {k: v for k, v in load(buf.tobytes()).items() if not k.startswith("__")}
     want = load_file(str(path))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_shard_is_never_mapped_so_a_header_cut_short_is_an_error(tmp_path):
+    """Reading a checkpoint's headers maps nothing: a shard whose header
+    claims more bytes than the file has, or that ends inside its length
+    field, is refused with the native parser's message and the shard's
+    name."""
+    from ray_zerocopy import BadFormatError, _checkpoint
+    from safetensors.torch import save as save_bytes
+
+    whole = save_bytes({"a": torch.arange(10.0)})
+    for name, data, message in (
+        ("cut.safetensors", whole[:20], "header length .* runs past the end"),
+        ("tiny.safetensors", whole[:5], "buffer is 5 bytes"),
+        ("empty.safetensors", b"", "buffer is 0 bytes"),
+    ):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BadFormatError, match=f"checkpoint file {tmp_path / name}: {message}"):
+            _checkpoint.read(tmp_path / name)
+    (tmp_path / "ok.safetensors").write_bytes(whole)
+    ckpt = _checkpoint.read(tmp_path / "ok.safetensors")
+    assert [(e.name, e.shape, e.nbytes) for e in ckpt.entries] == [("a", (10,), 40)]

@@ -481,7 +481,7 @@ def test_a_refused_copy_names_the_problem_and_copies_nothing():
         bad = {
             "no tensor's data starts at offset": [copies[0], (src, at + 1, n)],
             f"is {n} bytes, not {n - 1}": [copies[0], (src, at, n - 1)],
-            "copied twice": [copies[0], copies[1], copies[1]],
+            "named twice": [copies[0], copies[1], copies[1]],
             "overlaps the sealer's buffer": [copies[0], (dst.ctypes.data + 10, at, n)],
         }
         for message, group in bad.items():
@@ -489,7 +489,7 @@ def test_a_refused_copy_names_the_problem_and_copies_nothing():
                 sealer.copy(group)
         assert not dst[copies[0][1] : copies[0][1] + copies[0][2]].any(), "a refused call copied nothing"
         sealer.copy(copies[:2])
-        with pytest.raises(rzc.InvalidArgumentError, match="copied already"):
+        with pytest.raises(rzc.InvalidArgumentError, match=r"copies\[1\]: the tensor at offset \d+ is filled already"):
             sealer.copy([copies[4], copies[1]])
         dst[copies[2][1] : copies[2][1] + 3] = data[2]
         sealer.advance(plan.offset(3))
@@ -538,9 +538,10 @@ def test_tensors_read_from_a_file_by_the_sealer_give_the_digest_of_every_byte(tm
 
 def test_a_file_that_ends_inside_a_tensor_is_an_error_and_the_buffer_is_never_sealed(tmp_path):
     """A file shorter than the tensors read from it (cut short while it is
-    read, say) raises an error naming where it ended, never a SIGBUS and
-    never a tensor half read; the sealer then refuses to go on and to
-    finish, since its buffer is not whole. A bad descriptor is an error too."""
+    read, say) raises an error naming the entry and the file's size, never
+    a SIGBUS and never a tensor half read; the sealer then refuses to go on
+    and to finish, since its buffer is not whole. Also on several threads,
+    with many blocks in flight, and for a bad descriptor."""
     import os
 
     from ray_zerocopy.packing import Sealer
@@ -558,15 +559,38 @@ def test_a_file_that_ends_inside_a_tensor_is_an_error_and_the_buffer_is_never_se
                 sealer.read(-1, [(0, copies[1][1], copies[1][2])])
             with pytest.raises(rzc.InvalidArgumentError, match="past any file's end"):
                 sealer.read(fd, [(2**63, copies[1][1], copies[1][2])])
-            with pytest.raises(rzc.IoError, match="ends at byte 1000000"):
+            with pytest.raises(rzc.InvalidArgumentError, match=r"reads: the tensor at offset \d+ is named twice"):
+                sealer.read(fd, [(0, copies[1][1], copies[1][2])] * 2)
+            short = r"reads\[0\] \(1500000 bytes from offset 0 of fd \d+\): the file is 1000000 bytes long"
+            with pytest.raises(rzc.IoError, match=short):
                 sealer.read(fd, [(0, copies[1][1], copies[1][2])], threads=2)
-            with pytest.raises(rzc.InvalidArgumentError, match="cannot be sealed: .*ends at byte 1000000"):
+            with pytest.raises(rzc.InvalidArgumentError, match="cannot be sealed: .*is 1000000 bytes long"):
                 sealer.copy([copies[0]])
             with pytest.raises(rzc.InvalidArgumentError, match="cannot be sealed"):
                 sealer.finish()
         with Sealer(dst) as sealer:
             with pytest.raises(rzc.IoError, match="Bad file descriptor"):
                 sealer.read(fd + 1000, [(0, copies[0][1], copies[0][2])])
+    finally:
+        os.close(fd)
+
+    # 48 MiB on several threads, the file ending a third of the way in:
+    # whichever block fails first, the message gives the file's size, the
+    # workers stop, and the blocks past the end are never hashed.
+    plan, data = _multi_block_plan((48 << 20, 3))
+    copies, _, _ = _copies_and_expected(plan, data)
+    path.write_bytes(data[0].tobytes()[: 16 << 20])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(5):
+            dst = np.zeros(plan.nbytes, np.uint8)
+            plan.write_layout(dst)
+            with Sealer(dst) as sealer:
+                with pytest.raises(rzc.IoError, match=f"reads\\[0\\] .*: the file is {16 << 20} bytes long"):
+                    sealer.read(fd, [(0, copies[0][1], copies[0][2])], threads=4)
+                sealer.advance(plan.nbytes)  # declaring it final changes nothing
+                with pytest.raises(rzc.InvalidArgumentError, match="cannot be sealed"):
+                    sealer.finish()
     finally:
         os.close(fd)
 

@@ -24,6 +24,7 @@
 //! The threads read and write memory the caller owns through a raw pointer,
 //! only as the contracts below allow, and only until `finish` or `free`.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -77,7 +78,7 @@ enum Source {
     /// The caller's memory: a piece's `src` is an address.
     Memory,
     /// An open file: a piece's `src` is an offset in it.
-    File(std::os::fd::RawFd),
+    File(RawFd),
 }
 
 /// One tensor to fill, as `rzc_pack_copy` or `rzc_pack_read` name it.
@@ -124,9 +125,10 @@ struct State {
 }
 
 // SAFETY: `region` is the caller's buffer, which outlives the sealer (the
-// contract of `rzc_pack_sealer_new`). It is written only by `copy`, each
-// byte once and by one thread (a tensor is taken by one copy, each fragment
-// by one worker), and read only where final (see `State::is_final`).
+// contract of `rzc_pack_sealer_new`). It is written only by `copy` and
+// `read`, each byte once and by one thread (a tensor is taken by one call,
+// each fragment by one worker), and read only where final (see
+// `State::is_final`; a fragment whose read failed never becomes final).
 unsafe impl Send for State {}
 // SAFETY: as above; every other field is atomic or locked.
 unsafe impl Sync for State {}
@@ -209,9 +211,14 @@ impl State {
     }
 
     /// Checks `pieces` (the caller's `what`) against the layout and takes
-    /// their tensors: nothing is taken when one is refused. Gives each
-    /// tensor's index and source.
-    fn take(&self, what: &str, pieces: &[Piece], source: Source) -> FfiResult<Vec<(usize, u64)>> {
+    /// their tensors: nothing is taken when one is refused. Gives, for each
+    /// piece with bytes, its index in `pieces`, its tensor's and its source.
+    fn take(
+        &self,
+        what: &str,
+        pieces: &[Piece],
+        source: Source,
+    ) -> FfiResult<Vec<(usize, usize, u64)>> {
         let (lo, hi) = (
             self.region.ptr as usize,
             self.region.ptr as usize + self.region.len,
@@ -253,13 +260,13 @@ impl State {
                     }
                 }
             }
-            found.push((t, c.src));
+            found.push((i, t, c.src));
         }
-        let mut seen: Vec<usize> = found.iter().map(|&(t, _)| t).collect();
+        let mut seen: Vec<usize> = found.iter().map(|&(_, t, _)| t).collect();
         seen.sort_unstable();
         if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
             return Err(invalid(format!(
-                "the tensor at offset {} is copied twice",
+                "{what}: the tensor at offset {} is named twice",
                 self.tensors[w[0]].0
             )));
         }
@@ -268,29 +275,25 @@ impl State {
         // from being hashed before this copy has written them.
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let upto = self.upto.load(Ordering::Acquire);
-        if let Some(&(t, _)) = found.iter().find(|&&(t, _)| self.tensors[t].0 < upto) {
-            let i = pieces
-                .iter()
-                .position(|c| c.dst_offset == self.tensors[t].0 as u64)
-                .unwrap_or(0);
+        if let Some(&(i, t, _)) = found.iter().find(|&&(_, t, _)| self.tensors[t].0 < upto) {
             return Err(invalid(format!(
                 "{what}[{i}]: the tensor at offset {} lies below the bytes declared final ({upto})",
                 self.tensors[t].0
             )));
         }
-        for (j, &(t, _)) in found.iter().enumerate() {
+        for (j, &(i, t, _)) in found.iter().enumerate() {
             if self.copied[t].swap(true, Ordering::AcqRel) {
-                for &(u, _) in &found[..j] {
+                for &(_, u, _) in &found[..j] {
                     self.copied[u].store(false, Ordering::Release);
                 }
                 return Err(invalid(format!(
-                    "the tensor at offset {} is copied already",
+                    "{what}[{i}]: the tensor at offset {} is filled already",
                     self.tensors[t].0
                 )));
             }
         }
         if !self.inflight.is_empty() {
-            for &(t, _) in &found {
+            for &(_, t, _) in &found {
                 let (at, n) = self.tensors[t];
                 self.per_block(at, n, |k, bytes| {
                     self.inflight[k].fetch_add(bytes, Ordering::Relaxed);
@@ -318,31 +321,37 @@ impl State {
     ) -> FfiResult<()> {
         self.usable()?;
         let taken = self.take(what, pieces, source)?;
-        // Fragments that do not cross a block boundary, in buffer order, so
-        // that blocks complete (and are hashed) early and in order. Memory
-        // sources as addresses: the workers read them only during this call.
-        let mut work: Vec<(usize, u64, usize)> = Vec::new();
-        for &(t, src) in &taken {
+        // Fragments `(at, src, n, piece)` that do not cross a block
+        // boundary, in buffer order, so that blocks complete (and are
+        // hashed) early and in order. Memory sources as addresses: the
+        // workers read them only during this call.
+        let mut work: Vec<(usize, u64, usize, usize)> = Vec::new();
+        for &(i, t, src) in &taken {
             let (at, n) = self.tensors[t];
             if self.pending.is_empty() {
-                work.push((at, src, n));
+                work.push((at, src, n, i));
             } else {
                 let mut here = at;
                 self.per_block(at, n, |_, step| {
-                    work.push((here, src + (here - at) as u64, step));
+                    work.push((here, src + (here - at) as u64, step, i));
                     here += step;
                 });
             }
         }
-        work.sort_unstable_by_key(|&(at, _, _)| at);
-        let total: usize = work.iter().map(|&(_, _, n)| n).sum();
+        work.sort_unstable_by_key(|&(at, ..)| at);
+        let total: usize = work.iter().map(|&(_, _, n, _)| n).sum();
         let threads = if threads == 0 { cores() } else { threads }
             .min(work.len())
             .min(total / PARALLEL_MIN + 1);
-        let (state, next) = (self.clone(), AtomicUsize::new(0));
+        // Whose failure `failed` records, if any: this call's, or another's
+        // running at the same time.
+        let ours = Arc::new(AtomicBool::new(false));
+        let (state, next, failed_here) = (self.clone(), AtomicUsize::new(0), ours.clone());
+        let what = what.to_owned();
+        let pieces: Vec<(u64, u64)> = pieces.iter().map(|p| (p.src, p.nbytes)).collect();
         fan_out(threads, move || loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(at, src, n)) = work.get(i) else {
+            let w = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(at, src, n, i)) = work.get(w) else {
                 return;
             };
             if state.failed.get().is_some() {
@@ -350,19 +359,26 @@ impl State {
             }
             // SAFETY: `[at, at + n)` is part of a tensor this call took: no
             // one else writes it, and nobody reads it before it is final.
-            let dst = unsafe { std::slice::from_raw_parts_mut(state.region.ptr.add(at), n) };
+            let dst = unsafe { state.region.ptr.add(at) };
             match source {
                 // SAFETY: the source is the caller's `n` readable bytes
                 // outside the buffer, valid until this call returns, which
                 // `fan_out` joins.
                 Source::Memory => unsafe {
-                    std::ptr::copy_nonoverlapping(src as usize as *const u8, dst.as_mut_ptr(), n)
+                    std::ptr::copy_nonoverlapping(src as usize as *const u8, dst, n)
                 },
                 Source::File(fd) => {
-                    if let Err(why) = read_at(fd, dst, src) {
+                    // SAFETY: as above, `n` writable bytes at `dst`.
+                    if let Err(why) = unsafe { read_at(fd, dst, n, src) } {
+                        let (start, nbytes) = pieces[i];
+                        let why = format!(
+                            "{what}[{i}] ({nbytes} bytes from offset {start} of fd {fd}): {why}"
+                        );
                         // The block stays pending: never hashed, and the
-                        // sealer refuses to finish.
-                        let _ = state.failed.set(why);
+                        // sealer refuses to go on or to finish.
+                        if state.failed.set(why).is_ok() {
+                            failed_here.store(true, Ordering::Release);
+                        }
                         return;
                     }
                 }
@@ -377,8 +393,9 @@ impl State {
             }
         });
         match self.failed.get() {
-            Some(why) => Err(Failure::new(RZC_IO, why.clone())),
             None => Ok(()),
+            Some(why) if ours.load(Ordering::Acquire) => Err(Failure::new(RZC_IO, why.clone())),
+            Some(_) => self.usable(),
         }
     }
 
@@ -393,30 +410,45 @@ impl State {
     }
 }
 
-/// Reads `dst.len()` bytes at offset `at` of the open file `fd` into `dst`,
-/// or says why it cannot: a file that ends first (shorter than its header
-/// says, or truncated while it is read) is an error, not a short tensor.
-fn read_at(fd: std::os::fd::RawFd, dst: &mut [u8], at: u64) -> Result<(), String> {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::fs::FileExt;
-    // Borrowed, never closed: the caller owns the descriptor.
-    // SAFETY: `File` only reads through it here; an fd that is not open
-    // makes pread(2) fail with EBADF, which is reported.
-    let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+/// Reads `n` bytes at offset `at` of the open file `fd` into `dst` with
+/// pread(2), or says why it cannot: a file that ends first (shorter than its
+/// header says, or cut short while it is read) is an error that gives the
+/// file's size, not a short tensor.
+///
+/// # Safety
+/// `dst` is valid for `n` writes that no one else makes or reads meanwhile.
+unsafe fn read_at(fd: RawFd, dst: *mut u8, n: usize, at: u64) -> Result<(), String> {
     let mut done = 0;
-    while done < dst.len() {
-        match file.read_at(&mut dst[done..], at + done as u64) {
-            Ok(0) => {
+    while done < n {
+        let pos = at + done as u64;
+        // pread takes a signed offset: `take` kept `at + n` within i64.
+        // SAFETY: `n - done` writable bytes at `dst + done` (the contract);
+        // the kernel checks the descriptor.
+        let got = unsafe { libc::pread(fd, dst.add(done).cast(), n - done, pos as libc::off_t) };
+        match got {
+            0 => {
+                // SAFETY: a plain C struct, all zeros a valid value.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: fstat writes into the struct it is given; the
+                // kernel checks the descriptor.
+                let listed = unsafe { libc::fstat(fd, &mut st) } == 0;
+                let size = if listed {
+                    format!("is {} bytes long", st.st_size)
+                } else {
+                    format!("ended at byte {pos}")
+                };
                 return Err(format!(
-                    "the file (fd {fd}) ends at byte {}, inside the {} bytes to read from offset {at}: \
-                     it is shorter than its header says, or was truncated while it was read",
-                    at + done as u64,
-                    dst.len()
-                ))
+                    "the file {size}: it is shorter than its header says, or was cut short \
+                     while it was read"
+                ));
             }
-            Ok(k) => done += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("reading the file (fd {fd}) at offset {}: {e}", at + done as u64)),
+            k if k > 0 => done += k as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(format!("cannot read it at offset {pos}: {e}"));
+                }
+            }
         }
     }
     Ok(())
@@ -640,7 +672,7 @@ fn state_of(bytes: &[u8], region: Region) -> FfiResult<State> {
 /// (`rzc_pack_plan_write_layout`: the header, and the padding between and
 /// around the tensors, neither of which may change afterwards), with a
 /// thread of its own. Then fill in the tensors' data, with
-/// `rzc_pack_sealer_copy`, or by writing it and calling
+/// `rzc_pack_sealer_copy` or `rzc_pack_sealer_read`, or by writing it and calling
 /// `rzc_pack_sealer_advance` as it becomes final, and call
 /// `rzc_pack_sealer_finish`.
 ///
@@ -720,14 +752,17 @@ pub unsafe extern "C" fn rzc_pack_sealer_copy(
 /// each tensor named by its offset and size in the buffer's layout and read
 /// once, nothing read when one entry is refused. Reading, not mapping, the
 /// file means that a file cut short while it is read is an error
-/// (`RZC_IO`, naming the offset where it ended) instead of a SIGBUS; the
-/// sealer then refuses to go on or to finish, since its buffer is not whole.
+/// (`RZC_IO`, naming the entry and the file's size) instead of a SIGBUS;
+/// the sealer then refuses to go on or to finish, since its buffer is not
+/// whole (another fill running at that moment is refused as well).
 /// Whether the file's bytes are still those its header was read from is the
-/// caller's to check (its size and times, before and after).
+/// caller's to check (its identity, size and times, before and after).
 ///
 /// # Safety
 /// `sealer` is a live sealer; `reads` points to `reads_len` entries (NULL
-/// only when 0). `fd` is only read from, and is not closed.
+/// only when 0). `fd` is open for reading and names the same file for the
+/// whole call (no other thread closes it meanwhile); it is only read from
+/// (pread: its file offset does not move), and not closed.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_sealer_read(
     sealer: *const rzc_pack_sealer,
@@ -750,7 +785,8 @@ pub unsafe extern "C" fn rzc_pack_sealer_read(
 ///
 /// # Safety
 /// `sealer` is a live sealer; nothing else uses its buffer meanwhile (every
-/// `rzc_pack_sealer_advance` and `rzc_pack_sealer_copy` has returned);
+/// `rzc_pack_sealer_advance`, `rzc_pack_sealer_copy` and
+/// `rzc_pack_sealer_read` has returned);
 /// `out` is valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_sealer_finish(
