@@ -355,6 +355,7 @@ struct fc_state {
     int phys_of[MAXDEV]; /* ordinal -> physical index */
     size_t mem;          /* bytes per device */
     unsigned long delay_us;
+    const char *gate;    /* FAKECUDA_COPY_GATE: copies to device d wait for "<gate>.<d>" */
     int no_ro_register, no_vmm;
     int log_fd;
     size_t page;

@@ -161,6 +161,8 @@ __attribute__((constructor)) static void fc_load(void) {
     G.nphys = (int)env_long("FAKECUDA_DEVICES", 1, 0, MAXDEV);
     G.mem = (size_t)env_long("FAKECUDA_MEM_MB", 4096, 1, 1 << 20) << 20;
     G.delay_us = (unsigned long)env_long("FAKECUDA_COPY_DELAY_US", 0, 0, 60L * 1000 * 1000);
+    G.gate = getenv("FAKECUDA_COPY_GATE");
+    if (G.gate && !*G.gate) G.gate = NULL;
     G.no_ro_register = env_long("FAKECUDA_NO_READONLY_REGISTER", 0, 0, 1) == 1;
     G.no_vmm = env_long("FAKECUDA_NO_VMM", 0, 0, 1) == 1;
     parse_visible();

@@ -78,11 +78,28 @@ static void enqueue(struct fc_stream *s, op_t *op) {
     pthread_cond_signal(&G.work_cv);
 }
 
-static struct fc_stream *pick_runnable(void) {
+/* Whether a copy to device `dev` must wait: FAKECUDA_COPY_GATE is set and
+ * "<gate>.<dev>" does not exist yet. Lets a test hold one device's copies
+ * until it has seen what it waits for, with no timing involved. */
+static int gate_closed(int dev) {
+    if (!G.gate) return 0;
+    char path[4096];
+    int n = snprintf(path, sizeof path, "%s.%d", G.gate, dev);
+    return n > 0 && (size_t)n < sizeof path && access(path, F_OK) != 0;
+}
+
+/* Under the lock: a stream whose head op may run now, round robin; `*gated`
+ * is set when a stream waits only for its gate. */
+static struct fc_stream *pick_runnable(int *gated) {
     size_t n = G.streams.n;
+    *gated = 0;
     for (size_t k = 0; k < n; k++) {
         struct fc_stream *s = G.streams.v[(G.rr + k) % n];
         if (s->head && !s->busy) {
+            if (s->head->kind == OP_HTOD && gate_closed(s->ctx->dev)) {
+                *gated = 1;
+                continue;
+            }
             G.rr = (G.rr + k + 1) % n;
             return s;
         }
@@ -129,7 +146,20 @@ static void *worker_main(void *arg) {
     (void)arg;
     lock();
     for (;;) {
-        struct fc_stream *s = pick_runnable();
+        int gated;
+        struct fc_stream *s = pick_runnable(&gated);
+        if (!s && gated) {
+            /* Nothing signals a gate's file appearing: look again soon. */
+            struct timespec at;
+            clock_gettime(CLOCK_REALTIME, &at);
+            at.tv_nsec += 1000000;
+            if (at.tv_nsec >= 1000000000) {
+                at.tv_sec++;
+                at.tv_nsec -= 1000000000;
+            }
+            pthread_cond_timedwait(&G.work_cv, &G.mu, &at);
+            continue;
+        }
         if (!s) {
             pthread_cond_wait(&G.work_cv, &G.mu);
             continue;
@@ -389,10 +419,12 @@ EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n,
             r = CUDA_ERROR_INVALID_VALUE;
         }
     }
-    if (r)
+    if (r) {
         op_free(op);
-    else
+    } else {
+        log_event("copy", n, s->ctx->dev);
         enqueue(s, op);
+    }
 out:
     unlock();
     return r;

@@ -200,47 +200,89 @@ fn two_uploads_of_one_buffer_at_once() {
 #[test]
 #[ignore = "needs the stand-in CUDA driver: make fakecuda, then LD_LIBRARY_PATH=$PWD/build/fakecuda cargo test -p rzc-cuda -- --include-ignored"]
 fn uploads_in_other_modes_and_chunks_while_one_registers() {
-    // A registered upload of one buffer (one chunk: the whole buffer), and
-    // while its copies are under way, a pageable upload and a registered one
-    // with other chunk bounds, to the other GPU. A pageable copy from pages
-    // page-locked meanwhile is a late copy that reads them when it runs:
-    // were they unregistered when the first upload finished, it would fault
+    // A registered upload of one buffer (one chunk: the whole buffer) to
+    // one GPU, and while it holds its registration, a pageable upload and a
+    // registered one with other chunk bounds to the other GPU, whose copies
+    // then run after the first upload has finished. A copy from pages
+    // page-locked meanwhile reads them when it runs: were they unregistered
+    // when the first upload finished, it would fault
     // (CUDA_ERROR_ILLEGAL_ADDRESS); and pages registered with other bounds
-    // are no reason to fail.
+    // are no reason to register again. The order is forced, not timed: the
+    // stand-in holds each GPU's copies until the test opens its gate, and
+    // its log shows what has happened.
     let body = || {
         let w = sample(1, 40000);
-        let cases = [
-            (Staging::Register, 1 << 20, 0, 0),
-            (Staging::Pageable, 1 << 20, 1, 5),
-            (Staging::Register, 16384, 1, 5),
-        ];
-        std::thread::scope(|s| {
-            let runs: Vec<_> = cases
+        let gate = std::env::var("FAKECUDA_COPY_GATE").expect("the gate's prefix");
+        let log = std::env::var("FAKECUDA_LOG").expect("the driver log");
+        let open = |dev: u32| std::fs::write(format!("{gate}.{dev}"), b"").expect("open a gate");
+        // Until `seen(lines)` holds for the driver log's lines (a minute at most).
+        let wait_for = |what: &str, seen: &dyn Fn(&[&str]) -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if seen(&text.lines().collect::<Vec<_>>()) {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never saw {what}:\n{text}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        let copies_to = |lines: &[&str], dev: u32, pick: &dyn Fn(u64) -> bool| {
+            lines
                 .iter()
-                .map(|&(staging, chunk, ordinal, after_ms)| {
-                    let w = &w;
-                    s.spawn(move || {
-                        std::thread::sleep(std::time::Duration::from_millis(after_ms));
-                        let dev = upload(w, ordinal, &options(staging, chunk))
-                            .map_err(|e| format!("{staging:?}, chunks of {chunk}: {e}"))?;
-                        assert_eq!(dev.staging(), Some(staging));
-                        Ok::<bool, String>(equal(w, &dev))
-                    })
+                .filter(|l| {
+                    l.contains("\"op\": \"copy\"") && l.ends_with(&format!("\"dev\": {dev}}}"))
                 })
-                .collect();
-            let got: Vec<_> = runs
-                .into_iter()
-                .map(|r| r.join().expect("no panic"))
-                .collect();
+                .filter_map(|l| {
+                    l.split("\"bytes\": ")
+                        .nth(1)?
+                        .split(',')
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .any(|b: u64| pick(b))
+        };
+        let run = |staging: Staging, chunk: usize, ordinal: i32| {
+            let dev = upload(&w, ordinal, &options(staging, chunk))
+                .map_err(|e| format!("{staging:?}, chunks of {chunk}: {e}"))?;
+            assert_eq!(dev.staging(), Some(staging));
+            Ok::<bool, String>(equal(&w, &dev))
+        };
+        std::thread::scope(|s| {
+            let first = s.spawn(|| run(Staging::Register, 1 << 20, 0));
+            wait_for("the first upload's registration and copy", &|l| {
+                l.iter().any(|l| l.contains("\"op\": \"register\"")) && copies_to(l, 0, &|_| true)
+            });
+            let pageable = s.spawn(|| run(Staging::Pageable, 1 << 20, 1));
+            let chunked = s.spawn(|| run(Staging::Register, 16384, 1));
+            // Both have issued copies (so hold the first's registration).
+            wait_for("both other uploads' copies", &|l| {
+                copies_to(l, 1, &|b| b <= 16384) && copies_to(l, 1, &|b| b > 16384)
+            });
+            open(0);
+            let first = first.join().expect("no panic");
+            open(1);
+            let got = [
+                first,
+                pageable.join().expect("no panic"),
+                chunked.join().expect("no panic"),
+            ];
             assert!(got.iter().all(|r| r == &Ok(true)), "{got:?}");
         });
     };
-    let env = [
-        ("FAKECUDA_COPY_DELAY_US", "20000"),
-        ("FAKECUDA_DEVICES", "2"),
-    ];
+    let gate = std::env::temp_dir().join(format!("rzc-cuda-gate-{}", std::process::id()));
+    let gate = gate.to_str().expect("a UTF-8 temporary directory");
+    let env = [("FAKECUDA_COPY_GATE", gate), ("FAKECUDA_DEVICES", "2")];
     let name = "uploads_in_other_modes_and_chunks_while_one_registers";
-    if let Some(done) = child(name, &env, body) {
+    let done = child(name, &env, body);
+    for dev in 0..2 {
+        let _ = std::fs::remove_file(format!("{gate}.{dev}"));
+    }
+    if let Some(done) = done {
         let done = done.clean();
         assert_eq!(
             done.count("register"),
