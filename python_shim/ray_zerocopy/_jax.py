@@ -60,7 +60,7 @@ def _canonical_dtypes(weights) -> set:
     dtypes = weights.columns()[0]
     keep = set()
     for name in set(dtypes):
-        dt = _numpy.TO_NUMPY.get(name)
+        dt = _numpy.numpy_dtype(name)
         if dt is not None and jax.dtypes.canonicalize_dtype(dt) == dt:
             keep.add(name)
     return {i for i, name in enumerate(dtypes) if name in keep}

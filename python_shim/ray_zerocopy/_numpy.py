@@ -33,22 +33,41 @@ _NAMES = {
 }
 
 
-def _to_numpy_dtypes() -> dict:
+def _native_dtypes() -> dict:
     out = {}
     for np_name, st in _NAMES.items():
         try:
             out[st] = np.dtype(np_name)
         except TypeError:
-            try:
-                import ml_dtypes
-
-                out[st] = np.dtype(getattr(ml_dtypes, np_name))
-            except (ImportError, AttributeError):
-                pass
+            pass  # an extended float type: see numpy_dtype
     return out
 
 
-TO_NUMPY = _to_numpy_dtypes()
+#: safetensors dtype name -> numpy dtype, for the types numpy has; the
+#: extended float types are added by :func:`numpy_dtype` when first needed.
+TO_NUMPY = _native_dtypes()
+_extended_tried = False
+
+
+def numpy_dtype(st: str):
+    """The numpy dtype of safetensors dtype ``st``, or ``None``. The
+    extended float types (bfloat16, float8) come from ``ml_dtypes``,
+    imported the first time a buffer holds one, not before: its import
+    takes half a second on some machines (0.5 s with ml_dtypes 0.7.0 here),
+    which a load of float32 tensors in a fresh actor should not pay."""
+    global _extended_tried
+    dt = TO_NUMPY.get(st)
+    if dt is None and not _extended_tried:
+        _extended_tried = True
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        for np_name, name in _NAMES.items():
+            if name not in TO_NUMPY and hasattr(ml_dtypes, np_name):
+                TO_NUMPY[name] = np.dtype(getattr(ml_dtypes, np_name))
+        dt = TO_NUMPY.get(st)
+    return dt
 
 
 def accepts(obj) -> bool:
@@ -77,6 +96,8 @@ def adopt(weights: Weights, indices, fast: bool = False) -> list:
     out = []
     for i in indices:
         dt = to_numpy.get(dtypes[i])
+        if dt is None:
+            dt = numpy_dtype(dtypes[i])
         if dt is None:
             raise UnshareableTensorError(
                 f"tensor {weights.info(i).name!r} has dtype {dtypes[i]}; install ml_dtypes to read it with numpy"

@@ -595,6 +595,31 @@ def test_a_file_that_ends_inside_a_tensor_is_an_error_and_the_buffer_is_never_se
         os.close(fd)
 
 
+def test_a_numpy_load_imports_ml_dtypes_only_for_a_type_numpy_lacks(tmp_path):
+    """``ml_dtypes`` (bfloat16, float8 for numpy) takes half a second to
+    import on some machines: a fresh process loading float32 arrays must not
+    pay it; one loading bfloat16 arrays gets them through it."""
+    import subprocess
+
+    pytest.importorskip("ml_dtypes")
+    script = """
+import sys
+import numpy as np
+from ray_zerocopy import _load, _seal, Weights
+sealed, buf = _seal.seal({"a": np.arange(6, dtype=np.float32)})
+loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+assert loaded["a"].tolist() == list(range(6)) and "ml_dtypes" not in sys.modules, sorted(sys.modules)
+import ml_dtypes
+sealed, buf = _seal.seal({"b": np.arange(4).astype(ml_dtypes.bfloat16)})
+del sys.modules["ml_dtypes"]  # as if not imported yet: the load must import it
+loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+assert loaded["b"].dtype.name == "bfloat16" and loaded["b"].astype(np.float32).tolist() == [0, 1, 2, 3]
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 def test_every_leaf_keeps_its_shape_and_dtype_scalars_included():
     """0-d arrays (a temperature, a logit scale, a step counter) come back
     0-d, in every framework, with their dtype and value."""
