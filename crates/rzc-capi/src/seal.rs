@@ -321,19 +321,19 @@ impl State {
     ) -> FfiResult<()> {
         self.usable()?;
         let taken = self.take(what, pieces, source)?;
-        // Fragments `(at, src, n, piece)` that do not cross a block
-        // boundary, in buffer order, so that blocks complete (and are
+        // Fragments `(at, src, n, j)` of `taken[j]` that do not cross a
+        // block boundary, in buffer order, so that blocks complete (and are
         // hashed) early and in order. Memory sources as addresses: the
         // workers read them only during this call.
         let mut work: Vec<(usize, u64, usize, usize)> = Vec::new();
-        for &(i, t, src) in &taken {
+        for (j, &(_, t, src)) in taken.iter().enumerate() {
             let (at, n) = self.tensors[t];
             if self.pending.is_empty() {
-                work.push((at, src, n, i));
+                work.push((at, src, n, j));
             } else {
                 let mut here = at;
                 self.per_block(at, n, |_, step| {
-                    work.push((here, src + (here - at) as u64, step, i));
+                    work.push((here, src + (here - at) as u64, step, j));
                     here += step;
                 });
             }
@@ -348,10 +348,9 @@ impl State {
         let ours = Arc::new(AtomicBool::new(false));
         let (state, next, failed_here) = (self.clone(), AtomicUsize::new(0), ours.clone());
         let what = what.to_owned();
-        let pieces: Vec<(u64, u64)> = pieces.iter().map(|p| (p.src, p.nbytes)).collect();
         fan_out(threads, move || loop {
             let w = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(at, src, n, i)) = work.get(w) else {
+            let Some(&(at, src, n, j)) = work.get(w) else {
                 return;
             };
             if state.failed.get().is_some() {
@@ -370,7 +369,8 @@ impl State {
                 Source::File(fd) => {
                     // SAFETY: as above, `n` writable bytes at `dst`.
                     if let Err(why) = unsafe { read_at(fd, dst, n, src) } {
-                        let (start, nbytes) = pieces[i];
+                        let (i, t, start) = taken[j];
+                        let nbytes = state.tensors[t].1;
                         let why = format!(
                             "{what}[{i}] ({nbytes} bytes from offset {start} of fd {fd}): {why}"
                         );
@@ -527,12 +527,7 @@ impl Sealer {
     }
 
     /// See `rzc_pack_sealer_read`.
-    pub fn read(
-        &self,
-        fd: std::os::fd::RawFd,
-        reads: &[rzc_pack_read],
-        threads: usize,
-    ) -> FfiResult<()> {
+    pub fn read(&self, fd: RawFd, reads: &[rzc_pack_read], threads: usize) -> FfiResult<()> {
         if fd < 0 {
             return Err(invalid(format!("fd {fd} is not a file descriptor")));
         }
