@@ -302,7 +302,8 @@ def _set_module_state(obj, state) -> None:
     complete ``__dict__``, so ``Module.__setstate__`` would add nothing).
     The unpickler made ``state`` for this module alone: it becomes the
     module's ``__dict__`` as it is, where ``update`` would copy its 19 or so
-    entries into another (0.4 us a module; 13,335 modules load 5 ms faster)."""
+    entries into another (0.3 us a module: 13,335 modules' states set in 4 ms
+    instead of 8, measured in one process)."""
     object.__setattr__(obj, "__dict__", state)  # not Module.__setattr__, which inspects the value
 
 
