@@ -233,8 +233,9 @@ def _rebuild(tensors: list, sealed: _seal.Sealed, options: LoadOptions):
         from ._torch import make_parameters
 
         # Frozen parameters where the pipeline had parameters (one object
-        # per reference, so tied parameters stay one parameter).
-        make_parameters(tensors, sealed.kinds)
+        # per reference, so tied parameters stay one parameter). Every torch
+        # tensor but a fast load's views is its own from_dlpack's leaf.
+        make_parameters(tensors, sealed.kinds, fresh=not options.fast)
     return rebuild(sealed.skeleton, tensors, sealed.needs_eval)
 
 

@@ -140,7 +140,7 @@ def as_parameter(t):
     return _make_subclass(torch.nn.Parameter, t, False)
 
 
-def make_parameters(tensors: list, kinds) -> None:
+def make_parameters(tensors: list, kinds, fresh: bool = False) -> None:
     """Turns ``tensors[i]`` into a frozen ``nn.Parameter`` where ``kinds[i]``
     is a parameter, in place.
 
@@ -151,12 +151,19 @@ def make_parameters(tensors: list, kinds) -> None:
     would make, without the second tensor object and tensor implementation
     that ``_make_subclass`` creates: 0.1 us a tensor instead of 0.8-1.6 us,
     a tenth of a load of 20,000 tensors. Anything else (a view of another
-    tensor, a tensor subclass) gets the constructor's way."""
+    tensor, a tensor subclass) gets the constructor's way.
+
+    ``fresh``: every plain tensor in ``tensors`` is known to be such a leaf
+    (each came from its own ``torch.from_dlpack``, which makes a tensor with
+    its own storage and no gradient), so only its class is checked: the
+    gradient and view checks cost 0.12 us a tensor, 2.4 of the 3.5 ms this
+    took for 20,000 parameters."""
     param, plain = torch.nn.Parameter, torch.Tensor
-    for i, (t, k) in enumerate(zip(tensors, kinds, strict=True)):
+    for i, k in enumerate(kinds):
         if k != TORCH_PARAM:
             continue
-        if type(t) is plain and not t.requires_grad and not t._is_view():
+        t = tensors[i]
+        if type(t) is plain and (fresh or (not t.requires_grad and not t._is_view())):
             t.__class__ = param
         else:
             tensors[i] = as_parameter(t)
@@ -273,9 +280,6 @@ def _set_parametrized_state(obj, state) -> None:
     parametrize._inject_new_class(obj)
     for name in obj.parametrizations.keys():
         parametrize._inject_property(obj, name)
-
-
-
 
 
 # Classes already judged by _plain_module.
