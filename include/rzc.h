@@ -454,6 +454,13 @@ typedef struct DLManagedTensor {
 #define RZC_SHARE_FALLBACK_NOT_SHAREABLE 10
 
 /**
+ * The driver would not map the shared memory read-only in this process,
+ * and `share_writable` was 0: one process's in-place write would change
+ * every process's weights.
+ */
+#define RZC_SHARE_FALLBACK_NOT_READ_ONLY 11
+
+/**
  * Let the library choose: register the source, fall back to pinned bounce
  * buffers when the driver refuses.
  */
@@ -805,6 +812,15 @@ typedef struct rzc_upload_options {
    * Length of `share_dir` in bytes.
    */
   size_t share_dir_len;
+  /**
+   * Nonzero: share even where the device maps the memory writable in some
+   * process, so that one process's in-place write changes every process's
+   * weights. 0 (the default): every process that shares maps the memory
+   * read-only; where the driver will not, the upload is private
+   * (`RZC_SHARE_FALLBACK_NOT_READ_ONLY`). Uploads that allow writable
+   * sharing never share with uploads that do not.
+   */
+  uint32_t share_writable;
 } rzc_upload_options;
 
 /**

@@ -64,7 +64,8 @@ class LoadOptions:
     :class:`~ray_zerocopy._device.Device`). ``framework``: every tensor as
     that framework's array (``None``: each as the kind it was sealed as).
     ``fast``: adopt all CPU tensors through one DLPack export.
-    ``write_protect``: make the weights' pages read-only in this process.
+    ``write_protect``: make the weights' pages read-only in this process; on
+    a GPU, share a device copy only where every process maps it read-only.
     ``share_key``: on a GPU, share one device copy with the processes of this
     node that load the same content under that key onto the same GPU."""
 
@@ -282,7 +283,7 @@ def materialize(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) ->
         raise InvalidInputError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
     source, upload_info = weights, None
     if dev.kind != "cpu":
-        source = upload(weights, dev, options.share_key, sealed.content_digest)
+        source = upload(weights, dev, options.share_key, sealed.content_digest, not options.write_protect)
         upload_info = source.info()
         _report_upload(dev, upload_info, options.share_key is not None)
     if len(groups) == 1:  # the usual case: no reordering
@@ -318,7 +319,7 @@ def _materialize_parts(opened: list, parts, sealed: _seal.Sealed, options: LoadO
         raise InvalidInputError(f"numpy arrays live in host memory; load with device='cpu', not {str(dev)!r}")
     sources, first_info = opened, None
     if dev.kind != "cpu":
-        sources = upload_parts(opened, parts, dev, options.share_key is not None)
+        sources = upload_parts(opened, parts, dev, options.share_key is not None, not options.write_protect)
         first_info = sources[0].info()
     out: list = [None] * len(sealed.kinds)
     for p, groups in wanted.items():
@@ -329,14 +330,14 @@ def _materialize_parts(opened: list, parts, sealed: _seal.Sealed, options: LoadO
     return out, first_info
 
 
-def upload_parts(opened: list, parts, dev: Device, share: bool) -> list[DeviceWeights]:
+def upload_parts(opened: list, parts, dev: Device, share: bool, writable: bool = False) -> list[DeviceWeights]:
     """Each part's buffer ``opened[k]`` on GPU ``dev``; with ``share``, each
     shared under its part's own key, so versions that have a part in common
-    share its device copy too."""
+    share its device copy too (``writable``: as for :func:`upload`)."""
     out = []
     for w, part in zip(opened, parts, strict=True):
         key = part.share_key if share else None
-        d = upload(w, dev, key, part.content_digest)
+        d = upload(w, dev, key, part.content_digest, writable)
         _report_upload(dev, d.info(), key is not None)
         out.append(d)
     return out
@@ -355,10 +356,13 @@ def _ray_share_dir():
         return None
 
 
-def upload(weights: Weights, dev: Device, share_key: str | None, content_digest: bytes) -> DeviceWeights:
+def upload(
+    weights: Weights, dev: Device, share_key: str | None, content_digest: bytes, writable: bool = False
+) -> DeviceWeights:
     """The buffer on GPU ``dev`` (one allocation; with a ``share_key``,
     shared with the other processes of this node that load the same content
-    under that key onto that GPU), or an error that says what to do."""
+    under that key onto that GPU, each mapping it read-only, or with
+    ``writable`` each as the driver allows), or an error that says what to do."""
     try:
         count = cuda_device_count()
     except NoCudaError as e:
@@ -372,7 +376,13 @@ def upload(weights: Weights, dev: Device, share_key: str | None, content_digest:
         )
     if share_key is None:
         return weights.upload(dev.index)
-    return weights.upload(dev.index, share=share_key, share_digest=content_digest, share_dir=_ray_share_dir())
+    return weights.upload(
+        dev.index,
+        share=share_key,
+        share_digest=content_digest,
+        share_dir=_ray_share_dir(),
+        share_writable=writable,
+    )
 
 
 def _report_upload(dev: Device, info: dict, shared: bool) -> None:

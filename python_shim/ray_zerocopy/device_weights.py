@@ -43,6 +43,7 @@ def upload(
     share_wait: float = 30.0,
     share_digest: bytes | None = None,
     share_dir: str | None = None,
+    share_writable: bool = False,
 ) -> DeviceWeights:
     """Uploads the opened buffer ``handle`` (an ``rzc_weights *``) to device
     ``ordinal``; the arguments are those of :meth:`Weights.upload
@@ -70,6 +71,7 @@ def upload(
         share_digest=digest,
         share_dir=dir_buf if share_dir is not None else ffi.NULL,
         share_dir_len=len(dir_bytes),
+        share_writable=int(bool(share_writable)),
     )
     out = ffi.new("rzc_device_weights **")
     check(lib.rzc_device_weights_upload(handle, ordinal, opts, out))

@@ -357,6 +357,7 @@ class Weights:
         share_wait: float = 30.0,
         share_digest: bytes | None = None,
         share_dir: str | None = None,
+        share_writable: bool = False,
     ) -> DeviceWeights:
         """Copies every tensor to CUDA device ``ordinal`` in ONE allocation in
         the device's primary context (shared with torch, JAX and CuPy), each
@@ -367,7 +368,11 @@ class Weights:
         ``share``: processes of this user on this machine that upload the
         same buffer under the same key to the same physical GPU share ONE
         allocation: the first uploads, the others map it (no copy, no second
-        copy in device memory), read-only where the device allows it. A loader
+        copy in device memory), every process read-only: where the driver
+        will not map it read-only, the upload stays private
+        (``"not_read_only"``) unless ``share_writable`` allows sharing memory
+        that one process's in-place write would change for all (such uploads
+        share only with uploads that allow it too). A loader
         waits up to ``share_wait`` seconds for an upload in progress. Where
         sharing does not apply the upload is private and ``info()`` says why
         (``"fallback"``, ``"note"``).
@@ -390,6 +395,7 @@ class Weights:
             share_wait=share_wait,
             share_digest=share_digest,
             share_dir=share_dir,
+            share_writable=share_writable,
         )
 
 

@@ -9,7 +9,8 @@ SEED picks the buffer's contents (same seed, same buffer). With
 the unprivileged user `nobody`. --patch changes one value in the middle of
 the largest tensor (a checkpoint of the same model that differs in a row);
 --many adds 3000 small tensors (a header larger than a socket's buffer).
-SHARE_DIR in the environment is passed as ``share_dir``.
+SHARE_DIR in the environment is passed as ``share_dir``; SHARE_WRITABLE
+(set) as ``share_writable=True``.
 """
 
 import gc
@@ -41,7 +42,13 @@ def prepare(seed: int, patch: bool = False, many: bool = False):
 
 def load(key: str, tensors, w) -> tuple[dict, object]:
     started = time.monotonic()
-    dev = w.upload(0, share=key, share_wait=20, share_dir=os.environ.get("SHARE_DIR"))
+    dev = w.upload(
+        0,
+        share=key,
+        share_wait=20,
+        share_dir=os.environ.get("SHARE_DIR"),
+        share_writable=bool(os.environ.get("SHARE_WRITABLE")),
+    )
     seconds = time.monotonic() - started
     info = dev.info()
     out = {

@@ -35,6 +35,8 @@ pub struct DeviceMemory {
     size: usize,
     backing: Backing,
     read_only: bool,
+    /// Made shareable but kept from other processes (see [`Self::keep_private`]).
+    kept: bool,
 }
 
 // SAFETY: a device address, a physical memory handle and their retained
@@ -112,6 +114,7 @@ impl DeviceMemory {
             size,
             backing,
             read_only,
+            kept: false,
         }
     }
 
@@ -133,24 +136,33 @@ impl DeviceMemory {
         self.server = Some(server);
     }
 
-    /// Makes this process's own mapping read-only on the device, where the
-    /// driver allows it (after the upload wrote it); whether it did.
-    pub fn make_read_only(&mut self) -> bool {
+    /// Makes this process's own mapping read-only on the device (after the
+    /// upload wrote it), or says why the driver would not.
+    pub fn make_read_only(&mut self) -> Result<()> {
         if matches!(self.backing, Backing::Plain) {
-            return false;
+            fail!(
+                CoreKind::InvalidArgument,
+                "only mapped memory can be made read-only"
+            );
         }
         let (ptr, size, ordinal) = (self.ptr, self.size, self.ctx.ordinal());
-        self.read_only = self
-            .ctx
-            .with(|| vmm::set_access(ptr, size, ordinal, CU_MEM_ACCESS_FLAGS_PROT_READ))
-            .is_ok();
-        self.read_only
+        self.ctx
+            .with(|| vmm::set_access(ptr, size, ordinal, CU_MEM_ACCESS_FLAGS_PROT_READ))?;
+        self.read_only = true;
+        Ok(())
+    }
+
+    /// Keeps memory made shareable from other processes: it is never
+    /// exported, and reports itself as this process's own.
+    pub fn keep_private(&mut self) {
+        self.kept = true;
     }
 
     /// How this process came by the memory.
     pub fn sharing(&self) -> Sharing {
         match self.backing {
             Backing::Plain => Sharing::Private,
+            Backing::Mapped { .. } if self.kept => Sharing::Private,
             Backing::Mapped {
                 imported: false, ..
             } => Sharing::Uploaded,

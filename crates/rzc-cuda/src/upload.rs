@@ -154,7 +154,8 @@ fn shared(
         Attached::Found { memory, readback } => (memory, None, None, readback),
         Attached::Upload { memory, publish } => {
             let staging = copy(&memory, plan, opts)?;
-            (publish.publish(memory), Some(staging), None, None)
+            let (memory, fallback) = publish.publish(memory);
+            (memory, Some(staging), fallback, None)
         }
         Attached::Private(why) => {
             let (memory, staging) = private(ctx, plan, opts)?;

@@ -24,6 +24,7 @@ fn shared_upload(w: &rzc_core::Weights) -> DeviceWeights {
             wait: Duration::from_secs(20),
             digest: None,
             dir: None,
+            writable: std::env::var_os("RZC_CUDA_WRITABLE").is_some(),
         }),
         ..Default::default()
     };
@@ -84,6 +85,36 @@ fn role() {
             let why = private_because(&w);
             assert!(matches!(why, Fallback::Unsupported(_)), "{why:?}");
         }
+        "upload-not-read-only" => {
+            // The driver refuses to make the upload read-only: kept private,
+            // the lock released and nothing served.
+            let why = private_because(&w);
+            assert!(
+                matches!(&why, Fallback::NotReadOnly(m) if m.contains("cuMemSetAccess")),
+                "{why:?}"
+            );
+            say_and_wait("READY");
+        }
+        "import-not-read-only" => {
+            // The driver maps the import only writable: refused, a private copy.
+            let why = private_because(&w);
+            assert!(
+                matches!(&why, Fallback::NotReadOnly(m) if m.contains("read-only")),
+                "{why:?}"
+            );
+        }
+        "upload-writable" => {
+            // Writable sharing allowed: served although writable.
+            let dev = shared_upload(&w);
+            assert_eq!(dev.sharing(), Sharing::Uploaded);
+            assert!(dev.fallback().is_none() && !dev.read_only());
+            say_and_wait("READY");
+        }
+        "import-writable" => {
+            let dev = shared_upload(&w);
+            assert_eq!(dev.sharing(), Sharing::Imported);
+            assert!(equal(&w, &dev));
+        }
         "not-shareable" => {
             let why = private_because(&w);
             assert!(
@@ -137,6 +168,69 @@ fn two_processes_share_one_copy() {
     let uploader = uploader.finish().clean();
     assert_eq!(uploader.count("create"), 1);
     assert!(uploader.count("export") >= 2, "one per importer that asked");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// No process is handed memory that another process can write to, unless
+/// both allowed writable sharing: where the driver will not map shared
+/// memory read-only, the uploader keeps its copy (and lets the next loader
+/// upload at once), the importer refuses the mapping, and uploads that allow
+/// writable sharing never meet protected ones.
+#[test]
+#[ignore = "needs the stand-in CUDA driver: make fakecuda, then LD_LIBRARY_PATH=$PWD/build/fakecuda cargo test -p rzc-cuda -- --include-ignored"]
+fn memory_another_process_can_write_is_shared_only_when_allowed() {
+    let name = "memory_another_process_can_write_is_shared_only_when_allowed";
+    if common::is_child(name) {
+        common::require_standin();
+        return role();
+    }
+    // The second cuMemSetAccess of an uploader is the one making it read-only
+    // (the first maps the new memory read-write to fill it); the first of an
+    // importer asks for read-only.
+    let (dir, key) = rendezvous(name);
+    let kept = case(name, "upload-not-read-only", &dir, &key)
+        .env("FAKECUDA_FAIL", "cuMemSetAccess@2")
+        .start_until("READY");
+    // It released the lock and serves nothing: the next loader uploads and
+    // serves at once (it does not wait out its 20 s for the first).
+    let started = std::time::Instant::now();
+    let uploader = case(name, "upload", &dir, &key).start_until("READY");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    case(name, "import-not-read-only", &dir, &key)
+        .env("FAKECUDA_FAIL", "cuMemSetAccess@1")
+        .run()
+        .clean();
+    case(name, "import", &dir, &key).run().clean();
+    let kept = kept.finish().clean();
+    assert_eq!(
+        kept.count("export"),
+        0,
+        "memory that stayed writable was exported"
+    );
+    uploader.finish().clean();
+
+    // Writable sharing, allowed by both: shared; a protected loader with the
+    // same key does not meet them.
+    let writable = case(name, "upload-writable", &dir, &key)
+        .env("RZC_CUDA_WRITABLE", "1")
+        .env("FAKECUDA_FAIL", "cuMemSetAccess@2")
+        .start_until("READY");
+    case(name, "import-writable", &dir, &key)
+        .env("RZC_CUDA_WRITABLE", "1")
+        .run()
+        .clean();
+    let protected = case(name, "upload", &dir, &key).start_until("READY");
+    protected.finish().clean();
+    let writable = writable.finish().clean();
+    assert_eq!(
+        writable.count("export"),
+        1,
+        "one export, for the writable importer"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

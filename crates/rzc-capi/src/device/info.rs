@@ -43,6 +43,10 @@ pub const RZC_SHARE_FALLBACK_WAITED: u32 = 8;
 pub const RZC_SHARE_FALLBACK_RENDEZVOUS: u32 = 9;
 /// Shareable device memory could not be made.
 pub const RZC_SHARE_FALLBACK_NOT_SHAREABLE: u32 = 10;
+/// The driver would not map the shared memory read-only in this process,
+/// and `share_writable` was 0: one process's in-place write would change
+/// every process's weights.
+pub const RZC_SHARE_FALLBACK_NOT_READ_ONLY: u32 = 11;
 
 /// The name of an `RZC_SHARE_FALLBACK_*` code in lower case without the
 /// prefix (`"mismatch"`, ...), or NULL for an unknown code.
@@ -60,6 +64,7 @@ pub extern "C" fn rzc_share_fallback_name(code: u32) -> *const c_char {
         RZC_SHARE_FALLBACK_WAITED => b"waited\0",
         RZC_SHARE_FALLBACK_RENDEZVOUS => b"rendezvous\0",
         RZC_SHARE_FALLBACK_NOT_SHAREABLE => b"not_shareable\0",
+        RZC_SHARE_FALLBACK_NOT_READ_ONLY => b"not_read_only\0",
         _ => return std::ptr::null(),
     };
     name.as_ptr().cast()
@@ -227,6 +232,11 @@ mod tests {
                 Fallback::NotShareable(s()),
                 RZC_SHARE_FALLBACK_NOT_SHAREABLE,
                 "not_shareable",
+            ),
+            (
+                Fallback::NotReadOnly(s()),
+                RZC_SHARE_FALLBACK_NOT_READ_ONLY,
+                "not_read_only",
             ),
         ];
         for (f, code, name) in cases {

@@ -61,6 +61,13 @@ pub struct rzc_upload_options {
     pub share_dir: *const c_char,
     /// Length of `share_dir` in bytes.
     pub share_dir_len: usize,
+    /// Nonzero: share even where the device maps the memory writable in some
+    /// process, so that one process's in-place write changes every process's
+    /// weights. 0 (the default): every process that shares maps the memory
+    /// read-only; where the driver will not, the upload is private
+    /// (`RZC_SHARE_FALLBACK_NOT_READ_ONLY`). Uploads that allow writable
+    /// sharing never share with uploads that do not.
+    pub share_writable: u32,
 }
 
 // SAFETY: all-zero is valid (defaults, NULL stream); the first field is
@@ -132,6 +139,7 @@ impl rzc_upload_options {
             wait: std::time::Duration::from_millis(wait_ms.into()),
             digest,
             dir,
+            writable: self.share_writable != 0,
         })
     }
 }

@@ -13,6 +13,11 @@
 //! - [`verify`]: the importer maps the memory only if the offer's digest is
 //!   its own buffer's, then reads random windows back and compares them with
 //!   its host bytes before anyone uses them.
+//! - Every process maps shared memory read-only (the uploader once it has
+//!   written it), or does not share: one process's in-place write must not
+//!   change another's weights. A caller may allow writable sharing
+//!   ([`ShareOptions::writable`]); such uploads meet under another name, so
+//!   they never share with processes that asked for protection.
 //!
 //! Anything that does not hold gives a private upload and a [`Fallback`]
 //! saying why: never a failure, never someone else's weights.
@@ -69,6 +74,12 @@ pub struct ShareOptions {
     /// [`rendezvous`]): the Python package names one in Ray's session
     /// directory.
     pub dir: Option<PathBuf>,
+    /// Share even where the device maps the memory writable in some process
+    /// (then one process's in-place write changes every process's weights).
+    /// `false`: every process that shares maps the memory read-only, and
+    /// where the driver will not, each keeps its own copy
+    /// ([`Fallback::NotReadOnly`]).
+    pub writable: bool,
 }
 
 /// How this process came by its device memory.
@@ -105,6 +116,9 @@ pub enum Fallback {
     Rendezvous(String),
     /// Shareable memory could not be made (this process then uploads its own).
     NotShareable(String),
+    /// The driver would not map the shared memory read-only in this process
+    /// (and writable sharing was not allowed).
+    NotReadOnly(String),
 }
 
 impl Fallback {
@@ -121,6 +135,7 @@ impl Fallback {
             Fallback::Waited(_) => 8,
             Fallback::Rendezvous(_) => 9,
             Fallback::NotShareable(_) => 10,
+            Fallback::NotReadOnly(_) => 11,
         }
     }
 
@@ -148,6 +163,10 @@ impl Fallback {
             Fallback::NotShareable(why) => {
                 format!("shareable device memory could not be made: {why}")
             }
+            Fallback::NotReadOnly(why) => format!(
+                "{why}: sharing it would let one process's in-place write change every process's \
+                 weights, so this process keeps its own copy (allow writable sharing to share it anyway)"
+            ),
         }
     }
 }
@@ -231,6 +250,7 @@ pub fn attach(
         paths,
         lock: None,
         digest: content.digest,
+        writable: opts.writable,
     };
     Ok((meet(ctx, content, size, pending, opts.wait)?, dir_note))
 }
@@ -260,12 +280,22 @@ fn meet(
                         )))
                     }
                 };
+                if !memory.read_only() && !pending.writable {
+                    // Unmapped unused (dropped here): nothing wrote through it.
+                    return Ok(Attached::Private(Fallback::NotReadOnly(
+                        "the driver would not map the shared memory read-only in this process"
+                            .into(),
+                    )));
+                }
                 let readback = match verify::verify(&memory, content.tensors, &content.host) {
                     Ok(r) => r,
                     Err(why) => return Ok(Attached::Private(Fallback::Mismatch(why))),
                 };
+                // Imported memory is mapped read-only (or writable sharing
+                // is allowed): publishing it cannot fall back.
+                let (memory, _) = pending.publish(memory);
                 return Ok(Attached::Found {
-                    memory: pending.publish(memory),
+                    memory,
                     readback: Some(readback),
                 });
             }
@@ -326,7 +356,7 @@ fn prepare(
     let size = vmm::shareable_size(ctx, content.size)
         .map_err(|e| unsupported("cannot size shareable memory", e))?;
     let dir = rendezvous::directory(opts.dir.as_deref()).map_err(Fallback::NoDirectory)?;
-    let name = rendezvous::name(&opts.key, &uuid);
+    let name = rendezvous::name(&opts.key, &uuid, opts.writable);
     let paths = rendezvous::paths(&dir.path, &name);
     Ok((size, paths, name, dir.note))
 }
@@ -374,23 +404,38 @@ fn connect(paths: &Paths, refused_since: &mut Option<Instant>) -> Step {
 }
 
 /// What publishing memory this process uploads or imports needs: the
-/// rendezvous, the serving lock when this process took it, and the content
-/// digest. Holds the process's one shared load until it is done.
+/// rendezvous, the serving lock when this process took it, the content
+/// digest, and whether writable memory may be shared. Holds the process's
+/// one shared load until it is done.
 pub struct Publish {
     _one: MutexGuard<'static, ()>,
     name: String,
     paths: Paths,
     lock: Option<File>,
     digest: Digest,
+    writable: bool,
 }
 
 impl Publish {
     /// Starts serving (or waiting to serve) `memory`, written: from now on
     /// this process and every importer only read it. Records it for later
-    /// loads in this process.
-    pub fn publish(self, mut memory: DeviceMemory) -> Arc<DeviceMemory> {
+    /// loads in this process. Memory this process uploaded that the driver
+    /// will not map read-only here is not shared unless writable sharing was
+    /// allowed: it stays this process's own, the serving lock is released
+    /// (the next loader uploads its own instead of waiting), and the
+    /// fallback says why.
+    pub fn publish(self, mut memory: DeviceMemory) -> (Arc<DeviceMemory>, Option<Fallback>) {
         if memory.sharing() == Sharing::Uploaded {
-            memory.make_read_only();
+            if let Err(e) = memory.make_read_only() {
+                if !self.writable {
+                    memory.keep_private();
+                    let why = format!(
+                        "the driver would not map the uploaded memory read-only ({})",
+                        e.message()
+                    );
+                    return (Arc::new(memory), Some(Fallback::NotReadOnly(why)));
+                }
+            }
         }
         if let Ok((ctx, handle)) = memory.exporter() {
             let offer = Offer {
@@ -405,6 +450,6 @@ impl Publish {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(self.name, (self.digest, Arc::downgrade(&memory)));
-        memory
+        (memory, None)
     }
 }

@@ -228,12 +228,16 @@ pub fn paths(dir: &Path, name: &str) -> Paths {
 }
 
 /// The rendezvous name of `key` on the GPU `uuid`: the first 128 bits of
-/// BLAKE3(key, 0, uuid), in hex (socket paths are limited to 108 bytes,
+/// BLAKE3(key, 0, uuid[, 0, "writable"]), in hex (socket paths are limited to 108 bytes,
 /// keys are not).
-pub fn name(key: &str, uuid: &[u8; 16]) -> String {
+pub fn name(key: &str, uuid: &[u8; 16], writable: bool) -> String {
     let mut input = key.as_bytes().to_vec();
     input.push(0);
     input.extend_from_slice(uuid);
+    if writable {
+        // Uploads that allow writable sharing meet apart from protected ones.
+        input.extend_from_slice(b"\0writable");
+    }
     rzc_core::digest::to_hex(&rzc_core::digest::blake3(&input))[..NAME_LEN].to_owned()
 }
 
@@ -265,10 +269,11 @@ mod tests {
 
     #[test]
     fn names_are_short_stable_and_distinct() {
-        let a = name("key", &[1; 16]);
-        assert_eq!(a, name("key", &[1; 16]));
-        assert_ne!(a, name("key", &[2; 16]), "another GPU");
-        assert_ne!(a, name("other", &[1; 16]), "another key");
+        let a = name("key", &[1; 16], false);
+        assert_eq!(a, name("key", &[1; 16], false));
+        assert_ne!(a, name("key", &[2; 16], false), "another GPU");
+        assert_ne!(a, name("other", &[1; 16], false), "another key");
+        assert_ne!(a, name("key", &[1; 16], true), "writable sharing");
         assert_eq!(a.len(), 32);
     }
 
