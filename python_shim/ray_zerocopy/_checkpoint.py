@@ -22,6 +22,12 @@ updated yet, or, on NFS, a write on another node that this node's cached
 attributes do not show yet. ``save_file`` of safetensors 0.8 and later and
 ``save_pretrained`` write a new file and rename it over the old one, which
 is always seen.
+
+Only regular files are read (symlinks to them are followed, as a Hugging
+Face cache's snapshots are links to its blobs): opening a FIFO for reading
+waits for a writer, so a FIFO named like a shard would hang the seal. And an
+index names shards in its own directory: a ``weight_map`` entry that is
+absolute or climbs out with ``..`` is refused, not read.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +80,13 @@ def _shards(path) -> tuple[list[Path], dict | None]:
         if not files:
             raise InvalidInputError("the list of checkpoint files is empty")
         for f in files:
-            if not f.is_file():
+            if not f.exists():  # a directory or FIFO: _open names what it is
                 raise CheckpointNotFoundError(f"checkpoint file {f} does not exist")
         return files, None
     path = Path(path)
     if path.is_dir():
         index = path / INDEX
-        if index.is_file():
+        if index.exists():  # not is_file(): an index that is a FIFO is refused, not passed over
             return _from_index(index)
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -93,20 +100,85 @@ def _shards(path) -> tuple[list[Path], dict | None]:
 
 
 def _from_index(index: Path) -> tuple[list[Path], dict]:
+    bad = f"{index} is not a safetensors index (a JSON object with a weight_map)"
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InvalidInputError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from e
+        fd = _open(index)
+    except OSError as e:
+        raise InvalidInputError(f"{bad}: {e}") from e
+    try:
+        _regular(fd, index)
+        try:
+            with open(fd, "rb", closefd=False) as text:
+                weight_map = json.loads(text.read())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"its weight_map is a {type(weight_map).__name__}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InvalidInputError(f"{bad}: {e}") from e
+    finally:
+        os.close(fd)
+    for tensor, name in weight_map.items():
+        _in_directory(index, tensor, name)
     files = []
     for name in dict.fromkeys(weight_map.values()):
         f = index.parent / name
-        if not f.is_file():
+        if not f.exists():  # a directory or FIFO: _open names what it is
             listed = sum(1 for v in weight_map.values() if v == name)
             raise CheckpointNotFoundError(
                 f"shard {name}, which {index.name} lists for {listed} tensor(s), is missing from {index.parent}"
             )
         files.append(f)
     return files, weight_map
+
+
+def _in_directory(index: Path, tensor, name) -> None:
+    """Refuses a ``weight_map`` entry that is not a path inside the index's
+    directory. ``save_pretrained`` writes plain file names; an absolute path
+    or a ``..`` would let an index (downloaded with the checkpoint, say)
+    make the seal read, and share, any safetensors file the user can read.
+    A relative path down into a subdirectory stays inside, and is taken."""
+    p = Path(name) if isinstance(name, str) else None
+    if p is None or not p.parts or p.is_absolute() or ".." in p.parts:
+        raise InvalidInputError(
+            f"{index}: tensor {tensor!r} is mapped to {name!r}, which is not a file in {index.parent}: "
+            "an index names its shards by their names in its own directory (no absolute path, no '..')"
+        )
+
+
+def _open(path: Path) -> int:
+    """A read-only descriptor of ``path``, opened with O_NONBLOCK: opening
+    a FIFO for reading otherwise waits for a writer, forever when none comes.
+    Callers then refuse what is not a regular file (:func:`_regular`) or not
+    the file whose header was read (:func:`_unchanged`). Reads of a regular
+    file ignore O_NONBLOCK; it is cleared all the same, so the descriptor is
+    an ordinary one. No O_NOFOLLOW: a Hugging Face cache's shards are links."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _regular(fd: int, path: Path) -> os.stat_result:
+    """The fstat of ``fd``, open at ``path``; raises
+    :class:`~ray_zerocopy.errors.InvalidInputError` unless it is a regular
+    file. Checked on the open descriptor, so no rename between a check and
+    the open can slip another kind of file in."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for is_kind, k in _KINDS if is_kind(st.st_mode)), "not a file")
+        raise InvalidInputError(f"checkpoint file {path}: is {kind}, not a regular file")
+    return st
 
 
 def read(path) -> Checkpoint:
@@ -116,11 +188,11 @@ def read(path) -> Checkpoint:
     entries, seen, metadata, identity = [], {}, None, {}
     for f in files:
         try:
-            fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open(f)
         except FileNotFoundError as e:
             raise CheckpointNotFoundError(f"checkpoint file {f} does not exist") from e
         try:
-            st = os.fstat(fd)
+            st = _regular(fd, f)
             identity[f] = _identity(st)
             table, meta = _header(fd, st.st_size, f)
         finally:
@@ -191,7 +263,7 @@ def copy_into(ckpt: Checkpoint, entries, offsets, read) -> None:
         by_shard.setdefault(e.shard, []).append(i)
     for shard, indices in by_shard.items():
         try:
-            fd = os.open(shard, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open(shard)  # a FIFO put in its place is another file: refused by _unchanged
         except FileNotFoundError as e:
             raise CheckpointChangedError(f"checkpoint shard {shard} was removed after its header was read") from e
         try:

@@ -562,3 +562,99 @@ def test_a_shard_is_never_mapped_so_a_header_cut_short_is_an_error(tmp_path):
     (tmp_path / "ok.safetensors").write_bytes(whole)
     ckpt = _checkpoint.read(tmp_path / "ok.safetensors")
     assert [(e.name, e.shape, e.nbytes) for e in ckpt.entries] == [("a", (10,), 40)]
+
+
+def _fails_if_blocked(seconds=10):
+    """A context in which a call that blocks (opening a FIFO for reading
+    waits for a writer) raises TimeoutError after ``seconds``, failing the
+    test instead of hanging it."""
+    import contextlib
+    import signal
+
+    def blocked(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    @contextlib.contextmanager
+    def context():
+        previous = signal.signal(signal.SIGALRM, blocked)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return context()
+
+
+def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(tmp_path):
+    """Opening a FIFO for reading waits for a writer, forever when none
+    comes: a FIFO named like a shard (in a directory, a list or an index,
+    or as the index itself) is refused with its name, and so is one put in
+    a shard's place after its header was read. A shard that is a symlink,
+    as in a Hugging Face cache, is still read."""
+    import os
+
+    from ray_zerocopy import CheckpointChangedError, InvalidInputError, _checkpoint, _seal
+    from safetensors.torch import load, save_file
+
+    blob = tmp_path / "blob"
+    save_file({"a": torch.arange(10.0)}, str(blob))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    link, fifo = ckpt / "model-00001-of-00002.safetensors", ckpt / "model-00002-of-00002.safetensors"
+    link.symlink_to(blob)
+    os.mkfifo(fifo)
+    (tmp_path / "dir.safetensors").mkdir()
+    refused = f"checkpoint file {fifo}: is a FIFO, not a regular file"
+    with _fails_if_blocked():
+        for source in (ckpt, fifo, [link, fifo]):
+            with pytest.raises(InvalidInputError, match=refused):
+                _checkpoint.read(source)
+        with pytest.raises(InvalidInputError, match="dir.safetensors: is a directory, not a regular file"):
+            _checkpoint.read([link, tmp_path / "dir.safetensors"])
+        index = ckpt / _checkpoint.INDEX
+        index.write_text(json.dumps({"weight_map": {"a": link.name, "b": fifo.name}}))
+        with pytest.raises(InvalidInputError, match=refused):
+            _checkpoint.read(ckpt)
+        index.unlink()
+        fifo.unlink()
+        os.mkfifo(index)
+        with pytest.raises(InvalidInputError, match=f"checkpoint file {index}: is a FIFO, not a regular file"):
+            _checkpoint.read(ckpt)
+        index.unlink()
+
+        _, buf = _seal.pack_checkpoint(ckpt, _seal.TORCH).to_array()
+        assert torch.equal(load(buf.tobytes())["a"], torch.arange(10.0))
+        packing = _seal.pack_checkpoint(link, _seal.TORCH)
+        link.unlink()
+        os.mkfifo(link)
+        with pytest.raises(CheckpointChangedError, match=f"shard {link} was replaced by another file before"):
+            packing.to_array()
+
+
+def test_an_index_naming_a_file_outside_its_directory_is_refused(tmp_path):
+    """An index comes with the checkpoint, from whoever wrote it: a
+    weight_map entry that is absolute or climbs out of the directory with
+    '..' would make the seal read (and share) any safetensors file the user
+    can read. It is refused, naming the index, the tensor and the entry; a
+    plain name, or a name in a subdirectory, is read."""
+    import re
+
+    from ray_zerocopy import InvalidInputError, _checkpoint
+    from safetensors.torch import save_file
+
+    secret = tmp_path / "secret.safetensors"
+    save_file({"s": torch.ones(3)}, str(secret))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    save_file({"a": torch.zeros(2)}, str(ckpt / "model.safetensors"))
+    save_file({"b": torch.zeros(4)}, str(ckpt / "sub" / "b.safetensors"))
+    index = ckpt / _checkpoint.INDEX
+    for entry in (str(secret), "../secret.safetensors", "sub/../../secret.safetensors", ""):
+        index.write_text(json.dumps({"weight_map": {"a": "model.safetensors", "s": entry}}))
+        refused = f"{index}: tensor 's' is mapped to {entry!r}, which is not a file in {ckpt}"
+        with pytest.raises(InvalidInputError, match=re.escape(refused)):
+            _checkpoint.read(ckpt)
+    index.write_text(json.dumps({"weight_map": {"a": "model.safetensors", "b": "sub/b.safetensors"}}))
+    assert [e.name for e in _checkpoint.read(ckpt).entries] == ["a", "b"]

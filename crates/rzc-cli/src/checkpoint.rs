@@ -2,6 +2,7 @@
 //! optional `*.safetensors.index.json` that maps each tensor to its shard.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -53,6 +54,9 @@ pub fn find(path: &Path) -> Result<Checkpoint> {
 
 /// The `weight_map` of an index file.
 fn weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
+    if let Some(why) = not_regular(path) {
+        bail!("{}: {why}", path.display());
+    }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let json: serde_json::Value =
@@ -69,6 +73,34 @@ fn weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
             ),
         })
         .collect()
+}
+
+/// Why `path` is not read, when it is not a regular file after symlinks
+/// (a Hugging Face cache's shards are links to its blobs): "is a FIFO, not a
+/// regular file". Opening a FIFO for reading waits for a writer, forever when
+/// none comes, so it must be refused before it is opened; rzc-core opens by
+/// path, so this looks at the path first. A FIFO put there between the two
+/// would still block, but only someone changing the checkpoint under the
+/// running command can do that, and Ctrl-C ends it. `None` for a regular
+/// file, or for one that cannot be looked at: opening it says why.
+pub fn not_regular(path: &Path) -> Option<String> {
+    let kind = std::fs::metadata(path).ok()?.file_type();
+    let what = if kind.is_file() {
+        return None;
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "not a file"
+    };
+    Some(format!("is {what}, not a regular file"))
 }
 
 /// A file's name for messages and the index (its last component).

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rzc_core::Weights;
 use serde_json::json;
 
@@ -12,6 +12,9 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     let ckpt = checkpoint::find(path)?;
     let mut files = Vec::new();
     for file in &ckpt.files {
+        if let Some(why) = checkpoint::not_regular(file) {
+            bail!("{}: {why}", file.display());
+        }
         let w = Weights::open_file(file)
             .with_context(|| format!("{} is not a valid safetensors file", file.display()))?;
         if as_json {

@@ -25,6 +25,10 @@ pub fn run(path: &Path) -> Result<bool> {
     let mut tensors = 0usize;
     for file in &ckpt.files {
         let name = file_name(file);
+        if let Some(why) = checkpoint::not_regular(file) {
+            problems.push(format!("{name}: {why}"));
+            continue;
+        }
         let w = match Weights::open_file(file) {
             Ok(w) => w,
             Err(e) => {

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use rzc_core::pack::{PackOptions, Plan, TensorSpec};
 use rzc_core::Dtype;
@@ -14,6 +15,36 @@ fn rzc(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run rzc")
+}
+
+/// `rzc(args)`, but killed, failing the test, if it has not exited within
+/// 10 s: what would block forever (opening a FIFO for reading) fails
+/// instead of hanging the test run.
+fn rzc_within(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rzc"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run rzc");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("rzc {args:?} was still running after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
 }
 
 fn text(o: &Output) -> String {
@@ -234,4 +265,42 @@ fn a_missing_path_and_a_bad_command_are_errors() {
     );
     let o = rzc(&["frobnicate"]);
     assert_eq!(o.status.code(), Some(2), "usage errors exit with 2");
+}
+
+#[test]
+fn a_fifo_named_like_a_shard_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    sharded(dir.path());
+    let fifo = dir.path().join("model-00003-of-00003.safetensors");
+    mkfifo(&fifo);
+    let refused = "model-00003-of-00003.safetensors: is a FIFO, not a regular file";
+    for path in [dir.path(), fifo.as_path()] {
+        let o = rzc_within(&["verify", path.to_str().unwrap()]);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(out.contains(&format!("invalid: {refused}")), "{out}");
+        let o = rzc_within(&["inspect", path.to_str().unwrap()]);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(
+            out.contains(&format!("rzc: {}: is a FIFO", fifo.display())),
+            "{out}"
+        );
+    }
+    std::fs::remove_file(&fifo).unwrap();
+    let index = dir.path().join("model.safetensors.index.json");
+    mkfifo(&index);
+    let o = rzc_within(&["verify", dir.path().to_str().unwrap()]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains(&format!("rzc: {}: is a FIFO", index.display())),
+        "{out}"
+    );
+    // A shard that is a symlink, as in a Hugging Face cache, is read.
+    std::fs::remove_file(&index).unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::os::unix::fs::symlink(dir.path().join("model-00002-of-00002.safetensors"), &link).unwrap();
+    let o = rzc_within(&["verify", link.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
