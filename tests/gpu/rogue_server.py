@@ -8,7 +8,9 @@ It takes the lock and binds the socket of the one key whose files are in DIR
 connection until it reads "exit" on stdin. MODE: "zeros" hands over stand-in
 device memory of SIZE bytes holding zeros with the right offer (size and
 content digest), as a process that knows the protocol could; "silent"
-accepts connections and never answers.
+accepts connections and never answers; "full" never accepts, and fills its
+queue of connections itself; "foreign" answers in another protocol version
+(another magic), with a descriptor.
 """
 
 import fcntl
@@ -32,7 +34,7 @@ def main():
         os.unlink(sock_path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(sock_path)
-    server.listen(16)
+    server.listen(0 if mode == "full" else 16)
     # The stand-in imports memfds of this name as device memory of device 0.
     memory = os.memfd_create("fakecuda-vmm:dev=0:types=1")
     os.ftruncate(memory, size)
@@ -41,14 +43,25 @@ def main():
     def serve():
         while True:
             conn, _ = server.accept()
-            if mode == "zeros":
-                offer = b"RZCSHR02" + struct.pack("<Q", size) + digest
-                socket.send_fds(conn, [offer], [memory])
+            if mode in ("zeros", "foreign"):
+                magic = b"RZCSHR02" if mode == "zeros" else b"RZCSHR99"
+                socket.send_fds(conn, [magic + struct.pack("<Q", size) + digest], [memory])
                 conn.close()
             else:
                 held.append(conn)  # never answered
 
-    threading.Thread(target=serve, daemon=True).start()
+    if mode == "full":
+        while True:  # connect until the queue refuses more
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            try:
+                c.connect(sock_path)
+            except BlockingIOError:
+                c.close()
+                break
+            held.append(c)
+    else:
+        threading.Thread(target=serve, daemon=True).start()
     print("ready", flush=True)
     wait_for_exit()
     lock.close()

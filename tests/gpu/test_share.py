@@ -256,6 +256,55 @@ def test_a_server_that_never_answers_is_named(share_env):
         _stop(rogue)
 
 
+def test_a_server_whose_queue_is_full_is_named_not_waited_on_forever(share_env):
+    """A listener that accepts no one (stopped, stuck in the driver, or a
+    neighbour's) fills its queue of connections; a blocking connect would
+    then wait forever, holding every later shared load of the process."""
+    env, log = share_env
+    probe = Worker(env, "model-q")
+    probe.exit()
+    rogue = _rogue(env, env["RZC_SHARE_DIR"], "full", probe.info)
+    try:
+        victim = Worker(env, "model-q")
+        assert victim.info["seconds"] < 10, victim.info
+        assert victim.info["sharing"] == "private" and victim.info["fallback"] == "silent", victim.info
+        victim.exit()
+    finally:
+        _stop(rogue)
+
+
+def test_an_answer_in_another_protocol_is_named_at_once(share_env):
+    env, log = share_env
+    probe = Worker(env, "model-p")
+    probe.exit()
+    rogue = _rogue(env, env["RZC_SHARE_DIR"], "foreign", probe.info)
+    try:
+        victim = Worker(env, "model-p")
+        assert victim.info["seconds"] < 5, "it looked again and again instead of stopping"
+        assert victim.info["sharing"] == "private" and victim.info["fallback"] == "rendezvous", victim.info
+        assert "another version" in victim.info["note"], victim.info
+        assert not events(log, "import", victim.info["pid"]), "it mapped what a foreign server handed over"
+        victim.exit()
+    finally:
+        _stop(rogue)
+
+
+def test_a_server_that_cannot_export_says_so(share_env):
+    """The uploader's driver refuses to export the memory: it answers with
+    the reason, and the loader uploads its own at once, instead of taking
+    the closed connection for a server that went away and looking again
+    until its whole wait (20 s) has passed."""
+    env, log = share_env
+    server = Worker(dict(env, FAKECUDA_FAIL="cuMemExportToShareableHandle"), "model-x")
+    assert server.info["sharing"] == "uploaded", server.info
+    loader = Worker(env, "model-x")
+    assert loader.info["seconds"] < 5, loader.info
+    assert loader.info["sharing"] == "private" and loader.info["fallback"] == "import_failed", loader.info
+    assert "could not export it" in loader.info["note"] and "CUDA_ERROR_NOT_SUPPORTED" in loader.info["note"]
+    for w in (server, loader):
+        w.exit()
+
+
 def test_clients_that_never_read_hold_up_no_one(share_env):
     """Three same-user clients connect to the server and never read; a
     loader right after them still imports at once. The buffer has a large

@@ -30,7 +30,6 @@ mod wire;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -372,19 +371,31 @@ enum Step {
 }
 
 fn connect(paths: &Paths, refused_since: &mut Option<Instant>) -> Step {
-    match UnixStream::connect(&paths.sock) {
-        Ok(conn) if !wire::same_user(&conn) => {
-            Step::Stop(Fallback::OtherUser(paths.sock.display().to_string()))
-        }
+    let socket = || paths.sock.display().to_string();
+    let silent = || {
+        Step::Stop(Fallback::Silent {
+            socket: socket(),
+            waited: ANSWER_WITHIN,
+        })
+    };
+    match wire::connect_within(&paths.sock, ANSWER_WITHIN) {
+        Ok(conn) if !wire::same_user(&conn) => Step::Stop(Fallback::OtherUser(socket())),
         Ok(conn) => match wire::receive_offer(&conn, ANSWER_WITHIN) {
             Ok((offer, fd)) => Step::Offer(offer, fd),
-            Err(NoOffer::Silent) => Step::Stop(Fallback::Silent {
-                socket: paths.sock.display().to_string(),
-                waited: ANSWER_WITHIN,
-            }),
+            Err(NoOffer::Silent) => silent(),
             // The server went away mid-answer (it died, or stopped serving).
-            Err(NoOffer::Broken) => Step::Again,
+            Err(NoOffer::Gone) => Step::Again,
+            Err(NoOffer::Unable(why)) => Step::Stop(Fallback::ImportFailed(format!(
+                "the process serving {} could not export it (cuMemExportToShareableHandle: {why})",
+                socket()
+            ))),
+            Err(NoOffer::Foreign(why)) => Step::Stop(Fallback::Rendezvous(format!(
+                "the process serving {}: {why}",
+                socket()
+            ))),
         },
+        // A listener that accepts no one: as silent as one that never answers.
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => silent(),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             // A socket nobody answers: its server died or stopped. Give a
             // process that still maps the memory time to take over.

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use cudarc::driver::sys;
 
 use super::rendezvous::{try_lock, Paths};
-use super::wire::{same_user, send_offer, Offer};
+use super::wire::{same_user, send_offer, send_refusal, Offer};
 use super::POLL;
 use crate::driver::PrimaryContext;
 use crate::vmm::export_fd;
@@ -116,7 +116,16 @@ fn answer(conn: &std::os::unix::net::UnixStream, exporter: &Exporter) {
         return;
     }
     // The handle is live: the server is stopped before it is released.
-    if let Ok(fd) = export_fd(&exporter.ctx, exporter.handle) {
-        let _ = send_offer(conn, &exporter.offer, fd.as_raw_fd());
+    match export_fd(&exporter.ctx, exporter.handle) {
+        Ok(fd) => {
+            let _ = send_offer(conn, &exporter.offer, fd.as_raw_fd());
+        }
+        // Said, not left to silence: a client that got nothing would look
+        // again and again until its whole wait had passed.
+        Err(e) => {
+            // The driver's error, without the call's name the client knows.
+            let why = e.message();
+            let _ = send_refusal(conn, why.split_once("failed: ").map_or(why, |(_, r)| r));
+        }
     }
 }

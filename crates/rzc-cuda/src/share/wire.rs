@@ -5,15 +5,20 @@
 //! one.
 //!
 //! Message: `MAGIC` (8 bytes), the allocation's size (8, little-endian), the
-//! content digest of the buffer in it (32).
+//! content digest of the buffer in it (32). A server that cannot export the
+//! memory answers `REFUSAL` (8 bytes) and why, in up to 40 bytes of UTF-8
+//! padded with zeros, with no descriptor: the client then stops at once
+//! instead of taking the silence for a server that went away.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rzc_core::digest::Digest;
 
 const MAGIC: &[u8; 8] = b"RZCSHR02";
+const REFUSAL: &[u8; 8] = b"RZCNOT02";
 const LEN: usize = 48;
 
 /// What a server offers.
@@ -26,9 +31,15 @@ pub struct Offer {
 pub enum NoOffer {
     /// Nothing arrived within the time allowed.
     Silent,
-    /// The server hung up or sent something else: it died, stopped serving,
-    /// or is not ours. Worth looking again.
-    Broken,
+    /// The server hung up without an answer: it died or stopped serving.
+    /// Worth looking again.
+    Gone,
+    /// The server said it cannot export the memory, and why.
+    Unable(String),
+    /// An answer our server never sends (another protocol version, or not
+    /// ours), or one this process could not take (no room for the
+    /// descriptor): looking again would not change it.
+    Foreign(String),
 }
 
 /// The uid of the process at the other end of a Unix socket.
@@ -157,7 +168,12 @@ pub fn recv_with_fd(s: &UnixStream, bytes: &mut [u8]) -> std::io::Result<Option<
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > 1 {
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(std::io::Error::other(
+            "the descriptor sent was cut off (MSG_CTRUNC): this process may have too many open files",
+        ));
+    }
+    if fds.len() > 1 {
         return Err(std::io::Error::other("more than one descriptor was sent"));
     }
     let fd = fds.pop();
@@ -179,29 +195,131 @@ pub fn send_offer(s: &UnixStream, offer: &Offer, fd: RawFd) -> std::io::Result<(
     send_with_fd(s, &m, fd)
 }
 
+/// Tells the client why the memory cannot be handed over (the first 40
+/// bytes of `why`, cut at a character), without blocking.
+pub fn send_refusal(s: &UnixStream, why: &str) -> std::io::Result<()> {
+    let mut m = [0u8; LEN];
+    m[..8].copy_from_slice(REFUSAL);
+    let mut end = why.len().min(LEN - 8);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    m[8..8 + end].copy_from_slice(&why.as_bytes()[..end]);
+    // SAFETY: sends `LEN` bytes of a live buffer.
+    let n = unsafe {
+        libc::send(
+            s.as_raw_fd(),
+            m.as_ptr().cast(),
+            LEN,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        n if n == LEN as isize => Ok(()),
+        n if n < 0 => Err(std::io::Error::last_os_error()),
+        _ => Err(std::io::Error::other("short send")),
+    }
+}
+
 /// Waits up to `patience` for the server's offer.
 pub fn receive_offer(s: &UnixStream, patience: Duration) -> Result<(Offer, OwnedFd), NoOffer> {
     s.set_read_timeout(Some(patience.max(Duration::from_millis(1))))
-        .map_err(|_| NoOffer::Broken)?;
+        .map_err(|e| NoOffer::Foreign(format!("cannot wait for the answer: {e}")))?;
     let mut m = [0u8; LEN];
     let fd = match recv_with_fd(s, &mut m) {
         Ok(fd) => fd,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            return Err(NoOffer::Silent)
+        Err(e) => {
+            use std::io::ErrorKind::*;
+            return Err(match e.kind() {
+                WouldBlock | TimedOut => NoOffer::Silent,
+                UnexpectedEof | ConnectionReset | BrokenPipe => NoOffer::Gone,
+                _ => NoOffer::Foreign(format!("its answer could not be received: {e}")),
+            });
         }
-        Err(_) => return Err(NoOffer::Broken),
     };
-    let (Some(fd), true) = (fd, &m[..8] == MAGIC) else {
-        return Err(NoOffer::Broken);
+    if &m[..8] == REFUSAL {
+        let why = String::from_utf8_lossy(&m[8..]);
+        return Err(NoOffer::Unable(why.trim_end_matches('\0').to_owned()));
+    }
+    if &m[..8] != MAGIC {
+        return Err(NoOffer::Foreign(
+            "its answer is not an offer of this version of ray-zerocopy (does another version serve this key?)"
+                .into(),
+        ));
+    }
+    let Some(fd) = fd else {
+        return Err(NoOffer::Foreign(
+            "its offer came without a descriptor".into(),
+        ));
     };
     let size = u64::from_le_bytes(m[8..16].try_into().expect("8 bytes")) as usize;
     let digest = m[16..48].try_into().expect("32 bytes");
     Ok((Offer { size, digest }, fd))
+}
+
+/// Connects to the Unix socket at `path`, waiting at most `patience` for
+/// room in its queue of connections. A listener that never accepts (a
+/// stopped or stuck server, or one that is not ours) fills its queue, and a
+/// blocking connect then waits until a connection is accepted: forever.
+/// Times out with `ErrorKind::TimedOut`; other errors are the kernel's
+/// (`ConnectionRefused`: nobody listens; `NotFound`: no socket).
+pub fn connect_within(path: &Path, patience: Duration) -> std::io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: all-zero is a valid sockaddr_un.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as _;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the socket's path is too long",
+        ));
+    }
+    for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    let deadline = Instant::now() + patience;
+    loop {
+        // SAFETY: creates a socket; its descriptor is owned right below.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: connects with a valid address of its size. Not blocking: a
+        // Unix socket connects at once or fails with EAGAIN (queue full).
+        let r = unsafe {
+            libc::connect(
+                sock.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            let stream = UnixStream::from(sock);
+            stream.set_nonblocking(false)?;
+            return Ok(stream);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(e);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "its queue of connections stayed full: the listener accepts none",
+            ));
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(5)));
+    }
 }
 
 #[cfg(test)]
@@ -263,8 +381,56 @@ mod tests {
         // tests of this binary; that both are owned is in the code.)
         assert!(matches!(
             receive_offer(&b, Duration::from_secs(1)),
-            Err(NoOffer::Broken)
+            Err(NoOffer::Foreign(_))
         ));
+    }
+
+    /// A server that cannot export says why; the client stops at once.
+    #[test]
+    fn a_refusal_carries_its_reason() {
+        let (a, b) = UnixStream::pair().unwrap();
+        send_refusal(&a, "CUDA_ERROR_OUT_OF_MEMORY (out of memory) and more é").unwrap();
+        match receive_offer(&b, Duration::from_secs(1)) {
+            Err(NoOffer::Unable(why)) => {
+                assert_eq!(why, "CUDA_ERROR_OUT_OF_MEMORY (out of memory)")
+            }
+            _ => panic!("not a refusal"),
+        }
+        // Another protocol's message, with a descriptor: not ours.
+        let file = File::open("/proc/self/exe").unwrap();
+        let mut m = [0u8; LEN];
+        m[..8].copy_from_slice(b"RZCSHR99");
+        send_with_fd(&a, &m, file.as_raw_fd()).unwrap();
+        assert!(matches!(
+            receive_offer(&b, Duration::from_secs(1)),
+            Err(NoOffer::Foreign(why)) if why.contains("another version")
+        ));
+    }
+
+    /// A listener that accepts nothing fills its queue: connecting then
+    /// times out instead of blocking forever.
+    #[test]
+    fn connecting_to_a_listener_that_accepts_nothing_times_out() {
+        let dir = std::env::temp_dir().join(format!("rzc-queue-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // SAFETY: shrinks the live listener's queue to its minimum.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let mut queued = Vec::new();
+        let started = Instant::now();
+        let err = loop {
+            match connect_within(&path, Duration::from_millis(200)) {
+                Ok(s) => queued.push(s),
+                Err(e) => break e,
+            }
+            assert!(queued.len() < 64, "the queue never filled");
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -279,7 +445,7 @@ mod tests {
         a.shutdown(std::net::Shutdown::Both).unwrap();
         assert!(matches!(
             receive_offer(&b, Duration::from_millis(50)),
-            Err(NoOffer::Broken)
+            Err(NoOffer::Gone)
         ));
     }
 
