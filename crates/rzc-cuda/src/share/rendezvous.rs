@@ -139,12 +139,21 @@ fn token() -> Result<String, String> {
         (_, Some(h)) if !h.is_empty() => Path::new(&h).join(".cache"),
         _ => return Err("neither XDG_CACHE_HOME nor HOME is set".into()),
     };
-    let dir = cache.join(SUBDIR);
+    token_in(&cache)
+}
+
+/// The token in `<cache>/ray-zerocopy/share-token`, made there if none yet.
+/// The `ray-zerocopy` directory must be private to this user (see
+/// [`private_dir`]): in one open to others, another user could plant a
+/// token of theirs or links where we write.
+fn token_in(cache: &Path) -> Result<String, String> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        .create(cache)
+        .map_err(|e| format!("{}: {e}", cache.display()))?;
+    let dir = cache.join(SUBDIR);
+    private_dir(&dir)?;
     let path = dir.join("share-token");
     for _ in 0..2 {
         match read_token(&path) {
@@ -155,16 +164,7 @@ fn token() -> Result<String, String> {
         // None there yet: write one to a private file, then link it into
         // place (atomic; whoever links first wins, the others read theirs).
         let fresh = random_hex()?;
-        let tmp = dir.join(format!(".share-token.{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        f.write_all(fresh.as_bytes()).map_err(|e| e.to_string())?;
-        drop(f);
+        let tmp = new_private_file(&dir, fresh.as_bytes())?;
         let linked = std::fs::hard_link(&tmp, &path);
         let _ = std::fs::remove_file(&tmp);
         match linked {
@@ -174,6 +174,35 @@ fn token() -> Result<String, String> {
         }
     }
     Err(format!("{} could not be read", path.display()))
+}
+
+/// Writes `content` to a new file `<dir>/.share-token.<random>` (mode 0600)
+/// and returns its path. The name cannot be guessed, and the file is made
+/// with O_EXCL and O_NOFOLLOW: nothing already there, a link included, is
+/// opened; a name taken anyway is tried once more with another.
+fn new_private_file(dir: &Path, content: &[u8]) -> Result<PathBuf, String> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let tmp = dir.join(format!(".share-token.{}", random_hex()?));
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp);
+        let mut f = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 2 => continue,
+            Err(e) => return Err(format!("{}: {e}", tmp.display())),
+        };
+        if let Err(e) = f.write_all(content) {
+            drop(f);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("{}: {e}", tmp.display()));
+        }
+        return Ok(tmp);
+    }
 }
 
 /// The token at `path`; `None` when there is no file. A file that is not
@@ -300,5 +329,76 @@ mod tests {
         assert!(private_dir(&link).unwrap_err().contains("symbolic link"));
         assert!(private_dir(&base.join("fresh")).is_ok());
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// A fresh directory for one test (tests run in parallel threads).
+    fn scratch(test: &str) -> PathBuf {
+        let base = std::env::temp_dir().join(format!("rzc-rdv-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&base)
+            .unwrap();
+        base
+    }
+
+    #[test]
+    fn a_token_is_made_once_and_then_read() {
+        let base = scratch("token");
+        let cache = base.join("cache");
+        let first = token_in(&cache).unwrap();
+        assert_eq!(first.len(), 32);
+        assert_eq!(token_in(&cache).unwrap(), first);
+        let names: Vec<_> = std::fs::read_dir(cache.join(SUBDIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["share-token"], "no temporary file left");
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_cache_directory_open_to_others_is_refused() {
+        let base = scratch("open-cache");
+        let cache = base.join("cache");
+        let dir = cache.join(SUBDIR);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let why = token_in(&cache).unwrap_err();
+        assert!(why.contains("open to others"), "{why}");
+        assert!(why.contains(&dir.display().to_string()), "{why}");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "nothing written"
+        );
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_link_planted_at_the_temporary_name_is_not_followed() {
+        let base = scratch("planted");
+        let cache = base.join("cache");
+        let dir = cache.join(SUBDIR);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .unwrap();
+        let victim = scratch("victim").join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let planted = dir.join(format!(".share-token.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let t = token_in(&cache).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(token_in(&cache).unwrap(), t);
+        let _ = std::fs::remove_dir_all(&base);
+        let _ = std::fs::remove_dir_all(victim.parent().unwrap());
     }
 }
