@@ -2,13 +2,15 @@
 tests: it prints what it got as one JSON line, then holds the memory until it
 reads "exit" on stdin (or is killed).
 
-    python share_worker.py KEY [SEED] [--fork-unprivileged] [--patch] [--many]
+    python share_worker.py KEY [SEED] [--fork-unprivileged] [--fork-sleeper] [--patch] [--many]
 
 SEED picks the buffer's contents (same seed, same buffer). With
 --fork-unprivileged the upload runs in a forked child that first switches to
 the unprivileged user `nobody`. --patch changes one value in the middle of
 the largest tensor (a checkpoint of the same model that differs in a row);
 --many adds 3000 small tensors (a header larger than a socket's buffer).
+--fork-sleeper forks, after the load, a child that only sleeps (as
+multiprocessing or a DataLoader worker would fork); its pid is "sleeper".
 SHARE_DIR in the environment is passed as ``share_dir``; SHARE_WRITABLE
 (set) as ``share_writable=True``.
 """
@@ -91,6 +93,12 @@ def main():
         os.waitpid(pid, 0)
         return
     out, held = load(key, tensors, w)
+    if "--fork-sleeper" in sys.argv:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(120)
+            os._exit(0)
+        out["sleeper"] = pid
     print(json.dumps(out), flush=True)
     wait_for_exit()
     del held, w

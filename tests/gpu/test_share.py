@@ -81,6 +81,23 @@ def test_the_uploader_killed_a_later_process_still_imports(share_env):
     assert clean, done
 
 
+def test_a_forked_child_does_not_keep_the_server_s_lock_and_socket(share_env):
+    """A process that serves forks (multiprocessing, a DataLoader worker) and
+    dies: its child must not keep the lock and the listening socket it
+    inherited, or a later loader finds a socket nobody answers (silent, a
+    private copy) and no process can ever serve the key again."""
+    env, log = share_env
+    server = Worker(env, "model-f", "1", "--fork-sleeper")
+    assert server.info["sharing"] == "uploaded", server.info
+    try:
+        server.kill()
+        later = Worker(env, "model-f")
+        assert later.info["sharing"] == "uploaded" and later.info["fallback"] == "none", later.info
+        later.exit()
+    finally:
+        os.kill(server.info["sleeper"], signal.SIGKILL)
+
+
 def test_two_first_loaders_at_once_make_one_allocation(share_env):
     env, log = share_env
     env = dict(env, FAKECUDA_COPY_DELAY_US="20000")  # a slow upload: the second waits for it
@@ -163,9 +180,8 @@ def test_memory_one_process_could_write_is_shared_only_where_all_allow_it(share_
     assert clean, done
 
 
-def test_one_process_loading_twice_uses_its_own_mapping(tmp_path, case):
-    share_dir = tmp_path / "share"
-    share_dir.mkdir(mode=0o700)
+def test_one_process_loading_twice_uses_its_own_mapping(share_env, case):
+    share_dir = share_env[0]["RZC_SHARE_DIR"]
     c = case(
         """
 import gc, torch
@@ -179,7 +195,7 @@ del da, db, a, b
 gc.collect()
 print(json.dumps(out))
 """,
-        RZC_SHARE_DIR=str(share_dir),
+        RZC_SHARE_DIR=share_dir,
     )
     assert c.proc.returncode == 0, c
     assert c.result == {"same": True, "a": "uploaded", "b": "uploaded"}, c

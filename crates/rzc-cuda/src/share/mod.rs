@@ -22,6 +22,7 @@
 //! Anything that does not hold gives a private upload and a [`Fallback`]
 //! saying why: never a failure, never someone else's weights.
 
+mod inherit;
 mod rendezvous;
 pub(crate) mod server;
 mod verify;
@@ -39,6 +40,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::layout::DeviceTensor;
 use crate::memory::DeviceMemory;
 use crate::vmm;
+use inherit::NotInherited;
 use rendezvous::Paths;
 use rzc_core::digest::Digest;
 use server::{Exporter, Server};
@@ -181,7 +183,7 @@ pub enum Attached {
     /// Nobody has it yet: this process fills `memory`, then publishes it.
     Upload {
         memory: DeviceMemory,
-        publish: Publish,
+        publish: Box<Publish>,
     },
     /// Sharing does not apply.
     Private(Fallback),
@@ -311,10 +313,10 @@ fn meet(
                             )))
                         }
                     };
-                    pending.lock = Some(lock);
+                    pending.lock = Some(NotInherited::new(lock));
                     return Ok(Attached::Upload {
                         memory,
-                        publish: pending,
+                        publish: Box::new(pending),
                     });
                 }
                 Ok(None) => {} // another process is uploading: wait for it to serve
@@ -422,7 +424,7 @@ pub struct Publish {
     _one: MutexGuard<'static, ()>,
     name: String,
     paths: Paths,
-    lock: Option<File>,
+    lock: Option<NotInherited<File>>,
     digest: Digest,
     writable: bool,
 }

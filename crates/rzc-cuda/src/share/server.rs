@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 
 use cudarc::driver::sys;
 
+use super::inherit::NotInherited;
 use super::rendezvous::{try_lock, Paths};
 use super::wire::{same_user, send_offer, send_refusal, Offer};
 use super::POLL;
@@ -41,7 +42,7 @@ pub struct Server {
 
 impl Server {
     /// Starts serving (with `lock` held) or waiting to serve.
-    pub fn start(paths: Paths, lock: Option<File>, exporter: Exporter) -> Server {
+    pub fn start(paths: Paths, lock: Option<NotInherited<File>>, exporter: Exporter) -> Server {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -61,11 +62,16 @@ impl Drop for Server {
     }
 }
 
-fn serve(paths: Paths, mut lock: Option<File>, exporter: Exporter, stop: &AtomicBool) {
+fn serve(
+    paths: Paths,
+    mut lock: Option<NotInherited<File>>,
+    exporter: Exporter,
+    stop: &AtomicBool,
+) {
     let mut failed_binds = 0;
     while !stop.load(Ordering::Acquire) {
         if lock.is_none() {
-            lock = try_lock(&paths.lock).ok().flatten();
+            lock = try_lock(&paths.lock).ok().flatten().map(NotInherited::new);
             if lock.is_none() {
                 std::thread::sleep(POLL);
                 continue;
@@ -73,7 +79,7 @@ fn serve(paths: Paths, mut lock: Option<File>, exporter: Exporter, stop: &Atomic
         }
         // We hold the lock: whatever socket file is there is a dead server's.
         let _ = std::fs::remove_file(&paths.sock);
-        let Ok(listener) = UnixListener::bind(&paths.sock) else {
+        let Ok(listener) = UnixListener::bind(&paths.sock).map(NotInherited::new) else {
             // Holding the lock without a socket would make every loader
             // wait out its whole wait: after a second of failures, let
             // another process take the lock over.
@@ -86,6 +92,7 @@ fn serve(paths: Paths, mut lock: Option<File>, exporter: Exporter, stop: &Atomic
             continue;
         };
         failed_binds = 0;
+        let listener = listener.get();
         if listener.set_nonblocking(true).is_err() {
             continue;
         }
