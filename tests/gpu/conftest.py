@@ -4,8 +4,10 @@ and on a real GPU in `run_gpu_checks.sh`. Without either, every test here is
 skipped with "skipped: no CUDA device" (pytest -rs shows it)."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -86,11 +88,17 @@ def case(tmp_path):
 
 @pytest.fixture
 def share_env(tmp_path):
-    """A private share directory and a driver log for this test's processes."""
-    share_dir = tmp_path / "share"
-    share_dir.mkdir(mode=0o700)
+    """A private share directory and a driver log for this test's processes.
+
+    The directory is a short path of its own (mode 0700): a socket's path
+    holds at most 107 bytes, and a directory too long for one (pytest's
+    tmp_path can be) is passed over for the user's shared fallback, where
+    other tests' processes would meet this test's."""
+    share_dir = tempfile.mkdtemp(prefix="rzc-")
+    assert len(share_dir) + len("/0123456789abcdef0123456789abcdef.sock") < 108, share_dir
     log = tmp_path / "driver.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAKECUDA_")}
-    env.update(RZC_SHARE_DIR=str(share_dir), FAKECUDA_LOG=str(log))
+    env.update(RZC_SHARE_DIR=share_dir, FAKECUDA_LOG=str(log))
     env["PYTHONPATH"] = os.pathsep.join([_HERE, env.get("PYTHONPATH", "")])
-    return env, log
+    yield env, log
+    shutil.rmtree(share_dir, ignore_errors=True)

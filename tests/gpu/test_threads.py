@@ -21,6 +21,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from common import read_log
@@ -40,9 +41,11 @@ def run_children(tmp_path, chunks, processes=PROCESSES, wave=3, threads=4, churn
     sealed, buf = _seal.seal(state())
     path = tmp_path / "sealed.safetensors"
     buf.tofile(path)
-    outdir, share_dir = tmp_path / "out", tmp_path / "share"
+    outdir = tmp_path / "out"
     outdir.mkdir()
-    share_dir.mkdir(mode=0o700)
+    # A short path of its own: a socket's path holds 107 bytes, and a longer
+    # directory is passed over for the user's fallback, shared with others.
+    share_dir = tempfile.mkdtemp(prefix="rzc-")
     spec = {
         "path": str(path), "sealed": pickle.dumps(sealed).hex(), "outdir": str(outdir),
         "digest": Weights.from_buffer(buf).content_digest().hex(),

@@ -35,6 +35,11 @@ fn shared_upload(w: &rzc_core::Weights) -> DeviceWeights {
 fn private_because(w: &rzc_core::Weights) -> Fallback {
     let dev = shared_upload(w);
     assert_eq!(dev.sharing(), Sharing::Private);
+    assert_eq!(
+        dev.share_dir_note(),
+        "",
+        "the test's own rendezvous directory"
+    );
     assert!(dev.staging().is_some() && dev.readback().is_none());
     assert!(equal(w, &dev));
     assert_ne!(dlpack_flags(&dev, 0) & DLPACK_FLAG_BITMASK_IS_COPIED, 0);
@@ -126,17 +131,26 @@ fn role() {
     }
 }
 
-/// A rendezvous directory of this user closed to others, and a key of this
-/// test run.
+/// A rendezvous directory of this user closed to others, and a key, both
+/// of this test alone (tests run at once, with equal buffers). The
+/// directory's path is kept short: a socket's path holds at most 107 bytes,
+/// and a directory too long for one is passed over for the user's shared
+/// fallback directory, where the other tests meet too.
 fn rendezvous(test: &str) -> (std::path::PathBuf, String) {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = std::env::temp_dir().join(format!("rzc-cuda-share-{}-{test}", std::process::id()));
+    let short: String = test.split('_').filter_map(|w| w.chars().next()).collect();
+    let dir = std::env::temp_dir().join(format!("rzc-{}-{short}", std::process::id()));
+    assert!(
+        dir.as_os_str().len() + "/0123456789abcdef0123456789abcdef.sock".len() < 108,
+        "{} is too long a path for the rendezvous",
+        dir.display()
+    );
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
         .expect("the rendezvous directory");
-    (dir, format!("rust-test-{}", std::process::id()))
+    (dir, format!("rust-test-{}-{test}", std::process::id()))
 }
 
 fn case(name: &str, role: &str, dir: &std::path::Path, key: &str) -> Case {
