@@ -78,11 +78,11 @@ fn weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
 /// Why `path` is not read, when it is not a regular file after symlinks
 /// (a Hugging Face cache's shards are links to its blobs): "is a FIFO, not a
 /// regular file". Opening a FIFO for reading waits for a writer, forever when
-/// none comes, so it must be refused before it is opened; rzc-core opens by
-/// path, so this looks at the path first. A FIFO put there between the two
-/// would still block, but only someone changing the checkpoint under the
-/// running command can do that, and Ctrl-C ends it. `None` for a regular
-/// file, or for one that cannot be looked at: opening it says why.
+/// none comes, so it must be refused before it is opened. This looks at the
+/// path first, for the message; rzc-core's own open (`O_NONBLOCK`, then a
+/// check of the open descriptor) refuses one put there in between. `None`
+/// for a regular file, or for one that cannot be looked at: opening it says
+/// why.
 pub fn not_regular(path: &Path) -> Option<String> {
     let kind = std::fs::metadata(path).ok()?.file_type();
     let what = if kind.is_file() {

@@ -6,7 +6,6 @@
 //! and mapping a file is `unsafe` in memmap2 because another process could
 //! change the file underneath.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -75,17 +74,34 @@ impl Bytes for Borrowed {
 }
 
 /// Maps the file at `path` read-only. An empty file gives an empty buffer
-/// (mmap refuses empty files; the parser gives the real diagnosis).
+/// (mmap refuses empty files; the parser gives the real diagnosis). Only a
+/// regular file (or a link to one) is mapped: the file is opened
+/// `O_NONBLOCK`, since opening a FIFO for reading otherwise waits for a
+/// writer, forever when none comes, and what the open descriptor is gets
+/// checked before anything is read.
 pub fn map_file(path: &Path) -> Result<Storage> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let io = |e: std::io::Error| Error::new(ErrorKind::Io, format!("{}: {e}", path.display()));
-    let file = File::open(path).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
     let meta = file.metadata().map_err(io)?;
-    if meta.is_dir() {
-        fail!(
-            Io,
-            "{} is a directory, not a safetensors file",
-            path.display()
-        );
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        fail!(Io, "{} is {what}, not a safetensors file", path.display());
     }
     if meta.len() == 0 {
         return Ok(Arc::new(Vec::new()));

@@ -136,6 +136,39 @@ fn lookup_errors() {
     assert!(e.message().contains("/nonexistent/model.safetensors"));
 }
 
+/// Only regular files are mapped: a FIFO named like a checkpoint is refused
+/// at once (opening it for reading would wait for a writer forever), and so
+/// is a directory, each by what it is.
+#[test]
+fn a_fifo_or_a_directory_is_refused_not_waited_on() {
+    let dir = std::env::temp_dir().join(format!("rzc-core-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("model.safetensors");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = fifo.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(Weights::open_file(&path).map(|_| ()).unwrap_err());
+    });
+    let e = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("opening a FIFO returned within 10 s");
+    assert_eq!(e.kind(), ErrorKind::Io);
+    assert!(
+        e.message().contains("is a FIFO, not a safetensors file"),
+        "{}",
+        e.message()
+    );
+    let e = Weights::open_file(&dir).unwrap_err();
+    assert!(e.message().contains("is a directory"), "{}", e.message());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn data_section_export_covers_every_tensor() {
     let buf = official(
