@@ -4,6 +4,7 @@ processes that load one buffer under one key make ONE allocation and read
 equal values; sharing survives the death of the process that uploaded; other
 keys, other buffers and other users stay apart; nothing leaks."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -235,41 +236,43 @@ def _stop(proc):
     proc.wait(timeout=60)
 
 
+@contextlib.contextmanager
+def _against_rogue(env, key, mode):
+    """A loader of ``key`` whose rendezvous a same-user rogue server
+    (``rogue_server.py`` ``mode``) took first; yields the loader, which exits
+    after the block."""
+    probe = Worker(env, key)  # leaves the key's lock and socket files behind
+    probe.exit()
+    rogue = _rogue(env, env["RZC_SHARE_DIR"], mode, probe.info)
+    try:
+        victim = Worker(env, key)
+        yield victim
+        victim.exit()
+    finally:
+        _stop(rogue)
+
+
 def test_memory_a_server_hands_over_is_read_back_before_use(share_env):
     """A same-user process that takes the key's socket first and hands over
     other memory of the right size, with the right size and digest in its
     offer: the importer reads windows of it back, finds they differ from its
     own buffer, and uploads privately with the reason."""
     env, log = share_env
-    probe = Worker(env, "model-g")  # leaves the key's lock and socket files behind
-    probe.exit()
-    rogue = _rogue(env, env["RZC_SHARE_DIR"], "zeros", probe.info)
-    try:
-        victim = Worker(env, "model-g")
+    with _against_rogue(env, "model-g", "zeros") as victim:
         assert victim.info["sharing"] == "private" and victim.info["fallback"] == "mismatch", victim.info
         assert "differs from this process's weights" in victim.info["note"], victim.info
         assert victim.info["equal"], "computes with its own weights"
         assert events(log, "import", victim.info["pid"]), "it did map the rogue memory, then dropped it"
-        victim.exit()
-        clean, done = exits_clean(log, [victim.info["pid"]])
-        assert clean, done
-    finally:
-        _stop(rogue)
+    clean, done = exits_clean(log, [victim.info["pid"]])
+    assert clean, done
 
 
 def test_a_server_that_never_answers_is_named(share_env):
     env, log = share_env
-    probe = Worker(env, "model-h")
-    probe.exit()
-    rogue = _rogue(env, env["RZC_SHARE_DIR"], "silent", probe.info)
-    try:
-        victim = Worker(env, "model-h")
+    with _against_rogue(env, "model-h", "silent") as victim:
         assert victim.info["seconds"] < 10, "not the whole share_wait (20 s)"
         assert victim.info["sharing"] == "private" and victim.info["fallback"] == "silent", victim.info
         assert "did not answer within" in victim.info["note"], victim.info
-        victim.exit()
-    finally:
-        _stop(rogue)
 
 
 def test_a_server_whose_queue_is_full_is_named_not_waited_on_forever(share_env):
@@ -277,32 +280,18 @@ def test_a_server_whose_queue_is_full_is_named_not_waited_on_forever(share_env):
     neighbour's) fills its queue of connections; a blocking connect would
     then wait forever, holding every later shared load of the process."""
     env, log = share_env
-    probe = Worker(env, "model-q")
-    probe.exit()
-    rogue = _rogue(env, env["RZC_SHARE_DIR"], "full", probe.info)
-    try:
-        victim = Worker(env, "model-q")
+    with _against_rogue(env, "model-q", "full") as victim:
         assert victim.info["seconds"] < 10, victim.info
         assert victim.info["sharing"] == "private" and victim.info["fallback"] == "silent", victim.info
-        victim.exit()
-    finally:
-        _stop(rogue)
 
 
 def test_an_answer_in_another_protocol_is_named_at_once(share_env):
     env, log = share_env
-    probe = Worker(env, "model-p")
-    probe.exit()
-    rogue = _rogue(env, env["RZC_SHARE_DIR"], "foreign", probe.info)
-    try:
-        victim = Worker(env, "model-p")
+    with _against_rogue(env, "model-p", "foreign") as victim:
         assert victim.info["seconds"] < 5, "it looked again and again instead of stopping"
         assert victim.info["sharing"] == "private" and victim.info["fallback"] == "rendezvous", victim.info
         assert "another version" in victim.info["note"], victim.info
         assert not events(log, "import", victim.info["pid"]), "it mapped what a foreign server handed over"
-        victim.exit()
-    finally:
-        _stop(rogue)
 
 
 def test_a_server_that_cannot_export_says_so(share_env):

@@ -358,9 +358,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&base);
     }
 
-    #[test]
-    fn a_cache_directory_open_to_others_is_refused() {
-        let base = scratch("open-cache");
+    /// `<base>/cache` with its `ray-zerocopy` directory made (mode 0700):
+    /// the cache, and that directory.
+    fn cache_in(base: &Path) -> (PathBuf, PathBuf) {
         let cache = base.join("cache");
         let dir = cache.join(SUBDIR);
         std::fs::DirBuilder::new()
@@ -368,6 +368,13 @@ mod tests {
             .mode(0o700)
             .create(&dir)
             .unwrap();
+        (cache, dir)
+    }
+
+    #[test]
+    fn a_cache_directory_open_to_others_is_refused() {
+        let base = scratch("open-cache");
+        let (cache, dir) = cache_in(&base);
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
             .unwrap();
         let why = token_in(&cache).unwrap_err();
@@ -384,13 +391,7 @@ mod tests {
     #[test]
     fn a_link_planted_at_the_temporary_name_is_not_followed() {
         let base = scratch("planted");
-        let cache = base.join("cache");
-        let dir = cache.join(SUBDIR);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .unwrap();
+        let (cache, dir) = cache_in(&base);
         let victim = scratch("victim").join("victim");
         std::fs::write(&victim, "precious").unwrap();
         let planted = dir.join(format!(".share-token.{}", std::process::id()));
