@@ -181,6 +181,38 @@ def test_memory_one_process_could_write_is_shared_only_where_all_allow_it(share_
     assert clean, done
 
 
+@pytest.mark.parametrize("write_protect", [True, False])
+def test_a_load_s_write_protect_decides_whether_writable_memory_is_shared(share_env, case, write_protect):
+    """What a load asks for reaches the upload: with the write guard on
+    (the default), memory the driver will not map read-only stays private;
+    with ``write_protect=False`` it is shared as it is."""
+    c = case(
+        f"""
+import torch
+from ray_zerocopy import _load, _seal
+sealed, buf = _seal.seal({{"w": torch.arange(10000, dtype=torch.float32)}})
+w = rzc.Weights.from_buffer(shared_buffer(buf, "wp"), write_protect={write_protect})
+options = _load.LoadOptions(device="cuda:0", write_protect={write_protect}, share_key="k")
+# torch here has no CUDA to make tensors of the upload with: what is tested
+# is what reaches the upload, so the framework step takes nothing.
+class NoTensors:
+    adopt = staticmethod(lambda source, indices, fast: [None] * len(indices))
+_load._adapter = lambda framework: NoTensors
+tensors, info = _load.materialize(w, sealed, options)
+print(json.dumps({{k: info[k] for k in ("sharing", "read_only", "fallback")}}))
+""",
+        RZC_SHARE_DIR=share_env[0]["RZC_SHARE_DIR"],
+        FAKECUDA_FAIL="cuMemSetAccess@2",  # the upload's mapping made read-only
+    )
+    assert c.proc.returncode == 0, c
+    expected = (
+        {"sharing": "private", "read_only": False, "fallback": "not_read_only"}
+        if write_protect
+        else {"sharing": "uploaded", "read_only": False, "fallback": "none"}
+    )
+    assert c.result == expected, c
+
+
 def test_one_process_loading_twice_uses_its_own_mapping(share_env, case):
     share_dir = share_env[0]["RZC_SHARE_DIR"]
     c = case(
