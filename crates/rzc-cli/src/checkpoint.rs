@@ -57,8 +57,22 @@ fn weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
     if let Some(why) = not_regular(path) {
         bail!("{}: {why}", path.display());
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Opened without waiting and checked again as opened: a FIFO put there
+    // after the look above is refused, not waited on.
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+    }
+    .with_context(|| format!("cannot read {}", path.display()))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        bail!("{}: is not a regular file", path.display());
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
@@ -79,8 +93,9 @@ fn weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
 /// (a Hugging Face cache's shards are links to its blobs): "is a FIFO, not a
 /// regular file". Opening a FIFO for reading waits for a writer, forever when
 /// none comes, so it must be refused before it is opened. This looks at the
-/// path first, for the message; rzc-core's own open (`O_NONBLOCK`, then a
-/// check of the open descriptor) refuses one put there in between. `None`
+/// path first, for the message; the opens that follow (rzc-core's, and the
+/// index's here: `O_NONBLOCK`, then a check of the open descriptor) refuse
+/// one put there in between. `None`
 /// for a regular file, or for one that cannot be looked at: opening it says
 /// why.
 pub fn not_regular(path: &Path) -> Option<String> {
