@@ -118,7 +118,11 @@ class _DeltaSealer(_Sealer):
             self.used_names.add(inp.name)
             hit = (_NEW, len(self.inputs))
             self.inputs.append(inp)
-            self.keep.extend((o, alive))
+        # Kept alive whether or not the base has it: ``refs`` is keyed by
+        # id(o), and an array the pickling made (a ``__reduce__`` that returns
+        # a fresh one) would otherwise be freed and its id reused by the
+        # next, which would then take this one's reference: wrong weights.
+        self.keep.extend((o, alive))
         self.refs[id(o)] = len(self.sources)
         self.sources.append(hit)
         self.kinds.append(kind_of(o, fw))  # the slot's kind: a parameter stays a parameter

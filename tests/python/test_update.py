@@ -193,6 +193,31 @@ def test_tied_weights_stay_tied_across_an_update(ray_cluster):
         base.update({"encoder.emb.weight": emb, "decoder.proj.weight": emb + 1})
 
 
+class _Fresh:
+    """An object whose state is an array made anew each time it is pickled
+    (as a ``__reduce__`` that converts its weights does)."""
+
+    def __init__(self, k):
+        self.k, self.w = k, None
+
+    def __reduce__(self):
+        return (_Fresh, (0,), np.full(1024, self.k, np.float32))
+
+    def __setstate__(self, state):
+        self.w = state
+
+
+def test_arrays_made_while_pickling_an_update_keep_their_own_values(ray_cluster):
+    """Each array ``__reduce__`` makes is freed once pickled unless the
+    sealer keeps it; one equal to the base's was not kept, so the next array
+    could take its id, and with it its reference: version 2 loaded as
+    [1, 1, 1] instead of [1, 3, 4]."""
+    base = ActorWrapper([_Fresh(1), _Fresh(2), _Fresh(5)])
+    new = base.update([_Fresh(1), _Fresh(3), _Fresh(4)])
+    assert [float(h.w[0]) for h in base.load()] == [1.0, 2.0, 5.0]
+    assert [float(h.w[0]) for h in new.load()] == [1.0, 3.0, 4.0]
+
+
 def test_errors_name_the_tensor(ray_cluster):
     base = ActorWrapper(Encoder().eval())
     with pytest.raises(InvalidInputError, match="no tensor 'block.9.weight'"):
