@@ -78,6 +78,11 @@ def pack_input(a: np.ndarray, name: str) -> tuple[PackInput, object]:
     st = _NAMES.get(a.dtype.name)
     if st is None:
         raise UnshareableTensorError(f"array {name!r} has dtype {a.dtype}, which safetensors cannot hold")
+    if a.dtype.byteorder == ">":
+        # safetensors holds little-endian values: a big-endian array (">f4"
+        # is named "float32" too) is converted, or its bytes would be read
+        # back as other numbers.
+        a = a.astype(a.dtype.newbyteorder("<"))
     # np.ascontiguousarray makes a 0-d array 1-d (it returns ndim >= 1): a
     # scalar (a temperature, a step counter) would come back with shape (1,).
     if not a.flags.c_contiguous:

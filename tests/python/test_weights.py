@@ -674,6 +674,28 @@ def test_dims_need_room_for_every_extent(tmp_path):
     assert lib.rzc_weights_dims_len(ffi.NULL) == 0
 
 
+def test_big_endian_arrays_keep_their_values():
+    """A big-endian array's dtype is named like the native one (">f4" is
+    "float32"): sealed as it is, its bytes came back as other numbers. It is
+    stored little-endian, as safetensors holds values, and reads back equal,
+    a scalar and a non-contiguous view included (an update packs its arrays
+    with the same ``pack_input``)."""
+    from ray_zerocopy import _load, _seal
+
+    pipeline = {
+        "f": np.full(4, 2.5, ">f4"),
+        "i": np.arange(-3, 3, dtype=">i8"),
+        "h": np.arange(12, dtype=">f2").reshape(3, 4)[:, ::2],
+        "s": np.array(7, dtype=">i4"),
+        "u": np.arange(3, dtype=">u2"),
+    }
+    sealed, buf = _seal.seal(pipeline)
+    loaded = _load.assemble(rzc.Weights.from_buffer(buf), sealed)
+    for k, a in pipeline.items():
+        assert loaded[k].shape == a.shape and loaded[k].dtype == a.dtype.newbyteorder("="), k
+        np.testing.assert_array_equal(loaded[k], a)
+
+
 def test_loaded_parameters_are_frozen_parameters_over_the_buffer():
     """A load turns each adopted tensor into the parameter itself (its class
     set, as torch's UninitializedParameter.materialize does): it is an
