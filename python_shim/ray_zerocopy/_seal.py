@@ -85,6 +85,21 @@ class Sealed:
         return hashlib.sha256(b"ray-zerocopy share key v1\0" + self.content_digest + cluster.encode()).hexdigest()[:32]
 
 
+def version_digest(part_digests, sources) -> bytes:
+    """What names a version made of several sealed buffers: SHA-256 over
+    each buffer's content digest (base first, its own last) and which tensor
+    comes from which buffer. Two versions with equal digests load the same
+    tensors; a version's own buffer alone (its delta) does not say that, as
+    two different models given the same change have equal deltas."""
+    import hashlib
+
+    h = hashlib.sha256(b"ray-zerocopy version v1\0")
+    for d in part_digests:
+        h.update(d)
+    h.update(repr(tuple(tuple(s) for s in sources)).encode())
+    return h.digest()
+
+
 @dataclass(frozen=True)
 class SealedParts(Sealed):
     """A :class:`Sealed` whose tensors come from several sealed buffers (a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import sys
 import threading
 import time
@@ -208,17 +209,32 @@ class ActorWrapper:
     def share_key(self) -> str | None:
         """The key under which the actors of a node share ONE device copy of
         these weights per GPU (``None`` with ``share_gpu=False``). It is
-        derived from the content digest of the sealed buffer (every byte of
-        it) and the Ray cluster's session: wrappers of different weights
-        never share a key, and neither do two clusters, even with equal
-        weights (see docs/internals.md, "Trust model")."""
-        return self._share_key if self.share_gpu else None
+        derived from :attr:`content_digest` and the Ray cluster's session:
+        wrappers of different weights never share a key, and neither do two
+        clusters, even with equal weights (see docs/internals.md, "Trust
+        model"). A version made by :meth:`update` shares each of its sealed
+        buffers under that buffer's own key (so versions share the device
+        copy of the parts they have in common); this key names the version."""
+        if not self.share_gpu:
+            return None
+        if not self._parts:
+            return self._share_key
+        # The own buffer's key already holds the cluster's session.
+        mixed = b"ray-zerocopy version key v1\0" + self.content_digest + self._share_key.encode()
+        return hashlib.sha256(mixed).hexdigest()[:32]
 
     @property
     def content_digest(self) -> bytes:
-        """BLAKE3-based digest of every byte of the sealed buffer (32 bytes;
-        see :meth:`ray_zerocopy.Weights.content_digest`)."""
-        return self._sealed.content_digest
+        """What names these weights (32 bytes): the BLAKE3-based digest of
+        every byte of the sealed buffer (see
+        :meth:`ray_zerocopy.Weights.content_digest`); for a version made by
+        :meth:`update`, a SHA-256 over the digests of every buffer its
+        tensors come from and which tensor comes from which, since its own
+        buffer (the delta) is equal for two models given the same change."""
+        if not self._parts:
+            return self._sealed.content_digest
+        digests = [p.content_digest for p in self._parts] + [self._sealed.content_digest]
+        return _seal.version_digest(digests, self._sealed.sources)
 
     @property
     def nbytes(self) -> int:

@@ -5,6 +5,7 @@ the errors."""
 
 import copy
 import gc
+import pickle
 
 import numpy as np
 import pytest
@@ -216,6 +217,25 @@ def test_arrays_made_while_pickling_an_update_keep_their_own_values(ray_cluster)
     new = base.update([_Fresh(1), _Fresh(3), _Fresh(4)])
     assert [float(h.w[0]) for h in base.load()] == [1.0, 2.0, 5.0]
     assert [float(h.w[0]) for h in new.load()] == [1.0, 3.0, 4.0]
+
+
+def test_a_version_s_digest_and_key_name_its_weights_not_its_delta(ray_cluster):
+    """Two different models given the same change have equal deltas; the
+    versions' content digests and share keys must still differ (a cache by
+    either would otherwise hand one model's weights for the other's), while
+    a version sealed once keeps its own."""
+    head = np.full(64, 9.0, np.float32)
+    a = ActorWrapper({"body": np.full(256, 1.0, np.float32), "head": np.zeros(64, np.float32)})
+    b = ActorWrapper({"body": np.full(256, 2.0, np.float32), "head": np.zeros(64, np.float32)})
+    a2, b2 = a.update({"head": head}), b.update({"head": head})
+    assert a2._sealed.content_digest == b2._sealed.content_digest, "equal deltas: the case in point"
+    assert a2.content_digest != b2.content_digest and a2.share_key != b2.share_key
+    assert a2.content_digest not in (a.content_digest, b.content_digest)
+    assert a2.share_key not in (a.share_key, b.share_key)
+    again = pickle.loads(pickle.dumps(a2))
+    assert (again.content_digest, again.share_key) == (a2.content_digest, a2.share_key)
+    np.testing.assert_array_equal(a2.load()["body"], np.full(256, 1.0, np.float32))
+    np.testing.assert_array_equal(b2.load()["head"], head)
 
 
 def test_errors_name_the_tensor(ray_cluster):
