@@ -300,7 +300,11 @@ class Subscription:
 
     ``load``: how a wrapper becomes the object handed out (default
     ``wrapper.load()``; e.g. ``lambda w: w.load().eval()``). A version that
-    fails to load is logged and skipped: the previous one stays current."""
+    fails to load is logged, the previous one stays current, and it is tried
+    again after 1 s, then 2, 4, ... up to every 60 s, until it loads or a
+    newer one is published: a failure that passes (device memory while two
+    versions are resident, an object not fetched in time) does not leave
+    this process behind the others for good."""
 
     def __init__(self, name: str, *, timeout: float = 60.0, load=None):
         self.name = _check_name(name)
@@ -308,7 +312,8 @@ class Subscription:
         number, wrapper, generation = _entry(name, 0, None, timeout)
         self._current = Version(number, self._make(wrapper), wrapper)
         self._generation = generation
-        self._failed = 0  # the newest version that failed to load: not retried
+        self._failed = 0  # the newest version that failed to load (0: none)
+        self._retry_at, self._backoff = 0.0, 0.0  # when to try it again, and the wait before
         self._closed = threading.Event()
         # The thread holds the subscription weakly: a subscription dropped
         # without close() stops following (and frees its version) all the same.
@@ -341,13 +346,27 @@ class Subscription:
         try:
             loaded = Version(number, self._make(wrapper), wrapper)
         except Exception as e:
-            logger.warning("version %d of %r failed to load, keeping version %d: %s",
-                           number, self.name, self._current.number, e)
-            self._failed, self._generation = number, generation
+            self._fail(number, generation, "failed to load", e)
             return
         if not self._closed.is_set():
-            self._current, self._generation, self._failed = loaded, generation, 0
+            self._current, self._generation, self._failed, self._backoff = loaded, generation, 0, 0.0
             logger.info("now serving version %d of %r", number, self.name)
+
+    def _fail(self, number: int, generation, what: str, error: Exception) -> None:
+        """Version ``number`` could not be had: tried again after a wait that
+        doubles with each failure of that version, up to a minute."""
+        self._backoff = min(60.0, self._backoff * 2) if number == self._failed else 1.0
+        self._failed, self._generation = number, generation
+        self._retry_at = time.monotonic() + self._backoff
+        logger.warning("version %d of %r %s, keeping version %d, trying again in %.0f s: %s",
+                       number, self.name, what, self._current.number, self._backoff, error)
+
+    def _newer_than(self) -> int:
+        """The version number the next wait is for newer ones than: past a
+        failed version until its retry is due."""
+        if self._failed and time.monotonic() < self._retry_at:
+            return max(self._current.number, self._failed)
+        return self._current.number
 
 
 def _follow(subscription: weakref.ref) -> None:
@@ -356,7 +375,7 @@ def _follow(subscription: weakref.ref) -> None:
     import ray
 
     while (sub := subscription()) is not None and not sub._closed.is_set():
-        name, above, generation = sub.name, max(sub._current.number, sub._failed), sub._generation
+        name, above, generation = sub.name, sub._newer_than(), sub._generation
         closed = sub._closed
         del sub  # not held while waiting
         try:
@@ -374,7 +393,6 @@ def _follow(subscription: weakref.ref) -> None:
         try:
             wrapper = _join(refs, blob)
         except Exception as e:
-            logger.warning("version %d of %r cannot be read, skipped: %s", number, name, e)
-            sub._failed, sub._generation = number, generation
+            sub._fail(number, generation, "cannot be read", e)
             continue
         sub._apply(number, wrapper, generation)

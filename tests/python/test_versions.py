@@ -315,6 +315,39 @@ def test_a_subscription_closed_or_dropped_stops_following(ray_cluster):
     ray.kill(holder)
 
 
+def test_a_version_that_failed_to_load_is_tried_again(ray_cluster):
+    """A load that fails once or twice (device memory while two versions
+    are resident, a fetch that timed out) must not leave the replica on the
+    old version until the next publish: it is tried again, 1 s then 2 s
+    later, and the replica takes the new version."""
+    ray = ray_cluster
+    name = "test-retry"
+    rzc.publish(name, ActorWrapper(model(1)))
+
+    @ray.remote(num_cpus=0)
+    class Flaky:
+        def __init__(self, name):
+            self.calls = 0
+
+            def load(wrapper):
+                self.calls += 1
+                if self.calls in (2, 3):  # the first two tries of version 2
+                    raise RuntimeError("out of memory (a passing failure)")
+                return wrapper.load()
+
+            self.sub = Subscription(name, load=load)
+
+        def state(self):
+            return self.sub.version, self.calls
+
+    flaky = Flaky.remote(name)
+    assert ray.get(flaky.state.remote()) == (1, 1)
+    rzc.publish(name, ActorWrapper(model(2)))
+    wait_for(lambda: ray.get(flaky.state.remote())[0] == 2, "version 2 after two failed tries", timeout=30)
+    assert ray.get(flaky.state.remote()) == (2, 4)
+    ray.kill(flaky)
+
+
 def test_a_registry_that_died_is_made_again_and_subscribers_start_over(ray_cluster):
     ray = ray_cluster
     name = "test-registry-restart"
