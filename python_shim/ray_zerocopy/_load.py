@@ -173,16 +173,24 @@ def open_sealed(ref, write_protect: bool) -> Weights:
         w = _opened.get(key)
         if w is not None:
             return w
-        import ray
+    import ray
 
-        try:
-            buffer = ray.get(ref)
-        except (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFreedError, ray.exceptions.OwnerDiedError) as e:
-            raise SealedObjectLostError(
-                f"the sealed weights (object {key[0]}) are no longer in Ray's object store ({type(e).__name__}); "
-                "the process that sealed it owns it and must stay alive while actors load it, unless it was sealed "
-                "with owner=ray_zerocopy.Owner(...), which outlives that process"
-            ) from e
+    # Fetched without the lock: an object coming from another node must not
+    # hold up the loads of other objects in this process (a multiplexed
+    # service, a subscription loading a new version).
+    try:
+        buffer = ray.get(ref)
+    except (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFreedError, ray.exceptions.OwnerDiedError) as e:
+        raise SealedObjectLostError(
+            f"the sealed weights (object {key[0]}) are no longer in Ray's object store ({type(e).__name__}): "
+            "their owner let go of them or died. Without an Owner, the process that sealed them owns them and "
+            "must stay alive while actors load them; with owner=ray_zerocopy.Owner(...), the owner must not be "
+            "closed (nor the version unpublished) while they are in use"
+        ) from e
+    with _opened_lock:
+        w = _opened.get(key)
+        if w is not None:  # another thread opened it meanwhile
+            return w
         w = Weights.from_buffer(buffer, write_protect=write_protect)
         if write_protect and w.guard_state == "mprotect":
             _telemetry.fallback(
@@ -220,8 +228,8 @@ def build_parts(opened: list, parts, sealed: _seal.Sealed, options: LoadOptions)
     """:func:`build` for a pipeline of several parts: ``opened[k]`` is
     ``parts[k]``'s buffer, opened."""
     _check_options(sealed, options)
-    for w, p in zip(opened, parts, strict=True):
-        _check_buffer(w, p.count, p.content_digest)
+    for k, (w, p) in enumerate(zip(opened, parts, strict=True)):
+        _check_buffer(w, p.count, p.content_digest, f"part {k + 1} of {len(parts)} (object {p.ref.hex()})")
     with _no_collection():
         tensors, upload_info = _materialize_parts(opened, parts, sealed, options)
         return Loaded(_rebuild(tensors, sealed, options), upload_info)
@@ -251,12 +259,14 @@ def _check_options(sealed: _seal.Sealed, options: LoadOptions) -> None:
         raise InvalidInputError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
 
 
-def _check_buffer(weights: Weights, count: int, content_digest: bytes) -> None:
+def _check_buffer(weights: Weights, count: int, content_digest: bytes, what: str = "the buffer") -> None:
     if len(weights) != count or weights.content_digest() != content_digest:
-        raise BufferMismatchError(
-            f"the buffer ({len(weights)} tensors) is not the one this wrapper was sealed with "
-            f"({count} tensors): its header (tensor table or content digest) differs"
+        why = (
+            f"it holds {len(weights)} tensors, not {count}"
+            if len(weights) != count
+            else "its content digest differs"
         )
+        raise BufferMismatchError(f"{what} is not the one this wrapper was sealed with: {why}")
 
 
 # -- 3. materialize -----------------------------------------------------------

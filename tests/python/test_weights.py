@@ -674,6 +674,21 @@ def test_dims_need_room_for_every_extent(tmp_path):
     assert lib.rzc_weights_dims_len(ffi.NULL) == 0
 
 
+def test_a_buffer_that_is_not_the_wrappers_is_refused_by_what_differs():
+    """A pipeline is built only from the buffer it was sealed into: another
+    with as many tensors (other values) or with other tensors is refused,
+    and the error says which buffer and what differs."""
+    from ray_zerocopy import BufferMismatchError, _load, _seal
+
+    sealed, _ = _seal.seal({"a": np.zeros(4, np.float32), "b": np.ones(2, np.float32)})
+    _, other_values = _seal.seal({"a": np.zeros(4, np.float32), "b": np.full(2, 2, np.float32)})
+    _, fewer = _seal.seal({"a": np.zeros(4, np.float32)})
+    with pytest.raises(BufferMismatchError, match="the buffer is not the one .*: its content digest differs"):
+        _load.assemble(rzc.Weights.from_buffer(other_values), sealed)
+    with pytest.raises(BufferMismatchError, match="it holds 1 tensors, not 2"):
+        _load.assemble(rzc.Weights.from_buffer(fewer), sealed)
+
+
 def test_big_endian_arrays_keep_their_values():
     """A big-endian array's dtype is named like the native one (">f4" is
     "float32"): sealed as it is, its bytes came back as other numbers. It is
