@@ -43,6 +43,7 @@ from .errors import (
     UnshareableTensorError,
     UnsupportedDtypeError,
     UnsupportedObjectError,
+    VersionConflictError,
     VersionNotFoundError,
 )
 from .packing import PackInput, PackPlan, Sealer, pack, seal_buffer
@@ -93,6 +94,7 @@ __all__ = [
     "SealedObjectLostError",
     "BufferMismatchError",
     "InternalError",
+    "VersionConflictError",
     "VersionNotFoundError",
     "RegistryUnavailableError",
     "publish",

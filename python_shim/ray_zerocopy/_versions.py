@@ -39,6 +39,7 @@ from .errors import (
     RayNotInitializedError,
     RayZeroCopyError,
     RegistryUnavailableError,
+    VersionConflictError,
     VersionNotFoundError,
 )
 
@@ -81,11 +82,16 @@ class _Registry:
         held = {r.hex() for entry in self._entries.values() for r in entry[1]}
         return [r for r in refs if r.hex() not in held]
 
-    async def publish(self, name, refs, blob, owner):
+    async def publish(self, name, refs, blob, owner, replaces=None):
         """Makes the entry of ``name`` the newest; returns its version and,
         of the replaced entry, the references no entry uses any more with
-        that entry's owner (the publisher lets that owner go of them)."""
+        that entry's owner (the publisher lets that owner go of them). With
+        ``replaces``, only if the newest version is that one (0: none yet);
+        else nothing changes and the version returned is ``None``, with the
+        newest version's number in place of the references."""
         old = self._entries.get(name)
+        if replaces is not None and (old[0] if old else 0) != replaces:
+            return None, (old[0] if old else 0), None
         version = (old[0] if old else 0) + 1
         self._entries[name] = (version, refs, blob, owner)
         self._event(name).set()
@@ -217,7 +223,7 @@ def _join(refs, blob):
     return _RefUnpickler(io.BytesIO(blob), refs).load()
 
 
-def publish(name: str, wrapper) -> int:
+def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     """Makes ``wrapper`` (an :class:`~ray_zerocopy.ActorWrapper`, e.g. made by
     :meth:`~ray_zerocopy.ActorWrapper.update`) the newest version of ``name``
     in this Ray cluster and returns its version number (1, 2, ...). Every
@@ -232,7 +238,16 @@ def publish(name: str, wrapper) -> int:
     exits). Wrappers bound into a Serve application (``.bind(wrapper)``) are
     pinned by Serve until the application is deleted: publish a name and
     load with :func:`latest` or :class:`Subscription` instead when versions
-    change while the application runs."""
+    change while the application runs.
+
+    ``replaces``: the version number this one is meant to follow (the one it
+    was made from by ``update``; 0 for the first). When another version is
+    newest by then (someone else published in between), nothing is
+    published and :class:`~ray_zerocopy.errors.VersionConflictError` says
+    which is newest: two publishers updating the same version cannot drop
+    each other's change without a word. ``None`` (the default) replaces
+    whatever is newest. The check is one step in the registry; a registry
+    made again numbers from 1."""
     from .wrappers import ActorWrapper
 
     _check_name(name)
@@ -240,7 +255,15 @@ def publish(name: str, wrapper) -> int:
         raise InvalidInputError(f"publish takes an ActorWrapper, not {type(wrapper).__name__}")
     refs, blob = _split(wrapper)
     owner = None if wrapper.owner is None else pickle.dumps(wrapper.owner)
-    version, gone, old_owner = _ask("publish", name, refs, blob, owner)
+    if replaces is not None and (not isinstance(replaces, int) or isinstance(replaces, bool) or replaces < 0):
+        raise InvalidInputError(f"replaces must be a version number (an int >= 0), not {replaces!r}")
+    version, gone, old_owner = _ask("publish", name, refs, blob, owner, replaces)
+    if version is None:
+        raise VersionConflictError(
+            f"{name!r} was not published: version {gone} is the newest, not version {replaces}; someone else "
+            f"published in between. Update version {gone} (ray_zerocopy.latest({name!r})) with your change and "
+            f"publish it with replaces={gone}"
+        )
     _let_go(gone, old_owner)
     return version
 

@@ -168,6 +168,11 @@ class VersionNotFoundError(RayZeroCopyError, LookupError):
     """Nothing is published under a name (within the time waited)."""
 
 
+class VersionConflictError(RayZeroCopyError, RuntimeError):
+    """``publish(..., replaces=N)`` found another version newest than N:
+    someone else published in between, and nothing was published."""
+
+
 class RegistryUnavailableError(RayZeroCopyError, RuntimeError):
     """The versions registry actor is unavailable (it died; the next call
     makes it again, empty)."""

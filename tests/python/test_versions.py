@@ -16,7 +16,7 @@ serve = pytest.importorskip("ray.serve")
 
 import ray_zerocopy as rzc  # noqa: E402
 from ports import free_port  # noqa: E402
-from ray_zerocopy import ActorWrapper, Subscription, VersionNotFoundError  # noqa: E402
+from ray_zerocopy import ActorWrapper, InvalidInputError, Subscription, VersionNotFoundError  # noqa: E402
 
 DIM = 256
 
@@ -85,6 +85,33 @@ def test_publish_and_latest(ray_cluster):
         rzc.publish("", ActorWrapper(v1))
     with pytest.raises(rzc.InvalidInputError, match="ActorWrapper"):
         rzc.publish(name, v1)
+
+
+def test_publish_replaces_only_the_version_it_was_made_from(ray_cluster):
+    """Two publishers update version 1: the second, told which version its
+    update replaces, is refused (its change would silently drop the
+    first's), nothing changes, and it publishes once it replaces the newest."""
+    from ray_zerocopy import VersionConflictError
+
+    name = "test-replaces"
+    v1, v2, v3 = model(1), model(2), model(3)
+    assert rzc.publish(name, ActorWrapper(v1), replaces=0) == 1
+    assert rzc.publish(name, ActorWrapper(v2), replaces=1) == 2
+    late = ActorWrapper(v3)
+    with pytest.raises(VersionConflictError, match="version 2 is the newest, not version 1"):
+        rzc.publish(name, late, replaces=1)
+    with pytest.raises(VersionConflictError, match="version 2 is the newest, not version 0"):
+        rzc.publish(name, late, replaces=0)
+    assert rzc.versions()[name] == 2
+    x = torch.randn(2, DIM)
+    assert torch.allclose(rzc.latest(name).load()(x), v2(x))
+    assert rzc.publish(name, late, replaces=2) == 3
+    assert torch.allclose(rzc.latest(name).load()(x), v3(x))
+    assert rzc.publish(name, ActorWrapper(v1)) == 4, "without replaces: whatever is newest"
+    for bad in (-1, "2", True):
+        with pytest.raises(InvalidInputError):
+            rzc.publish(name, late, replaces=bad)
+    rzc.unpublish(name)
 
 
 def test_an_actor_follows_new_versions_and_the_old_one_is_freed(ray_cluster):
