@@ -44,7 +44,7 @@ def main():
         while True:
             conn, _ = server.accept()
             if mode in ("zeros", "foreign"):
-                magic = b"RZCSHR02" if mode == "zeros" else b"RZCSHR99"
+                magic = b"RZCSHR03" if mode == "zeros" else b"RZCSHR99"
                 socket.send_fds(conn, [magic + struct.pack("<Q", size) + digest], [memory])
                 conn.close()
             else:

@@ -33,6 +33,11 @@ fn shared_upload(w: &rzc_core::Weights) -> DeviceWeights {
 
 /// In a child: an upload that fell back to a private copy, and why.
 fn private_because(w: &rzc_core::Weights) -> Fallback {
+    private_upload(w).1
+}
+
+/// In a child: an upload that fell back to a private copy (kept), and why.
+fn private_upload(w: &rzc_core::Weights) -> (DeviceWeights, Fallback) {
     let dev = shared_upload(w);
     assert_eq!(dev.sharing(), Sharing::Private);
     assert_eq!(
@@ -45,7 +50,7 @@ fn private_because(w: &rzc_core::Weights) -> Fallback {
     assert_ne!(dlpack_flags(&dev, 0) & DLPACK_FLAG_BITMASK_IS_COPIED, 0);
     let why = dev.fallback().cloned().expect("a reason");
     assert_eq!(dev.note(), why.note());
-    why
+    (dev, why)
 }
 
 fn role() {
@@ -92,13 +97,21 @@ fn role() {
         }
         "upload-not-read-only" => {
             // The driver refuses to make the upload read-only: kept private,
-            // the lock released and nothing served.
-            let why = private_because(&w);
+            // and every loader that comes is told why.
+            // Held while the others come: its server answers them.
+            let (_kept, why) = private_upload(&w);
             assert!(
                 matches!(&why, Fallback::NotReadOnly(m) if m.contains("cuMemSetAccess")),
                 "{why:?}"
             );
             say_and_wait("READY");
+        }
+        "told-not-read-only" => {
+            let why = private_because(&w);
+            assert!(
+                matches!(&why, Fallback::NotReadOnly(m) if m.contains("the process serving")),
+                "{why:?}"
+            );
         }
         "import-not-read-only" => {
             // The driver maps the import only writable: refused, a private copy.
@@ -205,26 +218,29 @@ fn memory_another_process_can_write_is_shared_only_when_allowed() {
     let kept = case(name, "upload-not-read-only", &dir, &key)
         .env("FAKECUDA_FAIL", "cuMemSetAccess@2")
         .start_until("READY");
-    // It released the lock and serves nothing: the next loader uploads and
-    // serves at once (it does not wait out its 20 s for the first).
+    // It tells the next loader why at once (no wait of its 20 s for a lock
+    // that would only be taken to fail the same way).
     let started = std::time::Instant::now();
-    let uploader = case(name, "upload", &dir, &key).start_until("READY");
+    case(name, "told-not-read-only", &dir, &key).run().clean();
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
-    case(name, "import-not-read-only", &dir, &key)
-        .env("FAKECUDA_FAIL", "cuMemSetAccess@1")
-        .run()
-        .clean();
-    case(name, "import", &dir, &key).run().clean();
     let kept = kept.finish().clean();
     assert_eq!(
         kept.count("export"),
         0,
         "memory that stayed writable was exported"
     );
+    // Gone, it lets the next uploader share; an importer the driver maps
+    // only writable refuses what it is given.
+    let uploader = case(name, "upload", &dir, &key).start_until("READY");
+    case(name, "import-not-read-only", &dir, &key)
+        .env("FAKECUDA_FAIL", "cuMemSetAccess@1")
+        .run()
+        .clean();
+    case(name, "import", &dir, &key).run().clean();
     uploader.finish().clean();
 
     // Writable sharing, allowed by both: shared; a protected loader with the

@@ -55,8 +55,12 @@ const POLL: Duration = Duration::from_millis(20);
 /// of the memory to take over serving, before it uploads anew.
 const TAKEOVER_GRACE: Duration = Duration::from_millis(300);
 /// How long an importer waits for a server that accepted its connection to
-/// send the offer (a live server answers in microseconds).
+/// send the offer (a live server answers in microseconds), and for room in
+/// the queue of a server's connections.
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// How a refusal begins when the uploader's memory may not be shared because
+/// the driver would not map it read-only (the driver's error follows).
+const NOT_READ_ONLY: &str = "not read-only: ";
 
 /// Sharing settings of an upload.
 #[derive(Clone, Debug)]
@@ -387,10 +391,16 @@ fn connect(paths: &Paths, refused_since: &mut Option<Instant>) -> Step {
             Err(NoOffer::Silent) => silent(),
             // The server went away mid-answer (it died, or stopped serving).
             Err(NoOffer::Gone) => Step::Again,
-            Err(NoOffer::Unable(why)) => Step::Stop(Fallback::ImportFailed(format!(
-                "the process serving {} could not export it (cuMemExportToShareableHandle: {why})",
-                socket()
-            ))),
+            Err(NoOffer::Unable(why)) => match why.strip_prefix(NOT_READ_ONLY) {
+                Some(e) => Step::Stop(Fallback::NotReadOnly(format!(
+                    "the driver would not map the memory uploaded by the process serving {} read-only ({e})",
+                    socket()
+                ))),
+                None => Step::Stop(Fallback::ImportFailed(format!(
+                    "the process serving {} could not export it (cuMemExportToShareableHandle: {why})",
+                    socket()
+                ))),
+            },
             Err(NoOffer::Foreign(why)) => Step::Stop(Fallback::Rendezvous(format!(
                 "the process serving {}: {why}",
                 socket()
@@ -434,19 +444,16 @@ impl Publish {
     /// this process and every importer only read it. Records it for later
     /// loads in this process. Memory this process uploaded that the driver
     /// will not map read-only here is not shared unless writable sharing was
-    /// allowed: it stays this process's own, the serving lock is released
-    /// (the next loader uploads its own instead of waiting), and the
-    /// fallback says why.
+    /// allowed: it stays this process's own, and the fallback says why. It
+    /// keeps the serving lock and answers every loader that comes with why
+    /// (each then uploads its own at once, where releasing the lock would
+    /// make them take it, and fail the same way, one after another).
     pub fn publish(self, mut memory: DeviceMemory) -> (Arc<DeviceMemory>, Option<Fallback>) {
+        let mut refuse = None;
         if memory.sharing() == Sharing::Uploaded {
             if let Err(e) = memory.make_read_only() {
                 if !self.writable {
-                    memory.keep_private();
-                    let why = format!(
-                        "the driver would not map the uploaded memory read-only ({})",
-                        e.message()
-                    );
-                    return (Arc::new(memory), Some(Fallback::NotReadOnly(why)));
+                    refuse = Some(e.message().to_owned());
                 }
             }
         }
@@ -455,8 +462,22 @@ impl Publish {
                 size: memory.size(),
                 digest: self.digest,
             };
-            let exporter = Exporter { ctx, handle, offer };
+            let exporter = Exporter {
+                ctx,
+                handle,
+                offer,
+                refuse: refuse.as_ref().map(|e| {
+                    // The driver's error, without the call's name.
+                    let short = e.split_once("failed: ").map_or(e.as_str(), |(_, r)| r);
+                    format!("{NOT_READ_ONLY}{short}")
+                }),
+            };
             memory.serve(Server::start(self.paths, self.lock, exporter));
+        }
+        if let Some(e) = refuse {
+            memory.keep_private();
+            let why = format!("the driver would not map the uploaded memory read-only ({e})");
+            return (Arc::new(memory), Some(Fallback::NotReadOnly(why)));
         }
         let memory = Arc::new(memory);
         registry()

@@ -257,12 +257,15 @@ pub fn paths(dir: &Path, name: &str) -> Paths {
 }
 
 /// The rendezvous name of `key` on the GPU `uuid`: the first 128 bits of
-/// BLAKE3(key, 0, uuid[, 0, "writable"]), in hex (socket paths are limited to 108 bytes,
+/// BLAKE3(key, 0, uuid, 0, "share-v3"[, 0, "writable"]), in hex (socket paths are limited to 108 bytes,
 /// keys are not).
 pub fn name(key: &str, uuid: &[u8; 16], writable: bool) -> String {
     let mut input = key.as_bytes().to_vec();
     input.push(0);
     input.extend_from_slice(uuid);
+    // The protocol's version: processes of a version that shared writable
+    // memory (or spoke another protocol) never meet this one's.
+    input.extend_from_slice(b"\0share-v3");
     if writable {
         // Uploads that allow writable sharing meet apart from protected ones.
         input.extend_from_slice(b"\0writable");

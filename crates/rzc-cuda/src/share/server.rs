@@ -25,10 +25,13 @@ use crate::vmm::export_fd;
 
 /// What the serving thread exports from: the allocation's handle, valid
 /// while the memory owning the server lives (the server is stopped first).
+/// With `refuse`, it exports nothing and answers every connection with that
+/// reason instead (memory that may not be shared).
 pub struct Exporter {
     pub ctx: Arc<PrimaryContext>,
     pub handle: sys::CUmemGenericAllocationHandle,
     pub offer: Offer,
+    pub refuse: Option<String>,
 }
 
 // SAFETY: a context and a physical memory handle may be used from any thread.
@@ -120,6 +123,10 @@ fn serve(
 /// nothing; either way it is closed when this returns.
 fn answer(conn: &std::os::unix::net::UnixStream, exporter: &Exporter) {
     if !same_user(conn) {
+        return;
+    }
+    if let Some(why) = &exporter.refuse {
+        let _ = send_refusal(conn, why);
         return;
     }
     // The handle is live: the server is stopped before it is released.

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use rzc_core::digest::Digest;
 
-const MAGIC: &[u8; 8] = b"RZCSHR02";
-const REFUSAL: &[u8; 8] = b"RZCNOT02";
+const MAGIC: &[u8; 8] = b"RZCSHR03";
+const REFUSAL: &[u8; 8] = b"RZCNOT03";
 const LEN: usize = 48;
 
 /// What a server offers.
