@@ -257,7 +257,18 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     owner = None if wrapper.owner is None else pickle.dumps(wrapper.owner)
     if replaces is not None and (not isinstance(replaces, int) or isinstance(replaces, bool) or replaces < 0):
         raise InvalidInputError(f"replaces must be a version number (an int >= 0), not {replaces!r}")
-    version, gone, old_owner = _ask("publish", name, refs, blob, owner, replaces)
+    # ``replaces`` only when given: a registry an earlier version of the
+    # package made (it lives as long as the cluster) takes four arguments.
+    args = (name, refs, blob, owner) if replaces is None else (name, refs, blob, owner, replaces)
+    try:
+        version, gone, old_owner = _ask("publish", *args)
+    except TypeError as e:  # Ray's task error is also the remote exception's class
+        if replaces is None:
+            raise
+        raise RegistryUnavailableError(
+            f"the versions registry ({_NAME}) was made by an earlier version of ray-zerocopy, which has no "
+            "publish(replaces=): publish without it, or make the registry again with this version"
+        ) from e
     if version is None:
         raise VersionConflictError(
             f"{name!r} was not published: version {gone} is the newest, not version {replaces}; someone else "
@@ -336,6 +347,7 @@ class Subscription:
         self._current = Version(number, self._make(wrapper), wrapper)
         self._generation = generation
         self._failed = 0  # the newest version that failed to load (0: none)
+        self._failed_generation = None  # the registry's generation it was of
         self._retry_at, self._backoff = 0.0, 0.0  # when to try it again, and the wait before
         self._closed = threading.Event()
         # The thread holds the subscription weakly: a subscription dropped
@@ -378,18 +390,24 @@ class Subscription:
     def _fail(self, number: int, generation, what: str, error: Exception) -> None:
         """Version ``number`` could not be had: tried again after a wait that
         doubles with each failure of that version, up to a minute."""
-        self._backoff = min(60.0, self._backoff * 2) if number == self._failed else 1.0
-        self._failed, self._generation = number, generation
+        same = (number, generation) == (self._failed, self._failed_generation)
+        self._backoff = min(60.0, self._backoff * 2) if same else 1.0
+        # Not the current version's generation: a registry made again numbers
+        # from 1, and the current version's number must keep its own.
+        self._failed, self._failed_generation = number, generation
         self._retry_at = time.monotonic() + self._backoff
         logger.warning("version %d of %r %s, keeping version %d, trying again in %.0f s: %s",
                        number, self.name, what, self._current.number, self._backoff, error)
 
-    def _newer_than(self) -> int:
-        """The version number the next wait is for newer ones than: past a
-        failed version until its retry is due."""
+    def _newer_than(self) -> tuple:
+        """The version (and the registry's generation it is of) the next wait
+        is for newer ones than: past a failed version until its retry is due,
+        else the current one."""
         if self._failed and time.monotonic() < self._retry_at:
-            return max(self._current.number, self._failed)
-        return self._current.number
+            if self._failed_generation == self._generation:
+                return max(self._current.number, self._failed), self._generation
+            return self._failed, self._failed_generation
+        return self._current.number, self._generation
 
 
 def _follow(subscription: weakref.ref) -> None:
@@ -398,7 +416,7 @@ def _follow(subscription: weakref.ref) -> None:
     import ray
 
     while (sub := subscription()) is not None and not sub._closed.is_set():
-        name, above, generation = sub.name, sub._newer_than(), sub._generation
+        name, (above, generation) = sub.name, sub._newer_than()
         closed = sub._closed
         del sub  # not held while waiting
         try:

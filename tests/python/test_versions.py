@@ -400,6 +400,47 @@ def test_a_registry_that_died_is_made_again_and_subscribers_start_over(ray_clust
     ray.kill(server)
 
 
+def test_a_failed_version_of_a_registry_made_again_is_tried_again(ray_cluster):
+    """The subscriber holds version 2 of a registry that died; the new one's
+    version 1 fails to load once. It is tried again and taken: the retry
+    asks the new registry for versions after its failed one, not after the
+    old registry's version 2 (which the new numbering would pass only at 3)."""
+    ray = ray_cluster
+    name = "test-retry-restart"
+    rzc.publish(name, ActorWrapper(model(1)))
+    rzc.publish(name, ActorWrapper(model(2)))
+
+    @ray.remote(num_cpus=0)
+    class Flaky:
+        def __init__(self, name):
+            self.calls = 0
+
+            def load(wrapper):
+                self.calls += 1
+                if self.calls == 2:  # the new registry's version 1, first try
+                    raise RuntimeError("a passing failure")
+                return wrapper.load()
+
+            self.sub = Subscription(name, load=load)
+
+        def state(self):
+            return self.sub.version, self.calls
+
+    flaky = Flaky.remote(name)
+    assert ray.get(flaky.state.remote()) == (2, 1)
+    ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"))
+    wrapper = ActorWrapper(model(3))
+    deadline = time.monotonic() + 60
+    while True:  # the first call after the death may find the dead actor
+        try:
+            assert rzc.publish(name, wrapper) == 1
+            break
+        except rzc.RegistryUnavailableError:
+            assert time.monotonic() < deadline
+    wait_for(lambda: ray.get(flaky.state.remote()) == (1, 3), "the new version 1, on its second try", timeout=30)
+    ray.kill(flaky)
+
+
 def test_unpublish_and_names_sharing_objects(ray_cluster):
     name_a, name_b = "test-shared-a", "test-shared-b"
     owner = rzc.Owner("test-shared")
