@@ -52,21 +52,51 @@ pub const ALL: &[Source] = &[Source::OwnFds, Source::ParentFds, Source::MapFiles
 /// A descriptor of the file `vma` maps, opened read-only, from the first of
 /// `sources` that has one.
 pub fn open_read_only(vma: &Vma, sources: &[Source]) -> Option<File> {
-    // Read once, by the first descriptor directory searched.
-    let mut name: Option<Option<Name>> = None;
+    let mut names = Names::new(vma);
     sources.iter().find_map(|source| match source {
-        Source::OwnFds => {
-            let name = name.get_or_insert_with(|| Name::of(vma)).as_ref()?;
-            in_fd_dir(Path::new("/proc/self/fd"), name, vma)
-        }
+        Source::OwnFds => names.search(Path::new("/proc/self/fd")),
         Source::ParentFds => {
-            let name = name.get_or_insert_with(|| Name::of(vma)).as_ref()?;
             // SAFETY: getppid has no preconditions.
             let ppid = unsafe { libc::getppid() };
-            in_fd_dir(Path::new(&format!("/proc/{ppid}/fd")), name, vma)
+            names.search(Path::new(&format!("/proc/{ppid}/fd")))
         }
         Source::MapFiles => open_if_same(&map_files(vma), vma),
     })
+}
+
+/// The names a descriptor of the mapping's file may have, each read when
+/// first needed: the `map_files` link's, then, where a directory had no
+/// descriptor of that name, the one on the mapping's line of `maps`. The
+/// two agree on every file system but a stacked one: on overlayfs a
+/// mapping's file can be named by its backing path in one and by the
+/// overlay's path in the other.
+struct Names<'a> {
+    vma: &'a Vma,
+    first: Option<Option<Name>>,
+    second: Option<Option<Name>>,
+}
+
+impl<'a> Names<'a> {
+    fn new(vma: &'a Vma) -> Names<'a> {
+        Names {
+            vma,
+            first: None,
+            second: None,
+        }
+    }
+
+    fn search(&mut self, dir: &Path) -> Option<File> {
+        let vma = self.vma;
+        let first = self.first.get_or_insert_with(|| Name::of(vma));
+        if let Some(found) = first.as_ref().and_then(|n| in_fd_dir(dir, n, vma)) {
+            return Some(found);
+        }
+        if first.as_ref().is_some_and(|n| n.newlines_escaped) {
+            return None; // the first name already is the maps line's
+        }
+        let second = self.second.get_or_insert_with(|| Name::in_maps(vma));
+        in_fd_dir(dir, second.as_ref()?, vma)
+    }
 }
 
 fn map_files(vma: &Vma) -> PathBuf {
