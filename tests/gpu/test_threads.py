@@ -19,6 +19,7 @@ child in four aborted in cffi (``realize_c_type.c``).
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,10 +58,13 @@ def run_children(tmp_path, chunks, processes=PROCESSES, wave=3, threads=4, churn
     full_env.update({k: str(v) for k, v in env.items()}, FAKECUDA_LOG=str(log), FAKECUDA_DEVICES="2")
     full_env["RZC_SHARE_DIR"] = str(share_dir)  # this test's alone
     full_env["PYTHONPATH"] = os.pathsep.join([HERE, full_env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "threads_worker.py"), json.dumps(spec)],
-        env=full_env, capture_output=True, text=True, timeout=600,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "threads_worker.py"), json.dumps(spec)],
+            env=full_env, capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        shutil.rmtree(share_dir, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-5000:]
     statuses = {int(i): s for i, s in json.loads(proc.stdout.splitlines()[-1]).items()}
     results = {i: json.loads((outdir / f"{i}.json").read_text()) for i in statuses if (outdir / f"{i}.json").exists()}

@@ -57,19 +57,7 @@ fn weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
     if let Some(why) = not_regular(path) {
         bail!("{}: {why}", path.display());
     }
-    // Opened without waiting and checked again as opened: a FIFO put there
-    // after the look above is refused, not waited on.
-    let mut file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-    }
-    .with_context(|| format!("cannot read {}", path.display()))?;
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        bail!("{}: is not a regular file", path.display());
-    }
+    let mut file = open_regular(path)?;
     let mut text = String::new();
     std::io::Read::read_to_string(&mut file, &mut text)
         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -87,6 +75,21 @@ fn weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
             ),
         })
         .collect()
+}
+
+/// `path` opened for reading without waiting, and checked again as opened:
+/// a FIFO put there after a look at the path is refused, not waited on.
+fn open_regular(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        bail!("{}: is not a regular file", path.display());
+    }
+    Ok(file)
 }
 
 /// Why `path` is not read, when it is not a regular file after symlinks
@@ -124,4 +127,33 @@ pub fn file_name(path: &Path) -> String {
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a look at the path cannot stop: a FIFO there when it is opened
+    /// is refused at once, not waited on.
+    #[test]
+    fn a_fifo_is_refused_as_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("model.safetensors.index.json");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(open_regular(&fifo).map(|_| ()));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening a FIFO returned within 10 s");
+        assert!(format!("{:#}", got.unwrap_err()).contains("is not a regular file"));
+        let file = dir.path().join("index.json");
+        std::fs::write(&file, "{}").unwrap();
+        assert!(open_regular(&file).is_ok());
+    }
 }

@@ -185,24 +185,27 @@ fn new_private_file(dir: &Path, content: &[u8]) -> Result<PathBuf, String> {
     loop {
         tries += 1;
         let tmp = dir.join(format!(".share-token.{}", random_hex()?));
-        let opened = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp);
-        let mut f = match opened {
-            Ok(f) => f,
+        match create_private(&tmp, content) {
+            Ok(()) => return Ok(tmp),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 2 => continue,
             Err(e) => return Err(format!("{}: {e}", tmp.display())),
-        };
-        if let Err(e) = f.write_all(content) {
-            drop(f);
-            let _ = std::fs::remove_file(&tmp);
-            return Err(format!("{}: {e}", tmp.display()));
         }
-        return Ok(tmp);
     }
+}
+
+/// Writes `content` to a file made at `path` (mode 0600) that nothing was
+/// at before: O_EXCL and O_NOFOLLOW, so neither a file nor a link already
+/// there is opened (`AlreadyExists`). Removed again if the write fails.
+fn create_private(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.write_all(content).inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })
 }
 
 /// The token at `path`; `None` when there is no file. A file that is not
@@ -397,11 +400,16 @@ mod tests {
         let (cache, dir) = cache_in(&base);
         let victim = scratch("victim").join("victim");
         std::fs::write(&victim, "precious").unwrap();
+        // Where the pid-named file of earlier versions was made.
         let planted = dir.join(format!(".share-token.{}", std::process::id()));
         std::os::unix::fs::symlink(&victim, &planted).unwrap();
         let t = token_in(&cache).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert_eq!(token_in(&cache).unwrap(), t);
+        // A link at the very name a file is made at is not followed either.
+        let e = create_private(&planted, b"0123").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         let _ = std::fs::remove_dir_all(&base);
         let _ = std::fs::remove_dir_all(victim.parent().unwrap());
     }
