@@ -150,7 +150,10 @@ def _open(path: Path) -> int:
     Callers then refuse what is not a regular file (:func:`_regular`) or not
     the file whose header was read (:func:`_unchanged`). Reads of a regular
     file ignore O_NONBLOCK; it is cleared all the same, so the descriptor is
-    an ordinary one. No O_NOFOLLOW: a Hugging Face cache's shards are links."""
+    an ordinary one. No O_NOFOLLOW: a Hugging Face cache's shards are links.
+    The path is looked at first too: a device is refused without being
+    opened (opening some has effects, a tape's rewind)."""
+    _refuse_unless_regular(os.stat(path).st_mode, path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         os.set_blocking(fd, True)
@@ -175,10 +178,14 @@ def _regular(fd: int, path: Path) -> os.stat_result:
     file. Checked on the open descriptor, so no rename between a check and
     the open can slip another kind of file in."""
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((k for is_kind, k in _KINDS if is_kind(st.st_mode)), "not a file")
-        raise InvalidInputError(f"checkpoint file {path}: is {kind}, not a regular file")
+    _refuse_unless_regular(st.st_mode, path)
     return st
+
+
+def _refuse_unless_regular(mode: int, path: Path) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((k for is_kind, k in _KINDS if is_kind(mode)), "not a file")
+        raise InvalidInputError(f"checkpoint file {path}: is {kind}, not a regular file")
 
 
 def read(path) -> Checkpoint:
@@ -263,9 +270,13 @@ def copy_into(ckpt: Checkpoint, entries, offsets, read) -> None:
         by_shard.setdefault(e.shard, []).append(i)
     for shard, indices in by_shard.items():
         try:
-            fd = _open(shard)  # a FIFO put in its place is another file: refused by _unchanged
+            fd = _open(shard)
         except FileNotFoundError as e:
             raise CheckpointChangedError(f"checkpoint shard {shard} was removed after its header was read") from e
+        except InvalidInputError as e:  # a FIFO or device put in its place
+            raise CheckpointChangedError(
+                f"checkpoint shard {shard} was replaced by another file before its tensors were read ({e})"
+            ) from e
         try:
             _unchanged(ckpt, shard, fd, "before its tensors were read")
             try:

@@ -82,14 +82,10 @@ impl Bytes for Borrowed {
 pub fn map_file(path: &Path) -> Result<Storage> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let io = |e: std::io::Error| Error::new(ErrorKind::Io, format!("{}: {e}", path.display()));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    let kind = meta.file_type();
-    if !kind.is_file() {
+    let not_regular = |kind: std::fs::FileType| -> Result<()> {
+        if kind.is_file() {
+            return Ok(());
+        }
         let what = if kind.is_dir() {
             "a directory"
         } else if kind.is_fifo() {
@@ -102,7 +98,17 @@ pub fn map_file(path: &Path) -> Result<Storage> {
             "not a regular file"
         };
         fail!(Io, "{} is {what}, not a safetensors file", path.display());
-    }
+    };
+    // The path first: a device is refused without being opened (opening
+    // some has effects); then the open descriptor, which no rename changes.
+    not_regular(std::fs::metadata(path).map_err(io)?.file_type())?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    not_regular(meta.file_type())?;
     if meta.len() == 0 {
         return Ok(Arc::new(Vec::new()));
     }
