@@ -342,6 +342,25 @@ def test_a_subscription_closed_or_dropped_stops_following(ray_cluster):
     ray.kill(holder)
 
 
+class _Flaky:
+    """An actor following ``name`` whose loads fail, once each, on the
+    calls numbered in ``failing`` (1 is the first version's load)."""
+
+    def __init__(self, name, failing):
+        self.calls = 0
+
+        def load(wrapper):
+            self.calls += 1
+            if self.calls in failing:
+                raise RuntimeError("out of memory (a passing failure)")
+            return wrapper.load()
+
+        self.sub = Subscription(name, load=load)
+
+    def state(self):
+        return self.sub.version, self.calls
+
+
 def test_a_version_that_failed_to_load_is_tried_again(ray_cluster):
     """A load that fails once or twice (device memory while two versions
     are resident, a fetch that timed out) must not leave the replica on the
@@ -351,23 +370,7 @@ def test_a_version_that_failed_to_load_is_tried_again(ray_cluster):
     name = "test-retry"
     rzc.publish(name, ActorWrapper(model(1)))
 
-    @ray.remote(num_cpus=0)
-    class Flaky:
-        def __init__(self, name):
-            self.calls = 0
-
-            def load(wrapper):
-                self.calls += 1
-                if self.calls in (2, 3):  # the first two tries of version 2
-                    raise RuntimeError("out of memory (a passing failure)")
-                return wrapper.load()
-
-            self.sub = Subscription(name, load=load)
-
-        def state(self):
-            return self.sub.version, self.calls
-
-    flaky = Flaky.remote(name)
+    flaky = ray.remote(num_cpus=0)(_Flaky).remote(name, (2, 3))  # the first two tries of version 2
     assert ray.get(flaky.state.remote()) == (1, 1)
     rzc.publish(name, ActorWrapper(model(2)))
     wait_for(lambda: ray.get(flaky.state.remote())[0] == 2, "version 2 after two failed tries", timeout=30)
@@ -410,23 +413,7 @@ def test_a_failed_version_of_a_registry_made_again_is_tried_again(ray_cluster):
     rzc.publish(name, ActorWrapper(model(1)))
     rzc.publish(name, ActorWrapper(model(2)))
 
-    @ray.remote(num_cpus=0)
-    class Flaky:
-        def __init__(self, name):
-            self.calls = 0
-
-            def load(wrapper):
-                self.calls += 1
-                if self.calls == 2:  # the new registry's version 1, first try
-                    raise RuntimeError("a passing failure")
-                return wrapper.load()
-
-            self.sub = Subscription(name, load=load)
-
-        def state(self):
-            return self.sub.version, self.calls
-
-    flaky = Flaky.remote(name)
+    flaky = ray.remote(num_cpus=0)(_Flaky).remote(name, (2,))  # the new registry's version 1, first try
     assert ray.get(flaky.state.remote()) == (2, 1)
     ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"))
     wrapper = ActorWrapper(model(3))
