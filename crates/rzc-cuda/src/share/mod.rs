@@ -466,11 +466,9 @@ impl Publish {
                 ctx,
                 handle,
                 offer,
-                refuse: refuse.as_ref().map(|e| {
-                    // The driver's error, without the call's name.
-                    let short = e.split_once("failed: ").map_or(e.as_str(), |(_, r)| r);
-                    format!("{NOT_READ_ONLY}{short}")
-                }),
+                refuse: refuse
+                    .as_ref()
+                    .map(|e| format!("{NOT_READ_ONLY}{}", server::driver_reason(e))),
             };
             memory.serve(Server::start(self.paths, self.lock, exporter));
         }

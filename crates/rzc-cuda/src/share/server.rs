@@ -137,9 +137,14 @@ fn answer(conn: &std::os::unix::net::UnixStream, exporter: &Exporter) {
         // Said, not left to silence: a client that got nothing would look
         // again and again until its whole wait had passed.
         Err(e) => {
-            // The driver's error, without the call's name the client knows.
-            let why = e.message();
-            let _ = send_refusal(conn, why.split_once("failed: ").map_or(why, |(_, r)| r));
+            let _ = send_refusal(conn, driver_reason(e.message()));
         }
     }
+}
+
+/// A driver call's error message without the call's name (`"cuX failed:
+/// CUDA_ERROR_Y (...)"` becomes `"CUDA_ERROR_Y (...)"`): what a refusal
+/// carries, in its 40 bytes, to a client that knows which call it was.
+pub fn driver_reason(message: &str) -> &str {
+    message.split_once("failed: ").map_or(message, |(_, r)| r)
 }

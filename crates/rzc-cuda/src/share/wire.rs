@@ -114,12 +114,16 @@ pub fn send_with_fd(s: &UnixStream, bytes: &[u8], fd: RawFd) -> std::io::Result<
     // SAFETY: `msg` describes live buffers; the descriptor is duplicated
     // into the receiver, ours stays ours.
     let n = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-    if n == bytes.len() as isize {
-        Ok(())
-    } else if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Err(std::io::Error::other("short send"))
+    sent_whole(n, bytes.len())
+}
+
+/// A send's result, from what the call returned: all of `len` bytes, or
+/// why not (its error, or a short send).
+fn sent_whole(n: isize, len: usize) -> std::io::Result<()> {
+    match n {
+        n if n == len as isize => Ok(()),
+        n if n < 0 => Err(std::io::Error::last_os_error()),
+        _ => Err(std::io::Error::other("short send")),
     }
 }
 
@@ -214,11 +218,7 @@ pub fn send_refusal(s: &UnixStream, why: &str) -> std::io::Result<()> {
             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
         )
     };
-    match n {
-        n if n == LEN as isize => Ok(()),
-        n if n < 0 => Err(std::io::Error::last_os_error()),
-        _ => Err(std::io::Error::other("short send")),
-    }
+    sent_whole(n, LEN)
 }
 
 /// Waits up to `patience` for the server's offer.
