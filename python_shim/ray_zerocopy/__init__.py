@@ -11,7 +11,7 @@ and Ray are imported when used.
 
 from ._native import Dtype
 from ._native import version as _native_version
-from .device_weights import DeviceWeights
+from .device_weights import DeviceWeights, cuda_device_count
 from .errors import (
     BadDeviceError,
     BadFormatError,
@@ -34,6 +34,7 @@ from .errors import (
     NullArgumentError,
     OutOfMemoryError,
     OutOfRangeError,
+    OwnerUnavailableError,
     PanicError,
     RayNotInitializedError,
     RayZeroCopyError,
@@ -57,6 +58,7 @@ __all__ = [
     "Owner",
     "Weights",
     "DeviceWeights",
+    "cuda_device_count",
     "TensorInfo",
     "Dtype",
     "PackInput",
@@ -97,6 +99,7 @@ __all__ = [
     "VersionConflictError",
     "VersionNotFoundError",
     "RegistryUnavailableError",
+    "OwnerUnavailableError",
     "publish",
     "unpublish",
     "latest",

@@ -20,7 +20,7 @@ import mmap
 
 import numpy as np
 
-from .errors import InvalidInputError, InvalidTypeError
+from .errors import InvalidInputError, InvalidTypeError, OwnerUnavailableError
 
 __all__ = ["Owner", "NAMESPACE"]
 
@@ -91,10 +91,14 @@ def put_zero_pages(ray, nbytes: int):
 
 class _OwnerActor:
     """The actor behind an :class:`Owner`: it holds the references of the
-    objects it put, by hex id, until released."""
+    objects it put, by hex id, until released; and, for the versions
+    registry, a record of each name's newest version published with this
+    owner, from which a registry made again (its actor died) takes its table
+    back (``_versions._Registry``)."""
 
     def __init__(self):
         self._refs = {}
+        self._records = {}  # version name -> (version, refs, blob, owner blob, published at)
 
     def node_id(self) -> str:
         import ray
@@ -123,6 +127,21 @@ class _OwnerActor:
 
     def objects(self) -> list:
         return list(self._refs)
+
+    def remember(self, name: str, record: tuple) -> None:
+        """Keeps ``record`` as the newest version of ``name`` published with
+        this owner (the registry calls this, one publish of a name at a time)."""
+        self._records[name] = record
+
+    def forget(self, name: str) -> None:
+        """Drops the record of ``name`` (a newer version has another owner, or
+        the name was unpublished)."""
+        self._records.pop(name, None)
+
+    def records(self) -> list:
+        """``[(name, record)]`` of every record (the references inside a
+        list: Ray hands them over as references)."""
+        return list(self._records.items())
 
 
 class Owner:
@@ -232,6 +251,13 @@ class Owner:
 
         try:
             return ray.get(getattr(self._handle(), method).remote(*args))
+        except ray.exceptions.ActorUnavailableError as e:
+            # Unreachable for now (a network partition, its node's raylet
+            # restarting), not dead: what it owns may still be there, so the
+            # owner is not marked closed, and the next call asks again.
+            raise OwnerUnavailableError(
+                f"the Owner {self._name!r} cannot be reached right now ({e}); try again"
+            ) from e
         except ray.exceptions.RayActorError as e:
             self._closed = True
             raise self._closed_error(f" (its actor died: {type(e).__name__})") from e

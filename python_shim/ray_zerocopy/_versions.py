@@ -53,11 +53,25 @@ logger = logging.getLogger("ray_zerocopy")
 class _Registry:
     """The cluster's table of published versions (a detached asyncio actor).
 
-    An entry is ``(version, refs, blob, owner, generation)``: the wrapper
-    pickled without its references (``blob``) and those references, the
-    wrapper's owner pickled by name (or ``None``), and this registry's
-    generation: a registry made again (after its actor died) numbers from 1
-    again, and a subscriber that sees another generation starts over."""
+    An entry is ``(version, refs, blob, owner)``: the wrapper pickled
+    without its references (``blob``) and those references, and the
+    wrapper's owner pickled by name (or ``None``). Callers get it with this
+    registry's generation appended: a registry made again numbers versions
+    on from what it recovered, and a subscriber that sees another generation
+    compares what it holds with the new registry's entry.
+
+    **Surviving its actor.** The table lives in this actor's memory, but a
+    version published with an :class:`~ray_zerocopy.Owner` is also recorded
+    in that owner's actor (one record per name, which the owner keeps as
+    long as it lives), one publish of a name at a time. A registry made
+    again (its actor restarted by Ray, or made by the next call after it was
+    killed) first asks every living owner for its records and takes, per
+    name, the most recently published one: replicas that start after the
+    registry died still find the newest version. A version published
+    without an owner lives only here (its objects die with the process that
+    sealed them anyway)."""
+
+    _RECORD_TIMEOUT = 30.0  # an owner that does not answer in time is passed over (logged)
 
     def __init__(self):
         import asyncio
@@ -67,11 +81,18 @@ class _Registry:
         self._generation = uuid.uuid4().hex
         self._entries = {}  # name -> (version, refs, blob, owner)
         self._events = {}  # name -> asyncio.Event, set (and replaced) on publish
+        self._locks = {}  # name -> asyncio.Lock: one publish or withdraw of a name at a time
+        self._recovery = None  # the task taking the owners' records back, once
 
     def _event(self, name):
         if name not in self._events:
             self._events[name] = self._asyncio.Event()
         return self._events[name]
+
+    def _lock(self, name):
+        if name not in self._locks:
+            self._locks[name] = self._asyncio.Lock()
+        return self._locks[name]
 
     def _entry(self, name):
         entry = self._entries.get(name)
@@ -82,6 +103,63 @@ class _Registry:
         held = {r.hex() for entry in self._entries.values() for r in entry[1]}
         return [r for r in refs if r.hex() not in held]
 
+    # -- the owners' records ---------------------------------------------------
+    async def _ready(self) -> None:
+        """Waits until the owners' records are taken back (every call does,
+        so that nothing is answered from a table still being filled)."""
+        if self._recovery is None:
+            self._recovery = self._asyncio.ensure_future(self._recover())
+        await self._asyncio.shield(self._recovery)
+
+    async def _owner_call(self, owner_name: str, method: str, *args):
+        """``method(*args)`` of the owner actor ``owner_name``, or ``None``
+        (logged) where it is gone, too old to have ``method``, or silent."""
+        import ray
+
+        from ._owner import NAMESPACE
+
+        loop = self._asyncio.get_running_loop()
+        try:
+            actor = await loop.run_in_executor(None, lambda: ray.get_actor(owner_name, namespace=NAMESPACE))
+            ref = getattr(actor, method).remote(*args)
+            return await self._asyncio.wait_for(self._asyncio.wrap_future(ref.future()), self._RECORD_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - the registry serves on without this owner's part
+            logger.warning("versions registry: %s of owner %r failed: %s: %s", method, owner_name,
+                           type(e).__name__, e)
+            return None
+
+    @staticmethod
+    def _owner_name(owner_blob):
+        return None if owner_blob is None else pickle.loads(owner_blob).actor_name
+
+    async def _recover(self) -> None:
+        import ray
+
+        from ._owner import _PREFIX, NAMESPACE
+
+        loop = self._asyncio.get_running_loop()
+        try:
+            named = await loop.run_in_executor(None, lambda: ray.util.list_named_actors(all_namespaces=True))
+        except Exception as e:  # noqa: BLE001
+            logger.warning("versions registry: could not list the owners to take their records back: %s", e)
+            return
+        owners = sorted(a["name"] for a in named if a["namespace"] == NAMESPACE and a["name"].startswith(_PREFIX))
+        answers = await self._asyncio.gather(*(self._owner_call(o, "records") for o in owners))
+        held = [(o, name, record) for o, records in zip(owners, answers, strict=True) for name, record in records or ()]
+        best = {}  # name -> (owner actor name, record): the most recently published record of it
+        for o, name, record in held:
+            if name not in best or record[4] > best[name][1][4]:
+                best[name] = (o, record)
+        for name, (_, (version, refs, blob, owner_blob, _)) in best.items():
+            self._entries[name] = (version, refs, blob, owner_blob)
+        # A record a newer one outranks was left by a forget that failed: it
+        # would keep its version's objects alive.
+        stale = [(o, name) for o, name, _ in held if best[name][0] != o]
+        await self._asyncio.gather(*(self._owner_call(o, "forget", name) for o, name in stale))
+        if best:
+            logger.info("versions registry: took back %d version(s) from %d owner(s)", len(best), len(owners))
+
+    # -- the calls -------------------------------------------------------------
     async def publish(self, name, refs, blob, owner, replaces=None):
         """Makes the entry of ``name`` the newest; returns its version and,
         of the replaced entry, the references no entry uses any more with
@@ -89,24 +167,41 @@ class _Registry:
         ``replaces``, only if the newest version is that one (0: none yet);
         else nothing changes and the version returned is ``None``, with the
         newest version's number in place of the references."""
-        old = self._entries.get(name)
-        if replaces is not None and (old[0] if old else 0) != replaces:
-            return None, (old[0] if old else 0), None
-        version = (old[0] if old else 0) + 1
-        self._entries[name] = (version, refs, blob, owner)
-        self._event(name).set()
-        self._events[name] = self._asyncio.Event()
-        return version, (self._unused(old[1]) if old else []), (old[3] if old else None)
+        await self._ready()
+        async with self._lock(name):
+            old = self._entries.get(name)
+            if replaces is not None and (old[0] if old else 0) != replaces:
+                return None, (old[0] if old else 0), None
+            version = (old[0] if old else 0) + 1
+            # The new owner records it before anyone can see it; then the
+            # replaced version's owner (if another) forgets its record.
+            owner_name = self._owner_name(owner)
+            if owner_name is not None:
+                await self._owner_call(owner_name, "remember", name, (version, refs, blob, owner, time.time()))
+            old_owner = self._owner_name(old[3]) if old else None
+            if old_owner is not None and old_owner != owner_name:
+                await self._owner_call(old_owner, "forget", name)
+            self._entries[name] = (version, refs, blob, owner)
+            self._event(name).set()
+            self._events[name] = self._asyncio.Event()
+            return version, (self._unused(old[1]) if old else []), (old[3] if old else None)
 
     async def withdraw(self, name):
         """Removes ``name``; returns what :meth:`publish` returns of it."""
-        old = self._entries.pop(name, None)
-        return (self._unused(old[1]), old[3]) if old else ([], None)
+        await self._ready()
+        async with self._lock(name):
+            old = self._entries.pop(name, None)
+            if old is None:
+                return [], None
+            if (owner_name := self._owner_name(old[3])) is not None:
+                await self._owner_call(owner_name, "forget", name)
+            return self._unused(old[1]), old[3]
 
     async def wait_newer(self, name, version, generation, timeout):
         """The entry of ``name`` once it is newer than ``version`` of
         ``generation`` (any entry, for another generation), or ``None``
         after ``timeout`` seconds."""
+        await self._ready()
         if generation != self._generation:
             version = 0
         deadline = time.monotonic() + timeout
@@ -123,6 +218,7 @@ class _Registry:
                 return None
 
     async def names(self):
+        await self._ready()
         return {name: entry[0] for name, entry in self._entries.items()}
 
 
@@ -145,6 +241,9 @@ def _registry():
             get_if_exists=True,
             num_cpus=0,
             max_concurrency=10_000,
+            # Ray makes it again where its process or node died; it takes the
+            # owners' records back (see _Registry).
+            max_restarts=-1,
         )
         _handle = (session, actor.remote())
     return _handle[1]
@@ -246,8 +345,10 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     published and :class:`~ray_zerocopy.errors.VersionConflictError` says
     which is newest: two publishers updating the same version cannot drop
     each other's change without a word. ``None`` (the default) replaces
-    whatever is newest. The check is one step in the registry; a registry
-    made again numbers from 1."""
+    whatever is newest. The check is one step in the registry. A registry
+    made again (its actor died) takes back every name's newest version that
+    was published with an :class:`~ray_zerocopy.Owner`, and numbers on from
+    it; a name whose newest version had no owner starts again from 1."""
     from .wrappers import ActorWrapper
 
     _check_name(name)
@@ -293,7 +394,8 @@ def latest(name: str, *, timeout: float = 0.0):
     :class:`~ray_zerocopy.errors.VersionNotFoundError` when there is none.
     It asks the registry (a remote call): in an ``async`` method, call it
     through ``await asyncio.to_thread(...)``."""
-    return _entry(name, 0, None, timeout)[1]
+    entry = _entry(name, 0, None, timeout)
+    return _join(entry[1], entry[2])
 
 
 def versions() -> dict[str, int]:
@@ -302,13 +404,19 @@ def versions() -> dict[str, int]:
 
 
 def _entry(name: str, above: int, generation, timeout: float):
-    """``(version, wrapper, generation)`` of ``name`` newer than ``above``."""
+    """``(version, refs, blob, owner, generation)`` of ``name`` newer than ``above``."""
     _check_name(name)
     entry = _ask("wait_newer", name, above, generation, float(timeout))
     if entry is None:
         raise VersionNotFoundError(f"nothing is published as {name!r} (waited {timeout:g} s)")
-    version, refs, blob, _, generation = entry
-    return version, _join(refs, blob), generation
+    return entry
+
+
+def _source(entry) -> tuple:
+    """What identifies a published wrapper exactly: its version number, its
+    pickle and its objects."""
+    number, refs, blob = entry[:3]
+    return number, blob, tuple(r.hex() for r in refs)
 
 
 class Version(NamedTuple):
@@ -343,9 +451,11 @@ class Subscription:
     def __init__(self, name: str, *, timeout: float = 60.0, load=None):
         self.name = _check_name(name)
         self._make = load or (lambda wrapper: wrapper.load())
-        number, wrapper, generation = _entry(name, 0, None, timeout)
-        self._current = Version(number, self._make(wrapper), wrapper)
-        self._generation = generation
+        entry = _entry(name, 0, None, timeout)
+        wrapper = _join(entry[1], entry[2])
+        self._current = Version(entry[0], self._make(wrapper), wrapper)
+        self._generation = entry[4]
+        self._source = _source(entry)  # of the current version
         self._failed = 0  # the newest version that failed to load (0: none)
         self._failed_generation = None  # the registry's generation it was of
         self._retry_at, self._backoff = 0.0, 0.0  # when to try it again, and the wait before
@@ -376,8 +486,19 @@ class Subscription:
 
     __del__ = close
 
-    def _apply(self, number: int, wrapper, generation) -> None:
-        """Loads version ``number`` and makes it current (unless closed)."""
+    def _apply(self, entry) -> None:
+        """Loads the version of the registry's ``entry`` and makes it current
+        (unless closed). The version this process holds already, as a
+        registry made again names it, is only noted as that registry's."""
+        number, refs, blob, _, generation = entry
+        if _source(entry) == self._source:
+            self._generation = generation
+            return
+        try:
+            wrapper = _join(refs, blob)
+        except Exception as e:
+            self._fail(number, generation, "cannot be read", e)
+            return
         try:
             loaded = Version(number, self._make(wrapper), wrapper)
         except Exception as e:
@@ -385,6 +506,7 @@ class Subscription:
             return
         if not self._closed.is_set():
             self._current, self._generation, self._failed, self._backoff = loaded, generation, 0, 0.0
+            self._source = _source(entry)
             logger.info("now serving version %d of %r", number, self.name)
 
     def _fail(self, number: int, generation, what: str, error: Exception) -> None:
@@ -428,12 +550,5 @@ def _follow(subscription: weakref.ref) -> None:
             closed.wait(1.0)
             continue
         sub = subscription()
-        if entry is None or sub is None:
-            continue
-        number, refs, blob, _, generation = entry
-        try:
-            wrapper = _join(refs, blob)
-        except Exception as e:
-            sub._fail(number, generation, "cannot be read", e)
-            continue
-        sub._apply(number, wrapper, generation)
+        if entry is not None and sub is not None:
+            sub._apply(entry)

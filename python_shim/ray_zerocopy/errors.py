@@ -174,8 +174,14 @@ class VersionConflictError(RayZeroCopyError, RuntimeError):
 
 
 class RegistryUnavailableError(RayZeroCopyError, RuntimeError):
-    """The versions registry actor is unavailable (it died; the next call
-    makes it again, empty)."""
+    """The versions registry actor is unavailable (it died or is being
+    restarted; the next call makes it again, with the versions published
+    with an :class:`~ray_zerocopy.Owner`)."""
+
+
+class OwnerUnavailableError(RayZeroCopyError, RuntimeError):
+    """An :class:`~ray_zerocopy.Owner`'s actor cannot be reached right now
+    (not dead: it is not marked closed, and a later call asks again)."""
 
 
 class BufferMismatchError(RayZeroCopyError, RuntimeError):

@@ -360,6 +360,10 @@ class _Flaky:
     def state(self):
         return self.sub.version, self.calls
 
+    def generation(self):
+        """The registry generation the subscription's version is of."""
+        return self.sub._generation
+
 
 def test_a_version_that_failed_to_load_is_tried_again(ray_cluster):
     """A load that fails once or twice (device memory while two versions
@@ -426,6 +430,83 @@ def test_a_failed_version_of_a_registry_made_again_is_tried_again(ray_cluster):
             assert time.monotonic() < deadline
     wait_for(lambda: ray.get(flaky.state.remote()) == (1, 3), "the new version 1, on its second try", timeout=30)
     ray.kill(flaky)
+
+
+def _registry_gone(ray, restart: bool) -> None:
+    """Kills the registry's actor: for good (the next call makes a new one)
+    or as a crash (Ray restarts it)."""
+    ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"), no_restart=not restart)
+
+
+def _until_the_registry_answers(call):
+    deadline = time.monotonic() + 60
+    while True:  # the first calls after the death may find the dead or restarting actor
+        try:
+            return call()
+        except rzc.RegistryUnavailableError:
+            assert time.monotonic() < deadline, "the registry was not made again within 60 s"
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["killed", "restarted"])
+def test_a_registry_made_again_takes_back_what_owners_hold(ray_cluster, restart):
+    """A replica that starts after the registry died must still find the
+    newest version of a name published with an Owner, numbered as before;
+    a subscriber holding it keeps it without loading it again, and follows
+    the next version. A name published without an owner is gone."""
+    ray = ray_cluster
+    name, plain = f"test-recover-{restart}", f"test-recover-plain-{restart}"
+    owner = rzc.Owner(f"test-recover-{restart}")
+    try:
+        rzc.publish(name, ActorWrapper(model(1), owner=owner))
+        rzc.publish(name, ActorWrapper(model(2), owner=owner))
+        rzc.publish(plain, ActorWrapper(model(1)))
+        follower = ray.remote(num_cpus=0)(_Flaky).remote(name, ())
+        assert ray.get(follower.state.remote()) == (2, 1)
+        before = ray.get(follower.generation.remote())
+
+        _registry_gone(ray, restart)
+
+        def made_again():  # ray.kill takes effect a little later: until then the old registry answers
+            entry = _until_the_registry_answers(lambda: rzc._versions._entry(name, 0, None, 0.0))
+            return entry[4] != before and entry
+
+        assert wait_for(made_again, "a new registry")[0] == 2
+        known = rzc.versions()
+        assert known[name] == 2 and plain not in known
+        x = torch.randn(2, DIM)
+        assert answer(rzc.latest(name).load(), x) == answer(model(2), x)
+        # The follower notices the new registry, and keeps what it has.
+        wait_for(lambda: ray.get(follower.generation.remote()) != before, "the follower to meet the new registry")
+        assert ray.get(follower.state.remote()) == (2, 1)
+        assert rzc.publish(name, ActorWrapper(model(3), owner=owner), replaces=2) == 3
+        wait_for(lambda: ray.get(follower.state.remote()) == (3, 2), "the follower to load version 3")
+        ray.kill(follower)
+    finally:
+        owner.close()
+
+
+def test_owners_keep_a_record_of_the_newest_version_only(ray_cluster):
+    """A version's owner records it; when a version of another owner (or
+    none) replaces it, or the name is unpublished, the record goes (a record
+    holds its version's objects)."""
+    name = "test-records"
+    first, second = rzc.Owner("test-records-1"), rzc.Owner("test-records-2")
+    try:
+        rzc.publish(name, ActorWrapper(model(1), owner=first))
+        assert [n for n, _ in first._call("records")] == [name]
+        rzc.publish(name, ActorWrapper(model(2), owner=second))
+        assert first._call("records") == []
+        ((n, (version, *_)),) = second._call("records")
+        assert (n, version) == (name, 2)
+        rzc.publish(name, ActorWrapper(model(3)))
+        assert second._call("records") == []
+        rzc.publish(name, ActorWrapper(model(4), owner=first))
+        rzc.unpublish(name)
+        assert first._call("records") == []
+    finally:
+        first.close()
+        second.close()
 
 
 def test_unpublish_and_names_sharing_objects(ray_cluster):
