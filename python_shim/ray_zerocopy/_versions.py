@@ -36,7 +36,6 @@ from typing import NamedTuple
 
 from .errors import (
     InvalidInputError,
-    RayNotInitializedError,
     RayZeroCopyError,
     RegistryUnavailableError,
     VersionConflictError,
@@ -228,10 +227,9 @@ _handle = None  # (Ray session name, the registry's handle) of this process
 def _registry():
     """The registry actor, made by the first process that needs it."""
     global _handle
-    import ray
+    from .wrappers import _require_ray
 
-    if not ray.is_initialized():
-        raise RayNotInitializedError("ray.init() has not been called: versions are published in a Ray cluster")
+    ray = _require_ray("publishing or reading versions; they are published in a Ray cluster")
     session = ray.get_runtime_context().get_session_name()
     if _handle is None or _handle[0] != session:
         actor = ray.remote(_Registry).options(

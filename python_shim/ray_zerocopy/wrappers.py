@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import os
 import sys
 import threading
 import time
@@ -17,13 +18,23 @@ from .errors import InvalidInputError, InvalidTypeError, RayNotInitializedError
 __all__ = ["ActorWrapper", "TaskWrapper"]
 
 
-def _require_ray():
+def _require_ray(what: str = "wrapping a pipeline; its weights are sealed into Ray's object store"):
+    """Ray, initialized as Ray's own calls (``ray.put``, ``.remote()``) do
+    it: a first use before ``ray.init()`` starts a local Ray (or connects to
+    the cluster ``RAY_ADDRESS`` names), unless ``RAY_ENABLE_AUTO_CONNECT=0``
+    turns that off, and then the error says what to call."""
     import ray
 
+    if not ray.is_initialized() and os.environ.get("RAY_ENABLE_AUTO_CONNECT", "") != "0":
+        try:  # Ray's own hook: its lock, so that two threads start one Ray
+            from ray._private.auto_init_hook import auto_init_ray
+        except ImportError:  # pragma: no cover - a Ray without the hook
+            auto_init_ray = ray.init
+        auto_init_ray()
     if not ray.is_initialized():
         raise RayNotInitializedError(
-            "ray.init() has not been called: call ray.init() (or connect to a cluster) before "
-            "wrapping a pipeline; its weights are sealed into Ray's object store"
+            f"ray.init() has not been called (and RAY_ENABLE_AUTO_CONNECT=0 keeps Ray from starting by itself): "
+            f"call ray.init() (or connect to a cluster) before {what}"
         )
     return ray
 

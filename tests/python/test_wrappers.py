@@ -350,17 +350,42 @@ def test_cuda_request_without_cuda_says_what_to_do(ray_cluster):
     assert w.load(device="cpu") is not None
 
 
-def test_wrapper_before_ray_init_says_what_to_do():
-    code = (
-        "import numpy as np\n"
-        "from ray_zerocopy import ActorWrapper\n"
-        "try:\n"
-        "    ActorWrapper({'a': np.zeros(3)})\n"
-        "except RuntimeError as e:\n"
-        "    print('ERR', e)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
-    assert "ERR ray.init() has not been called" in out, out
+_BEFORE_INIT = textwrap.dedent(
+    """
+    import numpy as np
+    import ray
+    import ray_zerocopy
+    from ray_zerocopy import ActorWrapper
+
+    try:
+        w = ActorWrapper({"a": np.arange(3.0)})
+    except ray_zerocopy.RayNotInitializedError as e:
+        print("ERR", e)
+        raise SystemExit(0)
+    print("STARTED", ray.is_initialized())
+    print("LOADED", ray.get(ray.remote(lambda w: w.load()["a"].tolist()).remote(w)))
+    ray_zerocopy.publish("before-init", w)
+    print("PUBLISHED", ray_zerocopy.versions())
+    ray.shutdown()
+    """
+)
+
+
+@pytest.mark.parametrize("auto", ["", "0"], ids=["auto-connect", "no-auto-connect"])
+def test_a_wrapper_made_before_ray_init_starts_ray_as_ray_does(auto):
+    """As ``ray.put`` does, a first wrapper (or publish) before ``ray.init()``
+    starts a local Ray (the usage guide's examples call no ``ray.init()``);
+    with ``RAY_ENABLE_AUTO_CONNECT=0`` it says what to call instead."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_AUTO_CONNECT=auto)
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-c", _BEFORE_INIT], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    if auto == "0":
+        assert "ERR ray.init() has not been called (and RAY_ENABLE_AUTO_CONNECT=0" in run.stdout, run.stdout
+    else:
+        lines = run.stdout.splitlines()
+        assert "STARTED True" in lines and "LOADED [0.0, 1.0, 2.0]" in lines, run.stdout
+        assert "PUBLISHED {'before-init': 1}" in lines, run.stdout
 
 
 def _status_kib(key: str) -> int:
