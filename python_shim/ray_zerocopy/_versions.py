@@ -108,7 +108,14 @@ class _Registry:
         so that nothing is answered from a table still being filled)."""
         if self._recovery is None:
             self._recovery = self._asyncio.ensure_future(self._recover())
-        await self._asyncio.shield(self._recovery)
+        try:
+            await self._asyncio.shield(self._recovery)
+        except Exception as e:  # noqa: BLE001 - logged once; the registry serves what it has
+            if self._recovery is not None:
+                logger.warning("versions registry: taking the owners' records back failed: %s: %s",
+                               type(e).__name__, e)
+            self._recovery = self._asyncio.get_running_loop().create_future()
+            self._recovery.set_result(None)
 
     async def _owner_call(self, owner_name: str, method: str, *args):
         """``method(*args)`` of the owner actor ``owner_name``, or ``None``
@@ -242,9 +249,27 @@ def _registry():
             # Ray makes it again where its process or node died; it takes the
             # owners' records back (see _Registry).
             max_restarts=-1,
+            # On the head node where there is one: the node that lives as long
+            # as the cluster (an autoscaler takes a worker node away once its
+            # CPUs are idle, and this actor holds none).
+            scheduling_strategy=_on_the_head(ray),
         )
         _handle = (session, actor.remote())
     return _handle[1]
+
+
+def _on_the_head(ray):
+    """A soft affinity to the head node, or ``None`` where none is named."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        nodes = ray.nodes()
+    except Exception:  # noqa: BLE001 - placement is a preference only
+        return None
+    for node in nodes:
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)
+    return None
 
 
 def _ask(method: str, *args, timeout: float | None = None):
