@@ -2,7 +2,6 @@
 //! optional `*.safetensors.index.json` that maps each tensor to its shard.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -54,10 +53,7 @@ pub fn find(path: &Path) -> Result<Checkpoint> {
 
 /// The `weight_map` of an index file.
 fn weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
-    if let Some(why) = not_regular(path) {
-        bail!("{}: {why}", path.display());
-    }
-    let mut file = open_regular(path)?;
+    let mut file = rzc_core::open_regular(path)?; // "PATH: is a FIFO, not a regular file"
     let mut text = String::new();
     std::io::Read::read_to_string(&mut file, &mut text)
         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -77,47 +73,17 @@ fn weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
-/// `path` opened for reading without waiting, and checked again as opened:
-/// a FIFO put there after a look at the path is refused, not waited on.
-fn open_regular(path: &Path) -> Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        bail!("{}: is not a regular file", path.display());
-    }
-    Ok(file)
-}
-
 /// Why `path` is not read, when it is not a regular file after symlinks
 /// (a Hugging Face cache's shards are links to its blobs): "is a FIFO, not a
-/// regular file". Opening a FIFO for reading waits for a writer, forever when
-/// none comes, so it must be refused before it is opened. This looks at the
-/// path first, for the message; the opens that follow (rzc-core's, and the
-/// index's here: `O_NONBLOCK`, then a check of the open descriptor) refuse
-/// one put there in between. `None`
-/// for a regular file, or for one that cannot be looked at: opening it says
-/// why.
+/// regular file", in the words of rzc-core's [`rzc_core::not_regular`].
+/// Opening a FIFO for reading waits for a writer, forever when none comes,
+/// so it must be refused before it is opened; this looks at the path first,
+/// for the "invalid: NAME: ..." message, and the opens that follow
+/// (rzc-core's [`rzc_core::open_regular`]) refuse one put there in between.
+/// `None` for a regular file, or for one that cannot be looked at: opening
+/// it says why.
 pub fn not_regular(path: &Path) -> Option<String> {
-    let kind = std::fs::metadata(path).ok()?.file_type();
-    let what = if kind.is_file() {
-        return None;
-    } else if kind.is_dir() {
-        "a directory"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_socket() {
-        "a socket"
-    } else if kind.is_char_device() {
-        "a character device"
-    } else if kind.is_block_device() {
-        "a block device"
-    } else {
-        "not a file"
-    };
+    let what = rzc_core::not_regular(std::fs::metadata(path).ok()?.file_type())?;
     Some(format!("is {what}, not a regular file"))
 }
 
@@ -127,33 +93,4 @@ pub fn file_name(path: &Path) -> String {
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// What a look at the path cannot stop: a FIFO there when it is opened
-    /// is refused at once, not waited on.
-    #[test]
-    fn a_fifo_is_refused_as_opened() {
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("model.safetensors.index.json");
-        assert!(std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(open_regular(&fifo).map(|_| ()));
-        });
-        let got = rx
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("opening a FIFO returned within 10 s");
-        assert!(format!("{:#}", got.unwrap_err()).contains("is not a regular file"));
-        let file = dir.path().join("index.json");
-        std::fs::write(&file, "{}").unwrap();
-        assert!(open_regular(&file).is_ok());
-    }
 }

@@ -32,5 +32,5 @@ pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};
 pub use header::TensorMeta;
 pub use platform::GuardState;
-pub use storage::Borrowed;
+pub use storage::{not_regular, open_regular, Borrowed};
 pub use weights::{OpenOptions, Weights};

@@ -73,42 +73,69 @@ impl Bytes for Borrowed {
     }
 }
 
-/// Maps the file at `path` read-only. An empty file gives an empty buffer
-/// (mmap refuses empty files; the parser gives the real diagnosis). Only a
-/// regular file (or a link to one) is mapped: the file is opened
-/// `O_NONBLOCK`, since opening a FIFO for reading otherwise waits for a
-/// writer, forever when none comes, and what the open descriptor is gets
-/// checked before anything is read.
-pub fn map_file(path: &Path) -> Result<Storage> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+/// What a file is when it is not a regular file, for messages ("a FIFO");
+/// `None` for a regular file. One list for every reader of files (this
+/// crate's [`map_file`], the command line tool's checks), so that they name
+/// things alike.
+pub fn not_regular(kind: std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    Some(if kind.is_file() {
+        return None;
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "not a file"
+    })
+}
+
+/// `path` opened for reading if it is a regular file (or a link to one);
+/// else an `Io` error "PATH: is a FIFO, not a regular file". The path is
+/// looked at first, so that a device is refused without being opened
+/// (opening some has effects); then the file is opened `O_NONBLOCK` (opening
+/// a FIFO for reading otherwise waits for a writer, forever when none comes)
+/// and the open descriptor, which no rename changes, is checked again.
+pub fn open_regular(path: &Path) -> Result<std::fs::File> {
     let io = |e: std::io::Error| Error::new(ErrorKind::Io, format!("{}: {e}", path.display()));
-    let not_regular = |kind: std::fs::FileType| -> Result<()> {
-        if kind.is_file() {
-            return Ok(());
-        }
-        let what = if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_socket() {
-            "a socket"
-        } else if kind.is_char_device() || kind.is_block_device() {
-            "a device"
-        } else {
-            "not a regular file"
-        };
-        fail!(Io, "{} is {what}, not a safetensors file", path.display());
-    };
-    // The path first: a device is refused without being opened (opening
-    // some has effects); then the open descriptor, which no rename changes.
-    not_regular(std::fs::metadata(path).map_err(io)?.file_type())?;
+    refuse_unless_regular(path, std::fs::metadata(path).map_err(io)?.file_type())?;
+    open_checked(path)
+}
+
+fn refuse_unless_regular(path: &Path, kind: std::fs::FileType) -> Result<()> {
+    match not_regular(kind) {
+        None => Ok(()),
+        Some(what) => fail!(Io, "{}: is {what}, not a regular file", path.display()),
+    }
+}
+
+/// The open and the check of the open descriptor of [`open_regular`]: what
+/// a look at the path cannot stop (a FIFO put there in between).
+fn open_checked(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| Error::new(ErrorKind::Io, format!("{}: {e}", path.display()));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(io)?;
+    refuse_unless_regular(path, file.metadata().map_err(io)?.file_type())?;
+    Ok(file)
+}
+
+/// Maps the file at `path` read-only. An empty file gives an empty buffer
+/// (mmap refuses empty files; the parser gives the real diagnosis). Only a
+/// regular file (or a link to one) is mapped ([`open_regular`]).
+pub fn map_file(path: &Path) -> Result<Storage> {
+    let io = |e: std::io::Error| Error::new(ErrorKind::Io, format!("{}: {e}", path.display()));
+    let file = open_regular(path)?;
     let meta = file.metadata().map_err(io)?;
-    not_regular(meta.file_type())?;
     if meta.len() == 0 {
         return Ok(Arc::new(Vec::new()));
     }
@@ -116,4 +143,44 @@ pub fn map_file(path: &Path) -> Result<Storage> {
     // is the documented misuse, as with every mmap reader.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
     Ok(Arc::new(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a look at the path cannot stop: a FIFO there when it is opened
+    /// is refused at once, not waited on.
+    #[test]
+    fn a_fifo_is_refused_as_opened() {
+        let dir = std::env::temp_dir().join(format!("rzc-core-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("model.safetensors");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(open_checked(&path).map(|_| ()));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening a FIFO returned within 10 s");
+        let e = got.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert!(
+            e.message()
+                .ends_with("model.safetensors: is a FIFO, not a regular file"),
+            "{}",
+            e.message()
+        );
+        let file = dir.join("index.json");
+        std::fs::write(&file, "{}").unwrap();
+        assert!(open_checked(&file).is_ok() && open_regular(&file).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

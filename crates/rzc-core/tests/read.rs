@@ -160,12 +160,17 @@ fn a_fifo_or_a_directory_is_refused_not_waited_on() {
         .expect("opening a FIFO returned within 10 s");
     assert_eq!(e.kind(), ErrorKind::Io);
     assert!(
-        e.message().contains("is a FIFO, not a safetensors file"),
+        e.message()
+            .contains("model.safetensors: is a FIFO, not a regular file"),
         "{}",
         e.message()
     );
     let e = Weights::open_file(&dir).unwrap_err();
-    assert!(e.message().contains("is a directory"), "{}", e.message());
+    assert!(
+        e.message().contains(": is a directory, not a regular file"),
+        "{}",
+        e.message()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
