@@ -99,7 +99,10 @@ def pack_input(t: torch.Tensor, name: str) -> tuple[PackInput, object]:
         raise InvalidInputError(f"tensor {name!r} has layout {t.layout}; only dense tensors can be shared")
     if t.is_quantized:
         raise UnshareableTensorError(f"tensor {name!r} is quantized; dequantize it first")
-    t = t.contiguous()
+    # A lazy conjugate or negative view (``.conj()`` of a complex tensor,
+    # ``torch._neg_view``) is a flag over the memory, which still holds the
+    # values before it: the bytes sealed must be the values it shows.
+    t = t.resolve_conj().resolve_neg().contiguous()
     return PackInput(name, code, tuple(t.shape), t.data_ptr(), t.numel() * t.element_size()), t
 
 
