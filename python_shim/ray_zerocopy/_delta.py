@@ -247,6 +247,14 @@ def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) ->
         own,
     )
     packing = Packing(
-        skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan, fill, "sealing update", sealer.keep, sources
+        skeleton,
+        tuple(sealer.kinds),
+        bool(sealer.training_left),
+        plan,
+        fill,
+        "sealing update",
+        sealer.keep,
+        sources,
+        own=sealer.own_refs(),
     )
     return packing, tuple(parts[p] for p in used)

@@ -15,7 +15,10 @@ from .device_weights import DeviceWeights
 
 
 def accepts(obj) -> bool:
-    return isinstance(obj, jax.Array)
+    """A JAX array of numbers. A typed PRNG key (``jax.random.key``, held by
+    Flax NNX's ``Rngs``) has no numeric value to share: it is pickled, as
+    JAX pickles it."""
+    return isinstance(obj, jax.Array) and not jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key)
 
 
 def pack_input(a, name: str):

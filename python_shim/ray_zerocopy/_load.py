@@ -236,6 +236,12 @@ def build_parts(opened: list, parts, sealed: _seal.Sealed, options: LoadOptions)
 
 
 def _rebuild(tensors: list, sealed: _seal.Sealed, options: LoadOptions):
+    if sealed.own:
+        # Tensors a module writes during inference (Sealed.own): this
+        # process's own copy (where the tensors were loaded), writable, in
+        # place of the shared read-only one, for every use of that reference.
+        for i in sealed.own:
+            tensors[i] = tensors[i].clone()
     if "torch" in sys.modules and (
         options.framework == "torch" or (options.framework is None and TORCH_PARAM in sealed.kinds)
     ):

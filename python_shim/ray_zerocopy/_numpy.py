@@ -70,14 +70,28 @@ def numpy_dtype(st: str):
     return dt
 
 
+# What is sealed as a shared array: a plain ndarray, and a memmap (what
+# np.load(..., mmap_mode="r") returns, a common way to hold big weights),
+# which loads back as a plain ndarray. Other subclasses (np.matrix, masked
+# arrays) mean more than their bytes and travel pickled, as before.
+_SHARED = (np.ndarray, np.memmap)
+
+
 def accepts(obj) -> bool:
-    return type(obj) is np.ndarray and obj.dtype.name in _NAMES
+    """A plain array of a dtype safetensors holds, or of a number dtype it
+    does not (which :func:`pack_input` refuses, as the torch adapter does,
+    rather than letting it travel pickled to every process unshared);
+    strings, objects and records are not weights and are pickled."""
+    return type(obj) in _SHARED and (obj.dtype.name in _NAMES or obj.dtype.kind in "fc")
 
 
 def pack_input(a: np.ndarray, name: str) -> tuple[PackInput, object]:
     st = _NAMES.get(a.dtype.name)
     if st is None:
-        raise UnshareableTensorError(f"array {name!r} has dtype {a.dtype}, which safetensors cannot hold")
+        raise UnshareableTensorError(
+            f"array {name!r} has dtype {a.dtype}, which safetensors cannot hold; convert it "
+            f"(e.g. .astype(np.float32) or np.complex64) before wrapping"
+        )
     if a.dtype.byteorder == ">":
         # safetensors holds little-endian values: a big-endian array (">f4"
         # is named "float32" too) is converted, or its bytes would be read

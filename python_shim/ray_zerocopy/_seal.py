@@ -72,6 +72,11 @@ class Sealed:
     content_digest: bytes  # Weights.content_digest() of the sealed buffer: every byte of it
     needs_eval: bool = False  # some module was pickled in training mode: switch after loading
     digest_seconds: float = 0.0  # what computing the digest cost while sealing
+    # References each loading process copies for itself: tensors a module
+    # writes during inference (an nn.Embedding with max_norm renormalizes
+    # the rows it looks up, in place), which the shared read-only copy
+    # cannot take. Empty for nearly every pipeline.
+    own: tuple = ()
     # Reference i is tensor i of this buffer (see SealedParts).
     sources = None
 
@@ -126,6 +131,7 @@ class Packing:
     label: str = "sealing"  # the progress bar's
     keep: object = None  # what the fill reads, alive until it has run
     sources: tuple | None = None  # see Sealed.sources
+    own: tuple = ()  # see Sealed.own
 
     @property
     def count(self) -> int:
@@ -156,7 +162,9 @@ class Packing:
                 raise InternalError(f"packed {len(w)} tensors for {self.count} references")
         modules = referenced_modules(self.skeleton)
         made = (self.skeleton, tuple(self.kinds), modules, int(dst.nbytes), digest, self.needs_eval, waited)
-        return Sealed(*made) if self.sources is None else SealedParts(*made, self.sources)
+        if self.sources is None:
+            return Sealed(*made, own=self.own)
+        return SealedParts(*made, own=self.own, sources=self.sources)
 
     def to_array(self) -> tuple[Sealed, np.ndarray]:
         """The buffer as a new array (no Ray needed), and its description."""
@@ -288,6 +296,12 @@ def _pickler_class(base):
     return _Pickler
 
 
+# A skeleton this large (everything but the shared tensors, which every
+# loading process receives) says that something big travels by value: a
+# 300-tensor model's is a few tens of KB.
+SKELETON_WARN_BYTES = 8 << 20
+
+
 class _Sealer:
     """Pickles an object into a skeleton, turning every tensor or array it
     reaches into a reference (pickle's ``persistent_id``) to an entry of the
@@ -303,6 +317,7 @@ class _Sealer:
         self.keep: list[object] = []  # originals and contiguous copies, alive until packed
         self.used_names: set[str] = {getattr(i, "name", "") for i in self.inputs}
         self.training_left: list[object] = []  # modules pickled in training mode that we could not switch
+        self.own_ids: list[int] = []  # id() of tensors each loading process copies (Sealed.own)
         self.obj = obj
         self._module_paths: dict | None = None
 
@@ -314,6 +329,15 @@ class _Sealer:
                 for name, m in top.named_modules(prefix=path):
                     self._module_paths.setdefault(id(m), name or "the pipeline itself")
         return self._module_paths.get(id(module), type(module).__name__)
+
+    def mark_own(self, t) -> None:
+        """Tensor ``t`` is copied by each process that loads (``Sealed.own``)."""
+        self.own_ids.append(id(t))
+        self.keep.append(t)  # its id stays its own until packed
+
+    def own_refs(self) -> tuple:
+        """The references of the tensors :meth:`mark_own` named."""
+        return tuple(sorted({self.refs[i] for i in self.own_ids if i in self.refs}))
 
     def persistent_id(self, o):
         i = self.refs.get(id(o))
@@ -362,7 +386,16 @@ class _Sealer:
                 "the pipeline holds no tensors or arrays to share (is it an empty model, or are its weights "
                 "held by something other than torch tensors, numpy or JAX arrays?)"
             )
-        return f.getvalue()
+        skeleton = f.getvalue()
+        if len(skeleton) >= SKELETON_WARN_BYTES:
+            _telemetry.log.warning(
+                "besides its %d shared tensors, the pipeline pickles to %.1f MiB, which every process that loads "
+                "it receives and unpickles, unshared: large data among what is not a tensor (an ndarray subclass "
+                "such as np.matrix or a masked array, a list of numbers, a DataFrame) is copied into each process; "
+                "hold it as numpy arrays or torch tensors to share it",
+                len(self.inputs), len(skeleton) / 2**20,
+            )
+        return skeleton
 
 
 def _children(obj):
@@ -423,7 +456,9 @@ def pack_object(obj, metadata=None) -> Packing:
         else:
             _copy_inputs(plan, inputs, 0, progress)  # in groups, to show progress
 
-    return Packing(skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan, fill, keep=sealer.keep)
+    return Packing(
+        skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan, fill, keep=sealer.keep, own=sealer.own_refs()
+    )
 
 
 def _copy_inputs(plan: PackPlan, inputs, first: int, progress: _Progress) -> None:
@@ -463,7 +498,7 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
 
         f = io.BytesIO()
         _Pickler(f, protocol=5).dump({e.name: _Ref(i) for i, e in enumerate(entries)})
-        skeleton, kinds, extras, needs_eval, keep = f.getvalue(), (kind,) * len(entries), [], False, None
+        skeleton, kinds, extras, needs_eval, keep, own = f.getvalue(), (kind,) * len(entries), [], False, None, ()
     else:
         from . import _torch
 
@@ -471,7 +506,7 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
         sealer = _Sealer(model, preset=preset, inputs=entries, kinds=preset_kinds)
         skeleton = sealer.pickle(model)
         kinds, extras, needs_eval = sealer.kinds, sealer.inputs[len(entries) :], bool(sealer.training_left)
-        keep = sealer.keep
+        keep, own = sealer.keep, sealer.own_refs()
     inputs = [PackInput(e.name, DTYPE_CODES[e.dtype], e.shape, 0, e.nbytes) for e in entries] + extras
     plan = PackPlan(inputs, ckpt.metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES, reserve_digest=True)
     offsets = [plan.offset(i) for i in range(len(inputs))]
@@ -480,7 +515,7 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
         _checkpoint.copy_into(ckpt, entries, offsets, progress.read)
         _copy_inputs(plan, extras, len(entries), progress)
 
-    return Packing(skeleton, tuple(kinds), needs_eval, plan, fill, "sealing checkpoint", keep)
+    return Packing(skeleton, tuple(kinds), needs_eval, plan, fill, "sealing checkpoint", keep, own=own)
 
 
 def seal_checkpoint(path, kind: str, model=None) -> tuple[Sealed, np.ndarray]:

@@ -9,6 +9,7 @@ import copyreg
 
 import torch
 
+from . import _telemetry
 from ._dlpack import consume_versioned, versioned_capsule
 from ._native import DTYPE_CODES, DTYPE_NAMES
 from ._skeleton import TORCH, TORCH_PARAM
@@ -97,6 +98,11 @@ def pack_input(t: torch.Tensor, name: str) -> tuple[PackInput, object]:
         t = t.to("cpu")
     if t.is_sparse or t.layout != torch.strided:
         raise InvalidInputError(f"tensor {name!r} has layout {t.layout}; only dense tensors can be shared")
+    if t.is_nested:
+        raise InvalidInputError(
+            f"tensor {name!r} is a nested tensor of the strided layout, which cannot be shared; make it with "
+            "layout=torch.jagged (whose values are shared), or keep its components as a list of tensors"
+        )
     if t.is_quantized:
         raise UnshareableTensorError(f"tensor {name!r} is quantized; dequantize it first")
     # A lazy conjugate or negative view (``.conj()`` of a complex tensor,
@@ -225,6 +231,13 @@ def _reduce_module(o, sealer, proto: int):
     """Modules are pickled in eval mode, as load() returns them: the loaded
     pipeline needs no walk over its modules to switch them, and the caller's
     own modules stay as they are."""
+    if writes_its_weight(o):
+        sealer.mark_own(o.weight)
+        _telemetry.log.warning(
+            "module %r (%s with max_norm=%s) renormalizes the rows it looks up in place, in eval mode too: "
+            "each process that loads gets its own copy of its weight (%d bytes), not the shared read-only one",
+            sealer.module_path(o), type(o).__name__, o.max_norm, o.weight.numel() * o.weight.element_size(),
+        )
     if packed_quantized(o):
         raise UnshareableTensorError(
             f"module {sealer.module_path(o)!r} ({type(o).__module__}.{type(o).__qualname__}) keeps its weights "
@@ -257,6 +270,13 @@ def _reduce_module(o, sealer, proto: int):
             return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
         sealer.training_left.append(o)
     return None
+
+
+def writes_its_weight(module) -> bool:
+    """Whether ``module``'s forward writes its weight in place whatever its
+    mode: ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm`` (torch
+    renormalizes each row they look up that is longer than ``max_norm``)."""
+    return isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.max_norm is not None
 
 
 def _parametrized(module) -> bool:

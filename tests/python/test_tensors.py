@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import ray_zerocopy as rzc  # noqa: E402
 from ray_zerocopy import ActorWrapper, Weights, _load, _seal  # noqa: E402
 
 
@@ -34,3 +35,133 @@ def test_lazy_conjugate_and_negative_views_keep_the_values_they_show():
     for k in ("conj", "neg", "conj_of_neg"):
         assert torch.equal(loaded[k], pipeline[k].resolve_conj().resolve_neg()), k
     assert torch.equal(loaded["filter"].h, pipeline["filter"].h.resolve_conj())
+
+
+class Lookup(torch.nn.Module):
+    """An embedding bounded by ``max_norm`` (torch renormalizes, in place,
+    every row it looks up that is longer), its output layer tied to it, and
+    a layer that is only read."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(16, 8, max_norm=1.0)
+        self.bag = torch.nn.EmbeddingBag(16, 8, max_norm=0.5, mode="sum")
+        self.out = torch.nn.Linear(8, 16, bias=False)
+        self.out.weight = self.emb.weight
+        self.read = torch.nn.Linear(8, 8)
+        with torch.no_grad():
+            self.emb.weight.mul_(10.0)
+            self.bag.weight.mul_(10.0)
+
+    def forward(self, ids):
+        return self.out(self.read(self.emb(ids) + self.bag(ids[:, :2])))
+
+
+def _lookups(m):
+    with torch.no_grad():
+        return [m(torch.tensor(ids)) for ids in ([[1, 2, 3]], [[3, 4, 5]], [[1, 5, 9]])]
+
+
+def test_a_module_that_writes_its_weight_in_inference_gets_its_own_copy(caplog):
+    """nn.Embedding(max_norm=...) renormalizes the rows it looks up in place,
+    in eval mode and under no_grad too: against the shared read-only copy
+    that write killed the actor. Each load now copies that weight (tied uses
+    included, so the tie holds) and nothing else, with a warning at wrap
+    time; the outputs are those of the model run in plain torch."""
+    import copy
+
+    model = Lookup().eval()
+    reference = copy.deepcopy(model)
+    with caplog.at_level("WARNING", logger="ray_zerocopy"):
+        sealed, buf = _seal.seal(model)
+    assert "'emb' (Embedding with max_norm=1.0)" in caplog.text and "'bag' (EmbeddingBag" in caplog.text
+    assert len(sealed.own) == 2
+    weights = Weights.from_buffer(buf)
+    loaded = _load.assemble(weights, sealed)
+    assert loaded.out.weight is loaded.emb.weight, "the tie holds"
+    assert isinstance(loaded.emb.weight, torch.nn.Parameter) and not loaded.emb.weight.requires_grad
+    shared = lambda t: buf.ctypes.data <= t.data_ptr() < buf.ctypes.data + len(buf)  # noqa: E731
+    assert shared(loaded.read.weight) and not shared(loaded.emb.weight) and not shared(loaded.bag.weight)
+    for got, want in zip(_lookups(loaded), _lookups(reference), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(loaded.emb.weight, reference.emb.weight), "renormalized as in torch"
+
+
+def test_renormalizing_embeddings_run_in_write_protected_actors(ray_cluster):
+    ray = ray_cluster
+    import copy
+
+    model = Lookup().eval()
+    reference = copy.deepcopy(model)
+    wrapper = ActorWrapper(model)
+
+    @ray.remote(num_cpus=0)
+    class Server:
+        def __init__(self, w):
+            self.m = w.load()
+
+        def run(self):
+            return _lookups(self.m)
+
+    servers = [Server.remote(wrapper) for _ in range(2)]
+    want = _lookups(reference)
+    for s in servers:
+        got = ray.get(s.run.remote())
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    for s in servers:
+        ray.kill(s)
+
+
+def test_a_memmap_is_shared_not_pickled(tmp_path):
+    """What ``np.load(..., mmap_mode="r")`` returns, a common way to hold big
+    weights, was pickled by value into the skeleton every process receives
+    (16 MiB there for a 16 MiB array); it is sealed as an array and loads
+    back as a plain read-only one."""
+    path = tmp_path / "w.npy"
+    np.save(path, np.arange(1 << 20, dtype=np.float32))
+    weights = {"w": np.load(path, mmap_mode="r"), "b": np.ones(3, np.float32)}
+    sealed, _ = _seal.seal(weights)
+    assert len(sealed.kinds) == 2 and len(sealed.skeleton) < 4096
+    loaded = round_trip(weights)
+    assert type(loaded["w"]) is np.ndarray and not loaded["w"].flags.writeable
+    np.testing.assert_array_equal(loaded["w"], weights["w"])
+
+
+@pytest.mark.parametrize("dtype", ["complex128", "longdouble"])
+def test_a_number_array_safetensors_cannot_hold_is_refused_as_in_torch(dtype):
+    """Such an array travelled pickled to every process, unshared and
+    unannounced, where a torch tensor of that dtype is refused; now both are."""
+    if np.dtype(dtype).name not in ("complex128", "float128"):
+        pytest.skip(f"{dtype} is {np.dtype(dtype).name} here")
+    with pytest.raises(rzc.UnshareableTensorError, match=rf"array 'x' has dtype {np.dtype(dtype)}.*convert it"):
+        _seal.seal({"x": np.zeros(4, dtype), "y": np.zeros(4, np.float32)})
+    with pytest.raises(rzc.UnshareableTensorError, match="tensor 'x' has dtype torch.complex128"):
+        _seal.seal({"x": torch.zeros(4, dtype=torch.complex128)})
+
+
+def test_a_large_skeleton_is_announced(caplog):
+    """Data that is not a tensor travels by value to every process that
+    loads: a large one is named in a warning (an np.matrix of 9 MiB here)."""
+    pipeline = {"m": np.asmatrix(np.zeros((1536, 768), np.float64)), "w": np.ones(4, np.float32)}
+    with caplog.at_level("WARNING", logger="ray_zerocopy"):
+        _seal.seal(pipeline)
+    assert "besides its 1 shared tensors, the pipeline pickles to 9.0 MiB" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ray_zerocopy"):
+        _seal.seal({"w": np.ones((1536, 768), np.float64)})
+    assert "pickles to" not in caplog.text
+
+
+def test_a_strided_nested_tensor_is_named_as_such():
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(rzc.InvalidInputError, match="tensor 'nt' is a nested tensor of the strided layout"):
+        _seal.seal({"nt": nested, "w": torch.ones(2)})
+
+
+def test_a_jax_typed_key_is_pickled_not_taken_for_an_array():
+    jax = pytest.importorskip("jax")
+    pipeline = {"rng": jax.random.key(7), "w": jax.numpy.arange(4.0)}
+    loaded = round_trip(pipeline)
+    assert jax.numpy.array_equal(jax.random.key_data(loaded["rng"]), jax.random.key_data(pipeline["rng"]))
+    assert jax.numpy.array_equal(loaded["w"], pipeline["w"])
