@@ -565,6 +565,7 @@ def test_threads_open_export_free_concurrently():
         ],
         guard_bytes=4096,
     )
+    gc.collect()  # buffers earlier tests left in garbage cycles go now, not mid-test
     base = live_buffers()
     errors = []
     deadline = time.time() + 30

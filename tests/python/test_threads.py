@@ -6,6 +6,7 @@ from several threads of one actor at once (``max_concurrency > 1``). The GPU
 half (uploads, ``DeviceWeights``, first calls of fresh processes) is
 ``tests/gpu/test_threads.py``."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def test_close_while_other_threads_use_it_never_crashes(tmp_path):
 def test_a_closed_weights_raises_and_its_tensors_stay_valid():
     state = {"a": torch.arange(10.0), "b": torch.arange(5)}
     _, buf = _seal.seal(state)
+    gc.collect()  # buffers earlier tests left in garbage cycles go now, not mid-test
     before = rzc.weights.live_buffers()
     w = rzc.Weights.from_buffer(buf)
     producer, kept = w.dlpack(0), torch.from_dlpack(w.dlpack(1))

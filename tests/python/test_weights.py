@@ -772,6 +772,7 @@ def test_arrays_jax_refuses_are_copied_and_their_exports_freed():
     skew = (-raw.ctypes.data % 64) + 8  # 8 bytes past a 64-byte boundary
     buf = raw[skew : skew + len(packed)]
     buf[:] = np.frombuffer(packed, np.uint8)
+    gc.collect()  # buffers earlier tests left in garbage cycles go now, not mid-test
     base = live_buffers()
     w = rzc.Weights.from_buffer(buf)
     got = _jax.adopt(w, list(range(len(w))))
