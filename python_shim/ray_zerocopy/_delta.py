@@ -100,13 +100,9 @@ class _DeltaSealer(_Sealer):
         self.base, self.substitute = base, substitute
         self.sources: list[tuple[int, int]] = []  # per reference
 
-    def persistent_id(self, o):
-        r = self.refs.get(id(o))
-        if r is not None:
-            return r
-        entry = next((e for e in self.adapters if e[1].accepts(o)), None)
-        if entry is None:
-            return None
+    def _take(self, o, entry) -> int:
+        """A new reference for tensor ``o``: the base's equal tensor, or a
+        new entry of the delta."""
         fw, adapter = entry
         name = self.known.get(id(o)) or f"tensor.{len(self.sources)}"
         sub = self.substitute.get(id(o))

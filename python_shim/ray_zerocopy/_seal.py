@@ -296,6 +296,16 @@ def _pickler_class(base):
     return _Pickler
 
 
+class TensorData:
+    """Stands, while sealing, for the data of a tensor that is more than
+    its data: the sealer makes it a reference (see ``_Sealer.persistent_id``)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
 # A skeleton this large (everything but the shared tensors, which every
 # loading process receives) says that something big travels by value: a
 # 300-tensor model's is a few tens of KB.
@@ -318,6 +328,7 @@ class _Sealer:
         self.used_names: set[str] = {getattr(i, "name", "") for i in self.inputs}
         self.training_left: list[object] = []  # modules pickled in training mode that we could not switch
         self.own_ids: list[int] = []  # id() of tensors each loading process copies (Sealed.own)
+        self.with_extras: set[int] = set()  # id() of tensors pickled through the torch reducer
         self.obj = obj
         self._module_paths: dict | None = None
 
@@ -340,14 +351,39 @@ class _Sealer:
         return tuple(sorted({self.refs[i] for i in self.own_ids if i in self.refs}))
 
     def persistent_id(self, o):
+        """Reference ``i`` for a tensor or array (its data, in the buffer),
+        ``None`` for what pickles as usual. A tensor that is more than its
+        data (a subclass, attributes of its own: see ``_torch.has_extras``)
+        pickles as usual, through the torch reducer, which hands its data
+        back here wrapped in a :class:`TensorData`; its other uses then meet
+        pickle's memo, so that they stay one object."""
+        if type(o) is TensorData:
+            o = o.tensor
+            i = self.refs.get(id(o))
+            return i if i is not None else self._take(o, self._adapter(o))
+        if id(o) in self.with_extras:
+            return None
         i = self.refs.get(id(o))
         if i is not None:
             return i
+        entry = self._adapter(o)
+        if entry is None:
+            return None
+        if entry[0] == "torch" and entry[1].has_extras(o):
+            self.with_extras.add(id(o))
+            self.keep.append(o)  # its id stays its own until packed
+            return None
+        return self._take(o, entry)
+
+    def _adapter(self, o):
+        """``(framework, adapter)`` of the first adapter that takes ``o``, or ``None``."""
         for entry in self.adapters:
             if entry[1].accepts(o):
-                break
-        else:
-            return None
+                return entry
+        return None
+
+    def _take(self, o, entry) -> int:
+        """A new reference for tensor ``o``: a new entry of the buffer."""
         fw, adapter = entry
         name = self.known.get(id(o)) or f"tensor.{len(self.inputs)}"
         while name in self.used_names:

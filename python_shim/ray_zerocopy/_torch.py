@@ -210,10 +210,44 @@ def reduce(o, sealer, proto: int):
             sealer.known.setdefault(id(t), name)
         return rebuild, (blob, tensors)
     if isinstance(o, torch.Tensor):
-        return _reduce_wrapper_subclass(o, sealer) if is_wrapper_subclass(o) else None
+        if is_wrapper_subclass(o):
+            return _reduce_wrapper_subclass(o, sealer)
+        if has_extras(o):
+            from ._seal import TensorData
+
+            return with_extras, (TensorData(o), type(o), dict(o.__dict__))
+        return None
     if isinstance(o, torch.nn.Module):
         return _reduce_module(o, sealer, proto)
     return None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def has_extras(t) -> bool:
+    """Whether tensor ``t`` is more than its data: a subclass of its own (a
+    ``torch.Tensor`` subclass with ``__torch_function__``, a custom
+    ``nn.Parameter`` class) or attributes set on it (tensor-parallel code
+    tags parameters: ``weight.partition_dim = 0``). torch's own pickling
+    keeps both; so does sealing (:func:`with_extras`)."""
+    return type(t) not in _PLAIN or bool(t.__dict__)
+
+
+def with_extras(t, cls, state: dict):
+    """Tensor ``t`` (this load's, from the buffer) given back the class and
+    the attributes its original had. The class is set in place, as torch's
+    ``UninitializedParameter.materialize`` does (the tensor is this load's
+    own object); a class that cannot be set so gets ``as_subclass``, as
+    torch's unpickling does."""
+    if type(t) is not cls:
+        try:
+            t.__class__ = cls
+        except TypeError:
+            t = t.as_subclass(cls)
+    if state:
+        t.__dict__.update(state)
+    return t
 
 
 def _reduce_wrapper_subclass(t, sealer):

@@ -165,3 +165,38 @@ def test_a_jax_typed_key_is_pickled_not_taken_for_an_array():
     loaded = round_trip(pipeline)
     assert jax.numpy.array_equal(jax.random.key_data(loaded["rng"]), jax.random.key_data(pipeline["rng"]))
     assert jax.numpy.array_equal(loaded["w"], pipeline["w"])
+
+
+class ShardedParam(torch.nn.Parameter):
+    """A parameter class of the user's own (tensor-parallel code has them)."""
+
+
+class Tagged(torch.Tensor):
+    """A plain tensor subclass (torchvision's tv_tensors are such)."""
+
+
+def test_a_tensor_keeps_its_class_and_attributes_as_torch_pickling_does():
+    """Tensor-parallel code tags parameters (``weight.partition_dim = 0``)
+    and has parameter classes of its own; a plain tensor subclass carries
+    meaning in its class. Sealing dropped both (the data went into the
+    buffer, the rest was lost); each now comes back, on the same shared
+    data, and a tensor used twice is still one object."""
+    m = torch.nn.Linear(4, 4)
+    m.weight.partition_dim = 1
+    m.extra = ShardedParam(torch.arange(4.0))
+    m.extra.axis = "tp"
+    pipeline = {"m": m, "t": torch.arange(3.0).as_subclass(Tagged), "again": m.weight}
+    pipeline["t"].note = {"unit": "m"}
+    sealed, buf = _seal.seal(pipeline)
+    assert len(sealed.kinds) == 4
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    lm = loaded["m"]
+    assert type(lm.weight) is torch.nn.Parameter and lm.weight.partition_dim == 1
+    assert loaded["again"] is lm.weight
+    assert type(lm.extra) is ShardedParam and lm.extra.axis == "tp" and not lm.extra.requires_grad
+    assert dict(lm.named_parameters()).keys() == {"weight", "bias", "extra"}
+    assert type(loaded["t"]) is Tagged and loaded["t"].note == {"unit": "m"}
+    for got, want in ((lm.weight, m.weight), (lm.extra, m.extra), (loaded["t"], pipeline["t"])):
+        assert torch.equal(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor))
+        assert buf.ctypes.data <= got.data_ptr() < buf.ctypes.data + len(buf), "the shared data"
+    assert not hasattr(lm.bias, "partition_dim")
