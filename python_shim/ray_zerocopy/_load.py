@@ -34,7 +34,14 @@ from . import _seal, _telemetry
 from ._device import Device, parse_device
 from ._skeleton import FRAMEWORK_OF, TORCH_PARAM, rebuild
 from .device_weights import DeviceWeights, cuda_device_count
-from .errors import BufferMismatchError, DeviceNotVisibleError, InvalidInputError, NoCudaError, SealedObjectLostError
+from .errors import (
+    BufferMismatchError,
+    DeviceNotVisibleError,
+    InvalidInputError,
+    NoCudaError,
+    RayNotInitializedError,
+    SealedObjectLostError,
+)
 from .weights import Weights
 
 __all__ = [
@@ -175,6 +182,14 @@ def open_sealed(ref, write_protect: bool) -> Weights:
             return w
     import ray
 
+    if not ray.is_initialized():
+        # ray.get would start a new, empty Ray, where this object cannot be:
+        # a wrapper is loaded in the cluster it was sealed in (a
+        # subscription's thread loading as the program shuts Ray down).
+        raise RayNotInitializedError(
+            "Ray is not initialized in this process: a wrapper loads inside the Ray cluster that sealed it "
+            "(in its actors and tasks, or after ray.init() connects to it)"
+        )
     # Fetched without the lock: an object coming from another node must not
     # hold up the loads of other objects in this process (a multiplexed
     # service, a subscription loading a new version).

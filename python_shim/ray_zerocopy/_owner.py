@@ -177,7 +177,7 @@ class Owner:
             raise InvalidInputError("an Owner's name must not be empty")
         from .wrappers import _require_ray
 
-        ray = _require_ray()
+        ray = _require_ray("making an Owner, an actor of the Ray cluster")
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._name = name

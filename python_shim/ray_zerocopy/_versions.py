@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 from .errors import (
     InvalidInputError,
+    OwnerUnavailableError,
+    RayNotInitializedError,
     RayZeroCopyError,
     RegistryUnavailableError,
     VersionConflictError,
@@ -55,33 +57,47 @@ class _Registry:
     An entry is ``(version, refs, blob, owner)``: the wrapper pickled
     without its references (``blob``) and those references, and the
     wrapper's owner pickled by name (or ``None``). Callers get it with this
-    registry's generation appended: a registry made again numbers versions
-    on from what it recovered, and a subscriber that sees another generation
-    compares what it holds with the new registry's entry.
+    registry's generation appended: a subscriber that sees another
+    generation (a registry made again) compares what it holds with the new
+    registry's entry.
 
-    **Surviving its actor.** The table lives in this actor's memory, but a
-    version published with an :class:`~ray_zerocopy.Owner` is also recorded
-    in that owner's actor (one record per name, which the owner keeps as
-    long as it lives), one publish of a name at a time. A registry made
-    again (its actor restarted by Ray, or made by the next call after it was
-    killed) first asks every living owner for its records and takes, per
-    name, the most recently published one: replicas that start after the
-    registry died still find the newest version. A version published
-    without an owner lives only here (its objects die with the process that
-    sealed them anyway)."""
+    **Surviving its actor.** The table lives in this actor's memory, and two
+    things outside it let a registry made again (Ray restarts it where its
+    process or node died; the next call makes it after a kill) take it back:
 
-    _RECORD_TIMEOUT = 30.0  # an owner that does not answer in time is passed over (logged)
+    - each publish writes the name's version number and a stamp of its own
+      (random) to Ray's GCS key-value store, which lives as long as the
+      cluster: what the newest publish of each name was;
+    - a version published with an :class:`~ray_zerocopy.Owner` also leaves a
+      record (the entry, with its stamp) in that owner's actor, which holds
+      the version's objects anyway; a newer version or ``unpublish`` makes
+      the owner forget it.
+
+    A registry made again takes back, per name, the owner's record whose
+    stamp is the newest publish's, and only that one: a record some
+    ``forget`` missed (its owner unreachable at the time) is stale, never
+    taken, and told to go. A name whose newest publish had no owner (or
+    whose owner is gone) is not taken back (its objects die with the process
+    that sealed them anyway), but its number is: the next version of it
+    numbers on. Every publish and withdraw of a name runs under that name's
+    lock, so the store, the records and the table change in one order."""
+
+    _OWNER_TIMEOUT = 30.0  # an owner that does not answer in time is passed over (logged)
+    _KV_NAMESPACE = "ray_zerocopy"
+    _KV_PREFIX = "versions/"
 
     def __init__(self):
         import asyncio
         import uuid
 
         self._asyncio = asyncio
+        self._uuid = uuid
         self._generation = uuid.uuid4().hex
         self._entries = {}  # name -> (version, refs, blob, owner)
+        self._numbers = {}  # name -> newest version number, of names whose entry was not taken back
         self._events = {}  # name -> asyncio.Event, set (and replaced) on publish
         self._locks = {}  # name -> asyncio.Lock: one publish or withdraw of a name at a time
-        self._recovery = None  # the task taking the owners' records back, once
+        self._recovery = None  # the task taking the table back, once
 
     def _event(self, name):
         if name not in self._events:
@@ -97,25 +113,49 @@ class _Registry:
         entry = self._entries.get(name)
         return None if entry is None else (*entry, self._generation)
 
+    def _newest(self, name) -> int:
+        entry = self._entries.get(name)
+        return entry[0] if entry else self._numbers.get(name, 0)
+
     def _unused(self, refs) -> list:
         """Of ``refs``, those no entry refers to."""
         held = {r.hex() for entry in self._entries.values() for r in entry[1]}
         return [r for r in refs if r.hex() not in held]
 
-    # -- the owners' records ---------------------------------------------------
-    async def _ready(self) -> None:
-        """Waits until the owners' records are taken back (every call does,
-        so that nothing is answered from a table still being filled)."""
-        if self._recovery is None:
-            self._recovery = self._asyncio.ensure_future(self._recover())
-        try:
-            await self._asyncio.shield(self._recovery)
-        except Exception as e:  # noqa: BLE001 - logged once; the registry serves what it has
-            if self._recovery is not None:
-                logger.warning("versions registry: taking the owners' records back failed: %s: %s",
-                               type(e).__name__, e)
-            self._recovery = self._asyncio.get_running_loop().create_future()
-            self._recovery.set_result(None)
+    # -- what outlives the actor ------------------------------------------------
+    async def _blocking(self, fn, timeout: float | None = None):
+        """``fn()`` (a blocking Ray call) on a thread, waited on for at most
+        ``timeout`` seconds."""
+        call = self._asyncio.get_running_loop().run_in_executor(None, fn)
+        return await self._asyncio.wait_for(call, timeout)
+
+    async def _kv(self, op: str, name: str, value: str | None = None):
+        """``op`` ("put", "del") of ``name``'s stamp in the GCS key-value store."""
+        from ray.experimental import internal_kv
+
+        key = self._KV_PREFIX + name
+        if op == "put":
+            return await self._blocking(
+                lambda: internal_kv._internal_kv_put(key, value, namespace=self._KV_NAMESPACE), self._OWNER_TIMEOUT
+            )
+        return await self._blocking(
+            lambda: internal_kv._internal_kv_del(key, namespace=self._KV_NAMESPACE), self._OWNER_TIMEOUT
+        )
+
+    async def _stamps(self) -> dict:
+        """``{name: (version, stamp)}`` of every name's newest publish."""
+        from ray.experimental import internal_kv
+
+        def read():
+            out = {}
+            for key in internal_kv._internal_kv_list(self._KV_PREFIX, namespace=self._KV_NAMESPACE):
+                value = internal_kv._internal_kv_get(key, namespace=self._KV_NAMESPACE)
+                if value is not None:
+                    version, stamp = value.decode().split(" ", 1)
+                    out[key.decode()[len(self._KV_PREFIX) :]] = (int(version), stamp)
+            return out
+
+        return await self._blocking(read, self._OWNER_TIMEOUT)
 
     async def _owner_call(self, owner_name: str, method: str, *args):
         """``method(*args)`` of the owner actor ``owner_name``, or ``None``
@@ -124,11 +164,10 @@ class _Registry:
 
         from ._owner import NAMESPACE
 
-        loop = self._asyncio.get_running_loop()
         try:
-            actor = await loop.run_in_executor(None, lambda: ray.get_actor(owner_name, namespace=NAMESPACE))
+            actor = await self._blocking(lambda: ray.get_actor(owner_name, namespace=NAMESPACE), self._OWNER_TIMEOUT)
             ref = getattr(actor, method).remote(*args)
-            return await self._asyncio.wait_for(self._asyncio.wrap_future(ref.future()), self._RECORD_TIMEOUT)
+            return await self._asyncio.wait_for(self._asyncio.wrap_future(ref.future()), self._OWNER_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - the registry serves on without this owner's part
             logger.warning("versions registry: %s of owner %r failed: %s: %s", method, owner_name,
                            type(e).__name__, e)
@@ -138,32 +177,41 @@ class _Registry:
     def _owner_name(owner_blob):
         return None if owner_blob is None else pickle.loads(owner_blob).actor_name
 
+    async def _ready(self) -> None:
+        """Waits until the table is taken back (every call does, so that
+        nothing is answered from a table still being filled)."""
+        if self._recovery is None:
+            self._recovery = self._asyncio.ensure_future(self._recover())
+        try:
+            await self._asyncio.shield(self._recovery)
+        except Exception as e:  # noqa: BLE001 - logged once; the registry serves what it has
+            if self._recovery is not None:
+                logger.warning("versions registry: taking the table back failed: %s: %s", type(e).__name__, e)
+            self._recovery = self._asyncio.get_running_loop().create_future()
+            self._recovery.set_result(None)
+
     async def _recover(self) -> None:
         import ray
 
         from ._owner import _PREFIX, NAMESPACE
 
-        loop = self._asyncio.get_running_loop()
-        try:
-            named = await loop.run_in_executor(None, lambda: ray.util.list_named_actors(all_namespaces=True))
-        except Exception as e:  # noqa: BLE001
-            logger.warning("versions registry: could not list the owners to take their records back: %s", e)
-            return
+        stamps = await self._stamps()
+        if not stamps:
+            return  # a first registry, or nothing published: no owner holds a record worth asking for
+        named = await self._blocking(lambda: ray.util.list_named_actors(all_namespaces=True), self._OWNER_TIMEOUT)
         owners = sorted(a["name"] for a in named if a["namespace"] == NAMESPACE and a["name"].startswith(_PREFIX))
         answers = await self._asyncio.gather(*(self._owner_call(o, "records") for o in owners))
-        held = [(o, name, record) for o, records in zip(owners, answers, strict=True) for name, record in records or ()]
-        best = {}  # name -> (owner actor name, record): the most recently published record of it
-        for o, name, record in held:
-            if name not in best or record[4] > best[name][1][4]:
-                best[name] = (o, record)
-        for name, (_, (version, refs, blob, owner_blob, _)) in best.items():
-            self._entries[name] = (version, refs, blob, owner_blob)
-        # A record a newer one outranks was left by a forget that failed: it
-        # would keep its version's objects alive.
-        stale = [(o, name) for o, name, _ in held if best[name][0] != o]
+        stale = []
+        for owner_name, records in zip(owners, answers, strict=True):
+            for name, (version, refs, blob, owner_blob, stamp) in records or ():
+                if stamps.get(name) == (version, stamp):
+                    self._entries[name] = (version, refs, blob, owner_blob)
+                else:  # left by a forget that missed: it would keep its version's objects alive
+                    stale.append((owner_name, name))
+        self._numbers = {name: v for name, (v, _) in stamps.items() if name not in self._entries}
         await self._asyncio.gather(*(self._owner_call(o, "forget", name) for o, name in stale))
-        if best:
-            logger.info("versions registry: took back %d version(s) from %d owner(s)", len(best), len(owners))
+        logger.info("versions registry: took back %d of %d name(s) from %d owner(s)",
+                    len(self._entries), len(stamps), len(owners))
 
     # -- the calls -------------------------------------------------------------
     async def publish(self, name, refs, blob, owner, replaces=None):
@@ -176,18 +224,23 @@ class _Registry:
         await self._ready()
         async with self._lock(name):
             old = self._entries.get(name)
-            if replaces is not None and (old[0] if old else 0) != replaces:
-                return None, (old[0] if old else 0), None
-            version = (old[0] if old else 0) + 1
-            # The new owner records it before anyone can see it; then the
-            # replaced version's owner (if another) forgets its record.
+            newest = self._newest(name)
+            if replaces is not None and newest != replaces:
+                return None, newest, None
+            version, stamp = newest + 1, self._uuid.uuid4().hex
+            # The store first (what the newest publish is), then the new
+            # owner's record, then the replaced owner's forget: a registry
+            # made again between two of these steps takes back this version
+            # or none, never the replaced one.
+            await self._kv("put", name, f"{version} {stamp}")
             owner_name = self._owner_name(owner)
             if owner_name is not None:
-                await self._owner_call(owner_name, "remember", name, (version, refs, blob, owner, time.time()))
+                await self._owner_call(owner_name, "remember", name, (version, refs, blob, owner, stamp))
             old_owner = self._owner_name(old[3]) if old else None
             if old_owner is not None and old_owner != owner_name:
                 await self._owner_call(old_owner, "forget", name)
             self._entries[name] = (version, refs, blob, owner)
+            self._numbers.pop(name, None)
             self._event(name).set()
             self._events[name] = self._asyncio.Event()
             return version, (self._unused(old[1]) if old else []), (old[3] if old else None)
@@ -196,6 +249,8 @@ class _Registry:
         """Removes ``name``; returns what :meth:`publish` returns of it."""
         await self._ready()
         async with self._lock(name):
+            await self._kv("del", name)
+            self._numbers.pop(name, None)
             old = self._entries.pop(name, None)
             if old is None:
                 return [], None
@@ -231,30 +286,46 @@ class _Registry:
 _handle = None  # (Ray session name, the registry's handle) of this process
 
 
-def _registry():
-    """The registry actor, made by the first process that needs it."""
+def _registry(start_ray: bool = True):
+    """The registry actor, made by the first process that needs it. A call
+    made before ``ray.init()`` starts Ray as Ray's own calls do
+    (``start_ray``); a subscription's background thread never does (after
+    ``ray.shutdown()`` it ends instead of starting a new Ray)."""
     global _handle
     from .wrappers import _require_ray
 
-    ray = _require_ray("publishing or reading versions; they are published in a Ray cluster")
+    if start_ray:
+        ray = _require_ray("publishing or reading versions; they are published in a Ray cluster")
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            raise RayNotInitializedError("Ray was shut down")
     session = ray.get_runtime_context().get_session_name()
     if _handle is None or _handle[0] != session:
-        actor = ray.remote(_Registry).options(
-            name=_NAME,
-            namespace=_NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_concurrency=10_000,
-            # Ray makes it again where its process or node died; it takes the
-            # owners' records back (see _Registry).
-            max_restarts=-1,
-            # On the head node where there is one: the node that lives as long
-            # as the cluster (an autoscaler takes a worker node away once its
-            # CPUs are idle, and this actor holds none).
-            scheduling_strategy=_on_the_head(ray),
-        )
-        _handle = (session, actor.remote())
+        try:  # the common case: it exists (no look at the cluster's nodes)
+            actor = ray.get_actor(_NAME, namespace=_NAMESPACE)
+        except ValueError:
+            actor = (
+                ray.remote(_Registry)
+                .options(
+                    name=_NAME,
+                    namespace=_NAMESPACE,
+                    lifetime="detached",
+                    get_if_exists=True,
+                    num_cpus=0,
+                    max_concurrency=10_000,
+                    # Ray makes it again where its process or node died; it
+                    # takes its table back (see _Registry).
+                    max_restarts=-1,
+                    # On the head node where there is one: the node that lives
+                    # as long as the cluster (an autoscaler takes a worker node
+                    # away once its CPUs are idle, and this actor holds none).
+                    scheduling_strategy=_on_the_head(ray),
+                )
+                .remote()
+            )
+        _handle = (session, actor)
     return _handle[1]
 
 
@@ -272,14 +343,14 @@ def _on_the_head(ray):
     return None
 
 
-def _ask(method: str, *args, timeout: float | None = None):
+def _ask(method: str, *args, timeout: float | None = None, start_ray: bool = True):
     """Calls the registry; a registry that died is made again on the next
     call, and the failure is a :class:`RegistryUnavailableError`."""
     global _handle
     import ray
 
     try:
-        ref = getattr(_registry(), method).remote(*args)
+        ref = getattr(_registry(start_ray), method).remote(*args)
         return ray.get(ref, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         raise
@@ -293,10 +364,19 @@ def _let_go(gone: list, owner_blob) -> None:
     if not gone or owner_blob is None:
         return
     owner = pickle.loads(owner_blob)
-    try:
-        owner.release(*gone)
-    except RayZeroCopyError as e:  # a closed owner has let go of everything already
-        logger.warning("could not release %d object(s) of a replaced version from %r: %s", len(gone), owner, e)
+    for attempt in range(3):
+        try:
+            owner.release(*gone)
+            return
+        except OwnerUnavailableError as e:  # unreachable for now: ask again, a second later
+            if attempt == 2:
+                logger.warning("could not release %d object(s) of a replaced version from %r: %s",
+                               len(gone), owner, e)
+            else:
+                time.sleep(1.0)
+        except RayZeroCopyError as e:  # a closed owner has let go of everything already
+            logger.warning("could not release %d object(s) of a replaced version from %r: %s", len(gone), owner, e)
+            return
 
 
 def _check_name(name) -> str:
@@ -472,6 +552,7 @@ class Subscription:
     this process behind the others for good."""
 
     def __init__(self, name: str, *, timeout: float = 60.0, load=None):
+        self._closed = threading.Event()  # first: __del__ closes a subscription whose __init__ failed too
         self.name = _check_name(name)
         self._make = load or (lambda wrapper: wrapper.load())
         entry = _entry(name, 0, None, timeout)
@@ -482,7 +563,6 @@ class Subscription:
         self._failed = 0  # the newest version that failed to load (0: none)
         self._failed_generation = None  # the registry's generation it was of
         self._retry_at, self._backoff = 0.0, 0.0  # when to try it again, and the wait before
-        self._closed = threading.Event()
         # The thread holds the subscription weakly: a subscription dropped
         # without close() stops following (and frees its version) all the same.
         self._thread = threading.Thread(
@@ -516,6 +596,12 @@ class Subscription:
         number, refs, blob, _, generation = entry
         if _source(entry) == self._source:
             self._generation = generation
+            if self._failed_generation != generation:
+                # A failed version of the registry that died: moot (the new
+                # one names what is newest), and a wait past it would ask
+                # the new registry about the old one's numbers, again and
+                # again, until its retry came due.
+                self._failed, self._failed_generation = 0, None
             return
         try:
             wrapper = _join(refs, blob)
@@ -565,7 +651,7 @@ def _follow(subscription: weakref.ref) -> None:
         closed = sub._closed
         del sub  # not held while waiting
         try:
-            entry = _ask("wait_newer", name, above, generation, 1.0)
+            entry = _ask("wait_newer", name, above, generation, 1.0, start_ray=False)
         except Exception as e:  # the registry made again, the cluster going down
             if closed.is_set() or not ray.is_initialized():
                 return

@@ -25,11 +25,15 @@ def _require_ray(what: str = "wrapping a pipeline; its weights are sealed into R
     turns that off, and then the error says what to call."""
     import ray
 
-    if not ray.is_initialized() and os.environ.get("RAY_ENABLE_AUTO_CONNECT", "") != "0":
-        try:  # Ray's own hook: its lock, so that two threads start one Ray
+    if not ray.is_initialized():
+        try:  # Ray's own hook: its setting, and its lock (two threads start one Ray)
             from ray._private.auto_init_hook import auto_init_ray
         except ImportError:  # pragma: no cover - a Ray without the hook
-            auto_init_ray = ray.init
+
+            def auto_init_ray():
+                if os.environ.get("RAY_ENABLE_AUTO_CONNECT", "") != "0":
+                    ray.init()
+
         auto_init_ray()
     if not ray.is_initialized():
         raise RayNotInitializedError(

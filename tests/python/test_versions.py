@@ -396,39 +396,40 @@ def test_a_registry_that_died_is_made_again_and_subscribers_start_over(ray_clust
     deadline = time.monotonic() + 60
     while True:  # the first call after the death may find the dead actor
         try:
-            assert rzc.publish(name, wrapper) == 1  # a new registry numbers from 1
+            # A name published without an owner is not taken back, but its
+            # number is: the new registry numbers on.
+            assert rzc.publish(name, wrapper) == 3
             break
         except rzc.RegistryUnavailableError:
             assert time.monotonic() < deadline
-    # The subscriber had version 2 of the old registry: it takes version 1 of
-    # the new one instead of waiting for a version 3 that would never come.
-    got = wait_for(lambda: (r := ray.get(server.run.remote(x)))[1] == answer(model(3), x) and r, "the new version 1")
-    assert got[0] == 1
+    # The subscriber had version 2 of the old registry: it takes version 3
+    # of the new one (a registry of another generation: it compares).
+    got = wait_for(lambda: (r := ray.get(server.run.remote(x)))[1] == answer(model(3), x) and r, "the new version 3")
+    assert got[0] == 3
     ray.kill(server)
 
 
 def test_a_failed_version_of_a_registry_made_again_is_tried_again(ray_cluster):
-    """The subscriber holds version 2 of a registry that died; the new one's
-    version 1 fails to load once. It is tried again and taken: the retry
-    asks the new registry for versions after its failed one, not after the
-    old registry's version 2 (which the new numbering would pass only at 3)."""
+    """The subscriber holds version 2 of a registry that died; the new
+    registry's first version (3) fails to load once. It is tried again and
+    taken: the retry asks the new registry, of its own generation."""
     ray = ray_cluster
     name = "test-retry-restart"
     rzc.publish(name, ActorWrapper(model(1)))
     rzc.publish(name, ActorWrapper(model(2)))
 
-    flaky = ray.remote(num_cpus=0)(_Flaky).remote(name, (2,))  # the new registry's version 1, first try
+    flaky = ray.remote(num_cpus=0)(_Flaky).remote(name, (2,))  # the new registry's first version, first try
     assert ray.get(flaky.state.remote()) == (2, 1)
     ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"))
     wrapper = ActorWrapper(model(3))
     deadline = time.monotonic() + 60
     while True:  # the first call after the death may find the dead actor
         try:
-            assert rzc.publish(name, wrapper) == 1
+            assert rzc.publish(name, wrapper) == 3
             break
         except rzc.RegistryUnavailableError:
             assert time.monotonic() < deadline
-    wait_for(lambda: ray.get(flaky.state.remote()) == (1, 3), "the new version 1, on its second try", timeout=30)
+    wait_for(lambda: ray.get(flaky.state.remote()) == (3, 3), "the new version 3, on its second try", timeout=30)
     ray.kill(flaky)
 
 
@@ -484,6 +485,83 @@ def test_a_registry_made_again_takes_back_what_owners_hold(ray_cluster, restart)
         ray.kill(follower)
     finally:
         owner.close()
+
+
+def test_a_record_a_forget_missed_is_never_taken_back(ray_cluster):
+    """An owner that was unreachable when a newer version (of another owner,
+    or of none) replaced its own keeps a stale record. A registry made again
+    must not take it back (replicas would go back to the older version, and
+    its objects would stay held): only the record of each name's newest
+    publish counts, a stale one is told to go, and a name whose newest
+    version had no owner numbers on."""
+    ray = ray_cluster
+    alone, other = "test-stale-alone", "test-stale-other"
+    old_owner, new_owner = rzc.Owner("test-stale-old"), rzc.Owner("test-stale-new")
+    try:
+        for name in (alone, other):
+            rzc.publish(name, ActorWrapper(model(1), owner=old_owner))
+        planted = dict(old_owner._call("records"))
+        rzc.publish(alone, ActorWrapper(model(2)))
+        rzc.publish(other, ActorWrapper(model(2), owner=new_owner))
+        assert old_owner._call("records") == []
+        for name, record in planted.items():  # as if each forget had missed
+            old_owner._call("remember", name, record)
+        before = rzc._versions._entry(other, 0, None, 0.0)[4]
+
+        _registry_gone(ray, restart=False)
+
+        def made_again():
+            entry = _until_the_registry_answers(lambda: rzc._versions._entry(other, 0, None, 0.0))
+            return entry[4] != before and entry
+
+        entry = wait_for(made_again, "a new registry")
+        x = torch.randn(2, DIM)
+        assert entry[0] == 2 and answer(rzc.latest(other).load(), x) == answer(model(2), x)
+        assert alone not in rzc.versions()
+        wait_for(lambda: old_owner._call("records") == [], "the stale records to be told to go")
+        assert rzc.publish(alone, ActorWrapper(model(3)), replaces=2) == 3
+    finally:
+        old_owner.close()
+        new_owner.close()
+
+
+_AFTER_SHUTDOWN = """
+import threading, time
+import numpy as np
+import ray
+import ray_zerocopy as rzc
+
+ray.init(num_cpus=1, include_dashboard=False)
+rzc.publish("n", rzc.ActorWrapper({"w": np.zeros(4, np.float32)}))
+loading = threading.Event()
+
+def load(wrapper):
+    if loading.is_set() or rzc._versions._ask("names")["n"] > 1:
+        loading.set()
+        time.sleep(3.0)  # loading version 2 (a real model takes seconds) when Ray is shut down
+    return wrapper.load()
+
+sub = rzc.Subscription("n", load=load)
+rzc.publish("n", rzc.ActorWrapper({"w": np.ones(4, np.float32)}))
+assert loading.wait(30)
+ray.shutdown()
+sub._thread.join(15)
+print("RAY", ray.is_initialized(), "THREAD", sub._thread.is_alive())
+"""
+
+
+def test_a_subscription_ends_with_ray_shutdown_and_starts_no_ray():
+    """A subscription's thread that was loading when the program shut Ray
+    down must end, not start a new Ray (as a user's first call would)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-c", _AFTER_SHUTDOWN], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "RAY False THREAD False" in run.stdout, run.stdout + run.stderr[-2000:]
 
 
 def test_owners_keep_a_record_of_the_newest_version_only(ray_cluster):

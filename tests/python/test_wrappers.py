@@ -224,6 +224,7 @@ def test_the_wrapper_carries_no_table_of_its_own(ray_cluster):
         "content_digest",
         "needs_eval",
         "digest_seconds",
+        "own",  # which references each loading process copies (indices, no places)
     }
 
 
