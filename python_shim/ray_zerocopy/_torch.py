@@ -89,6 +89,11 @@ def pack_input(t: torch.Tensor, name: str) -> tuple[PackInput, object]:
             f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold; convert it "
             f"(e.g. .to(torch.float32)) before wrapping",
         )
+    if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+        raise InvalidInputError(
+            f"tensor {name!r} is an uninitialized parameter of a lazy module (nn.LazyLinear, ...): it has no "
+            "shape or values yet; run one forward pass on an example input before wrapping"
+        )
     t = t.detach()
     if t.device.type == "meta":
         raise InvalidInputError(

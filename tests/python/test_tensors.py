@@ -200,3 +200,12 @@ def test_a_tensor_keeps_its_class_and_attributes_as_torch_pickling_does():
         assert torch.equal(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor))
         assert buf.ctypes.data <= got.data_ptr() < buf.ctypes.data + len(buf), "the shared data"
     assert not hasattr(lm.bias, "partition_dim")
+
+
+def test_a_lazy_module_not_yet_run_is_named():
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.ReLU())
+    with pytest.raises(rzc.InvalidInputError, match=r"'0.weight' is an uninitialized parameter of a lazy module"):
+        _seal.seal(lazy)
+    lazy(torch.ones(2, 3))
+    loaded = round_trip(lazy)
+    assert torch.equal(loaded(torch.ones(2, 3)), lazy(torch.ones(2, 3)))
