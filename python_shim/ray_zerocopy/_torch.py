@@ -287,6 +287,12 @@ def _reduce_module(o, sealer, proto: int):
             "quantize with torchao (torchao.quantization.quantize_(model, Int8WeightOnlyConfig())), "
             "whose quantized weights are shared zero-copy",
         )
+    if o.training and type(o).train is not torch.nn.Module.train:
+        # A train() of its own may do more than set the flag (switch off
+        # sampling noise, swap a submodule): pickled as it is, the module
+        # is switched by eval() after loading, which runs it.
+        sealer.training_left.append(o)
+        return None
     if _parametrized(o):
         # weight_norm, spectral_norm, orthogonal, ...: torch refuses to pickle
         # them (their class is made per module); the module travels as its

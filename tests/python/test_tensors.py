@@ -209,3 +209,33 @@ def test_a_lazy_module_not_yet_run_is_named():
     lazy(torch.ones(2, 3))
     loaded = round_trip(lazy)
     assert torch.equal(loaded(torch.ones(2, 3)), lazy(torch.ones(2, 3)))
+
+
+class Noisy(torch.nn.Module):
+    """A module whose own train() does more than set the flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.stochastic = True
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.stochastic = mode
+        return self
+
+    def forward(self, x):
+        return self.lin(x) + (torch.randn_like(x) if self.stochastic else 0)
+
+
+def test_a_module_wrapped_in_training_mode_is_switched_by_its_own_train():
+    """Loaded modules are in eval mode; one with a train() of its own must
+    have gone through it (the flag alone left its sampling noise on)."""
+    model = torch.nn.Sequential(Noisy(), torch.nn.Dropout(0.5)).train()
+    sealed, buf = _seal.seal(model)
+    assert sealed.needs_eval
+    assert model.training and model[0].stochastic, "the caller's model is left as it was"
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    assert not loaded.training and not loaded[0].training and not loaded[0].stochastic
+    x = torch.ones(1, 4)
+    assert torch.equal(loaded(x), loaded(x)) and torch.equal(loaded(x), model.eval()(x))
