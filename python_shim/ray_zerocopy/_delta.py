@@ -98,6 +98,11 @@ class _DeltaSealer(_Sealer):
     def __init__(self, obj, base: _Base, substitute: dict):
         super().__init__(obj)
         self.base, self.substitute = base, substitute
+        # A tensor given a new value stands for itself (its value is the
+        # substitute's), and is no view's base.
+        self.views = {
+            k: (b, off) for k, (b, off) in self.views.items() if k not in substitute and id(b) not in substitute
+        }
         self.sources: list[tuple[int, int]] = []  # per reference
 
     def _take(self, o, entry) -> int:

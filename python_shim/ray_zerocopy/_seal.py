@@ -227,23 +227,27 @@ def _adapters():
     return out
 
 
-def _names(obj, adapters) -> dict[int, str]:
+def _names(obj, adapters, found: dict | None = None) -> dict[int, str]:
     """id(tensor) -> a readable name: the state-dict path for tensors of
-    modules, the attribute/key path for other tensors and arrays."""
+    modules, the attribute/key path for other tensors and arrays. Each one
+    is also put in ``found`` (by id), where given."""
     torch = sys.modules.get("torch")
 
     def is_leaf(o):
         return (torch is not None and isinstance(o, torch.nn.Module)) or any(a.accepts(o) for _, a in adapters)
 
     names = {}
+    found = {} if found is None else found
     for path, leaf in walk(obj, is_leaf):
         if torch is not None and isinstance(leaf, torch.nn.Module):
             from . import _torch
 
             for name, t in _torch.named_tensors(leaf, path):
                 names.setdefault(id(t), name)
+                found[id(t)] = t
         else:
             names.setdefault(id(leaf), path or "tensor")
+            found[id(leaf)] = leaf
     return names
 
 
@@ -320,7 +324,16 @@ class _Sealer:
 
     def __init__(self, obj, preset: dict | None = None, inputs=(), kinds=()):
         self.adapters = _adapters()
-        self.known = _names(obj, self.adapters)
+        found: dict = {}
+        self.known = _names(obj, self.adapters, found)
+        # Tensors that lie inside another's memory (tied weights that are
+        # two objects, as in a state dict; a transposed or sliced view kept
+        # beside its base): sealed as views of that base, not again.
+        self.views: dict = {}
+        if "torch" in sys.modules and found:
+            from . import _torch
+
+            self.views = _torch.views(found.values())
         self.refs: dict[int, int] = dict(preset or {})  # id(tensor) -> index
         self.inputs: list = list(inputs)
         self.kinds: list[str] = list(kinds)
@@ -361,8 +374,8 @@ class _Sealer:
             o = o.tensor
             i = self.refs.get(id(o))
             return i if i is not None else self._take(o, self._adapter(o))
-        if id(o) in self.with_extras:
-            return None
+        if id(o) in self.with_extras or id(o) in self.views:
+            return None  # pickled through the torch reducer: a tensor with extras, or a view
         i = self.refs.get(id(o))
         if i is not None:
             return i

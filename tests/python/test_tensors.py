@@ -239,3 +239,75 @@ def test_a_module_wrapped_in_training_mode_is_switched_by_its_own_train():
     assert not loaded.training and not loaded[0].training and not loaded[0].stochastic
     x = torch.ones(1, 4)
     assert torch.equal(loaded(x), loaded(x)) and torch.equal(loaded(x), model.eval()(x))
+
+
+def test_tensors_inside_another_s_memory_are_sealed_once_as_views():
+    """Tied weights that are two objects (every state dict's: GPT-2's
+    ``wte`` and ``lm_head``), a weight tied through ``.data``, a transposed
+    view kept as a buffer, slices of one tensor in a pytree: each was sealed
+    again, its bytes copied once more into every node's object store and
+    loaded apart from its base. Each is now a view of its base's shared
+    memory, equal to the original."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(64, 16)
+    out = torch.nn.Linear(16, 64, bias=False)
+    out.weight.data = emb.weight.data
+    holder = torch.nn.Module()
+    holder.emb, holder.out = emb, out
+    holder.register_buffer("emb_t", emb.weight.data.T, persistent=False)
+    base = torch.arange(4096.0).reshape(64, 64)
+    pipeline = {
+        "model": holder,
+        "state": holder.state_dict(),
+        "base": base,
+        "flat": base.view(-1),
+        "half": base[:32],
+        "column": base[:, 3],
+        "flipped": base.flip(0),  # runs backwards: its own bytes
+        "cast": base.view(torch.int32),  # another dtype: its own bytes
+    }
+    sealed, buf = _seal.seal(pipeline)
+    own_bytes = emb.weight.nbytes + base.nbytes * 3  # emb, base, flipped, cast
+    assert len(sealed.kinds) == 4 and len(buf) < own_bytes + 64 * 1024
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    m = loaded["model"]
+    assert isinstance(m.out.weight, torch.nn.Parameter) and m.out.weight is not m.emb.weight
+    assert m.out.weight.data_ptr() == m.emb.weight.data_ptr() == loaded["state"]["out.weight"].data_ptr()
+    assert m.emb_t.data_ptr() == m.emb.weight.data_ptr() and m.emb_t.stride() == (1, 16)
+    assert loaded["flat"].data_ptr() == loaded["half"].data_ptr() == loaded["base"].data_ptr()
+    assert loaded["column"].data_ptr() == loaded["base"].data_ptr() + 3 * 4
+    for k in ("base", "flat", "half", "column", "flipped", "cast"):
+        assert torch.equal(loaded[k], pipeline[k]), k
+    for k, t in holder.state_dict().items():
+        assert torch.equal(loaded["state"][k], t) and torch.equal(m.get_parameter(k), t), k
+    assert torch.equal(m.emb_t, holder.emb_t)
+    assert not m.out.weight.requires_grad
+
+
+def test_views_in_a_pytree_load_as_numpy_views_too():
+    base = torch.arange(24.0).reshape(4, 6)
+    tree = {"base": base, "t": base.T, "row": base[1]}
+    sealed, buf = _seal.seal(tree)
+    assert len(sealed.kinds) == 1
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed, framework="numpy")
+    for k, t in tree.items():
+        np.testing.assert_array_equal(loaded[k], t.numpy())
+    assert np.shares_memory(loaded["t"], loaded["base"]) and not loaded["t"].flags.writeable
+
+
+def test_an_update_of_a_tied_tensor_changes_that_tensor_only(ray_cluster):
+    """A state dict's tied pair is one base and a view; an update that gives
+    one of them a new value must change that one only (as a view it would
+    have kept the base's value), and the other stays a view of the base."""
+    torch.manual_seed(0)
+    weight = torch.nn.Embedding(8, 4).weight.detach()
+    state = {"a": weight, "b": weight.detach(), "c": torch.ones(3)}
+    w = ActorWrapper(state)
+    assert len(w._sealed.kinds) == 2
+    v2 = w.update({"b": weight + 1.0})
+    loaded = v2.load()
+    assert torch.equal(loaded["a"], weight) and torch.equal(loaded["b"], weight + 1.0)
+    assert torch.equal(loaded["c"], state["c"])
+    v3 = w.update({"a": weight * 2.0})
+    loaded = v3.load()
+    assert torch.equal(loaded["a"], weight * 2.0) and torch.equal(loaded["b"], weight)
