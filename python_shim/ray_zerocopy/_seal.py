@@ -341,7 +341,7 @@ class _Sealer:
         self.used_names: set[str] = {getattr(i, "name", "") for i in self.inputs}
         self.training_left: list[object] = []  # modules pickled in training mode that we could not switch
         self.own_ids: list[int] = []  # id() of tensors each loading process copies (Sealed.own)
-        self.with_extras: set[int] = set()  # id() of tensors pickled through the torch reducer
+        self.reduced: set[int] = set()  # id() of tensors pickled through the torch reducer
         self.obj = obj
         self._module_paths: dict | None = None
 
@@ -366,24 +366,25 @@ class _Sealer:
     def persistent_id(self, o):
         """Reference ``i`` for a tensor or array (its data, in the buffer),
         ``None`` for what pickles as usual. A tensor that is more than its
-        data (a subclass, attributes of its own: see ``_torch.has_extras``)
-        pickles as usual, through the torch reducer, which hands its data
-        back here wrapped in a :class:`TensorData`; its other uses then meet
-        pickle's memo, so that they stay one object."""
+        data (a subclass, attributes of its own, a layout of its own, a view
+        of another: see ``_torch.reduced`` and ``_torch.views``) pickles as
+        usual, through the torch reducer, which hands its data back here
+        wrapped in a :class:`TensorData`; its other uses then meet pickle's
+        memo, so that they stay one object."""
         if type(o) is TensorData:
             o = o.tensor
             i = self.refs.get(id(o))
             return i if i is not None else self._take(o, self._adapter(o))
-        if id(o) in self.with_extras or id(o) in self.views:
-            return None  # pickled through the torch reducer: a tensor with extras, or a view
+        if id(o) in self.reduced or id(o) in self.views:
+            return None  # pickled through the torch reducer (see _torch.reduce)
         i = self.refs.get(id(o))
         if i is not None:
             return i
         entry = self._adapter(o)
         if entry is None:
             return None
-        if entry[0] == "torch" and entry[1].has_extras(o):
-            self.with_extras.add(id(o))
+        if entry[0] == "torch" and entry[1].reduced(o):
+            self.reduced.add(id(o))
             self.keep.append(o)  # its id stays its own until packed
             return None
         return self._take(o, entry)

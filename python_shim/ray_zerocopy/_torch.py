@@ -227,6 +227,14 @@ def reduce(o, sealer, proto: int):
             from ._seal import TensorData
 
             return with_extras, (TensorData(o), type(o), dict(o.__dict__))
+        order = permutation(o)
+        if order is not None:
+            from ._seal import TensorData
+
+            # Sealed in the order its bytes lie in (no copy to make it
+            # contiguous), and permuted back when loaded.
+            back = tuple(sorted(range(len(order)), key=order.__getitem__))
+            return permuted, (TensorData(o.permute(order)), back, kind_of(o) == TORCH_PARAM)
         return None
     if isinstance(o, torch.nn.Module):
         return _reduce_module(o, sealer, proto)
@@ -299,6 +307,41 @@ def view_of(base, shape, stride, offset: int, param: bool):
     import jax.numpy as jnp
 
     return jnp.asarray(view)
+
+
+def reduced(t) -> bool:
+    """Whether tensor ``t`` pickles through :func:`reduce` rather than as a
+    plain reference: it has extras, or a layout of its own."""
+    return has_extras(t) or permutation(t) is not None
+
+
+def permutation(t):
+    """The order of ``t``'s dimensions in memory, outermost first, where
+    ``t`` is dense but not contiguous (``channels_last``, a transposed
+    copy: its dimensions permuted make it contiguous); ``None`` otherwise
+    (contiguous, or with gaps, overlaps or strides that run backwards,
+    which are sealed as a contiguous copy)."""
+    if t.is_contiguous() or t.layout != torch.strided or t.is_conj() or t.is_neg() or t.ndim < 2:
+        return None
+    stride = t.stride()
+    order = tuple(sorted(range(t.ndim), key=lambda d: (-stride[d], d)))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def permuted(t, back, param: bool):
+    """Tensor ``t`` (sealed in its memory order) with its dimensions put
+    back: the original's shape and strides, zero-copy. A numpy load gets
+    the same view; a JAX load, which has no views, a transposed copy."""
+    if isinstance(t, torch.Tensor):
+        v = t.permute(back)
+        return as_parameter(v) if param else v
+    import numpy as np
+
+    if isinstance(t, np.ndarray):
+        return t.transpose(back)
+    import jax.numpy as jnp
+
+    return jnp.transpose(t, back)
 
 
 def has_extras(t) -> bool:

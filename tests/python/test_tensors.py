@@ -311,3 +311,28 @@ def test_an_update_of_a_tied_tensor_changes_that_tensor_only(ray_cluster):
     v3 = w.update({"a": weight * 2.0})
     loaded = v3.load()
     assert torch.equal(loaded["a"], weight * 2.0) and torch.equal(loaded["b"], weight)
+
+
+def test_a_tensor_s_memory_layout_is_kept():
+    """A model converted to ``channels_last`` (for faster convolutions)
+    loaded back in the default layout, without a word. A dense tensor whose
+    dimensions lie in another order is now sealed in the order its bytes lie
+    in and loads with the original's strides, zero-copy."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    model = model.to(memory_format=torch.channels_last)
+    transposed = torch.arange(12.0).reshape(3, 4).T.contiguous().T  # a transposed copy, on its own
+    pipeline = {"model": model, "t": transposed}
+    sealed, buf = _seal.seal(pipeline)
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    w = loaded["model"][0].weight
+    assert w.stride() == model[0].weight.stride() and w.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(w, torch.nn.Parameter) and not w.requires_grad
+    assert buf.ctypes.data <= w.data_ptr() < buf.ctypes.data + len(buf), "the shared data"
+    assert loaded["t"].stride() == transposed.stride() and torch.equal(loaded["t"], transposed)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(loaded["model"](x), model(x))
+    as_numpy = round_trip({"t": transposed}, framework="numpy")["t"]
+    np.testing.assert_array_equal(as_numpy, transposed.numpy())
+    assert as_numpy.strides == transposed.numpy().strides
