@@ -38,9 +38,12 @@ from .errors import InternalError, InvalidTypeError, UnsupportedObjectError
 _script_lock = threading.Lock()  # strip mutates the module's slots for the duration of the save
 
 
-def _script_tensor_slots(module) -> list[tuple[str, torch.Tensor]]:
+def _script_tensor_slots(module) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, tuple]]]:
     """(dotted path, tensor) for every tensor-valued attribute slot of every
-    submodule, including aliases (the same tensor under several paths)."""
+    submodule, including aliases (the same tensor under several paths); and
+    (dotted path, tensors) for every attribute that is a list or tuple of
+    tensors (a scripted ``nn.LSTM``'s ``_flat_weights``, which holds its
+    parameters)."""
     try:
         # Private (debug) binding, but the only one listing *all* attributes
         # of a torch._C.ScriptModule (RecursiveScriptModule exposes only
@@ -48,13 +51,18 @@ def _script_tensor_slots(module) -> list[tuple[str, torch.Tensor]]:
         attrs = torch._C._jit_debug_module_iterators(module._c)["named_attributes_r"]
     except (AttributeError, KeyError):  # fallback: parameters and buffers only
         attrs = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    slots = []
+    slots, lists = [], []
     for path, value in attrs:
         if isinstance(value, torch.Tensor):
             slots.append((path, value))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(x, torch.Tensor) for x in value):
+            lists.append((path, tuple(value)))
         elif isinstance(value, (list, tuple, dict)) and _contains_tensor(value):
-            raise UnsupportedObjectError(f"TorchScript attribute {path!r} is a container of tensors: not supported")
-    return slots
+            raise UnsupportedObjectError(
+                f"TorchScript attribute {path!r} is a container of tensors other than a flat list or tuple: "
+                "not supported"
+            )
+    return slots, lists
 
 
 def _contains_tensor(v) -> bool:
@@ -86,7 +94,7 @@ def _slot_owner(root_c, path: str):
 # differ; storage offsets do not survive); after loading, a constant node
 # holding such a placeholder gets the supplied tensor as its value (Node.t_),
 # before the method first runs (the executor copies the graph on first run).
-CONSTANT_MIN_BYTES = 4096
+CONSTANT_MIN_BYTES = 4096  # _seal names it in its "no tensors" message
 
 
 def _constant_nodes(module):
@@ -137,18 +145,29 @@ def strip(module, constant_min_bytes: int | None = CONSTANT_MIN_BYTES) -> tuple[
     too (named ``<module path>:<method>:const<i>``); None: none are."""
     if not isinstance(module, torch.jit.ScriptModule):
         raise InvalidTypeError(f"expected a torch.jit.ScriptModule, got {type(module).__name__}")
-    slots = _script_tensor_slots(module)
+    slots, lists = _script_tensor_slots(module)
     key_of: dict[int, str] = {}  # id(tensor) -> name
     tensors: dict[str, torch.Tensor] = {}
     placeholders: dict[int, torch.Tensor] = {}
-    layout = []  # (path, key)
-    for path, t in slots:
+
+    def key_for(t, path):
         key = key_of.get(id(t))
         if key is None:
             key = key_of[id(t)] = path
             tensors[key] = t
             placeholders[id(t)] = placeholder(t)
-        layout.append((path, key))
+        return key
+
+    layout = [(path, key_for(t, path)) for path, t in slots]  # (path, key)
+    # (path, keys, is a tuple): a list's tensors are mostly the parameters
+    # under other names (an LSTM's _flat_weights), then the same keys.
+    list_layout = [
+        (path, [key_for(t, f"{path}.{i}") for i, t in enumerate(ts)], isinstance(ts, tuple)) for path, ts in lists
+    ]
+    originals = {}  # path -> the list attribute's value, put back after the save
+    for path, _ in lists:
+        owner, attr = _slot_owner(module._c, path)
+        originals[path] = owner.getattr(attr)
     # graph constants
     const_nodes = []  # (node, original tensor, key)
     const_keys: list[str] = []
@@ -186,6 +205,11 @@ def strip(module, constant_min_bytes: int | None = CONSTANT_MIN_BYTES) -> tuple[
                 owner, attr = _slot_owner(module._c, path)
                 owner.setattr(attr, placeholders[id(t)])
                 done.append((owner, attr, t))
+            for path, ts in lists:
+                owner, attr = _slot_owner(module._c, path)
+                stand_in = [placeholders[id(t)] for t in ts]
+                owner.setattr(attr, tuple(stand_in) if isinstance(ts, tuple) else stand_in)
+                done.append((owner, attr, originals[path]))
             for node, t, key in const_nodes:
                 node.t_("value", const_ph[key][0])
                 done_nodes.append((node, t))
@@ -200,6 +224,7 @@ def strip(module, constant_min_bytes: int | None = CONSTANT_MIN_BYTES) -> tuple[
         {
             "archive": buf.getvalue(),
             "layout": layout,
+            "lists": list_layout,
             "constants": {const_ph[k][1]: k for k in const_keys},  # placeholder tag -> key
             "metas": metas,
         },
@@ -221,6 +246,10 @@ def rebuild(blob: bytes, tensors: dict[str, torch.Tensor], map_location=None):
     for path, key in d["layout"]:
         owner, attr = _slot_owner(module._c, path)
         owner.setattr(attr, tensors[key])
+    for path, keys, is_tuple in d.get("lists", ()):
+        owner, attr = _slot_owner(module._c, path)
+        ts = [tensors[k] for k in keys]
+        owner.setattr(attr, tuple(ts) if is_tuple else ts)
     tags = d["constants"]
     if tags:
         found = set()

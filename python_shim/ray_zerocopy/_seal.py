@@ -434,7 +434,9 @@ class _Sealer:
         if not self.refs:
             raise InvalidInputError(
                 "the pipeline holds no tensors or arrays to share (is it an empty model, or are its weights "
-                "held by something other than torch tensors, numpy or JAX arrays?)"
+                "held by something other than torch tensors, numpy or JAX arrays? A TorchScript module frozen "
+                "with torch.jit.freeze keeps its weights in its code, where the small ones (under 4 KiB each) "
+                "stay: so small a model has nothing to share)"
             )
         skeleton = f.getvalue()
         if len(skeleton) >= SKELETON_WARN_BYTES:

@@ -658,3 +658,42 @@ def test_an_index_naming_a_file_outside_its_directory_is_refused(tmp_path):
             _checkpoint.read(ckpt)
     index.write_text(json.dumps({"weight_map": {"a": "model.safetensors", "b": "sub/b.safetensors"}}))
     assert [e.name for e in _checkpoint.read(ckpt).entries] == ["a", "b"]
+
+
+class _Tagger(torch.nn.Module):
+    """A recurrent layer and a head (a scripted nn.LSTM alone has no
+    ``forward`` to call: TorchScript names its overloads ``forward__0``...)."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn, self.head = rnn, torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("rnn", ["LSTM", "GRU"])
+def test_a_scripted_rnn_loads_with_its_flat_weights_shared(rnn):
+    """A scripted nn.LSTM or nn.GRU keeps its parameters a second time in a
+    list attribute (``_flat_weights``), which was refused as a container of
+    tensors. The list's tensors are its parameters under other names: the
+    list is stripped with them and rebuilt from the same loaded tensors."""
+    from ray_zerocopy import Weights, _load, _seal
+
+    torch.manual_seed(0)
+    # Frozen as loaded parameters are (torch's LSTM takes another kernel
+    # for parameters that need no gradient: the last bits differ).
+    eager = _Tagger(getattr(torch.nn, rnn)(8, 16, num_layers=2, batch_first=True)).requires_grad_(False)
+    model = torch.jit.script(eager.eval())
+    x = torch.randn(3, 5, 8)
+    sealed, buf = _seal.seal(model)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert len(sealed.kinds) == len(list(model.parameters())) and len(buf) < params + 64 * 1024
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    flat = loaded.rnn._c.getattr("_flat_weights")
+    inside = lambda t: buf.ctypes.data <= t.data_ptr() < buf.ctypes.data + len(buf)  # noqa: E731
+    assert len(flat) == len(list(model.rnn.parameters())) and all(inside(t) for t in flat)
+    assert [t.data_ptr() for t in flat] == [p.data_ptr() for p in loaded.rnn.parameters()]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
