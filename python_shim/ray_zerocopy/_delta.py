@@ -105,6 +105,14 @@ class _DeltaSealer(_Sealer):
         }
         self.sources: list[tuple[int, int]] = []  # per reference
 
+    def _reducible(self, t, adapter) -> bool:
+        # A tensor given a new value is sealed as that value (its layout is
+        # the value's): only its extras go through the reducer, which hands
+        # back the tensor itself, whose id the substitution is found by.
+        if id(t) in self.substitute:
+            return adapter.has_extras(t)
+        return super()._reducible(t, adapter)
+
     def _take(self, o, entry) -> int:
         """A new reference for tensor ``o``: the base's equal tensor, or a
         new entry of the delta."""

@@ -78,11 +78,17 @@ _SHARED = (np.ndarray, np.memmap)
 
 
 def accepts(obj) -> bool:
-    """A plain array of a dtype safetensors holds, or of a number dtype it
-    does not (which :func:`pack_input` refuses, as the torch adapter does,
-    rather than letting it travel pickled to every process unshared);
-    strings, objects and records are not weights and are pickled."""
-    return type(obj) in _SHARED and (obj.dtype.name in _NAMES or obj.dtype.kind in "fc")
+    """A plain array of a dtype safetensors holds. Any other array is
+    pickled with the rest of the pipeline: strings, objects and records are
+    not weights; numbers safetensors cannot hold (``complex128``,
+    ``float128``) are announced (:func:`unshareable`)."""
+    return type(obj) in _SHARED and obj.dtype.name in _NAMES
+
+
+def unshareable(obj) -> bool:
+    """Whether ``obj`` is an array of numbers that travels pickled because
+    safetensors cannot hold its dtype (each loading process gets a copy)."""
+    return type(obj) in _SHARED and obj.dtype.kind in "fc" and obj.dtype.name not in _NAMES
 
 
 def pack_input(a: np.ndarray, name: str) -> tuple[PackInput, object]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _checkpoint, _telemetry
+from . import _checkpoint, _numpy, _telemetry
 from ._native import DTYPE_CODES
 from ._skeleton import FRAMEWORK_OF, JAX, NUMPY, TORCH, TORCH_PARAM, items, referenced_modules, walk, walk_modules
 from .errors import InternalError, InvalidInputError, InvalidTypeError, RayZeroCopyError
@@ -326,24 +326,32 @@ class _Sealer:
         self.adapters = _adapters()
         found: dict = {}
         self.known = _names(obj, self.adapters, found)
-        # Tensors that lie inside another's memory (tied weights that are
-        # two objects, as in a state dict; a transposed or sliced view kept
-        # beside its base): sealed as views of that base, not again.
-        self.views: dict = {}
-        if "torch" in sys.modules and found:
-            from . import _torch
-
-            self.views = _torch.views(found.values())
         self.refs: dict[int, int] = dict(preset or {})  # id(tensor) -> index
         self.inputs: list = list(inputs)
         self.kinds: list[str] = list(kinds)
         self.keep: list[object] = []  # originals and contiguous copies, alive until packed
         self.used_names: set[str] = {getattr(i, "name", "") for i in self.inputs}
         self.training_left: list[object] = []  # modules pickled in training mode that we could not switch
-        self.own_ids: list[int] = []  # id() of tensors each loading process copies (Sealed.own)
+        self.own_ids: set[int] = set()  # id() of tensors each loading process copies (Sealed.own)
         self.reduced: set[int] = set()  # id() of tensors pickled through the torch reducer
+        self.unshared: list = []  # numpy arrays of numbers safetensors cannot hold: pickled
         self.obj = obj
         self._module_paths: dict | None = None
+        # Tensors that lie inside another's memory (tied weights that are
+        # two objects, as in a state dict; a transposed or sliced view kept
+        # beside its base): sealed as views of that base, not again. A
+        # tensor given its entry beforehand (a checkpoint's) is its own.
+        self.views: dict = {}
+        if "torch" in sys.modules and found:
+            from . import _torch
+
+            self.views = _torch.views([t for i, t in found.items() if i not in self.refs])
+            self.keep.extend(t for i, t in found.items() if i in self.views)  # their ids stay theirs
+            # A weight its module writes in inference: each loading process
+            # copies it, or, where it is a view, its base (so that the
+            # write reaches what shares its memory, as in torch).
+            for w in _torch.written_weights(walk_modules(obj)):
+                self.mark_own(self.views[id(w)][0] if id(w) in self.views else w)
 
     def module_path(self, module) -> str:
         """The dotted path of ``module`` in the object being sealed."""
@@ -356,7 +364,7 @@ class _Sealer:
 
     def mark_own(self, t) -> None:
         """Tensor ``t`` is copied by each process that loads (``Sealed.own``)."""
-        self.own_ids.append(id(t))
+        self.own_ids.add(id(t))
         self.keep.append(t)  # its id stays its own until packed
 
     def own_refs(self) -> tuple:
@@ -382,12 +390,22 @@ class _Sealer:
             return i
         entry = self._adapter(o)
         if entry is None:
+            if _numpy.unshareable(o):
+                self.unshared.append(o)  # announced once pickled
             return None
-        if entry[0] == "torch" and entry[1].reduced(o):
+        if entry[0] == "torch" and self._reducible(o, entry[1]):
             self.reduced.add(id(o))
             self.keep.append(o)  # its id stays its own until packed
             return None
         return self._take(o, entry)
+
+    def _reducible(self, t, adapter) -> bool:
+        """Whether torch tensor ``t`` pickles through the torch reducer: it
+        has extras, or a layout of its own, except a tensor each process
+        copies (sealed as it is: its reference must be its own)."""
+        if adapter.has_extras(t):
+            return True
+        return id(t) not in self.own_ids and adapter.permutation(t) is not None
 
     def _adapter(self, o):
         """``(framework, adapter)`` of the first adapter that takes ``o``, or ``None``."""
@@ -439,6 +457,13 @@ class _Sealer:
                 "stay: so small a model has nothing to share)"
             )
         skeleton = f.getvalue()
+        if self.unshared:
+            _telemetry.log.warning(
+                "%d numpy array(s) of %s (%.1f MiB in all) travel pickled, a copy in each process that loads: "
+                "safetensors cannot hold their dtype; convert them (.astype(np.complex64), np.float64) to share them",
+                len(self.unshared), ", ".join(sorted({str(a.dtype) for a in self.unshared})),
+                sum(a.nbytes for a in self.unshared) / 2**20,
+            )
         if len(skeleton) >= SKELETON_WARN_BYTES:
             _telemetry.log.warning(
                 "besides its %d shared tensors, the pipeline pickles to %.1f MiB, which every process that loads "

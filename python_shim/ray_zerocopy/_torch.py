@@ -234,7 +234,11 @@ def reduce(o, sealer, proto: int):
             # Sealed in the order its bytes lie in (no copy to make it
             # contiguous), and permuted back when loaded.
             back = tuple(sorted(range(len(order)), key=order.__getitem__))
-            return permuted, (TensorData(o.permute(order)), back, kind_of(o) == TORCH_PARAM)
+            inner = o.permute(order)
+            if id(o) in sealer.known:
+                sealer.known[id(inner)] = sealer.known[id(o)]  # the entry keeps the tensor's name
+            sealer.keep.append(inner)  # its id stays its own until packed
+            return permuted, (TensorData(inner), back, kind_of(o) == TORCH_PARAM)
         return None
     if isinstance(o, torch.nn.Module):
         return _reduce_module(o, sealer, proto)
@@ -247,8 +251,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def views(tensors) -> dict:
     """``{id(t): (base, offset)}`` for each tensor of ``tensors`` (distinct
     objects) whose memory lies inside another's: ``base`` is a contiguous
-    tensor of the same dtype on the same storage (the largest that holds it),
-    ``offset`` where ``t`` starts in it, in elements. Such a tensor is sealed
+    tensor of the same dtype on the same storage that holds it (and is no
+    view itself), ``offset`` where ``t`` starts in it, in elements. Such a tensor is sealed
     as a view of its base (:func:`view_of`), not as bytes of its own: tied
     weights that are two objects (a state dict's), a transposed or sliced
     view kept beside its base. Plain CPU tensors only, with strides that do
@@ -274,17 +278,25 @@ def views(tensors) -> dict:
             and not t.is_quantized
             and min(t.stride(), default=0) >= 0
         ]
-        bases: list = []
-        for t in sorted(members, key=lambda t: -t.numel() * t.element_size()):  # stable: first seen among equals
+        # In order of where they start (the longer first where two start
+        # together): a tensor lies inside some earlier base exactly when it
+        # lies inside the one of its dtype that reaches furthest, so one
+        # sweep finds every view (many tensors on one storage, as in a
+        # model loaded with use_fast_load, cost n log n, not n squared).
+        spans = []  # (start, -end, k): numbers only, sorted without a key function
+        for k, t in enumerate(members):
             start = t.data_ptr()
             end = start + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))) * t.element_size()
-            for b, b_start, b_end in bases:
-                if b.dtype == t.dtype and b_start <= start and end <= b_end:
-                    out[id(t)] = (b, (start - b_start) // t.element_size())
-                    break
-            else:
-                if t.is_contiguous():
-                    bases.append((t, start, end))
+            spans.append((start, -end, k))
+        spans.sort()
+        furthest: dict = {}  # dtype -> (base, start, end) of the base reaching furthest
+        for start, neg_end, k in spans:
+            t, end = members[k], -neg_end
+            b = furthest.get(t.dtype)
+            if b is not None and end <= b[2]:
+                out[id(t)] = (b[0], (start - b[1]) // t.element_size())
+            elif t.is_contiguous() and (b is None or end > b[2]):
+                furthest[t.dtype] = (t, start, end)
     return out
 
 
@@ -359,6 +371,8 @@ def with_extras(t, cls, state: dict):
     ``UninitializedParameter.materialize`` does (the tensor is this load's
     own object); a class that cannot be set so gets ``as_subclass``, as
     torch's unpickling does."""
+    if not isinstance(t, torch.Tensor):
+        return t  # loaded as numpy or JAX (a pytree with framework=): an array has no torch class
     if type(t) is not cls:
         try:
             t.__class__ = cls
@@ -385,7 +399,8 @@ def _reduce_module(o, sealer, proto: int):
     pipeline needs no walk over its modules to switch them, and the caller's
     own modules stay as they are."""
     if writes_its_weight(o):
-        sealer.mark_own(o.weight)
+        if id(o.weight) not in sealer.views:  # a view's base is marked already (_Sealer.__init__)
+            sealer.mark_own(o.weight)  # one the walk before pickling did not reach
         _telemetry.log.warning(
             "module %r (%s with max_norm=%s) renormalizes the rows it looks up in place, in eval mode too: "
             "each process that loads gets its own copy of its weight (%d bytes), not the shared read-only one",
@@ -401,20 +416,22 @@ def _reduce_module(o, sealer, proto: int):
             "quantize with torchao (torchao.quantization.quantize_(model, Int8WeightOnlyConfig())), "
             "whose quantized weights are shared zero-copy",
         )
-    if o.training and type(o).train is not torch.nn.Module.train:
-        # A train() of its own may do more than set the flag (switch off
-        # sampling noise, swap a submodule): pickled as it is, the module
-        # is switched by eval() after loading, which runs it.
+    # A train() of its own may do more than set the flag (switch off
+    # sampling noise, swap a submodule): such a module, in training mode,
+    # is pickled as it is and switched after loading by eval(), which runs it.
+    own_train = o.training and type(o).train is not torch.nn.Module.train
+    if own_train:
         sealer.training_left.append(o)
-        return None
     if _parametrized(o):
         # weight_norm, spectral_norm, orthogonal, ...: torch refuses to pickle
         # them (their class is made per module); the module travels as its
         # original class with its state, the parametrization is put back on
         # load, and the `original*` tensors are shared.
-        state = dict(o.__dict__, training=False)
+        state = dict(o.__dict__) if own_train else dict(o.__dict__, training=False)
         base = torch.nn.utils.parametrize.type_before_parametrizations(o)
         return _new_object, (base,), state, None, None, _set_parametrized_state
+    if own_train:
+        return None
     if _plain_module(type(o)):
         # Their state is their __dict__: set it back directly, without
         # Module.__setstate__'s checks for old checkpoints' missing
@@ -429,6 +446,15 @@ def _reduce_module(o, sealer, proto: int):
             return (*rv[:2], {**rv[2], "training": False}, *rv[3:])
         sealer.training_left.append(o)
     return None
+
+
+def written_weights(modules):
+    """The weights of every module that writes its own in inference
+    (:func:`writes_its_weight`), of the ``(path, module)`` pairs given."""
+    for _, top in modules:
+        for m in top.modules():
+            if writes_its_weight(m):
+                yield m.weight
 
 
 def writes_its_weight(module) -> bool:
