@@ -347,6 +347,13 @@ class _Sealer:
 
             self.views = _torch.views([t for i, t in found.items() if i not in self.refs])
             self.keep.extend(t for i, t in found.items() if i in self.views)  # their ids stay theirs
+            # A tensor given its entry beforehand keeps its class and
+            # attributes all the same (its values are the entry's).
+            self.reduced.update(
+                i
+                for i, t in found.items()
+                if i in self.refs and _torch.has_extras(t) and not _torch.is_wrapper_subclass(t)
+            )
             # A weight its module writes in inference: each loading process
             # copies it, or, where it is a view, its base (so that the
             # write reaches what shares its memory, as in torch).

@@ -431,3 +431,25 @@ def test_a_tensor_with_attributes_loads_as_numpy_and_jax():
     for fw in frameworks:
         out = _load.assemble(Weights.from_buffer(buf), sealed, framework=fw)
         np.testing.assert_array_equal(np.asarray(out["a"]), t.numpy())
+
+
+def test_a_checkpoint_filled_into_a_model_keeps_its_tensors_classes_and_attributes(tmp_path):
+    """The model given to from_safetensors(model=...) says what its tensors
+    are; the checkpoint, their values. A tag on a parameter
+    (``weight.partition_dim``) or a parameter class of its own was dropped."""
+    from safetensors.torch import save_file
+
+    class Tagged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.lin.weight.partition_dim = 1
+            self.extra = ShardedParam(torch.zeros(4))
+
+    ckpt = {"lin.weight": torch.full((4, 4), 2.0), "lin.bias": torch.ones(4), "extra": torch.arange(4.0)}
+    save_file(ckpt, tmp_path / "m.safetensors")
+    sealed, buf = _seal.seal_checkpoint(tmp_path / "m.safetensors", "torch", Tagged)
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    assert loaded.lin.weight.partition_dim == 1 and type(loaded.extra) is ShardedParam
+    assert torch.equal(loaded.lin.weight, ckpt["lin.weight"]) and torch.equal(loaded.extra, ckpt["extra"])
+    assert buf.ctypes.data <= loaded.extra.data_ptr() < buf.ctypes.data + len(buf)
