@@ -105,12 +105,17 @@ class _DeltaSealer(_Sealer):
         }
         self.sources: list[tuple[int, int]] = []  # per reference
 
+    def value_of(self, t):
+        sub = self.substitute.get(id(t))
+        return t if sub is None else sub[0]
+
     def _reducible(self, t, adapter) -> bool:
-        # A tensor given a new value is sealed as that value (its layout is
-        # the value's): only its extras go through the reducer, which hands
-        # back the tensor itself, whose id the substitution is found by.
+        # A tensor given a new value is sealed as that value, in the value's
+        # layout: in memory order where the value lies in another order (the
+        # reducer seals value_of(t), and an unchanged one then matches the
+        # base's entry), else as it is; its extras are the tensor's own.
         if id(t) in self.substitute:
-            return adapter.has_extras(t)
+            return adapter.has_extras(t) or adapter.permutation(self.value_of(t)) is not None
         return super()._reducible(t, adapter)
 
     def _take(self, o, entry) -> int:

@@ -406,6 +406,11 @@ class _Sealer:
             return None
         return self._take(o, entry)
 
+    def value_of(self, t):
+        """What tensor ``t`` is sealed as: itself (an update's sealer gives
+        the new value where there is one)."""
+        return t
+
     def _reducible(self, t, adapter) -> bool:
         """Whether torch tensor ``t`` pickles through the torch reducer: it
         has extras, or a layout of its own, except a tensor each process

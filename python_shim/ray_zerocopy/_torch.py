@@ -227,14 +227,15 @@ def reduce(o, sealer, proto: int):
             from ._seal import TensorData
 
             return with_extras, (TensorData(o), type(o), dict(o.__dict__))
-        order = permutation(o)
+        value = sealer.value_of(o)  # an update's new value stands in for o (its layout is the value's)
+        order = permutation(value)
         if order is not None:
             from ._seal import TensorData
 
             # Sealed in the order its bytes lie in (no copy to make it
             # contiguous), and permuted back when loaded.
             back = tuple(sorted(range(len(order)), key=order.__getitem__))
-            inner = o.permute(order)
+            inner = value.permute(order)
             if id(o) in sealer.known:
                 sealer.known[id(inner)] = sealer.known[id(o)]  # the entry keeps the tensor's name
             sealer.keep.append(inner)  # its id stays its own until packed

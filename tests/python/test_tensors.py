@@ -355,6 +355,21 @@ def test_an_update_gives_a_permuted_or_tied_tensor_its_new_value(ray_cluster):
     loaded = ActorWrapper(conv).update(new).load()
     assert torch.equal(loaded.weight, new["weight"]) and torch.equal(loaded.bias, conv.bias)
 
+    # A whole state dict of a channels_last model, one weight changed: the
+    # unchanged ones are the base's (they were sealed again, in the other
+    # order, doubling the delta) and every weight keeps its layout.
+    torch.manual_seed(0)
+    convs = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3), torch.nn.Conv2d(64, 64, 3)).eval()
+    convs = convs.to(memory_format=torch.channels_last)
+    changed = {k: v.clone(memory_format=torch.preserve_format) for k, v in convs.state_dict().items()}
+    changed["0.weight"] += 1.0
+    v2 = ActorWrapper(convs).update(changed)
+    assert v2.nbytes < 1.5 * convs[0].weight.nbytes, f"{v2.nbytes} bytes: only the changed weight is in the delta"
+    loaded = v2.load()
+    for k, t in changed.items():
+        got = loaded.get_parameter(k)
+        assert torch.equal(got, t) and got.stride() == t.stride(), k
+
     tied = torch.nn.Module()
     tied.emb = torch.nn.Parameter(torch.randn(6, 4))
     tied.head = torch.nn.Parameter(tied.emb.data.t())
