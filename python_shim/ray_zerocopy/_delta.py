@@ -103,6 +103,17 @@ class _DeltaSealer(_Sealer):
         self.views = {
             k: (b, off) for k, (b, off) in self.views.items() if k not in substitute and id(b) not in substitute
         }
+        # New values that are one tensor's memory (a tied pair's, as every
+        # state dict of a tied model gives them): the first is sealed, the
+        # others are views of it, as in the base.
+        first: dict = {}
+        torch = sys.modules.get("torch")
+        plain = () if torch is None else (torch.Tensor, torch.nn.Parameter)
+        for k, (value, _, _, slot) in substitute.items():
+            if type(value) in plain and value.is_cpu:
+                key = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+                if first.setdefault(key, slot) is not slot:
+                    self.views[k] = (first[key], 0)
         self.sources: list[tuple[int, int]] = []  # per reference
 
     def value_of(self, t):
@@ -124,7 +135,7 @@ class _DeltaSealer(_Sealer):
         fw, adapter = entry
         name = self.known.get(id(o)) or f"tensor.{len(self.sources)}"
         sub = self.substitute.get(id(o))
-        inp, alive = sub[1:] if sub is not None else adapter.pack_input(o, name)
+        inp, alive = sub[1:3] if sub is not None else adapter.pack_input(o, name)
         hit = self.base.match(inp, name)
         if hit is None:
             while inp.name in self.used_names:
@@ -209,7 +220,7 @@ def _substitutes(pipeline, state: dict, adapters) -> dict:
                 f"update: {named[id(slot)]!r} and {name!r} are one tied tensor in the base, "
                 "but the state dict gives them different values"
             )
-        out[id(slot)] = (value, inp, alive)
+        out[id(slot)] = (value, inp, alive, slot)
         named.setdefault(id(slot), name)
     return out
 

@@ -220,7 +220,8 @@ def reduce(o, sealer, proto: int):
             from ._seal import TensorData
 
             base, offset = view
-            return view_of, (TensorData(base), tuple(o.shape), tuple(o.stride()), offset, kind_of(o) == TORCH_PARAM)
+            v = sealer.value_of(o)  # its shape and strides: an update's new value's, where it has one
+            return view_of, (TensorData(base), tuple(v.shape), tuple(v.stride()), offset, kind_of(o) == TORCH_PARAM)
         if is_wrapper_subclass(o):
             return _reduce_wrapper_subclass(o, sealer)
         if has_extras(o):

@@ -315,6 +315,15 @@ def test_an_update_of_a_tied_tensor_changes_that_tensor_only(ray_cluster):
     v3 = w.update({"a": weight * 2.0})
     loaded = v3.load()
     assert torch.equal(loaded["a"], weight * 2.0) and torch.equal(loaded["b"], weight)
+    # Both given one new tensor's memory (a tied model's next state dict):
+    # sealed once, loaded as one memory (it was sealed once per name).
+    big = torch.randn(256, 256)
+    tied = ActorWrapper({"a": big, "b": big.detach()})
+    new = big * 3.0
+    v4 = tied.update({"a": new, "b": new.detach()})
+    assert v4.nbytes < 1.5 * big.nbytes, f"{v4.nbytes} bytes for one changed tensor of {big.nbytes}"
+    loaded = v4.load()
+    assert torch.equal(loaded["a"], new) and loaded["a"].data_ptr() == loaded["b"].data_ptr()
 
 
 def test_a_tensor_s_memory_layout_is_kept():
