@@ -382,7 +382,7 @@ class _Sealer:
         """Reference ``i`` for a tensor or array (its data, in the buffer),
         ``None`` for what pickles as usual. A tensor that is more than its
         data (a subclass, attributes of its own, a layout of its own, a view
-        of another: see ``_torch.reduced`` and ``_torch.views``) pickles as
+        of another: see ``_reducible`` and ``_torch.views``) pickles as
         usual, through the torch reducer, which hands its data back here
         wrapped in a :class:`TensorData`; its other uses then meet pickle's
         memo, so that they stay one object."""

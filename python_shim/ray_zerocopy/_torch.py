@@ -12,6 +12,7 @@ import torch
 from . import _telemetry
 from ._dlpack import consume_versioned, versioned_capsule
 from ._native import DTYPE_CODES, DTYPE_NAMES
+from ._seal import TensorData
 from ._skeleton import TORCH, TORCH_PARAM
 from .device_weights import DeviceWeights
 from .errors import InternalError, InvalidInputError, InvalidTypeError, UnshareableTensorError
@@ -217,22 +218,16 @@ def reduce(o, sealer, proto: int):
     if isinstance(o, torch.Tensor):
         view = sealer.views.get(id(o))
         if view is not None:
-            from ._seal import TensorData
-
             base, offset = view
             v = sealer.value_of(o)  # its shape and strides: an update's new value's, where it has one
             return view_of, (TensorData(base), tuple(v.shape), tuple(v.stride()), offset, kind_of(o) == TORCH_PARAM)
         if is_wrapper_subclass(o):
             return _reduce_wrapper_subclass(o, sealer)
         if has_extras(o):
-            from ._seal import TensorData
-
             return with_extras, (TensorData(o), type(o), dict(o.__dict__))
         value = sealer.value_of(o)  # an update's new value stands in for o (its layout is the value's)
         order = permutation(value)
         if order is not None:
-            from ._seal import TensorData
-
             # Sealed in the order its bytes lie in (no copy to make it
             # contiguous), and permuted back when loaded.
             back = tuple(sorted(range(len(order)), key=order.__getitem__))
@@ -321,12 +316,6 @@ def view_of(base, shape, stride, offset: int, param: bool):
     import jax.numpy as jnp
 
     return jnp.asarray(view)
-
-
-def reduced(t) -> bool:
-    """Whether tensor ``t`` pickles through :func:`reduce` rather than as a
-    plain reference: it has extras, or a layout of its own."""
-    return has_extras(t) or permutation(t) is not None
 
 
 def permutation(t):
