@@ -382,6 +382,22 @@ def test_a_version_that_failed_to_load_is_tried_again(ray_cluster):
     ray.kill(flaky)
 
 
+def _registry_gone(ray, restart: bool) -> None:
+    """Kills the registry's actor: for good (the next call makes a new one)
+    or as a crash (Ray restarts it)."""
+    ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"), no_restart=not restart)
+
+
+def _until_the_registry_answers(call):
+    deadline = time.monotonic() + 60
+    while True:  # the first calls after the death may find the dead or restarting actor
+        try:
+            return call()
+        except rzc.RegistryUnavailableError:
+            assert time.monotonic() < deadline, "the registry was not made again within 60 s"
+            time.sleep(0.1)
+
+
 def test_a_registry_that_died_is_made_again_and_subscribers_start_over(ray_cluster):
     ray = ray_cluster
     name = "test-registry-restart"
@@ -391,17 +407,11 @@ def test_a_registry_that_died_is_made_again_and_subscribers_start_over(ray_clust
     server = ray.remote(num_cpus=0)(Server).remote(name)
     x = torch.randn(2, DIM)
     assert ray.get(server.run.remote(x))[0] == 2
-    ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"))
+    _registry_gone(ray, restart=False)
     wrapper = ActorWrapper(model(3))
-    deadline = time.monotonic() + 60
-    while True:  # the first call after the death may find the dead actor
-        try:
-            # A name published without an owner is not taken back, but its
-            # number is: the new registry numbers on.
-            assert rzc.publish(name, wrapper) == 3
-            break
-        except rzc.RegistryUnavailableError:
-            assert time.monotonic() < deadline
+    # A name published without an owner is not taken back, but its number
+    # is: the new registry numbers on.
+    assert _until_the_registry_answers(lambda: rzc.publish(name, wrapper)) == 3
     # The subscriber had version 2 of the old registry: it takes version 3
     # of the new one (a registry of another generation: it compares).
     got = wait_for(lambda: (r := ray.get(server.run.remote(x)))[1] == answer(model(3), x) and r, "the new version 3")
@@ -420,33 +430,11 @@ def test_a_failed_version_of_a_registry_made_again_is_tried_again(ray_cluster):
 
     flaky = ray.remote(num_cpus=0)(_Flaky).remote(name, (2,))  # the new registry's first version, first try
     assert ray.get(flaky.state.remote()) == (2, 1)
-    ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"))
+    _registry_gone(ray, restart=False)
     wrapper = ActorWrapper(model(3))
-    deadline = time.monotonic() + 60
-    while True:  # the first call after the death may find the dead actor
-        try:
-            assert rzc.publish(name, wrapper) == 3
-            break
-        except rzc.RegistryUnavailableError:
-            assert time.monotonic() < deadline
+    assert _until_the_registry_answers(lambda: rzc.publish(name, wrapper)) == 3
     wait_for(lambda: ray.get(flaky.state.remote()) == (3, 3), "the new version 3, on its second try", timeout=30)
     ray.kill(flaky)
-
-
-def _registry_gone(ray, restart: bool) -> None:
-    """Kills the registry's actor: for good (the next call makes a new one)
-    or as a crash (Ray restarts it)."""
-    ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"), no_restart=not restart)
-
-
-def _until_the_registry_answers(call):
-    deadline = time.monotonic() + 60
-    while True:  # the first calls after the death may find the dead or restarting actor
-        try:
-            return call()
-        except rzc.RegistryUnavailableError:
-            assert time.monotonic() < deadline, "the registry was not made again within 60 s"
-            time.sleep(0.1)
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["killed", "restarted"])
