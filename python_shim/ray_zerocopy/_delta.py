@@ -126,7 +126,7 @@ class _DeltaSealer(_Sealer):
         # reducer seals value_of(t), and an unchanged one then matches the
         # base's entry), else as it is; its extras are the tensor's own.
         if id(t) in self.substitute:
-            return adapter.has_extras(t) or adapter.permutation(self.value_of(t)) is not None
+            return adapter.has_extras(t) or adapter.relays(self.value_of(t))
         return super()._reducible(t, adapter)
 
     def _take(self, o, entry) -> int:

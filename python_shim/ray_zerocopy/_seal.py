@@ -417,7 +417,7 @@ class _Sealer:
         copies (sealed as it is: its reference must be its own)."""
         if adapter.has_extras(t):
             return True
-        return id(t) not in self.own_ids and adapter.permutation(t) is not None
+        return id(t) not in self.own_ids and adapter.relays(t)
 
     def _adapter(self, o):
         """``(framework, adapter)`` of the first adapter that takes ``o``, or ``None``."""

@@ -226,16 +226,19 @@ def reduce(o, sealer, proto: int):
         if has_extras(o):
             return with_extras, (TensorData(o), type(o), dict(o.__dict__))
         value = sealer.value_of(o)  # an update's new value stands in for o (its layout is the value's)
+        shape = broadcast_shape(value)
+        if shape is not None:
+            value = compact(value)  # its broadcast dimensions sealed once, not once per repeat
         order = permutation(value)
-        if order is not None:
+        if order is not None or shape is not None:
             # Sealed in the order its bytes lie in (no copy to make it
-            # contiguous), and permuted back when loaded.
-            back = tuple(sorted(range(len(order)), key=order.__getitem__))
-            inner = value.permute(order)
+            # contiguous), and permuted back (and broadcast again) when loaded.
+            back = None if order is None else tuple(sorted(range(len(order)), key=order.__getitem__))
+            inner = value if order is None else value.permute(order)
             if id(o) in sealer.known:
                 sealer.known[id(inner)] = sealer.known[id(o)]  # the entry keeps the tensor's name
             sealer.keep.append(inner)  # its id stays its own until packed
-            return permuted, (TensorData(inner), back, kind_of(o) == TORCH_PARAM)
+            return relaid, (TensorData(inner), back, shape, kind_of(o) == TORCH_PARAM)
         return None
     if isinstance(o, torch.nn.Module):
         return _reduce_module(o, sealer, proto)
@@ -331,20 +334,53 @@ def permutation(t):
     return order if t.permute(order).is_contiguous() else None
 
 
-def permuted(t, back, param: bool):
-    """Tensor ``t`` (sealed in its memory order) with its dimensions put
-    back: the original's shape and strides, zero-copy. A numpy load gets
-    the same view; a JAX load, which has no views, a transposed copy."""
+def broadcast_shape(t):
+    """``t``'s shape where it has broadcast dimensions (stride 0 over more
+    than one element: ``expand``, ``broadcast_to``), else ``None``."""
+    if t.layout != torch.strided or t.is_nested or t.numel() == 0:
+        return None
+    if any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride(), strict=True)):
+        return tuple(t.shape)
+    return None
+
+
+def compact(t):
+    """``t`` with each broadcast dimension narrowed to one element: the
+    values it repeats, each once (a view)."""
+    for d, (n, s) in enumerate(zip(t.shape, t.stride(), strict=True)):
+        if s == 0 and n > 1:
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def relays(t) -> bool:
+    """Whether ``t`` is sealed in a layout other than its shape's: permuted
+    (its bytes in memory order) or broadcast (its repeated values once); see
+    :func:`relaid`."""
+    return permutation(t) is not None or broadcast_shape(t) is not None
+
+
+def relaid(t, back, shape, param: bool):
+    """Tensor ``t`` (sealed in its memory order, its broadcast dimensions
+    one element long) with its dimensions put back (``back``, where it was
+    permuted) and broadcast again to ``shape`` (where it was broadcast): the
+    original's shape and strides, zero-copy. A numpy load gets the same
+    view (read-only where broadcast); a JAX load, which has no views, a
+    copy."""
     if isinstance(t, torch.Tensor):
-        v = t.permute(back)
+        v = t if back is None else t.permute(back)
+        if shape is not None:
+            v = v.expand(shape)
         return as_parameter(v) if param else v
     import numpy as np
 
     if isinstance(t, np.ndarray):
-        return t.transpose(back)
+        v = t if back is None else t.transpose(back)
+        return v if shape is None else np.broadcast_to(v, shape)
     import jax.numpy as jnp
 
-    return jnp.transpose(t, back)
+    v = t if back is None else jnp.transpose(t, back)
+    return v if shape is None else jnp.broadcast_to(v, shape)
 
 
 def has_extras(t) -> bool:

@@ -351,6 +351,52 @@ def test_a_tensor_s_memory_layout_is_kept():
     assert as_numpy.strides == transposed.numpy().strides
 
 
+def test_a_broadcast_tensor_is_sealed_once_not_once_per_repeat(ray_cluster):
+    """An ``expand``ed tensor (stride 0: a mask or a bias broadcast over a
+    dimension) was sealed as a full copy of its values, in every node's
+    store and in every actor that loaded it as many bytes as it shows. It is
+    now sealed as the values it repeats, each once, and loads with the
+    original's strides, as torch's own pickling keeps it; a numpy load gets
+    the same read-only view, a JAX load a copy."""
+    ray = ray_cluster
+    m = torch.nn.Module()
+    m.register_buffer("mask", torch.tril(torch.ones(1, 1024)).expand(1024, 1024))  # 4 MiB shown, 4 KiB held
+    m.scale = torch.nn.Parameter(torch.randn(8, 1).expand(8, 4096))
+    m.register_buffer("both", torch.randn(4, 1, 5).expand(4, 300, 5).transpose(0, 2))  # broadcast and permuted
+    m.register_buffer("plain", torch.arange(64).expand(1, -1))  # a dimension of one: nothing repeated
+    sealed, buf = _seal.seal(m)
+    assert len(buf) < 128 * 1024, f"{len(buf)} bytes sealed: the repeated values once"
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    for name in ("mask", "scale", "both", "plain"):
+        got, want = getattr(loaded, name), getattr(m, name)
+        assert torch.equal(got, want) and got.stride() == want.stride(), name
+        assert buf.ctypes.data <= got.data_ptr() < buf.ctypes.data + len(buf), f"{name}: the shared data"
+    assert isinstance(loaded.scale, torch.nn.Parameter) and not loaded.scale.requires_grad
+
+    pytree = {"mask": m.mask, "both": m.both}
+    as_numpy = round_trip(pytree, framework="numpy")
+    for name, t in pytree.items():
+        np.testing.assert_array_equal(as_numpy[name], t.numpy())
+        assert as_numpy[name].strides == t.numpy().strides and not as_numpy[name].flags.writeable, name
+    # In an actor, and through update(): a new broadcast value replaces the
+    # old one, sealed once too.
+    new = {"mask": torch.zeros(1, 1024).expand(1024, 1024)}
+    v2 = ActorWrapper(m).update(new)
+    assert v2.nbytes < 128 * 1024, f"{v2.nbytes} bytes in the update"
+
+    @ray.remote
+    def load(wrapper):
+        t = wrapper.load()
+        return t.mask.stride(), int(t.mask.sum()), t.scale.stride()
+
+    assert ray.get(load.remote(v2)) == ((0, 1), 0, (1, 0))
+
+    pytest.importorskip("jax")
+    as_jax = round_trip(pytree, framework="jax")
+    for name, t in pytree.items():
+        np.testing.assert_array_equal(np.asarray(as_jax[name]), t.numpy())
+
+
 # -- what a review of the above found -----------------------------------------
 
 
