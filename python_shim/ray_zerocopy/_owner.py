@@ -27,6 +27,9 @@ __all__ = ["Owner", "NAMESPACE"]
 #: The Ray namespace of every owner actor.
 NAMESPACE = "ray_zerocopy"
 _PREFIX = "owner:"
+#: The concurrency group (one thread) of an owner actor's methods that only
+#: read or change its tables, and so answer at once.
+BOOKKEEPING = "bookkeeping"
 
 
 @functools.cache
@@ -130,7 +133,9 @@ class _OwnerActor:
 
     def remember(self, name: str, record: tuple) -> None:
         """Keeps ``record`` as the newest version of ``name`` published with
-        this owner (the registry calls this, one publish of a name at a time)."""
+        this owner (the registry calls this, one publish of a name at a
+        time, in the group ``BOOKKEEPING``: the one thread that changes
+        the records)."""
         self._records[name] = record
 
     def forget(self, name: str) -> None:
@@ -142,6 +147,23 @@ class _OwnerActor:
         """``[(name, record)]`` of every record (the references inside a
         list: Ray hands them over as references)."""
         return list(self._records.items())
+
+
+@functools.cache
+def _actor_class(ray):
+    """The remote class of :class:`_OwnerActor`, its quick methods (which
+    only read or change its tables) in the group :data:`BOOKKEEPING`, on a
+    thread of their own: an owner busy putting a large model for its sealer
+    (``put_zeros``, ``adopt``: seconds for hundreds of GB) must not hold up
+    a publish (which records the version and releases the one it
+    replaces), nor a registry made again taking its table back (which
+    passes over an owner that does not answer, and so loses its names).
+    The groups are the actor's own, fixed when it is made: callers name
+    none, so an owner made by an earlier version of this package (without
+    the group) is called as before, not refused by Ray."""
+    for name in ("node_id", "release", "objects", "remember", "forget", "records"):
+        ray.method(concurrency_group=BOOKKEEPING)(getattr(_OwnerActor, name))
+    return ray.remote(concurrency_groups={BOOKKEEPING: 1})(_OwnerActor)
 
 
 class Owner:
@@ -186,7 +208,7 @@ class Owner:
         # get_if_exists: the GCS creates the named actor once, and every
         # concurrent caller gets that one.
         self._actor = (
-            ray.remote(_OwnerActor)
+            _actor_class(ray)
             .options(
                 name=self.actor_name,
                 namespace=NAMESPACE,

@@ -513,6 +513,64 @@ def test_a_record_a_forget_missed_is_never_taken_back(ray_cluster):
         new_owner.close()
 
 
+class _Gate:
+    """An object that is ready only once :meth:`open` is called."""
+
+    def __init__(self):
+        import asyncio
+
+        self._open = asyncio.Event()
+
+    async def value(self):
+        await self._open.wait()
+        return b"ready"
+
+    async def open(self):
+        self._open.set()
+
+
+def test_a_busy_owner_holds_up_neither_a_publish_nor_a_registry_made_again(ray_cluster):
+    """An owner putting a large model for its sealer (``put_zeros``, or
+    ``adopt``'s copy: seconds for hundreds of GB) answered nothing else
+    until done: a publish with it waited for its record and its release,
+    and a registry made again waited 30 s for its records, then passed it
+    over, losing the name. Its quick methods now run on a thread of their
+    own."""
+    ray = ray_cluster
+    name = "test-busy-owner"
+    owner = rzc.Owner("test-busy-owner")
+    gate = ray.remote(num_cpus=0)(_Gate).remote()
+    try:
+        first, second = (ActorWrapper(model(i), owner=owner) for i in (1, 2))
+        rzc.publish(name, first)
+        del first  # the owner's objects of version 1 are released when version 2 replaces it
+        busy = owner._handle().adopt.remote([gate.value.remote()])  # waits for the gate, as a long put would
+        start = time.monotonic()
+        published = []
+        publishing = threading.Thread(target=lambda: published.append(rzc.publish(name, second, replaces=1)))
+        publishing.start()
+        publishing.join(15)  # it waited until the owner was done (here: for ever)
+        assert published == [2], "the publish waited for the busy owner"
+        before = rzc._versions._entry(name, 0, None, 0.0)[4]
+        _registry_gone(ray, restart=False)
+
+        def made_again():
+            entry = _until_the_registry_answers(lambda: rzc._versions._entry(name, 0, None, 0.0))
+            return entry[4] != before and entry
+
+        entry = wait_for(made_again, "a new registry")
+        assert entry[0] == 2 and time.monotonic() - start < 20, "the new registry waited for the busy owner"
+        x = torch.randn(2, DIM)
+        assert answer(rzc.latest(name).load(), x) == answer(model(2), x)
+        assert len(owner.objects()) == 1, "version 1's object released, version 2's kept"
+        ray.get(gate.open.remote())
+        ray.get(busy)
+    finally:
+        ray.get(gate.open.remote())
+        owner.close()
+        ray.kill(gate)
+
+
 _AFTER_SHUTDOWN = """
 import threading, time
 import numpy as np
