@@ -92,25 +92,36 @@ class _Base:
 class _DeltaSealer(_Sealer):
     """Pickles the new version: each tensor becomes a reference to the base
     tensor equal to it, or to a new entry of the delta. ``substitute`` maps
-    ``id(tensor)`` of the pickled object to ``(value, pack input, alive)``
-    that stands in its place (a state dict applied onto the base)."""
+    ``id(tensor)`` of the pickled object to ``(value, pack input, alive,
+    tensor)`` that stands in its place (a state dict applied onto the
+    base); ``follows``, ``id(tensor)`` to ``(base, offset)`` of tensors
+    sealed as views of a base given a new value."""
 
-    def __init__(self, obj, base: _Base, substitute: dict):
+    def __init__(self, obj, base: _Base, substitute: dict, follows: dict | None = None):
         super().__init__(obj)
         self.base, self.substitute = base, substitute
-        # A tensor given a new value stands for itself (its value is the
-        # substitute's), and is no view's base.
-        self.views = {
-            k: (b, off) for k, (b, off) in self.views.items() if k not in substitute and id(b) not in substitute
-        }
+        # A tensor given a new value is sealed as that value; one on the
+        # memory of a base given a new value stays (or becomes, where
+        # ``follows`` says) a view of it, whose new value is the memory's
+        # (``_write_through``). A view of a tensor that became a view
+        # views that one's base.
+        self.views = {k: (b, off) for k, (b, off) in self.views.items() if k not in substitute}
+        self.views.update(follows or {})
+        for k, (b, off) in list(self.views.items()):
+            if id(b) in self.views:
+                bb, boff = self.views[id(b)]
+                self.views[k] = (bb, boff + off)
         # New values that are one tensor's memory (a tied pair's, as every
         # state dict of a tied model gives them): the first is sealed, the
-        # others are views of it, as in the base.
+        # others are views of it, as in the base. Contiguous values only: a
+        # view's strides are its base's memory's, and a value in another
+        # layout is sealed in its memory order (as one of another layout
+        # of its own, it is sealed apart).
         first: dict = {}
         torch = sys.modules.get("torch")
         plain = () if torch is None else (torch.Tensor, torch.nn.Parameter)
         for k, (value, _, _, slot) in substitute.items():
-            if type(value) in plain and value.is_cpu:
+            if type(value) in plain and value.is_cpu and value.is_contiguous():
                 key = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
                 if first.setdefault(key, slot) is not slot:
                     self.views[k] = (first[key], 0)
@@ -182,10 +193,12 @@ def _slots(obj, adapters) -> dict:
     return out
 
 
-def _substitutes(pipeline, state: dict, adapters) -> dict:
+def _substitutes(pipeline, state: dict, adapters) -> tuple[dict, dict]:
     """What each tensor of the base ``pipeline`` named in ``state`` is
     replaced by, checked: every name is one of the pipeline's, every value
-    of the slot's framework, dtype and shape, tied names given one value."""
+    of the slot's framework, dtype and shape, tied names given one value;
+    and the tensors that follow a base given a new value (see
+    :func:`_write_through`)."""
     slots = _slots(pipeline, adapters)
     out: dict = {}
     named: dict[int, str] = {}
@@ -222,7 +235,90 @@ def _substitutes(pipeline, state: dict, adapters) -> dict:
             )
         out[id(slot)] = (value, inp, alive, slot)
         named.setdefault(id(slot), name)
-    return out
+    return _write_through(slots, out, named)
+
+
+def _write_through(slots: dict, out: dict, named: dict) -> tuple[dict, dict]:
+    """``out`` (substitutes by ``id`` of the base's tensor) with each new
+    value given to a tensor that shares memory with others of the base
+    (tied weights that are two objects, as in every ``state_dict()`` of a
+    tied model; a view kept as a buffer) written into that memory, as
+    ``load_state_dict`` writes it (``copy_``): the memory's base tensor
+    gets the values composed, and the others on it follow it, as views of
+    it, so that every one of them shows the new values. Returns the
+    substitutes and the followers (``{id(view): (base, offset)}``). Two new
+    values for one memory that disagree are refused. Torch tensors only
+    (numpy pipelines keep no views at sealing)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not out:
+        return out, {}
+    from . import _torch
+
+    tensors = list({id(t): t for t in slots.values() if isinstance(t, torch.Tensor)}.values())
+    found = _torch.views(tensors)
+    groups: dict = {}  # id(base) -> (base, [(view, offset)])
+    for t in tensors:
+        if id(t) in found:
+            base, offset = found[id(t)]
+            groups.setdefault(id(base), (base, []))[1].append((t, offset))
+    follows: dict = {}
+    for base_id, (base, members) in groups.items():
+        given = [(t, off) for t, off in members if id(t) in out]
+        if base_id not in out and not given:
+            continue
+        composed = _carrier(base, base_id, given, out)
+        if composed is None:
+            # The base's values, then each new value written where its tensor
+            # lies in them, on a copy (neither the shared memory nor a value
+            # given is written).
+            with torch.no_grad():
+                composed = _composed(torch, base, base_id, given, out, named)
+        for t, off in members:
+            out.pop(id(t), None)
+            follows[id(t)] = (base, off)
+        name = named.get(base_id) or next(n for n, t in slots.items() if t is base)
+        inp, alive = _torch.pack_input(composed, name)
+        out[base_id] = (composed, inp, alive, base)
+    return out, follows
+
+
+def _carrier(base, base_id, given: list, out: dict):
+    """A value given that already is the whole memory's new value, or
+    ``None``: a contiguous CPU tensor of the base's shape, given to the base
+    or to a view of all of it, in whose memory every other value given lies
+    where its tensor lies in the base (a tied model's next state dict gives
+    its tied pair so): sealed as it is, without composing a copy."""
+    candidates = [out[base_id][0]] if base_id in out else []
+    candidates += [out[id(t)][0] for t, off in given if off == 0 and t.shape == base.shape]
+    for c in candidates:
+        if not (c.is_cpu and c.is_contiguous() and c.shape == base.shape and c.stride() == base.stride()):
+            continue
+        size = c.element_size()
+        if all(
+            (v := out[id(t)][0]).is_cpu and v.data_ptr() == c.data_ptr() + off * size and v.stride() == t.stride()
+            for t, off in [(base, 0), *given]
+            if id(t) in out
+        ):
+            return c
+    return None
+
+
+def _composed(torch, base, base_id, given: list, out: dict, named: dict):
+    """The base's memory with the new values written in: the base's new
+    value (or its values), then each view's where it lies; refused where
+    two of them disagree."""
+    composed = torch.empty(base.shape, dtype=base.dtype)
+    composed.copy_(out[base_id][0] if base_id in out else base)
+    for t, off in given:
+        composed.as_strided(t.shape, t.stride(), off).copy_(out[id(t)][0])
+    for t, off in [(base, 0), *given]:
+        if id(t) in out and not torch.equal(composed.as_strided(t.shape, t.stride(), off), out[id(t)][0].cpu()):
+            names = [named[id(u)] for u, _ in [(base, 0), *given] if id(u) in out]
+            raise InvalidInputError(
+                f"update: {', '.join(map(repr, names))} share memory in the base (tied, or views of one "
+                "tensor), but the state dict gives them values that disagree"
+            )
+    return composed
 
 
 def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) -> tuple[Packing, tuple]:
@@ -234,6 +330,7 @@ def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) ->
     adapters = _adapters()
     base = _Base(opened, sealed)
     substitute: dict = {}
+    follows: dict = {}
     if _is_state_dict(new, adapters):
         # The base pipeline's tensors ARE the base buffers': unchanged ones
         # match by address, without a byte read.
@@ -241,9 +338,9 @@ def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) ->
             pipeline = _load.build(base.opened[0], sealed, options).pipeline
         else:
             pipeline = _load.build_parts(base.opened, parts, sealed, options).pipeline
-        substitute = _substitutes(pipeline, new, adapters)
+        substitute, follows = _substitutes(pipeline, new, adapters)
         new = pipeline
-    sealer = _DeltaSealer(new, base, substitute)
+    sealer = _DeltaSealer(new, base, substitute, follows)
     skeleton = sealer.pickle(new)
     used = sorted({p for p, _ in sealer.sources if p != _NEW})
     number = {p: k for k, p in enumerate(used)}

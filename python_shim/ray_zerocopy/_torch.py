@@ -279,18 +279,20 @@ def views(tensors) -> dict:
             and min(t.stride(), default=0) >= 0
         ]
         # In order of where they start (the longer first where two start
-        # together): a tensor lies inside some earlier base exactly when it
-        # lies inside the one of its dtype that reaches furthest, so one
-        # sweep finds every view (many tensors on one storage, as in a
-        # model loaded with use_fast_load, cost n log n, not n squared).
-        spans = []  # (start, -end, k): numbers only, sorted without a key function
+        # together, and of two alike the contiguous one first: a transposed
+        # view spans what its base spans): a tensor lies inside some
+        # earlier base exactly when it lies inside the one of its dtype
+        # that reaches furthest, so one sweep finds every view (many
+        # tensors on one storage, as in a model loaded with use_fast_load,
+        # cost n log n, not n squared).
+        spans = []  # (start, -end, 0 if contiguous else 1, k): numbers only, sorted without a key function
         for k, t in enumerate(members):
             start = t.data_ptr()
             end = start + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))) * t.element_size()
-            spans.append((start, -end, k))
+            spans.append((start, -end, 0 if t.is_contiguous() else 1, k))
         spans.sort()
         furthest: dict = {}  # dtype -> (base, start, end) of the base reaching furthest
-        for start, neg_end, k in spans:
+        for start, neg_end, _, k in spans:
             t, end = members[k], -neg_end
             b = furthest.get(t.dtype)
             if b is not None and end <= b[2]:

@@ -175,9 +175,11 @@ class ActorWrapper:
 
         ``new``: a pipeline of the same form as this one (e.g. the fine-tuned
         module), or a state dict (``{name: tensor}``) applied onto this
-        version's pipeline (for a module, the names of its ``state_dict()``;
-        a name it lacks, or another dtype or shape, is an error naming the
-        tensor; names not given keep their tensors).
+        version's pipeline as ``load_state_dict`` applies it (for a module,
+        the names of its ``state_dict()``; a name it lacks, or another
+        dtype or shape, is an error naming the tensor; names not given keep
+        their tensors; a new value shows in every tensor that shares its
+        tensor's memory in the base: tied weights, views).
 
         A tensor is this version's when its dtype, shape and bytes are equal:
         one whose memory is this version's tensor (this pipeline loaded here,

@@ -299,22 +299,56 @@ def test_views_in_a_pytree_load_as_numpy_views_too():
     assert np.shares_memory(loaded["t"], loaded["base"]) and not loaded["t"].flags.writeable
 
 
-def test_an_update_of_a_tied_tensor_changes_that_tensor_only(ray_cluster):
-    """A state dict's tied pair is one base and a view; an update that gives
-    one of them a new value must change that one only (as a view it would
-    have kept the base's value), and the other stays a view of the base."""
+def test_an_update_writes_a_new_value_through_to_the_memory_it_shares(ray_cluster):
+    """A state dict applied by update() writes as ``load_state_dict`` does
+    (``copy_``): a tensor that shares memory with others in the base (a
+    tied model's state dict, two objects on one memory; a view kept as a
+    buffer) shows the new values in all of them. The update changed the
+    one named only, and its partners kept the old values without a word:
+    a tied model came back untied. Values for one memory that disagree are
+    refused."""
     torch.manual_seed(0)
     weight = torch.nn.Embedding(8, 4).weight.detach()
     state = {"a": weight, "b": weight.detach(), "c": torch.ones(3)}
     w = ActorWrapper(state)
     assert len(w._sealed.kinds) == 2
-    v2 = w.update({"b": weight + 1.0})
-    loaded = v2.load()
-    assert torch.equal(loaded["a"], weight) and torch.equal(loaded["b"], weight + 1.0)
-    assert torch.equal(loaded["c"], state["c"])
-    v3 = w.update({"a": weight * 2.0})
-    loaded = v3.load()
-    assert torch.equal(loaded["a"], weight * 2.0) and torch.equal(loaded["b"], weight)
+    for name in ("a", "b"):
+        loaded = w.update({name: weight + 1.0}).load()
+        assert torch.equal(loaded["a"], weight + 1.0) and torch.equal(loaded["b"], weight + 1.0), name
+        assert loaded["a"].data_ptr() == loaded["b"].data_ptr(), f"{name}: the pair stays one memory"
+        assert torch.equal(loaded["c"], state["c"])
+    with pytest.raises(rzc.InvalidInputError, match="'a', 'b' share memory in the base"):
+        w.update({"a": weight + 1.0, "b": weight + 2.0})
+
+    # A tied model's own state dict, and a module whose buffer is a
+    # transposed view of its weight (torch's load_state_dict changes both).
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(8, 4)
+            self.head = torch.nn.Linear(4, 8, bias=False)
+            self.head.weight = self.emb.weight
+            self.register_buffer("emb_t", self.emb.weight.data.t())
+            self.register_buffer("row", self.emb.weight.data[2])
+
+    model = Tied()
+    new = torch.arange(32.0).reshape(8, 4)
+    for base in (model.state_dict(), model):
+        loaded = ActorWrapper(base).update({"emb.weight": new}).load()
+        got = loaded if isinstance(base, dict) else dict(loaded.state_dict(keep_vars=True))
+        assert torch.equal(got["emb.weight"], new) and torch.equal(got["head.weight"], new)
+        assert torch.equal(got["emb_t"], new.t()) and torch.equal(got["row"], new[2])
+        assert got["emb_t"].data_ptr() == got["emb.weight"].data_ptr(), "still a view of the shared memory"
+    # A part of the memory given a new value: written where it lies.
+    loaded = ActorWrapper(model).update({"row": torch.full((4,), -1.0)}).load()
+    expected = model.emb.weight.detach().clone()
+    expected[2] = -1.0
+    assert torch.equal(loaded.emb.weight, expected) and torch.equal(loaded.emb_t, expected.t())
+    reference = Tied()
+    reference.load_state_dict(model.state_dict())
+    reference.load_state_dict({"row": torch.full((4,), -1.0)}, strict=False)
+    assert torch.equal(reference.emb.weight, loaded.emb.weight), "as torch's load_state_dict"
+
     # Both given one new tensor's memory (a tied model's next state dict):
     # sealed once, loaded as one memory (it was sealed once per name).
     big = torch.randn(256, 256)
@@ -324,6 +358,21 @@ def test_an_update_of_a_tied_tensor_changes_that_tensor_only(ray_cluster):
     assert v4.nbytes < 1.5 * big.nbytes, f"{v4.nbytes} bytes for one changed tensor of {big.nbytes}"
     loaded = v4.load()
     assert torch.equal(loaded["a"], new) and loaded["a"].data_ptr() == loaded["b"].data_ptr()
+
+
+def test_one_new_value_in_another_layout_given_to_two_tensors(ray_cluster):
+    """One transposed (or channels_last) value given to two untied weights:
+    the second was sealed as a view of the first, whose bytes lie in memory
+    order, with the value's own strides: it loaded transposed, without a
+    word."""
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
+    v = torch.arange(16.0).reshape(4, 4).t()
+    loaded = ActorWrapper(seq).update({"0.weight": v, "1.weight": v}).load()
+    assert torch.equal(loaded[0].weight, v) and torch.equal(loaded[1].weight, v)
+    convs = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 2, bias=False), torch.nn.Conv2d(2, 3, 2, bias=False))
+    cl = torch.randn(3, 2, 2, 2).contiguous(memory_format=torch.channels_last)
+    loaded = ActorWrapper(convs).update({"0.weight": cl, "1.weight": cl}).load()
+    assert torch.equal(loaded[0].weight, cl) and torch.equal(loaded[1].weight, cl)
 
 
 def test_a_tensor_s_memory_layout_is_kept():
@@ -429,7 +478,8 @@ def test_an_update_gives_a_permuted_or_tied_tensor_its_new_value(ray_cluster):
     tied.emb = torch.nn.Parameter(torch.randn(6, 4))
     tied.head = torch.nn.Parameter(tied.emb.data.t())
     loaded = ActorWrapper(tied).update({"head": torch.ones(4, 6)}).load()
-    assert torch.equal(loaded.head, torch.ones(4, 6)) and torch.equal(loaded.emb, tied.emb)
+    # written through to the memory head shares with emb, as load_state_dict does
+    assert torch.equal(loaded.head, torch.ones(4, 6)) and torch.equal(loaded.emb, torch.ones(6, 4))
 
 
 @pytest.mark.parametrize("how", ["tied", "transposed"])
