@@ -67,7 +67,9 @@ class _Registry:
 
     - each publish writes the name's version number and a stamp of its own
       (random) to Ray's GCS key-value store, which lives as long as the
-      cluster: what the newest publish of each name was;
+      cluster: what the newest publish of each name was (an ``unpublish``
+      writes the number with the stamp ``-``: a name's numbers never go
+      back, so one number is never two versions);
     - a version published with an :class:`~ray_zerocopy.Owner` also leaves a
       record (the entry, with its stamp) in that owner's actor, which holds
       the version's objects anyway; a newer version or ``unpublish`` makes
@@ -85,6 +87,7 @@ class _Registry:
     _OWNER_TIMEOUT = 30.0  # an owner that does not answer in time is passed over (logged)
     _KV_NAMESPACE = "ray_zerocopy"
     _KV_PREFIX = "versions/"
+    _WITHDRAWN = "-"  # the stamp of a name unpublished (no record has it)
 
     def __init__(self):
         import asyncio
@@ -129,17 +132,13 @@ class _Registry:
         call = self._asyncio.get_running_loop().run_in_executor(None, fn)
         return await self._asyncio.wait_for(call, timeout)
 
-    async def _kv(self, op: str, name: str, value: str | None = None):
-        """``op`` ("put", "del") of ``name``'s stamp in the GCS key-value store."""
+    async def _kv(self, name: str, value: str) -> None:
+        """Writes ``name``'s ``"version stamp"`` to the GCS key-value store."""
         from ray.experimental import internal_kv
 
         key = self._KV_PREFIX + name
-        if op == "put":
-            return await self._blocking(
-                lambda: internal_kv._internal_kv_put(key, value, namespace=self._KV_NAMESPACE), self._OWNER_TIMEOUT
-            )
-        return await self._blocking(
-            lambda: internal_kv._internal_kv_del(key, namespace=self._KV_NAMESPACE), self._OWNER_TIMEOUT
+        await self._blocking(
+            lambda: internal_kv._internal_kv_put(key, value, namespace=self._KV_NAMESPACE), self._OWNER_TIMEOUT
         )
 
     async def _stamps(self) -> dict:
@@ -232,7 +231,7 @@ class _Registry:
             # owner's record, then the replaced owner's forget: a registry
             # made again between two of these steps takes back this version
             # or none, never the replaced one.
-            await self._kv("put", name, f"{version} {stamp}")
+            await self._kv(name, f"{version} {stamp}")
             owner_name = self._owner_name(owner)
             if owner_name is not None:
                 await self._owner_call(owner_name, "remember", name, (version, refs, blob, owner, stamp))
@@ -246,11 +245,18 @@ class _Registry:
             return version, (self._unused(old[1]) if old else []), (old[3] if old else None)
 
     async def withdraw(self, name):
-        """Removes ``name``; returns what :meth:`publish` returns of it."""
+        """Removes ``name``'s entry; returns what :meth:`publish` returns of
+        it. Its number stays (in the store too, without a stamp, so no
+        record is taken back for it): a version published as ``name`` later
+        numbers on. Numbered from 1 again, it would have two versions of
+        one number, and a subscriber holding the old one would take the
+        new ones for older, and keep the old weights."""
         await self._ready()
         async with self._lock(name):
-            await self._kv("del", name)
-            self._numbers.pop(name, None)
+            newest = self._newest(name)
+            if newest:
+                await self._kv(name, f"{newest} {self._WITHDRAWN}")
+                self._numbers[name] = newest
             old = self._entries.pop(name, None)
             if old is None:
                 return [], None
@@ -486,7 +492,8 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
 def unpublish(name: str) -> None:
     """Removes ``name`` from the registry; its newest version's objects that
     no other name uses are let go by its owner, as :func:`publish` does for
-    a replaced version. Subscriptions keep the version they hold."""
+    a replaced version. Subscriptions keep the version they hold. A version
+    published as ``name`` later numbers on from the last one."""
     gone, owner = _ask("withdraw", _check_name(name))
     _let_go(gone, owner)
 

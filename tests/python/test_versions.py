@@ -650,3 +650,28 @@ def test_unpublish_and_names_sharing_objects(ray_cluster):
             rzc.latest(name_b)
     finally:
         owner.close()
+
+
+def test_a_name_published_again_after_unpublish_numbers_on(ray_cluster):
+    """Numbers started again at 1 after ``unpublish``: two versions had one
+    number, and a subscriber holding version 2 took the new versions 1 and
+    2 for older ones and kept the old weights, without a word. A name's
+    numbers now never go back, a registry made again included."""
+    ray = ray_cluster
+    name = "test-republish"
+    rzc.publish(name, ActorWrapper(model(1)))
+    rzc.publish(name, ActorWrapper(model(2)))
+    follower = ray.remote(num_cpus=0)(_Flaky).remote(name, ())
+    assert ray.get(follower.state.remote()) == (2, 1)
+    rzc.unpublish(name)
+    assert rzc.publish(name, ActorWrapper(model(3))) == 3
+    wait_for(lambda: ray.get(follower.state.remote()) == (3, 2), "the follower to load the version published again")
+    x = torch.randn(2, DIM)
+    assert answer(rzc.latest(name).load(), x) == answer(model(3), x)
+    rzc.unpublish(name)
+    _registry_gone(ray, restart=False)
+    _until_the_registry_answers(lambda: rzc.versions())
+    assert name not in rzc.versions()
+    assert rzc.publish(name, ActorWrapper(model(4)), replaces=3) == 4
+    wait_for(lambda: ray.get(follower.state.remote())[0] == 4, "the follower to load version 4")
+    ray.kill(follower)
