@@ -10,6 +10,7 @@ import copyreg
 import torch
 
 from . import _telemetry
+from ._checkpoint import same_values
 from ._dlpack import consume_versioned, versioned_capsule
 from ._native import DTYPE_CODES, DTYPE_NAMES
 from ._seal import TensorData
@@ -592,12 +593,20 @@ def checkpoint_model(ckpt, model):
     for tid, ns in names.items():
         if tid not in persistent:
             continue  # a non-persistent buffer: sealed as the model has it
-        hit = next((n for n in ns if n in by_name), None)
-        if hit is None:
+        present = [n for n in ns if n in by_name]
+        if not present:
             raise InvalidInputError(
                 f"the checkpoint lacks tensor {ns[0]!r}, which the model needs"
                 + (f" (also named {', '.join(map(repr, ns[1:]))})" if len(ns) > 1 else "")
             )
+        hit = present[0]
+        for other in present[1:]:  # one tied tensor, given under two names: they must agree
+            a, b = ckpt.entries[by_name[hit]], ckpt.entries[by_name[other]]
+            if (a.dtype, tuple(a.shape)) != (b.dtype, tuple(b.shape)) or not same_values(ckpt, a, b):
+                raise InvalidInputError(
+                    f"{hit!r} and {other!r} are one tied tensor in the model, but the checkpoint gives them "
+                    "different values: untie them in the model, or drop one from the checkpoint"
+                )
         e, t = ckpt.entries[by_name[hit]], tensors[tid]
         dtype = DTYPE_NAMES.get(FROM_TORCH.get(t.dtype))
         if tuple(t.shape) != tuple(e.shape) or dtype != e.dtype:

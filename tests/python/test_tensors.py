@@ -528,6 +528,31 @@ def test_a_checkpoint_fills_a_model_whose_template_ties_two_tensors(tmp_path):
     assert torch.equal(loaded.a.weight, ckpt["a.weight"]) and torch.equal(loaded.b.weight, ckpt["b.weight"])
 
 
+def test_a_checkpoint_giving_one_tied_tensor_two_values_is_refused(tmp_path):
+    """A model whose two names are one tensor (``head.weight = emb.weight``)
+    filled from a checkpoint that gives the two names different values:
+    the first name's was taken without a word. Equal values are one
+    tensor, as before; different ones are refused, as update() refuses
+    them."""
+    from safetensors.torch import save_file
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(8, 4)
+            self.head = torch.nn.Linear(4, 8, bias=False)
+            self.head.weight = self.emb.weight
+
+    w = torch.randn(8, 4)
+    save_file({"emb.weight": w, "head.weight": w.clone()}, tmp_path / "same.safetensors")
+    sealed, buf = _seal.seal_checkpoint(tmp_path / "same.safetensors", "torch", Tied)
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    assert torch.equal(loaded.emb.weight, w) and loaded.head.weight is loaded.emb.weight
+    save_file({"emb.weight": w, "head.weight": w + 1.0}, tmp_path / "two.safetensors")
+    with pytest.raises(rzc.InvalidInputError, match="'emb.weight' and 'head.weight' are one tied tensor"):
+        _seal.seal_checkpoint(tmp_path / "two.safetensors", "torch", Tied)
+
+
 def test_a_parametrized_module_with_its_own_train_seals_in_training_mode():
     from torch.nn.utils.parametrizations import weight_norm
 
