@@ -169,6 +169,16 @@ def load_parts(parts, sealed: _seal.Sealed, options: LoadOptions):
 # Opened buffers, per process, by object ID. Weak: the handle goes when no
 # load is in progress; tensors keep the buffer itself alive on their own.
 _opened: weakref.WeakValueDictionary[tuple, Weights] = weakref.WeakValueDictionary()
+# The object store's buffer of each object opened here, by the same key:
+# alive (held by the native owner of the opened buffer) as long as a handle
+# or a host tensor of it is.
+_buffers: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()
+
+
+def holds(object_hex: str) -> bool:
+    """Whether this process still holds the sealed object ``object_hex``
+    open: a handle or a host tensor of it alive (device copies aside)."""
+    return (object_hex, True) in _buffers or (object_hex, False) in _buffers
 _opened_lock = threading.Lock()
 
 
@@ -207,6 +217,10 @@ def open_sealed(ref, write_protect: bool) -> Weights:
         if w is not None:  # another thread opened it meanwhile
             return w
         w = Weights.from_buffer(buffer, write_protect=write_protect)
+        try:
+            _buffers[key] = buffer
+        except TypeError:  # not weakly referable (Ray Client's copies): not followed
+            pass
         if write_protect and w.guard_state == "mprotect":
             _telemetry.fallback(
                 "the shared weights are read-only by mprotect only in this process: no read-only descriptor of "

@@ -26,6 +26,7 @@ those objects itself.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import pickle
@@ -570,6 +571,9 @@ class Subscription:
         self._failed = 0  # the newest version that failed to load (0: none)
         self._failed_generation = None  # the registry's generation it was of
         self._retry_at, self._backoff = 0.0, 0.0  # when to try it again, and the wait before
+        self._replaced = ()  # objects only the version last replaced used, while maybe held (see _sweep)
+        self._replaced_on_device = False
+        self._sweeps, self._sweep_at = 0, 0.0
         # The thread holds the subscription weakly: a subscription dropped
         # without close() stops following (and frees its version) all the same.
         self._thread = threading.Thread(
@@ -621,9 +625,43 @@ class Subscription:
             self._fail(number, generation, "failed to load", e)
             return
         if not self._closed.is_set():
+            old, old_source = self._current, self._source
             self._current, self._generation, self._failed, self._backoff = loaded, generation, 0, 0.0
             self._source = _source(entry)
             logger.info("now serving version %d of %r", number, self.name)
+            self._replaced = tuple(set(old_source[2]) - set(self._source[2]))
+            self._replaced_on_device = not str(getattr(old.wrapper, "device", "cpu")).startswith("cpu")
+            self._sweeps, self._sweep_at = 0, 0.0
+            del old
+            self._sweep()
+
+    _SWEEPS = 8  # collections after a switch: at once, then 1, 2, 4, ... 64 s later
+
+    def _sweep(self) -> None:
+        """A full garbage collection while the version last replaced may be
+        held by nothing but a reference cycle. A pipeline in a cycle (a
+        module holding its own bound method, a closure over itself) is freed
+        only by a full collection, which loads make rare (they move what
+        they make to the oldest generation, uncounted): each version
+        replaced then kept its objects in the store (or its device copy)
+        until one came, one more version with each publish. Collected at
+        the switch, then again 1, 2, 4, ... 64 s later (a request in flight
+        keeps the version until it returns), and no more once no handle or
+        host tensor of the objects only that version used is open in this
+        process (for a host load; a device load is collected on the whole
+        schedule)."""
+        if not self._replaced or time.monotonic() < self._sweep_at:
+            return
+        from . import _load
+
+        if not self._replaced_on_device and not any(_load.holds(h) for h in self._replaced):
+            self._replaced = ()
+            return
+        gc.collect()
+        self._sweeps += 1
+        if self._sweeps >= self._SWEEPS:
+            self._replaced = ()
+        self._sweep_at = time.monotonic() + 2.0 ** (self._sweeps - 1)
 
     def _fail(self, number: int, generation, what: str, error: Exception) -> None:
         """Version ``number`` could not be had: tried again after a wait that
@@ -668,3 +706,5 @@ def _follow(subscription: weakref.ref) -> None:
         sub = subscription()
         if entry is not None and sub is not None:
             sub._apply(entry)
+        if sub is not None:
+            sub._sweep()
