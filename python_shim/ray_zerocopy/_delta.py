@@ -107,24 +107,34 @@ class _DeltaSealer(_Sealer):
         # views that one's base.
         self.views = {k: (b, off) for k, (b, off) in self.views.items() if k not in substitute}
         self.views.update(follows or {})
-        for k, (b, off) in list(self.views.items()):
-            if id(b) in self.views:
-                bb, boff = self.views[id(b)]
-                self.views[k] = (bb, boff + off)
         # New values that are one tensor's memory (a tied pair's, as every
         # state dict of a tied model gives them): the first is sealed, the
-        # others are views of it, as in the base. Contiguous values only: a
-        # view's strides are its base's memory's, and a value in another
-        # layout is sealed in its memory order (as one of another layout
-        # of its own, it is sealed apart).
+        # others are views of it, as in the base. Plain contiguous values
+        # only: a view's strides are its base's memory's, a value in another
+        # layout is sealed in its memory order, and a lazy conjugate is not
+        # the values of its memory.
         first: dict = {}
         torch = sys.modules.get("torch")
         plain = () if torch is None else (torch.Tensor, torch.nn.Parameter)
         for k, (value, _, _, slot) in substitute.items():
-            if type(value) in plain and value.is_cpu and value.is_contiguous():
+            if (
+                type(value) in plain
+                and value.is_cpu
+                and value.is_contiguous()
+                and not value.is_conj()
+                and not value.is_neg()
+                and k not in self.own_ids
+            ):
                 key = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
                 if first.setdefault(key, slot) is not slot:
                     self.views[k] = (first[key], 0)
+        # A view whose base became a view itself views that one's base.
+        for k in list(self.views):
+            base, offset = self.views[k]
+            while id(base) in self.views:
+                base, more = self.views[id(base)]
+                offset += more
+            self.views[k] = (base, offset)
         self.sources: list[tuple[int, int]] = []  # per reference
 
     def value_of(self, t):
@@ -137,7 +147,10 @@ class _DeltaSealer(_Sealer):
         # reducer seals value_of(t), and an unchanged one then matches the
         # base's entry), else as it is; its extras are the tensor's own.
         if id(t) in self.substitute:
-            return adapter.has_extras(t) or adapter.relays(self.value_of(t))
+            if adapter.has_extras(t):
+                return True
+            # sealed as it is where each process copies it (its reference must be its own)
+            return id(t) not in self.own_ids and adapter.relays(self.value_of(t))
         return super()._reducible(t, adapter)
 
     def _take(self, o, entry) -> int:
@@ -261,6 +274,10 @@ def _write_through(slots: dict, out: dict, named: dict) -> tuple[dict, dict]:
         if id(t) in found:
             base, offset = found[id(t)]
             groups.setdefault(id(base), (base, []))[1].append((t, offset))
+    names = {}  # id(tensor) -> its name (the one given, where one is)
+    for n, t in slots.items():
+        names.setdefault(id(t), n)
+    names.update(named)
     follows: dict = {}
     for base_id, (base, members) in groups.items():
         given = [(t, off) for t, off in members if id(t) in out]
@@ -272,12 +289,11 @@ def _write_through(slots: dict, out: dict, named: dict) -> tuple[dict, dict]:
             # lies in them, on a copy (neither the shared memory nor a value
             # given is written).
             with torch.no_grad():
-                composed = _composed(torch, base, base_id, given, out, named)
+                composed = _composed(torch, base, base_id, given, out, names)
         for t, off in members:
             out.pop(id(t), None)
             follows[id(t)] = (base, off)
-        name = named.get(base_id) or next(n for n, t in slots.items() if t is base)
-        inp, alive = _torch.pack_input(composed, name)
+        inp, alive = _torch.pack_input(composed, names[base_id])
         out[base_id] = (composed, inp, alive, base)
     return out, follows
 
@@ -293,6 +309,8 @@ def _carrier(base, base_id, given: list, out: dict):
     for c in candidates:
         if not (c.is_cpu and c.is_contiguous() and c.shape == base.shape and c.stride() == base.stride()):
             continue
+        if any((v := out[id(t)][0]).is_conj() or v.is_neg() for t, _ in [(base, 0), *given] if id(t) in out):
+            return None  # a lazy conjugate is not the values of its memory
         size = c.element_size()
         if all(
             (v := out[id(t)][0]).is_cpu and v.data_ptr() == c.data_ptr() + off * size and v.stride() == t.stride()
@@ -303,22 +321,44 @@ def _carrier(base, base_id, given: list, out: dict):
     return None
 
 
-def _composed(torch, base, base_id, given: list, out: dict, named: dict):
+def _composed(torch, base, base_id, given: list, out: dict, names: dict):
     """The base's memory with the new values written in: the base's new
     value (or its values), then each view's where it lies; refused where
     two of them disagree."""
+    from ._torch import broadcast_shape, compact
+
     composed = torch.empty(base.shape, dtype=base.dtype)
     composed.copy_(out[base_id][0] if base_id in out else base)
     for t, off in given:
-        composed.as_strided(t.shape, t.stride(), off).copy_(out[id(t)][0])
+        region, value = composed.as_strided(t.shape, t.stride(), off), out[id(t)][0]
+        if broadcast_shape(region) is not None:
+            # A broadcast view (expand) holds each repeated value once: its
+            # new value is written once (and must repeat as it does, below).
+            region = compact(region)
+            value = value[
+                tuple(slice(None) if n == m else slice(0, 1) for n, m in zip(t.shape, region.shape, strict=True))
+            ]
+        region.copy_(value)
     for t, off in [(base, 0), *given]:
-        if id(t) in out and not torch.equal(composed.as_strided(t.shape, t.stride(), off), out[id(t)][0].cpu()):
-            names = [named[id(u)] for u, _ in [(base, 0), *given] if id(u) in out]
+        if id(t) in out and not _same_bytes(torch, composed.as_strided(t.shape, t.stride(), off), out[id(t)][0]):
+            if t is not base and broadcast_shape(t) is not None and sum(id(u) in out for u, _ in given) == 1:
+                raise InvalidInputError(
+                    f"update: {names[id(t)]!r} repeats its values along a dimension in the base (an expand of "
+                    f"{names[id(base)]!r}); its new value must repeat the same way"
+                )
+            given_names = [names[id(u)] for u, _ in [(base, 0), *given] if id(u) in out]
             raise InvalidInputError(
-                f"update: {', '.join(map(repr, names))} share memory in the base (tied, or views of one "
+                f"update: {', '.join(map(repr, given_names))} share memory in the base (tied, or views of one "
                 "tensor), but the state dict gives them values that disagree"
             )
     return composed
+
+
+def _same_bytes(torch, a, b) -> bool:
+    """Whether tensors ``a`` and ``b`` (one dtype and shape) hold the same
+    bytes: NaN equals itself here, and -0.0 is not 0.0, as in a checkpoint."""
+    a, b = (x.detach().cpu().resolve_conj().resolve_neg().reshape(-1).contiguous() for x in (a, b))
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) -> tuple[Packing, tuple]:

@@ -268,11 +268,16 @@ class Owner:
                 raise self._closed_error(" (no actor of that name is alive)") from None
         return self._actor
 
-    def _call(self, method: str, *args):
+    def _call(self, method: str, *args, timeout: float | None = None):
         import ray
 
         try:
-            return ray.get(getattr(self._handle(), method).remote(*args))
+            return ray.get(getattr(self._handle(), method).remote(*args), timeout=timeout)
+        except ray.exceptions.GetTimeoutError as e:
+            raise OwnerUnavailableError(
+                f"the Owner {self._name!r} did not answer {method} within {timeout:g} s (busy, stopped, or cut "
+                "off): the call stays queued, and runs if it answers"
+            ) from e
         except ray.exceptions.ActorUnavailableError as e:
             # Unreachable for now (a network partition, its node's raylet
             # restarting), not dead: what it owns may still be there, so the
@@ -303,10 +308,13 @@ class Owner:
         return self._call("adopt", [ref])[0]
 
     # ------------------------------------------------------------------
-    def release(self, *object_refs) -> int:
+    def release(self, *object_refs, timeout: float | None = None) -> int:
         """Drops the owner's references to ``object_refs`` (``ObjectRef``
         objects or their hex ids, e.g. ``wrapper.object_ref``); Ray frees each object
-        once no process holds it. Returns how many the owner held."""
+        once no process holds it. Returns how many the owner held. With
+        ``timeout``, waits at most that many seconds for the owner's answer
+        (else :class:`~ray_zerocopy.OwnerUnavailableError`; the release stays
+        queued, and is done if the owner answers later)."""
         ids = []
         for r in object_refs:
             if isinstance(r, str):
@@ -315,7 +323,7 @@ class Owner:
                 ids.append(r.hex())
             else:
                 raise InvalidTypeError(f"Owner.release takes ObjectRefs or their hex ids, not {type(r).__name__}")
-        return self._call("release", ids)
+        return self._call("release", ids, timeout=timeout)
 
     def objects(self) -> list[str]:
         """The hex ids of the objects the owner holds."""

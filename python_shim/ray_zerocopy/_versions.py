@@ -79,11 +79,16 @@ class _Registry:
     A registry made again takes back, per name, the owner's record whose
     stamp is the newest publish's, and only that one: a record some
     ``forget`` missed (its owner unreachable at the time) is stale, never
-    taken, and told to go. A name whose newest publish had no owner (or
-    whose owner is gone) is not taken back (its objects die with the process
-    that sealed them anyway), but its number is: the next version of it
-    numbers on. Every publish and withdraw of a name runs under that name's
-    lock, so the store, the records and the table change in one order."""
+    taken, told to go, and the objects only it used are released. An owner
+    that does not answer within ``_FIRST_WAIT`` is waited for in the
+    background (its names come back when it answers, unless published or
+    withdrawn since: see :meth:`_recover`). A name whose newest publish had
+    no owner (or whose owner is gone) is not taken back (its objects die
+    with the process that sealed them anyway), but its number is: the next
+    version of it numbers on. Every publish and withdraw of a name runs
+    under that name's lock, so the store, the records and the table change
+    in one order; an owner's record of a replaced version is forgotten
+    without waiting for the owner."""
 
     _OWNER_TIMEOUT = 30.0  # an owner that does not answer in time is passed over (logged)
     _KV_NAMESPACE = "ray_zerocopy"
@@ -102,6 +107,9 @@ class _Registry:
         self._events = {}  # name -> asyncio.Event, set (and replaced) on publish
         self._locks = {}  # name -> asyncio.Lock: one publish or withdraw of a name at a time
         self._recovery = None  # the task taking the table back, once
+        self._unclaimed = {}  # name -> (version, stamp) of the store, until its owner's record is taken back
+        self._tasks = set()  # calls to owners the registry does not wait for (kept from the collector)
+        self._publishing = []  # the references of each publish under way (in no entry yet)
 
     def _event(self, name):
         if name not in self._events:
@@ -122,8 +130,9 @@ class _Registry:
         return entry[0] if entry else self._numbers.get(name, 0)
 
     def _unused(self, refs) -> list:
-        """Of ``refs``, those no entry refers to."""
+        """Of ``refs``, those no entry (nor publish under way) refers to."""
         held = {r.hex() for entry in self._entries.values() for r in entry[1]}
+        held.update(r.hex() for refs_ in self._publishing for r in refs_)
         return [r for r in refs if r.hex() not in held]
 
     # -- what outlives the actor ------------------------------------------------
@@ -143,7 +152,8 @@ class _Registry:
         )
 
     async def _stamps(self) -> dict:
-        """``{name: (version, stamp)}`` of every name's newest publish."""
+        """``{name: (version, stamp, owner's actor name or None)}`` of every
+        name's newest publish (or unpublish)."""
         from ray.experimental import internal_kv
 
         def read():
@@ -151,8 +161,8 @@ class _Registry:
             for key in internal_kv._internal_kv_list(self._KV_PREFIX, namespace=self._KV_NAMESPACE):
                 value = internal_kv._internal_kv_get(key, namespace=self._KV_NAMESPACE)
                 if value is not None:
-                    version, stamp = value.decode().split(" ", 1)
-                    out[key.decode()[len(self._KV_PREFIX) :]] = (int(version), stamp)
+                    version, stamp, *owner = value.decode().split(" ", 2)
+                    out[key.decode()[len(self._KV_PREFIX) :]] = (int(version), stamp, owner[0] if owner else None)
             return out
 
         return await self._blocking(read, self._OWNER_TIMEOUT)
@@ -190,7 +200,18 @@ class _Registry:
             self._recovery = self._asyncio.get_running_loop().create_future()
             self._recovery.set_result(None)
 
+    _FIRST_WAIT = 5.0  # s: the calls wait this long for the owners of the names to take back
+
     async def _recover(self) -> None:
+        """Takes the table back: every name's number from the store, and
+        each name's entry from the record of its newest publish in that
+        publish's owner. Calls wait for the owners named in the store for
+        at most ``_FIRST_WAIT`` seconds; an owner that has not answered by
+        then (busy, stopped, cut off) is waited for in the background, and
+        its names are taken back when it answers, unless published or
+        unpublished since. Every other owner is asked too, in the
+        background, for records a missed ``forget`` left (see
+        :meth:`_take_back`)."""
         import ray
 
         from ._owner import _PREFIX, NAMESPACE
@@ -198,20 +219,91 @@ class _Registry:
         stamps = await self._stamps()
         if not stamps:
             return  # a first registry, or nothing published: no owner holds a record worth asking for
-        named = await self._blocking(lambda: ray.util.list_named_actors(all_namespaces=True), self._OWNER_TIMEOUT)
-        owners = sorted(a["name"] for a in named if a["namespace"] == NAMESPACE and a["name"].startswith(_PREFIX))
-        answers = await self._asyncio.gather(*(self._owner_call(o, "records") for o in owners))
+        self._numbers = {name: version for name, (version, _, _) in stamps.items()}
+        self._unclaimed = {
+            name: (version, stamp)
+            for name, (version, stamp, owner) in stamps.items()
+            if owner is not None and stamp != self._WITHDRAWN
+        }
+        named = {stamps[name][2] for name in self._unclaimed}
+        try:
+            listed = await self._blocking(
+                lambda: ray.util.list_named_actors(all_namespaces=True), self._OWNER_TIMEOUT
+            )
+            others = {a["name"] for a in listed if a["namespace"] == NAMESPACE and a["name"].startswith(_PREFIX)}
+        except Exception as e:  # noqa: BLE001 - the owners named in the store are asked all the same
+            logger.warning("versions registry: cannot list the owners: %s: %s", type(e).__name__, e)
+            others = set()
+        first = [self._background(self._take_back(o)) for o in sorted(named)]
+        for o in sorted(others - named):
+            self._background(self._take_back(o))
+        if first:
+            await self._asyncio.wait(first, timeout=self._FIRST_WAIT)
+        logger.info("versions registry: took back %d of %d name(s); %d wait for their owner",
+                    len(self._entries), len(stamps), len(self._unclaimed))
+
+    def _background(self, coro):
+        """``coro`` run as a task the caller does not wait for (held until done)."""
+        task = self._asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _take_back(self, owner_name: str) -> None:
+        """Asks owner ``owner_name`` for its records once, and waits for the
+        answer as long as the owner lives (the call is not made again: it
+        runs when the owner comes back). A record whose name still waits
+        for it (same version and stamp as the store's newest publish) is
+        taken back; any other is stale (left by a ``forget`` that missed,
+        or replaced while the owner was silent) and told to go, and the
+        objects only it used are released by the owner."""
+        import ray
+
+        from ._owner import NAMESPACE
+
+        try:
+            actor = await self._blocking(lambda: ray.get_actor(owner_name, namespace=NAMESPACE), self._OWNER_TIMEOUT)
+            answer = self._asyncio.wrap_future(actor.records.remote().future())
+        except Exception as e:  # noqa: BLE001 - gone: its names with it (their objects died with it)
+            logger.warning("versions registry: owner %r is gone (%s: %s); its names are not taken back",
+                           owner_name, type(e).__name__, e)
+            return
+        wait = self._FIRST_WAIT
+        while True:
+            try:
+                records = await self._asyncio.wait_for(self._asyncio.shield(answer), wait)
+                break
+            except self._asyncio.TimeoutError:
+                logger.warning("versions registry: owner %r has not answered for %.0f s; its names are taken "
+                               "back when it does", owner_name, wait)
+                wait = min(2 * wait, 300.0)
+            except Exception as e:  # noqa: BLE001 - it died meanwhile
+                logger.warning("versions registry: owner %r did not answer (%s: %s); its names are not taken "
+                               "back", owner_name, type(e).__name__, e)
+                return
         stale = []
-        for owner_name, records in zip(owners, answers, strict=True):
-            for name, (version, refs, blob, owner_blob, stamp) in records or ():
-                if stamps.get(name) == (version, stamp):
+        for name, (version, refs, blob, owner_blob, stamp) in records:
+            async with self._lock(name):  # not while a publish or withdraw of it runs
+                if self._unclaimed.get(name) == (version, stamp) and name not in self._entries:
+                    del self._unclaimed[name]
                     self._entries[name] = (version, refs, blob, owner_blob)
-                else:  # left by a forget that missed: it would keep its version's objects alive
-                    stale.append((owner_name, name))
-        self._numbers = {name: v for name, (v, _) in stamps.items() if name not in self._entries}
-        await self._asyncio.gather(*(self._owner_call(o, "forget", name) for o, name in stale))
-        logger.info("versions registry: took back %d of %d name(s) from %d owner(s)",
-                    len(self._entries), len(stamps), len(owners))
+                    self._numbers.pop(name, None)
+                    self._wake(name)
+                else:
+                    stale.append((name, refs))
+        # Objects of this owner are used only by versions published with it,
+        # whose records are all in this answer: those of stale records that
+        # no entry uses are no version's.
+        gone = self._unused([r for _, refs in stale for r in refs])
+        for name, _ in stale:
+            await self._owner_call(owner_name, "forget", name)
+        if gone:
+            await self._owner_call(owner_name, "release", [r.hex() for r in gone])
+
+    def _wake(self, name) -> None:
+        """Wakes every wait for a newer entry of ``name``."""
+        self._event(name).set()
+        self._events[name] = self._asyncio.Event()
 
     # -- the calls -------------------------------------------------------------
     async def publish(self, name, refs, blob, owner, replaces=None):
@@ -220,30 +312,44 @@ class _Registry:
         that entry's owner (the publisher lets that owner go of them). With
         ``replaces``, only if the newest version is that one (0: none yet);
         else nothing changes and the version returned is ``None``, with the
-        newest version's number in place of the references."""
+        published version's number (0: none) in place of the references.
+        Where nothing is published (unpublished, or not taken back by a
+        registry made again), 0 is met as well as the name's last number."""
         await self._ready()
         async with self._lock(name):
-            old = self._entries.get(name)
-            newest = self._newest(name)
-            if replaces is not None and newest != replaces:
-                return None, newest, None
-            version, stamp = newest + 1, self._uuid.uuid4().hex
-            # The store first (what the newest publish is), then the new
-            # owner's record, then the replaced owner's forget: a registry
-            # made again between two of these steps takes back this version
-            # or none, never the replaced one.
-            await self._kv(name, f"{version} {stamp}")
-            owner_name = self._owner_name(owner)
-            if owner_name is not None:
-                await self._owner_call(owner_name, "remember", name, (version, refs, blob, owner, stamp))
-            old_owner = self._owner_name(old[3]) if old else None
-            if old_owner is not None and old_owner != owner_name:
-                await self._owner_call(old_owner, "forget", name)
-            self._entries[name] = (version, refs, blob, owner)
-            self._numbers.pop(name, None)
-            self._event(name).set()
-            self._events[name] = self._asyncio.Event()
-            return version, (self._unused(old[1]) if old else []), (old[3] if old else None)
+            self._publishing.append(refs)
+            try:
+                return await self._publish(name, refs, blob, owner, replaces)
+            finally:
+                self._publishing.remove(refs)
+
+    async def _publish(self, name, refs, blob, owner, replaces):
+        """:meth:`publish`, under the name's lock."""
+        old = self._entries.get(name)
+        newest = self._newest(name)
+        if replaces is not None and replaces != newest and not (replaces == 0 and old is None):
+            return None, (old[0] if old else 0), None  # the version published now (0: none)
+        # A version still waiting for its silent owner is replaced: its
+        # record is stale from now on, and goes when the owner answers.
+        self._unclaimed.pop(name, None)
+        version, stamp = newest + 1, self._uuid.uuid4().hex
+        # The store first (what the newest publish is, and whose record
+        # holds it), then the new owner's record, then the replaced
+        # owner's forget: a registry made again between two of these
+        # steps takes back this version or none, never the replaced one.
+        owner_name = self._owner_name(owner)
+        await self._kv(name, f"{version} {stamp}" + (f" {owner_name}" if owner_name else ""))
+        if owner_name is not None:
+            await self._owner_call(owner_name, "remember", name, (version, refs, blob, owner, stamp))
+        old_owner = self._owner_name(old[3]) if old else None
+        if old_owner is not None and old_owner != owner_name:
+            # Not waited for: a silent owner must not hold up the name
+            # (its stale record is never taken back, thanks to the stamp).
+            self._background(self._owner_call(old_owner, "forget", name))
+        self._entries[name] = (version, refs, blob, owner)
+        self._numbers.pop(name, None)
+        self._wake(name)
+        return version, (self._unused(old[1]) if old else []), (old[3] if old else None)
 
     async def withdraw(self, name):
         """Removes ``name``'s entry; returns what :meth:`publish` returns of
@@ -254,15 +360,18 @@ class _Registry:
         new ones for older, and keep the old weights."""
         await self._ready()
         async with self._lock(name):
+            self._unclaimed.pop(name, None)
             newest = self._newest(name)
             if newest:
                 await self._kv(name, f"{newest} {self._WITHDRAWN}")
                 self._numbers[name] = newest
             old = self._entries.pop(name, None)
+            self._wake(name)
+            self._events.pop(name, None)  # made again by the next wait for it
             if old is None:
                 return [], None
             if (owner_name := self._owner_name(old[3])) is not None:
-                await self._owner_call(owner_name, "forget", name)
+                self._background(self._owner_call(owner_name, "forget", name))
             return self._unused(old[1]), old[3]
 
     async def wait_newer(self, name, version, generation, timeout):
@@ -366,16 +475,27 @@ def _ask(method: str, *args, timeout: float | None = None, start_ray: bool = Tru
         raise RegistryUnavailableError(f"the versions registry ({_NAME}) is unavailable: {e}") from e
 
 
+_RELEASE_WAIT = 10.0  # s: how long a publish waits for the replaced version's owner to release its objects
+
+
 def _let_go(gone: list, owner_blob) -> None:
     """The owner of a replaced or withdrawn version lets go of ``gone``."""
     if not gone or owner_blob is None:
         return
+    import ray
+
     owner = pickle.loads(owner_blob)
     for attempt in range(3):
         try:
-            owner.release(*gone)
+            owner.release(*gone, timeout=_RELEASE_WAIT)
             return
         except OwnerUnavailableError as e:  # unreachable for now: ask again, a second later
+            if isinstance(e.__cause__, ray.exceptions.GetTimeoutError):
+                # Silent (busy, stopped, cut off): the release is queued, and
+                # done when it answers; the publish does not wait for that.
+                logger.warning("the owner %r of a replaced version did not answer in %g s: %d object(s) of it "
+                               "are released when it does", owner, _RELEASE_WAIT, len(gone))
+                return
             if attempt == 2:
                 logger.warning("could not release %d object(s) of a replaced version from %r: %s",
                                len(gone), owner, e)
@@ -450,15 +570,19 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     change while the application runs.
 
     ``replaces``: the version number this one is meant to follow (the one it
-    was made from by ``update``; 0 for the first). When another version is
-    newest by then (someone else published in between), nothing is
-    published and :class:`~ray_zerocopy.errors.VersionConflictError` says
-    which is newest: two publishers updating the same version cannot drop
-    each other's change without a word. ``None`` (the default) replaces
-    whatever is newest. The check is one step in the registry. A registry
-    made again (its actor died) takes back every name's newest version that
-    was published with an :class:`~ray_zerocopy.Owner`, and numbers on from
-    it; a name whose newest version had no owner starts again from 1."""
+    was made from by ``update``; 0 for the first, or where nothing is
+    published as ``name`` now). When another version is newest by then
+    (someone else published in between), nothing is published and
+    :class:`~ray_zerocopy.errors.VersionConflictError` says which is
+    newest: two publishers updating the same version cannot drop each
+    other's change without a word. ``None`` (the default) replaces
+    whatever is newest. The check is one step in the registry.
+
+    Numbers never go back: a name published again after :func:`unpublish`
+    numbers on. A registry made again (its actor died) takes back every
+    name's newest version that was published with an
+    :class:`~ray_zerocopy.Owner` (when that owner answers); a name whose
+    newest version had no owner is not taken back, but numbers on."""
     from .wrappers import ActorWrapper
 
     _check_name(name)
@@ -480,6 +604,11 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
             f"the versions registry ({_NAME}) was made by an earlier version of ray-zerocopy, which has no "
             "publish(replaces=): publish without it, or make the registry again with this version"
         ) from e
+    if version is None and not gone:
+        raise VersionConflictError(
+            f"{name!r} was not published: no version of it is published now (it was unpublished, or not taken "
+            f"back by a registry made again), not version {replaces}. Publish with replaces=0"
+        )
     if version is None:
         raise VersionConflictError(
             f"{name!r} was not published: version {gone} is the newest, not version {replaces}; someone else "

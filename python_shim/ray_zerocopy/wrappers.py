@@ -178,8 +178,9 @@ class ActorWrapper:
         version's pipeline as ``load_state_dict`` applies it (for a module,
         the names of its ``state_dict()``; a name it lacks, or another
         dtype or shape, is an error naming the tensor; names not given keep
-        their tensors; a new value shows in every tensor that shares its
-        tensor's memory in the base: tied weights, views).
+        their tensors; a new value shows in every tensor of the state dict
+        that shares its tensor's memory in the base: tied weights, a buffer
+        that views a weight).
 
         A tensor is this version's when its dtype, shape and bytes are equal:
         one whose memory is this version's tensor (this pipeline loaded here,

@@ -375,6 +375,64 @@ def test_one_new_value_in_another_layout_given_to_two_tensors(ray_cluster):
     assert torch.equal(loaded[0].weight, cl) and torch.equal(loaded[1].weight, cl)
 
 
+def test_what_a_review_of_the_write_through_found(ray_cluster):
+    """Five things the first write-through got wrong (the last four new
+    with it), each with its fix."""
+    ray = ray_cluster
+
+    # 1. A renormalizing embedding's weight given a value in another layout
+    # (transposed, broadcast) lost the copy each process makes of it: its
+    # first lookup wrote into the shared read-only memory (SIGSEGV).
+    @ray.remote
+    def look_up(wrapper):
+        loaded = wrapper.load()
+        return loaded(torch.tensor([1])).norm().item()
+
+    emb = torch.nn.Sequential(torch.nn.Embedding(4, 4, max_norm=0.5))
+    for value in (torch.arange(16.0).reshape(4, 4).t(), (torch.arange(4.0) + 1).expand(4, 4)):
+        assert ray.get(look_up.remote(ActorWrapper(emb).update({"0.weight": value}))) == pytest.approx(0.5)
+
+    # 2. A buffer that is an expand of another tensor, given a value: a raw
+    # RuntimeError (a write into memory it repeats). A value that repeats
+    # as it does is taken; one that does not is refused, by name.
+    m = torch.nn.Module()
+    m.scale = torch.nn.Parameter(torch.randn(4, 1))
+    m.register_buffer("scale_b", m.scale.data.expand(4, 8))
+    v2 = ActorWrapper(m).update({k: v.clone() for k, v in m.state_dict().items()})
+    assert torch.equal(v2.load().scale_b, m.scale_b)
+    loaded = ActorWrapper(m).update({"scale_b": torch.full((4, 1), 2.0).expand(4, 8).clone()}).load()
+    assert torch.equal(loaded.scale, torch.full((4, 1), 2.0)) and loaded.scale_b.stride() == (1, 0)
+    with pytest.raises(rzc.InvalidInputError, match="'scale_b' repeats its values along a dimension"):
+        ActorWrapper(m).update({"scale_b": torch.randn(4, 8)})
+
+    # 3. A value holding NaN, for a tensor that shares memory: refused as
+    # disagreeing with itself (NaN != NaN); compared by bytes now.
+    tied = {"a": torch.randn(4, 4)}
+    tied["b"] = tied["a"].t()
+    nan = torch.full((4, 4), float("nan"))
+    loaded = ActorWrapper(tied).update({"b": nan}).load()
+    assert loaded["a"].isnan().all() and loaded["b"].isnan().all()
+
+    # 4. One value given to two weights with a view buffer each: the second
+    # weight was sealed twice, and its view no longer shared its memory.
+    two = torch.nn.Module()
+    for n in ("p", "q"):
+        two.register_parameter(n, torch.nn.Parameter(torch.randn(256, 256)))
+        two.register_buffer(f"{n}_t", getattr(two, n).data.t())
+    same = torch.randn(256, 256)
+    v2 = ActorWrapper(two).update({"p": same, "q": same})
+    assert v2.nbytes < 1.5 * same.nbytes, f"{v2.nbytes} bytes for one new value of {same.nbytes}"
+    loaded = v2.load()
+    assert torch.equal(loaded.q_t, same.t()) and loaded.q_t.data_ptr() == loaded.q.data_ptr()
+
+    # 5. A tied pair given a tensor and its lazy conjugate (one memory, two
+    # values): the conjugate was taken for the plain values.
+    c = torch.randn(3, dtype=torch.complex64)
+    pair = {"a": c, "b": c.detach()}
+    with pytest.raises(rzc.InvalidInputError, match="values that disagree"):
+        ActorWrapper(pair).update({"a": c, "b": c.conj()})
+
+
 def test_a_tensor_s_memory_layout_is_kept():
     """A model converted to ``channels_last`` (for faster convolutions)
     loaded back in the default layout, without a word. A dense tensor whose

@@ -5,6 +5,8 @@ the old version's objects are freed once no one holds them."""
 
 import gc
 import json
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -584,6 +586,72 @@ def test_a_busy_owner_holds_up_neither_a_publish_nor_a_registry_made_again(ray_c
         ray.kill(gate)
 
 
+def _pid(owner) -> int:
+    import ray
+
+    return ray.get(owner._handle().__ray_call__.remote(lambda self: os.getpid()))
+
+
+def _within(seconds: float, call, what: str):
+    """``call()``, which must return within ``seconds`` (it may hang: it
+    runs on a thread of its own, so that the test fails instead)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"{what} did not return within {seconds:g} s"
+    return result[0]
+
+
+def test_a_silent_owner_holds_up_neither_publishes_nor_a_registry_made_again(ray_cluster):
+    """An owner that does not answer at all (stopped, cut off): a publish
+    replacing its version hung until it answered (its release), and the
+    name's next publish waited 30 s (its forget, under the name's lock). A
+    registry made again while it was silent made every call wait 23-30 s,
+    then passed it over for good: its names lost, their objects held by it
+    for ever. Now a publish waits 10 s at most for the release; the new
+    registry answers for the other names within seconds and takes the
+    silent owner's names back when it answers (unless published since),
+    and releases what only its stale records used."""
+    ray = ray_cluster
+    silent, other = rzc.Owner("test-silent"), rzc.Owner("test-silent-other")
+    pid = _pid(silent)
+    try:
+        # A publish replacing the silent owner's version.
+        rzc.publish("test-silent-a", ActorWrapper(model(1), owner=silent))
+        os.kill(pid, signal.SIGSTOP)
+        v2, v3 = ActorWrapper(model(2), owner=other), ActorWrapper(model(3), owner=other)
+        assert _within(15, lambda: rzc.publish("test-silent-a", v2), "a publish replacing its version") == 2
+        assert _within(15, lambda: rzc.publish("test-silent-a", v3), "the next publish") == 3
+        os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: silent.objects() == [] and silent._call("records") == [], "the release and the forget")
+
+        # A registry made again while an owner is silent.
+        rzc.publish("test-silent-b", ActorWrapper(model(4), owner=silent))
+        rzc.publish("test-silent-c", ActorWrapper(model(5), owner=silent))
+        rzc.publish("test-silent-d", ActorWrapper(model(6), owner=other))
+        os.kill(pid, signal.SIGSTOP)
+        _registry_gone(ray, restart=False)
+        x = torch.randn(2, DIM)
+        got = _within(20, lambda: _until_the_registry_answers(lambda: rzc.latest("test-silent-d")), "the registry")
+        assert answer(got.load(), x) == answer(model(6), x)
+        with pytest.raises(VersionNotFoundError):
+            rzc.latest("test-silent-b")  # until its owner answers
+        rzc.publish("test-silent-c", ActorWrapper(model(7), owner=other))  # replaced meanwhile
+        os.kill(pid, signal.SIGCONT)
+        b = rzc.latest("test-silent-b", timeout=60)
+        assert b.__class__ is ActorWrapper and answer(b.load(), x) == answer(model(4), x)
+        assert rzc.versions()["test-silent-b"] == 1 and rzc.versions()["test-silent-c"] == 2
+        assert answer(rzc.latest("test-silent-c").load(), x) == answer(model(7), x)
+        # Its record of c is stale: forgotten, and its object released.
+        wait_for(lambda: [n for n, _ in silent._call("records")] == ["test-silent-b"], "the stale record to go")
+        wait_for(lambda: len(silent.objects()) == 1, "the stale version's object to be released")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        silent.close()
+        other.close()
+
+
 _AFTER_SHUTDOWN = """
 import threading, time
 import numpy as np
@@ -626,21 +694,22 @@ def test_a_subscription_ends_with_ray_shutdown_and_starts_no_ray():
 def test_owners_keep_a_record_of_the_newest_version_only(ray_cluster):
     """A version's owner records it; when a version of another owner (or
     none) replaces it, or the name is unpublished, the record goes (a record
-    holds its version's objects)."""
+    holds its version's objects). The replaced owner is told without
+    waiting for it (a silent owner must not hold up a publish)."""
     name = "test-records"
     first, second = rzc.Owner("test-records-1"), rzc.Owner("test-records-2")
     try:
         rzc.publish(name, ActorWrapper(model(1), owner=first))
         assert [n for n, _ in first._call("records")] == [name]
         rzc.publish(name, ActorWrapper(model(2), owner=second))
-        assert first._call("records") == []
+        wait_for(lambda: first._call("records") == [], "the first owner to forget")
         ((n, (version, *_)),) = second._call("records")
         assert (n, version) == (name, 2)
         rzc.publish(name, ActorWrapper(model(3)))
-        assert second._call("records") == []
+        wait_for(lambda: second._call("records") == [], "the second owner to forget")
         rzc.publish(name, ActorWrapper(model(4), owner=first))
         rzc.unpublish(name)
-        assert first._call("records") == []
+        wait_for(lambda: first._call("records") == [], "the first owner to forget on unpublish")
     finally:
         first.close()
         second.close()
@@ -685,6 +754,8 @@ def test_a_name_published_again_after_unpublish_numbers_on(ray_cluster):
     _registry_gone(ray, restart=False)
     _until_the_registry_answers(lambda: rzc.versions())
     assert name not in rzc.versions()
-    assert rzc.publish(name, ActorWrapper(model(4)), replaces=3) == 4
+    with pytest.raises(rzc.VersionConflictError, match="no version of it is published now"):
+        rzc.publish(name, ActorWrapper(model(4)), replaces=1)
+    assert rzc.publish(name, ActorWrapper(model(4)), replaces=0) == 4  # nothing published: 0 is met
     wait_for(lambda: ray.get(follower.state.remote())[0] == 4, "the follower to load version 4")
     ray.kill(follower)
