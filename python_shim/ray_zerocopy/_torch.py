@@ -360,6 +360,8 @@ def relays(t) -> bool:
     """Whether ``t`` is sealed in a layout other than its shape's: permuted
     (its bytes in memory order) or broadcast (its repeated values once); see
     :func:`relaid`."""
+    if t.is_contiguous():  # most tensors: neither (a broadcast dimension is never contiguous)
+        return False
     return permutation(t) is not None or broadcast_shape(t) is not None
 
 
