@@ -299,6 +299,16 @@ def test_views_in_a_pytree_load_as_numpy_views_too():
     assert np.shares_memory(loaded["t"], loaded["base"]) and not loaded["t"].flags.writeable
 
 
+class TiedEmbedding(torch.nn.Module):
+    """An output layer tied to the embedding: one parameter, two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(8, 4)
+        self.head = torch.nn.Linear(4, 8, bias=False)
+        self.head.weight = self.emb.weight
+
+
 def test_an_update_writes_a_new_value_through_to_the_memory_it_shares(ray_cluster):
     """A state dict applied by update() writes as ``load_state_dict`` does
     (``copy_``): a tensor that shares memory with others in the base (a
@@ -322,16 +332,13 @@ def test_an_update_writes_a_new_value_through_to_the_memory_it_shares(ray_cluste
 
     # A tied model's own state dict, and a module whose buffer is a
     # transposed view of its weight (torch's load_state_dict changes both).
-    class Tied(torch.nn.Module):
+    class Viewed(TiedEmbedding):
         def __init__(self):
             super().__init__()
-            self.emb = torch.nn.Embedding(8, 4)
-            self.head = torch.nn.Linear(4, 8, bias=False)
-            self.head.weight = self.emb.weight
             self.register_buffer("emb_t", self.emb.weight.data.t())
             self.register_buffer("row", self.emb.weight.data[2])
 
-    model = Tied()
+    model = Viewed()
     new = torch.arange(32.0).reshape(8, 4)
     for base in (model.state_dict(), model):
         loaded = ActorWrapper(base).update({"emb.weight": new}).load()
@@ -344,7 +351,7 @@ def test_an_update_writes_a_new_value_through_to_the_memory_it_shares(ray_cluste
     expected = model.emb.weight.detach().clone()
     expected[2] = -1.0
     assert torch.equal(loaded.emb.weight, expected) and torch.equal(loaded.emb_t, expected.t())
-    reference = Tied()
+    reference = Viewed()
     reference.load_state_dict(model.state_dict())
     reference.load_state_dict({"row": torch.full((4,), -1.0)}, strict=False)
     assert torch.equal(reference.emb.weight, loaded.emb.weight), "as torch's load_state_dict"
@@ -594,13 +601,7 @@ def test_a_checkpoint_giving_one_tied_tensor_two_values_is_refused(tmp_path):
     them."""
     from safetensors.torch import save_file
 
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(8, 4)
-            self.head = torch.nn.Linear(4, 8, bias=False)
-            self.head.weight = self.emb.weight
-
+    Tied = TiedEmbedding
     w = torch.randn(8, 4)
     save_file({"emb.weight": w, "head.weight": w.clone()}, tmp_path / "same.safetensors")
     sealed, buf = _seal.seal_checkpoint(tmp_path / "same.safetensors", "torch", Tied)

@@ -403,6 +403,18 @@ def _registry_gone(ray, restart: bool) -> None:
     ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"), no_restart=not restart)
 
 
+def _made_again(name: str, before):
+    """The entry of ``name`` from a registry other than generation ``before``
+    (``ray.kill`` takes effect a little later: until then the old registry
+    answers)."""
+
+    def made_again():
+        entry = _until_the_registry_answers(lambda: rzc._versions._entry(name, 0, None, 0.0))
+        return entry[4] != before and entry
+
+    return wait_for(made_again, "a new registry")
+
+
 def _until_the_registry_answers(call):
     deadline = time.monotonic() + 60
     while True:  # the first calls after the death may find the dead or restarting actor
@@ -471,11 +483,7 @@ def test_a_registry_made_again_takes_back_what_owners_hold(ray_cluster, restart)
 
         _registry_gone(ray, restart)
 
-        def made_again():  # ray.kill takes effect a little later: until then the old registry answers
-            entry = _until_the_registry_answers(lambda: rzc._versions._entry(name, 0, None, 0.0))
-            return entry[4] != before and entry
-
-        assert wait_for(made_again, "a new registry")[0] == 2
+        assert _made_again(name, before)[0] == 2
         known = rzc.versions()
         assert known[name] == 2 and plain not in known
         x = torch.randn(2, DIM)
@@ -506,18 +514,14 @@ def test_a_record_a_forget_missed_is_never_taken_back(ray_cluster):
         planted = dict(old_owner._call("records"))
         rzc.publish(alone, ActorWrapper(model(2)))
         rzc.publish(other, ActorWrapper(model(2), owner=new_owner))
-        assert old_owner._call("records") == []
+        wait_for(lambda: old_owner._call("records") == [], "the replaced owner to forget (not waited for)")
         for name, record in planted.items():  # as if each forget had missed
             old_owner._call("remember", name, record)
         before = rzc._versions._entry(other, 0, None, 0.0)[4]
 
         _registry_gone(ray, restart=False)
 
-        def made_again():
-            entry = _until_the_registry_answers(lambda: rzc._versions._entry(other, 0, None, 0.0))
-            return entry[4] != before and entry
-
-        entry = wait_for(made_again, "a new registry")
+        entry = _made_again(other, before)
         x = torch.randn(2, DIM)
         assert entry[0] == 2 and answer(rzc.latest(other).load(), x) == answer(model(2), x)
         assert alone not in rzc.versions()
@@ -526,6 +530,23 @@ def test_a_record_a_forget_missed_is_never_taken_back(ray_cluster):
     finally:
         old_owner.close()
         new_owner.close()
+
+
+def _pid(owner) -> int:
+    import ray
+
+    return ray.get(owner._handle().__ray_call__.remote(lambda self: os.getpid()))
+
+
+def _within(seconds: float, call, what: str):
+    """``call()``, which must return within ``seconds`` (it may hang: it
+    runs on a thread of its own, so that the test fails instead)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"{what} did not return within {seconds:g} s"
+    return result[0]
 
 
 class _Gate:
@@ -561,19 +582,11 @@ def test_a_busy_owner_holds_up_neither_a_publish_nor_a_registry_made_again(ray_c
         del first  # the owner's objects of version 1 are released when version 2 replaces it
         busy = owner._handle().adopt.remote([gate.value.remote()])  # waits for the gate, as a long put would
         start = time.monotonic()
-        published = []
-        publishing = threading.Thread(target=lambda: published.append(rzc.publish(name, second, replaces=1)))
-        publishing.start()
-        publishing.join(15)  # it waited until the owner was done (here: for ever)
-        assert published == [2], "the publish waited for the busy owner"
+        assert _within(15, lambda: rzc.publish(name, second, replaces=1), "a publish with the busy owner") == 2
         before = rzc._versions._entry(name, 0, None, 0.0)[4]
         _registry_gone(ray, restart=False)
 
-        def made_again():
-            entry = _until_the_registry_answers(lambda: rzc._versions._entry(name, 0, None, 0.0))
-            return entry[4] != before and entry
-
-        entry = wait_for(made_again, "a new registry")
+        entry = _made_again(name, before)
         assert entry[0] == 2 and time.monotonic() - start < 20, "the new registry waited for the busy owner"
         x = torch.randn(2, DIM)
         assert answer(rzc.latest(name).load(), x) == answer(model(2), x)
@@ -584,23 +597,6 @@ def test_a_busy_owner_holds_up_neither_a_publish_nor_a_registry_made_again(ray_c
         ray.get(gate.open.remote())
         owner.close()
         ray.kill(gate)
-
-
-def _pid(owner) -> int:
-    import ray
-
-    return ray.get(owner._handle().__ray_call__.remote(lambda self: os.getpid()))
-
-
-def _within(seconds: float, call, what: str):
-    """``call()``, which must return within ``seconds`` (it may hang: it
-    runs on a thread of its own, so that the test fails instead)."""
-    result = []
-    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert result, f"{what} did not return within {seconds:g} s"
-    return result[0]
 
 
 def test_a_silent_owner_holds_up_neither_publishes_nor_a_registry_made_again(ray_cluster):
