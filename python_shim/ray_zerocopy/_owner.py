@@ -138,10 +138,14 @@ class _OwnerActor:
         the records)."""
         self._records[name] = record
 
-    def forget(self, name: str) -> None:
+    def forget(self, name: str, stamp: str | None = None) -> None:
         """Drops the record of ``name`` (a newer version has another owner, or
-        the name was unpublished)."""
-        self._records.pop(name, None)
+        the name was unpublished): the one of that ``stamp`` only, where
+        given (the registry does not wait for a forget, so one may arrive
+        after a newer version of the name was recorded here)."""
+        record = self._records.get(name)
+        if record is not None and (stamp is None or record[4] == stamp):
+            del self._records[name]
 
     def records(self) -> list:
         """``[(name, record)]`` of every record (the references inside a

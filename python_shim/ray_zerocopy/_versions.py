@@ -110,6 +110,7 @@ class _Registry:
         self._unclaimed = {}  # name -> (version, stamp) of the store, until its owner's record is taken back
         self._tasks = set()  # calls to owners the registry does not wait for (kept from the collector)
         self._publishing = []  # the references of each publish under way (in no entry yet)
+        self._stamp_of = {}  # name -> the stamp of its entry's publish (what its owner's record holds)
 
     def _event(self, name):
         if name not in self._events:
@@ -287,16 +288,17 @@ class _Registry:
                 if self._unclaimed.get(name) == (version, stamp) and name not in self._entries:
                     del self._unclaimed[name]
                     self._entries[name] = (version, refs, blob, owner_blob)
+                    self._stamp_of[name] = stamp
                     self._numbers.pop(name, None)
                     self._wake(name)
                 else:
-                    stale.append((name, refs))
+                    stale.append((name, refs, stamp))
         # Objects of this owner are used only by versions published with it,
         # whose records are all in this answer: those of stale records that
         # no entry uses are no version's.
-        gone = self._unused([r for _, refs in stale for r in refs])
-        for name, _ in stale:
-            await self._owner_call(owner_name, "forget", name)
+        gone = self._unused([r for _, refs, _ in stale for r in refs])
+        for name, _, stamp in stale:
+            await self._owner_call(owner_name, "forget", name, stamp)
         if gone:
             await self._owner_call(owner_name, "release", [r.hex() for r in gone])
 
@@ -343,10 +345,12 @@ class _Registry:
             await self._owner_call(owner_name, "remember", name, (version, refs, blob, owner, stamp))
         old_owner = self._owner_name(old[3]) if old else None
         if old_owner is not None and old_owner != owner_name:
-            # Not waited for: a silent owner must not hold up the name
-            # (its stale record is never taken back, thanks to the stamp).
-            self._background(self._owner_call(old_owner, "forget", name))
+            # Not waited for: a silent owner must not hold up the name (its
+            # stale record is never taken back, thanks to the stamp), and a
+            # late forget drops that record only, not a newer one.
+            self._background(self._owner_call(old_owner, "forget", name, self._stamp_of.get(name)))
         self._entries[name] = (version, refs, blob, owner)
+        self._stamp_of[name] = stamp
         self._numbers.pop(name, None)
         self._wake(name)
         return version, (self._unused(old[1]) if old else []), (old[3] if old else None)
@@ -366,12 +370,13 @@ class _Registry:
                 await self._kv(name, f"{newest} {self._WITHDRAWN}")
                 self._numbers[name] = newest
             old = self._entries.pop(name, None)
+            stamp = self._stamp_of.pop(name, None)
             self._wake(name)
             self._events.pop(name, None)  # made again by the next wait for it
             if old is None:
                 return [], None
             if (owner_name := self._owner_name(old[3])) is not None:
-                self._background(self._owner_call(owner_name, "forget", name))
+                self._background(self._owner_call(owner_name, "forget", name, stamp))
             return self._unused(old[1]), old[3]
 
     async def wait_newer(self, name, version, generation, timeout):

@@ -706,6 +706,14 @@ def test_owners_keep_a_record_of_the_newest_version_only(ray_cluster):
         rzc.publish(name, ActorWrapper(model(4), owner=first))
         rzc.unpublish(name)
         wait_for(lambda: first._call("records") == [], "the first owner to forget on unpublish")
+        # A forget the registry did not wait for may come after a newer
+        # version of the name was recorded: it drops its own version's only.
+        rzc.publish(name, ActorWrapper(model(5), owner=first))
+        ((_, record),) = first._call("records")
+        first._call("forget", name, "the stamp of an older version")
+        assert first._call("records") == [(name, record)]
+        first._call("forget", name, record[4])
+        assert first._call("records") == []
     finally:
         first.close()
         second.close()
