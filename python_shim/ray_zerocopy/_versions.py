@@ -26,6 +26,7 @@ those objects itself.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import logging
@@ -105,7 +106,7 @@ class _Registry:
         self._entries = {}  # name -> (version, refs, blob, owner)
         self._numbers = {}  # name -> newest version number, of names whose entry was not taken back
         self._events = {}  # name -> asyncio.Event, set (and replaced) on publish
-        self._locks = {}  # name -> asyncio.Lock: one publish or withdraw of a name at a time
+        self._locks = {}  # name -> (asyncio.Lock, its holders and waiters): one publish or withdraw at a time
         self._recovery = None  # the task taking the table back, once
         self._unclaimed = {}  # name -> (version, stamp) of the store, until its owner's record is taken back
         self._tasks = set()  # calls to owners the registry does not wait for (kept from the collector)
@@ -117,10 +118,24 @@ class _Registry:
             self._events[name] = self._asyncio.Event()
         return self._events[name]
 
-    def _lock(self, name):
-        if name not in self._locks:
-            self._locks[name] = self._asyncio.Lock()
-        return self._locks[name]
+    @contextlib.asynccontextmanager
+    async def _lock(self, name):
+        """Holds ``name``'s lock; the lock goes once no call holds or waits
+        for it (a service that publishes and unpublishes many names keeps
+        none of theirs)."""
+        lock, users = self._locks.get(name, (None, 0))
+        if lock is None:
+            lock = self._asyncio.Lock()
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
 
     def _entry(self, name):
         entry = self._entries.get(name)

@@ -734,6 +734,13 @@ def test_unpublish_and_names_sharing_objects(ray_cluster):
         assert name_b not in rzc.versions() and rzc.versions()[name_a] == 2
         with pytest.raises(VersionNotFoundError):
             rzc.latest(name_b)
+        # Nothing of an unpublished name stays in the registry (a service
+        # churning through names grew by its lock and event per name).
+        import ray
+
+        registry = ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy")
+        kept = ray.get(registry.__ray_call__.remote(lambda self: (set(self._locks), set(self._events))))
+        assert name_b not in kept[0] and name_b not in kept[1]
     finally:
         owner.close()
 
