@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import types
 
 import numpy as np
 
@@ -165,9 +166,16 @@ def _actor_class(ray):
     The groups are the actor's own, fixed when it is made: callers name
     none, so an owner made by an earlier version of this package (without
     the group) is called as before, not refused by Ray."""
+    quick = {}
     for name in ("node_id", "release", "objects", "remember", "forget", "records"):
-        ray.method(concurrency_group=BOOKKEEPING)(getattr(_OwnerActor, name))
-    return ray.remote(concurrency_groups={BOOKKEEPING: 1})(_OwnerActor)
+        # A copy of each function is marked: marking _OwnerActor's own would
+        # put every other actor made of it (a subclass) in a group it lacks.
+        f = getattr(_OwnerActor, name)
+        copy = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        copy.__qualname__, copy.__doc__ = f.__qualname__, f.__doc__
+        quick[name] = ray.method(concurrency_group=BOOKKEEPING)(copy)
+    grouped = type(_OwnerActor.__name__, (_OwnerActor,), {"__module__": __name__, **quick})
+    return ray.remote(concurrency_groups={BOOKKEEPING: 1})(grouped)
 
 
 class Owner:
@@ -280,7 +288,7 @@ class Owner:
         except ray.exceptions.GetTimeoutError as e:
             raise OwnerUnavailableError(
                 f"the Owner {self._name!r} did not answer {method} within {timeout:g} s (busy, stopped, or cut "
-                "off): the call stays queued, and runs if it answers"
+                "off); it may run when the owner answers, or not at all (Ray drops a call it cannot deliver)"
             ) from e
         except ray.exceptions.ActorUnavailableError as e:
             # Unreachable for now (a network partition, its node's raylet
@@ -317,8 +325,8 @@ class Owner:
         objects or their hex ids, e.g. ``wrapper.object_ref``); Ray frees each object
         once no process holds it. Returns how many the owner held. With
         ``timeout``, waits at most that many seconds for the owner's answer
-        (else :class:`~ray_zerocopy.OwnerUnavailableError`; the release stays
-        queued, and is done if the owner answers later)."""
+        (else :class:`~ray_zerocopy.OwnerUnavailableError`: the release may
+        still be done when the owner answers, or not; ask again)."""
         ids = []
         for r in object_refs:
             if isinstance(r, str):

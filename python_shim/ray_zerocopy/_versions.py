@@ -183,21 +183,45 @@ class _Registry:
 
         return await self._blocking(read, self._OWNER_TIMEOUT)
 
-    async def _owner_call(self, owner_name: str, method: str, *args):
+    async def _owner_call(self, owner_name: str, method: str, *args, wait=None, again=None):
         """``method(*args)`` of the owner actor ``owner_name``, or ``None``
-        (logged) where it is gone, too old to have ``method``, or silent."""
+        (logged) where it is gone, or silent for ``wait`` seconds (default
+        ``_OWNER_TIMEOUT``). With ``again`` (a function), a call that met a
+        silent owner (never reached: Ray drops a call it cannot deliver; or
+        no answer in time) is made again 1, 2, 4, ... 60 s later, for as
+        long as the owner lives and ``again()`` says it is still wanted:
+        the calls it is used for can be made twice. An owner made by an
+        earlier version of this package, whose ``forget`` takes no stamp,
+        is asked without it."""
         import ray
 
         from ._owner import NAMESPACE
 
-        try:
-            actor = await self._blocking(lambda: ray.get_actor(owner_name, namespace=NAMESPACE), self._OWNER_TIMEOUT)
-            ref = getattr(actor, method).remote(*args)
-            return await self._asyncio.wait_for(self._asyncio.wrap_future(ref.future()), self._OWNER_TIMEOUT)
-        except Exception as e:  # noqa: BLE001 - the registry serves on without this owner's part
-            logger.warning("versions registry: %s of owner %r failed: %s: %s", method, owner_name,
-                           type(e).__name__, e)
-            return None
+        pause = 1.0
+        while True:
+            try:
+                actor = await self._blocking(
+                    lambda: ray.get_actor(owner_name, namespace=NAMESPACE), self._OWNER_TIMEOUT
+                )
+                ref = getattr(actor, method).remote(*args)
+                return await self._asyncio.wait_for(
+                    self._asyncio.wrap_future(ref.future()), wait or self._OWNER_TIMEOUT
+                )
+            except Exception as e:  # noqa: BLE001 - the registry serves on without this owner's part
+                if method == "forget" and len(args) == 2 and isinstance(e, TypeError):
+                    args = args[:1]  # an earlier owner: forget(name)
+                    continue
+                gone = isinstance(e, ValueError) or (
+                    isinstance(e, ray.exceptions.RayActorError)
+                    and not isinstance(e, ray.exceptions.ActorUnavailableError)
+                )
+                retry = again is not None and not gone and again()
+                logger.warning("versions registry: %s of owner %r failed: %s: %s%s", method, owner_name,
+                               type(e).__name__, e, f"; asking again in {pause:g} s" if retry else "")
+                if not retry:
+                    return None
+            await self._asyncio.sleep(pause)
+            pause = min(2 * pause, 60.0)
 
     @staticmethod
     def _owner_name(owner_blob):
@@ -222,12 +246,13 @@ class _Registry:
         """Takes the table back: every name's number from the store, and
         each name's entry from the record of its newest publish in that
         publish's owner. Calls wait for the owners named in the store for
-        at most ``_FIRST_WAIT`` seconds; an owner that has not answered by
-        then (busy, stopped, cut off) is waited for in the background, and
-        its names are taken back when it answers, unless published or
-        unpublished since. Every other owner is asked too, in the
-        background, for records a missed ``forget`` left (see
-        :meth:`_take_back`)."""
+        at most ``_FIRST_WAIT`` seconds (every owner is asked: records a
+        missed ``forget`` left are cleared, and a name whose store value
+        names no owner, as an earlier version of this package wrote it, is
+        taken back from the owner holding its stamp); an owner that has not
+        answered by then (busy, stopped, cut off) is asked again in the
+        background, and its names are taken back when it answers, unless
+        published or unpublished since (see :meth:`_take_back`)."""
         import ray
 
         from ._owner import _PREFIX, NAMESPACE
@@ -239,9 +264,9 @@ class _Registry:
         self._unclaimed = {
             name: (version, stamp)
             for name, (version, stamp, owner) in stamps.items()
-            if owner is not None and stamp != self._WITHDRAWN
+            if stamp != self._WITHDRAWN  # a name without owner is never claimed, but may be (an earlier value)
         }
-        named = {stamps[name][2] for name in self._unclaimed}
+        named = {stamps[name][2] for name in self._unclaimed if stamps[name][2] is not None}
         try:
             listed = await self._blocking(
                 lambda: ray.util.list_named_actors(all_namespaces=True), self._OWNER_TIMEOUT
@@ -250,11 +275,9 @@ class _Registry:
         except Exception as e:  # noqa: BLE001 - the owners named in the store are asked all the same
             logger.warning("versions registry: cannot list the owners: %s: %s", type(e).__name__, e)
             others = set()
-        first = [self._background(self._take_back(o)) for o in sorted(named)]
-        for o in sorted(others - named):
-            self._background(self._take_back(o))
-        if first:
-            await self._asyncio.wait(first, timeout=self._FIRST_WAIT)
+        asked = [self._background(self._take_back(o)) for o in sorted(named | others)]
+        if asked:
+            await self._asyncio.wait(asked, timeout=self._FIRST_WAIT)
         logger.info("versions registry: took back %d of %d name(s); %d wait for their owner",
                     len(self._entries), len(stamps), len(self._unclaimed))
 
@@ -266,37 +289,15 @@ class _Registry:
         return task
 
     async def _take_back(self, owner_name: str) -> None:
-        """Asks owner ``owner_name`` for its records once, and waits for the
-        answer as long as the owner lives (the call is not made again: it
-        runs when the owner comes back). A record whose name still waits
+        """Asks owner ``owner_name`` for its records, again and again as long
+        as it lives and does not answer. A record whose name still waits
         for it (same version and stamp as the store's newest publish) is
         taken back; any other is stale (left by a ``forget`` that missed,
         or replaced while the owner was silent) and told to go, and the
         objects only it used are released by the owner."""
-        import ray
-
-        from ._owner import NAMESPACE
-
-        try:
-            actor = await self._blocking(lambda: ray.get_actor(owner_name, namespace=NAMESPACE), self._OWNER_TIMEOUT)
-            answer = self._asyncio.wrap_future(actor.records.remote().future())
-        except Exception as e:  # noqa: BLE001 - gone: its names with it (their objects died with it)
-            logger.warning("versions registry: owner %r is gone (%s: %s); its names are not taken back",
-                           owner_name, type(e).__name__, e)
-            return
-        wait = self._FIRST_WAIT
-        while True:
-            try:
-                records = await self._asyncio.wait_for(self._asyncio.shield(answer), wait)
-                break
-            except self._asyncio.TimeoutError:
-                logger.warning("versions registry: owner %r has not answered for %.0f s; its names are taken "
-                               "back when it does", owner_name, wait)
-                wait = min(2 * wait, 300.0)
-            except Exception as e:  # noqa: BLE001 - it died meanwhile
-                logger.warning("versions registry: owner %r did not answer (%s: %s); its names are not taken "
-                               "back", owner_name, type(e).__name__, e)
-                return
+        records = await self._owner_call(owner_name, "records", wait=self._FIRST_WAIT, again=lambda: True)
+        if records is None:
+            return  # gone: its names with it (their objects died with it)
         stale = []
         for name, (version, refs, blob, owner_blob, stamp) in records:
             async with self._lock(name):  # not while a publish or withdraw of it runs
@@ -313,9 +314,9 @@ class _Registry:
         # no entry uses are no version's.
         gone = self._unused([r for _, refs, _ in stale for r in refs])
         for name, _, stamp in stale:
-            await self._owner_call(owner_name, "forget", name, stamp)
+            self._background(self._owner_call(owner_name, "forget", name, stamp, again=lambda: True))
         if gone:
-            await self._owner_call(owner_name, "release", [r.hex() for r in gone])
+            self._release_later(owner_name, [r.hex() for r in gone])
 
     def _wake(self, name) -> None:
         """Wakes every wait for a newer entry of ``name``."""
@@ -357,13 +358,20 @@ class _Registry:
         owner_name = self._owner_name(owner)
         await self._kv(name, f"{version} {stamp}" + (f" {owner_name}" if owner_name else ""))
         if owner_name is not None:
-            await self._owner_call(owner_name, "remember", name, (version, refs, blob, owner, stamp))
+            record = (version, refs, blob, owner, stamp)
+            if await self._owner_call(owner_name, "remember", name, record, wait=self._FIRST_WAIT) is None:
+                # Silent: asked again in the background while this version
+                # is the name's (a registry made again meanwhile would not
+                # find it: the name numbers on, its version not taken back).
+                self._background(self._owner_call(
+                    owner_name, "remember", name, record, again=lambda: self._stamp_of.get(name) == stamp
+                ))
         old_owner = self._owner_name(old[3]) if old else None
         if old_owner is not None and old_owner != owner_name:
             # Not waited for: a silent owner must not hold up the name (its
             # stale record is never taken back, thanks to the stamp), and a
             # late forget drops that record only, not a newer one.
-            self._background(self._owner_call(old_owner, "forget", name, self._stamp_of.get(name)))
+            self._background(self._owner_call(old_owner, "forget", name, self._stamp_of.get(name), again=lambda: True))
         self._entries[name] = (version, refs, blob, owner)
         self._stamp_of[name] = stamp
         self._numbers.pop(name, None)
@@ -391,8 +399,19 @@ class _Registry:
             if old is None:
                 return [], None
             if (owner_name := self._owner_name(old[3])) is not None:
-                self._background(self._owner_call(owner_name, "forget", name, stamp))
+                self._background(self._owner_call(owner_name, "forget", name, stamp, again=lambda: True))
             return self._unused(old[1]), old[3]
+
+    def _release_later(self, owner_name: str, object_ids: list) -> None:
+        """Has owner ``owner_name`` release ``object_ids``, asked again until
+        it answers (or is gone)."""
+        self._background(self._owner_call(owner_name, "release", object_ids, again=lambda: True))
+
+    async def release_later(self, owner_name: str, object_ids: list) -> None:
+        """:meth:`_release_later`, for a publisher whose owner of a replaced
+        version did not answer (the publisher may be gone before it does)."""
+        await self._ready()
+        self._release_later(owner_name, object_ids)
 
     async def wait_newer(self, name, version, generation, timeout):
         """The entry of ``name`` once it is newer than ``version`` of
@@ -511,10 +530,16 @@ def _let_go(gone: list, owner_blob) -> None:
             return
         except OwnerUnavailableError as e:  # unreachable for now: ask again, a second later
             if isinstance(e.__cause__, ray.exceptions.GetTimeoutError):
-                # Silent (busy, stopped, cut off): the release is queued, and
-                # done when it answers; the publish does not wait for that.
-                logger.warning("the owner %r of a replaced version did not answer in %g s: %d object(s) of it "
-                               "are released when it does", owner, _RELEASE_WAIT, len(gone))
+                # Silent (busy, stopped, cut off): the publish does not wait
+                # for it; the registry, which outlives this process, asks
+                # it again until it answers.
+                try:
+                    _ask("release_later", owner.actor_name, [r.hex() for r in gone])
+                    logger.warning("the owner %r of a replaced version did not answer in %g s: the registry "
+                                   "will have it release %d object(s) when it does", owner, _RELEASE_WAIT, len(gone))
+                except Exception as e2:  # noqa: BLE001 - an earlier registry: the call may still arrive
+                    logger.warning("could not release %d object(s) of a replaced version from %r: %s; %s",
+                                   len(gone), owner, e, e2)
                 return
             if attempt == 2:
                 logger.warning("could not release %d object(s) of a replaced version from %r: %s",

@@ -397,10 +397,29 @@ def test_a_version_that_failed_to_load_is_tried_again(ray_cluster):
     ray.kill(flaky)
 
 
+def _registry_generation(ray):
+    """The generation of the registry's actor now (``None`` while there is
+    none, or it does not answer)."""
+    try:
+        handle = ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy")
+        return ray.get(handle.__ray_call__.remote(lambda self: self._generation), timeout=10)
+    except (ValueError, ray.exceptions.RayError):
+        return None
+
+
 def _registry_gone(ray, restart: bool) -> None:
     """Kills the registry's actor: for good (the next call makes a new one)
-    or as a crash (Ray restarts it)."""
+    or as a crash (Ray restarts it); returns once a new one answers. (The
+    kill takes effect a little later: until then the old one answers, and
+    may die under a call.)"""
+    before = _registry_generation(ray)
     ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"), no_restart=not restart)
+
+    def made_again():
+        _until_the_registry_answers(lambda: rzc.versions())  # makes it, after a kill for good
+        return _registry_generation(ray) not in (None, before)
+
+    wait_for(made_again, "a new registry")
 
 
 def _made_again(name: str, before):
@@ -605,19 +624,27 @@ def test_a_silent_owner_holds_up_neither_publishes_nor_a_registry_made_again(ray
     name's next publish waited 30 s (its forget, under the name's lock). A
     registry made again while it was silent made every call wait 23-30 s,
     then passed it over for good: its names lost, their objects held by it
-    for ever. Now a publish waits 10 s at most for the release; the new
-    registry answers for the other names within seconds and takes the
-    silent owner's names back when it answers (unless published since),
-    and releases what only its stale records used."""
+    for ever. Now a publish waits 10 s at most for the release, which the
+    registry then asks for until the owner answers (the publisher, a task
+    here, may be gone by then); the new registry answers for the other
+    names within seconds and takes the silent owner's names back when it
+    answers (unless published since; asking again where Ray gave up
+    reaching it, after about 20 s), and releases what only its stale
+    records used."""
     ray = ray_cluster
     silent, other = rzc.Owner("test-silent"), rzc.Owner("test-silent-other")
     pid = _pid(silent)
+
+    @ray.remote(num_cpus=0)
+    def publish(name, wrapper):  # from a process that never reached the owner, and ends
+        return rzc.publish(name, wrapper)
+
     try:
         # A publish replacing the silent owner's version.
         rzc.publish("test-silent-a", ActorWrapper(model(1), owner=silent))
         os.kill(pid, signal.SIGSTOP)
         v2, v3 = ActorWrapper(model(2), owner=other), ActorWrapper(model(3), owner=other)
-        assert _within(15, lambda: rzc.publish("test-silent-a", v2), "a publish replacing its version") == 2
+        assert _within(60, lambda: ray.get(publish.remote("test-silent-a", v2)), "a publish replacing it") == 2
         assert _within(15, lambda: rzc.publish("test-silent-a", v3), "the next publish") == 3
         os.kill(pid, signal.SIGCONT)
         wait_for(lambda: silent.objects() == [] and silent._call("records") == [], "the release and the forget")
@@ -627,13 +654,14 @@ def test_a_silent_owner_holds_up_neither_publishes_nor_a_registry_made_again(ray
         rzc.publish("test-silent-c", ActorWrapper(model(5), owner=silent))
         rzc.publish("test-silent-d", ActorWrapper(model(6), owner=other))
         os.kill(pid, signal.SIGSTOP)
-        _registry_gone(ray, restart=False)
+        _within(20, lambda: _registry_gone(ray, restart=False), "a new registry's first answers")
         x = torch.randn(2, DIM)
-        got = _within(20, lambda: _until_the_registry_answers(lambda: rzc.latest("test-silent-d")), "the registry")
+        got = rzc.latest("test-silent-d")
         assert answer(got.load(), x) == answer(model(6), x)
         with pytest.raises(VersionNotFoundError):
             rzc.latest("test-silent-b")  # until its owner answers
         rzc.publish("test-silent-c", ActorWrapper(model(7), owner=other))  # replaced meanwhile
+        time.sleep(25)  # Ray gives up reaching it: the registry must ask again
         os.kill(pid, signal.SIGCONT)
         b = rzc.latest("test-silent-b", timeout=60)
         assert b.__class__ is ActorWrapper and answer(b.load(), x) == answer(model(4), x)
@@ -645,6 +673,44 @@ def test_a_silent_owner_holds_up_neither_publishes_nor_a_registry_made_again(ray
     finally:
         os.kill(pid, signal.SIGCONT)
         silent.close()
+        other.close()
+
+
+class _EarlierOwner:
+    """An owner actor as an earlier version of the package made it: its
+    ``forget`` takes no stamp."""
+
+    def forget(self, name):
+        self._records.pop(name, None)
+
+
+def test_records_of_an_earlier_version_are_taken_back_and_forgotten(ray_cluster):
+    """What an earlier version of the package left in a cluster: a store
+    value without the owner's name (the new registry judged every record
+    of it stale, and deleted the name), an owner whose ``forget`` takes no
+    stamp (every forget failed, its records kept for ever)."""
+    ray = ray_cluster
+    from ray.experimental import internal_kv
+    from ray_zerocopy._owner import NAMESPACE, _OwnerActor
+
+    earlier = type("EarlierOwner", (_EarlierOwner, _OwnerActor), {})
+    ray.remote(earlier).options(
+        name="owner:test-earlier", namespace=NAMESPACE, lifetime="detached", num_cpus=0
+    ).remote()
+    owner, other = rzc.Owner("test-earlier"), rzc.Owner("test-earlier-other")
+    name = "test-earlier"
+    try:
+        rzc.publish(name, ActorWrapper(model(1), owner=owner))
+        key, ns = f"versions/{name}", "ray_zerocopy"
+        version, stamp, _ = internal_kv._internal_kv_get(key, namespace=ns).decode().split(" ", 2)
+        internal_kv._internal_kv_put(key, f"{version} {stamp}", namespace=ns)  # the earlier form
+        _registry_gone(ray, restart=False)
+        x = torch.randn(2, DIM)
+        assert answer(rzc.latest(name, timeout=30).load(), x) == answer(model(1), x)
+        rzc.publish(name, ActorWrapper(model(2), owner=other))
+        wait_for(lambda: owner._call("records") == [], "the earlier owner to forget")
+    finally:
+        owner.close()
         other.close()
 
 
@@ -763,7 +829,6 @@ def test_a_name_published_again_after_unpublish_numbers_on(ray_cluster):
     assert answer(rzc.latest(name).load(), x) == answer(model(3), x)
     rzc.unpublish(name)
     _registry_gone(ray, restart=False)
-    _until_the_registry_answers(lambda: rzc.versions())
     assert name not in rzc.versions()
     with pytest.raises(rzc.VersionConflictError, match="no version of it is published now"):
         rzc.publish(name, ActorWrapper(model(4)), replaces=1)
