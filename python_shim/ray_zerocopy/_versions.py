@@ -183,9 +183,11 @@ class _Registry:
 
         return await self._blocking(read, self._OWNER_TIMEOUT)
 
+    _NO_ANSWER = object()  # what _owner_call returns where the owner did not answer
+
     async def _owner_call(self, owner_name: str, method: str, *args, wait=None, again=None):
-        """``method(*args)`` of the owner actor ``owner_name``, or ``None``
-        (logged) where it is gone, or silent for ``wait`` seconds (default
+        """``method(*args)`` of the owner actor ``owner_name``, or
+        ``_NO_ANSWER`` (logged) where it is gone, or silent for ``wait`` seconds (default
         ``_OWNER_TIMEOUT``). With ``again`` (a function), a call that met a
         silent owner (never reached: Ray drops a call it cannot deliver; or
         no answer in time) is made again 1, 2, 4, ... 60 s later, for as
@@ -219,7 +221,7 @@ class _Registry:
                 logger.warning("versions registry: %s of owner %r failed: %s: %s%s", method, owner_name,
                                type(e).__name__, e, f"; asking again in {pause:g} s" if retry else "")
                 if not retry:
-                    return None
+                    return self._NO_ANSWER
             await self._asyncio.sleep(pause)
             pause = min(2 * pause, 60.0)
 
@@ -296,7 +298,7 @@ class _Registry:
         or replaced while the owner was silent) and told to go, and the
         objects only it used are released by the owner."""
         records = await self._owner_call(owner_name, "records", wait=self._FIRST_WAIT, again=lambda: True)
-        if records is None:
+        if records is self._NO_ANSWER:
             return  # gone: its names with it (their objects died with it)
         stale = []
         for name, (version, refs, blob, owner_blob, stamp) in records:
@@ -359,7 +361,7 @@ class _Registry:
         await self._kv(name, f"{version} {stamp}" + (f" {owner_name}" if owner_name else ""))
         if owner_name is not None:
             record = (version, refs, blob, owner, stamp)
-            if await self._owner_call(owner_name, "remember", name, record, wait=self._FIRST_WAIT) is None:
+            if await self._owner_call(owner_name, "remember", name, record, wait=self._FIRST_WAIT) is self._NO_ANSWER:
                 # Silent: asked again in the background while this version
                 # is the name's (a registry made again meanwhile would not
                 # find it: the name numbers on, its version not taken back).
@@ -498,20 +500,32 @@ def _on_the_head(ray):
     return None
 
 
+_READS = frozenset({"wait_newer", "names"})  # calls that change nothing: made twice where need be
+
+
 def _ask(method: str, *args, timeout: float | None = None, start_ray: bool = True):
     """Calls the registry; a registry that died is made again on the next
-    call, and the failure is a :class:`RegistryUnavailableError`."""
+    call, and the failure is a :class:`RegistryUnavailableError`. A read
+    that met a registry this process knew before (its handle kept from an
+    earlier call) is made once more, on the registry there is now: after
+    one was killed and made again elsewhere, the first read of every
+    process that had used it failed (an actor's ``Subscription`` made in
+    its ``__init__`` with it)."""
     global _handle
     import ray
 
-    try:
-        ref = getattr(_registry(start_ray), method).remote(*args)
-        return ray.get(ref, timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise
-    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-        _handle = None
-        raise RegistryUnavailableError(f"the versions registry ({_NAME}) is unavailable: {e}") from e
+    for attempt in range(2):
+        known = _handle is not None
+        try:
+            ref = getattr(_registry(start_ray), method).remote(*args)
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            _handle = None
+            if attempt == 0 and known and method in _READS:
+                continue
+            raise RegistryUnavailableError(f"the versions registry ({_NAME}) is unavailable: {e}") from e
 
 
 _RELEASE_WAIT = 10.0  # s: how long a publish waits for the replaced version's owner to release its objects

@@ -465,6 +465,28 @@ def test_a_registry_that_died_is_made_again_and_subscribers_start_over(ray_clust
     ray.kill(server)
 
 
+def test_a_process_that_knew_a_registry_killed_since_reads_from_the_new_one(ray_cluster):
+    """A process keeps the registry's handle: after the registry was killed
+    and made again by another process, its first read failed (an actor made
+    then, in a worker that had served an earlier task, failed to make its
+    Subscription). A read is made once more on the registry there is now;
+    a publish still says the registry it knew is gone (it may have run)."""
+    ray = ray_cluster
+    rzc.publish("test-known", ActorWrapper(model(1)))
+
+    @ray.remote(num_cpus=0)
+    class Reader:
+        def read(self):
+            return rzc.versions()["test-known"]
+
+    reader = Reader.remote()
+    assert ray.get(reader.read.remote()) == 1
+    _registry_gone(ray, restart=False)  # made again by this process
+    rzc.publish("test-known", ActorWrapper(model(2)))
+    assert ray.get(reader.read.remote()) == 2
+    ray.kill(reader)
+
+
 def test_a_failed_version_of_a_registry_made_again_is_tried_again(ray_cluster):
     """The subscriber holds version 2 of a registry that died; the new
     registry's first version (3) fails to load once. It is tried again and
@@ -560,10 +582,19 @@ def _pid(owner) -> int:
 def _within(seconds: float, call, what: str):
     """``call()``, which must return within ``seconds`` (it may hang: it
     runs on a thread of its own, so that the test fails instead)."""
-    result = []
-    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    result, error = [], []
+
+    def run():
+        try:
+            result.append(call())
+        except BaseException as e:  # noqa: BLE001 - raised again below, in the test
+            error.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(seconds)
+    if error:
+        raise error[0]
     assert result, f"{what} did not return within {seconds:g} s"
     return result[0]
 
@@ -637,7 +668,9 @@ def test_a_silent_owner_holds_up_neither_publishes_nor_a_registry_made_again(ray
 
     @ray.remote(num_cpus=0)
     def publish(name, wrapper):  # from a process that never reached the owner, and ends
-        return rzc.publish(name, wrapper)
+        # A worker an earlier test used may hold the handle of a registry
+        # killed since: its first call says so, the next makes a new one.
+        return _until_the_registry_answers(lambda: rzc.publish(name, wrapper))
 
     try:
         # A publish replacing the silent owner's version.
