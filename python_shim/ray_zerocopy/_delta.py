@@ -117,14 +117,7 @@ class _DeltaSealer(_Sealer):
         torch = sys.modules.get("torch")
         plain = () if torch is None else (torch.Tensor, torch.nn.Parameter)
         for k, (value, _, _, slot) in substitute.items():
-            if (
-                type(value) in plain
-                and value.is_cpu
-                and value.is_contiguous()
-                and not value.is_conj()
-                and not value.is_neg()
-                and k not in self.own_ids
-            ):
+            if type(value) in plain and _is_its_memory(value) and k not in self.own_ids:
                 key = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
                 if first.setdefault(key, slot) is not slot:
                     self.views[k] = (first[key], 0)
@@ -304,13 +297,14 @@ def _carrier(base, base_id, given: list, out: dict):
     or to a view of all of it, in whose memory every other value given lies
     where its tensor lies in the base (a tied model's next state dict gives
     its tied pair so): sealed as it is, without composing a copy."""
+    values = [out[id(t)][0] for t, _ in [(base, 0), *given] if id(t) in out]
+    if any(v.is_conj() or v.is_neg() for v in values):
+        return None  # a lazy conjugate is not the values of its memory
     candidates = [out[base_id][0]] if base_id in out else []
     candidates += [out[id(t)][0] for t, off in given if off == 0 and t.shape == base.shape]
     for c in candidates:
-        if not (c.is_cpu and c.is_contiguous() and c.shape == base.shape and c.stride() == base.stride()):
+        if not (_is_its_memory(c) and c.shape == base.shape and c.stride() == base.stride()):
             continue
-        if any((v := out[id(t)][0]).is_conj() or v.is_neg() for t, _ in [(base, 0), *given] if id(t) in out):
-            return None  # a lazy conjugate is not the values of its memory
         size = c.element_size()
         if all(
             (v := out[id(t)][0]).is_cpu and v.data_ptr() == c.data_ptr() + off * size and v.stride() == t.stride()
@@ -319,6 +313,12 @@ def _carrier(base, base_id, given: list, out: dict):
         ):
             return c
     return None
+
+
+def _is_its_memory(value) -> bool:
+    """Whether torch tensor ``value`` is its memory's values, in order: on
+    the CPU, contiguous, no lazy conjugate or negative view over it."""
+    return value.is_cpu and value.is_contiguous() and not value.is_conj() and not value.is_neg()
 
 
 def _composed(torch, base, base_id, given: list, out: dict, names: dict):

@@ -169,6 +169,7 @@ def load_parts(parts, sealed: _seal.Sealed, options: LoadOptions):
 # Opened buffers, per process, by object ID. Weak: the handle goes when no
 # load is in progress; tensors keep the buffer itself alive on their own.
 _opened: weakref.WeakValueDictionary[tuple, Weights] = weakref.WeakValueDictionary()
+_opened_lock = threading.Lock()
 # The object store's buffer of each object opened here, by the same key:
 # alive (held by the native owner of the opened buffer) as long as a handle
 # or a host tensor of it is.
@@ -179,7 +180,6 @@ def holds(object_hex: str) -> bool:
     """Whether this process still holds the sealed object ``object_hex``
     open: a handle or a host tensor of it alive (device copies aside)."""
     return (object_hex, True) in _buffers or (object_hex, False) in _buffers
-_opened_lock = threading.Lock()
 
 
 def open_sealed(ref, write_protect: bool) -> Weights:

@@ -159,7 +159,7 @@ class _Registry:
         return await self._asyncio.wait_for(call, timeout)
 
     async def _kv(self, name: str, value: str) -> None:
-        """Writes ``name``'s ``"version stamp"`` to the GCS key-value store."""
+        """Writes ``name``'s ``"version stamp [owner's actor name]"`` to the GCS key-value store."""
         from ray.experimental import internal_kv
 
         key = self._KV_PREFIX + name
@@ -265,8 +265,10 @@ class _Registry:
         self._numbers = {name: version for name, (version, _, _) in stamps.items()}
         self._unclaimed = {
             name: (version, stamp)
-            for name, (version, stamp, owner) in stamps.items()
-            if stamp != self._WITHDRAWN  # a name without owner is never claimed, but may be (an earlier value)
+            for name, (version, stamp, _) in stamps.items()
+            # with or without an owner's name: an earlier version's value names
+            # none, and the owner holding its stamp is found among all asked
+            if stamp != self._WITHDRAWN
         }
         named = {stamps[name][2] for name in self._unclaimed if stamps[name][2] is not None}
         try:
@@ -396,8 +398,9 @@ class _Registry:
                 self._numbers[name] = newest
             old = self._entries.pop(name, None)
             stamp = self._stamp_of.pop(name, None)
-            self._wake(name)
-            self._events.pop(name, None)  # made again by the next wait for it
+            event = self._events.pop(name, None)  # made again by the next wait for it
+            if event is not None:
+                event.set()  # its waits look again, and wait on that one
             if old is None:
                 return [], None
             if (owner_name := self._owner_name(old[3])) is not None:
