@@ -12,6 +12,7 @@ ctypes: the native library stays free of Python.
 from __future__ import annotations
 
 import ctypes
+from itertools import repeat
 
 from ._native import check, ffi, lib
 from .errors import DLPackExportError
@@ -64,18 +65,25 @@ def consume_versioned(addresses, consumer) -> list:
     ``addresses`` (``DLManagedTensorVersioned *``), for a consumer that takes
     every capsule it is given (``torch.from_dlpack``). The capsules have no
     destructor: a ctypes callback per capsule, run even for a consumed one,
-    cost a quarter of a millisecond per load of a few hundred tensors. If the
-    consumer fails, the tensors it did not take are freed here."""
-    new = _new_bare
-    out = []
+    cost a quarter of a millisecond per load of a few hundred tensors. All
+    capsules are made first, then consumed, each step one ``map`` with no
+    Python bytecode per tensor (a loop appending each result cost 0.07 us a
+    tensor more: 1.4 of 10 ms for 20,000). If anything fails, every tensor
+    whose capsule was not taken (a taken one is renamed by its consumer) is
+    freed here."""
     try:
-        for address in addresses:
-            out.append(consumer(new(address, _VERSIONED, None)))
+        capsules = list(map(_new_bare, addresses, repeat(_VERSIONED), repeat(None)))
     except BaseException:
-        for address in addresses[len(out) :]:
+        for address in addresses:  # none was handed out: every one is still ours
             lib.rzc_dlpack_versioned_free(ffi.cast("DLManagedTensorVersioned *", address))
         raise
-    return out
+    try:
+        return list(map(consumer, capsules))
+    except BaseException:
+        for capsule, address in zip(capsules, addresses, strict=True):
+            if _is_capsule(capsule, _VERSIONED):
+                lib.rzc_dlpack_versioned_free(ffi.cast("DLManagedTensorVersioned *", address))
+        raise
 
 
 _is_capsule = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_IsValid", _api))

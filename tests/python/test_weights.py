@@ -119,6 +119,47 @@ def test_versioned_capsule_when_asked_legacy_otherwise():
     assert live_buffers() == before - 1, "dropping unconsumed capsules released the buffer"
 
 
+@pytest.mark.parametrize("fails_at", [0, 3, 7])
+@pytest.mark.parametrize("how", ["refuses", "takes_then_raises", "interrupted"])
+def test_a_consumer_failing_midway_leaves_no_tensor_behind_and_frees_none_twice(fails_at, how):
+    """torch's loads hand every capsule to the consumer in one go
+    (``_dlpack.consume_versioned``). A consumer that fails at tensor k
+    (refusing it, taking it and then raising, or interrupted) leaves every
+    tensor it did not take freed, once, and those it took to the tensors it
+    made: when those are dropped and the handle closed, nothing holds the
+    buffer, and none was freed twice (a double free would crash here)."""
+    from ray_zerocopy import _dlpack
+
+    data = [np.arange(16, dtype=np.float32) + k for k in range(8)]
+    inputs = [rzc.PackInput(f"t{k}", rzc.Dtype.F32, d.shape, d.ctypes.data, d.nbytes) for k, d in enumerate(data)]
+    buf = rzc.pack(inputs)
+    gc.collect()  # buffers earlier tests left in garbage cycles go now, not mid-test
+    base = live_buffers()
+    w = rzc.Weights.from_buffer(buf)
+    made = []
+    error = KeyboardInterrupt if how == "interrupted" else ValueError
+
+    def consumer(capsule):
+        if len(made) == fails_at:
+            if how == "takes_then_raises":
+                torch.from_dlpack(capsule)  # taken (renamed), then dropped: its tensor frees itself
+            made.append(None)
+            raise error("the consumer fails here")
+        t = torch.from_dlpack(capsule)
+        made.append(t)
+        return t
+
+    with pytest.raises(error, match="fails here"):
+        _dlpack.consume_versioned(w.export_versioned_many(list(range(len(w)))), consumer)
+    assert len(made) == fails_at + 1
+    for k in range(fails_at):
+        assert torch.equal(made[k], torch.from_numpy(data[k]))
+    made.clear()
+    w.close()
+    gc.collect()
+    assert live_buffers() == base, "a tensor the consumer did not take still holds the buffer"
+
+
 def test_jax_adopts_without_copy():
     jax = pytest.importorskip("jax")
     data = np.arange(64, dtype=np.float32)
