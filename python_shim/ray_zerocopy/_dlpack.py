@@ -70,19 +70,31 @@ def consume_versioned(addresses, consumer) -> list:
     Python bytecode per tensor (a loop appending each result cost 0.07 us a
     tensor more: 1.4 of 10 ms for 20,000). If anything fails, every tensor
     whose capsule was not taken (a taken one is renamed by its consumer) is
-    freed here."""
+    freed here, and the error propagates."""
+    return _consume(addresses, consumer, _VERSIONED, "DLManagedTensorVersioned *", lib.rzc_dlpack_versioned_free)
+
+
+def consume_legacy_all(addresses, consumer) -> list:
+    """:func:`consume_versioned` for legacy capsules (``DLManagedTensor *``),
+    for a consumer that takes them all or fails (JAX's import, where the
+    arrays are known to suit it); see :func:`consume_legacy` for one that
+    may refuse some."""
+    return _consume(addresses, consumer, _LEGACY, "DLManagedTensor *", lib.rzc_dlpack_legacy_free)
+
+
+def _consume(addresses, consumer, name: bytes, ctype: str, free) -> list:
     try:
-        capsules = list(map(_new_bare, addresses, repeat(_VERSIONED), repeat(None)))
+        capsules = list(map(_new_bare, addresses, repeat(name), repeat(None)))
     except BaseException:
         for address in addresses:  # none was handed out: every one is still ours
-            lib.rzc_dlpack_versioned_free(ffi.cast("DLManagedTensorVersioned *", address))
+            free(ffi.cast(ctype, address))
         raise
     try:
         return list(map(consumer, capsules))
     except BaseException:
         for capsule, address in zip(capsules, addresses, strict=True):
-            if _is_capsule(capsule, _VERSIONED):
-                lib.rzc_dlpack_versioned_free(ffi.cast("DLManagedTensorVersioned *", address))
+            if _is_capsule(capsule, name):
+                free(ffi.cast(ctype, address))
         raise
 
 

@@ -232,6 +232,14 @@ class Weights:
             )
         return self._columns
 
+    def dtype_codes(self) -> np.ndarray:
+        """Every tensor's dtype as its native code (``_native.DTYPE_NAMES``
+        names it), in the order of the data: read-only, without the work of
+        :meth:`columns` (4 ms for 20,000 tensors) where only dtypes are asked."""
+        codes = self._rows()["dtype"]
+        codes.flags.writeable = False
+        return codes
+
     def _rows(self) -> np.ndarray:
         """``rzc_weights_get_all`` as a numpy record array (pointers as
         addresses), read once; :meth:`table` and :meth:`columns` share it."""

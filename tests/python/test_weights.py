@@ -798,28 +798,35 @@ def test_loaded_parameters_are_frozen_parameters_over_the_buffer():
         assert loaded[0].weight.requires_grad
 
 
-def test_arrays_jax_refuses_are_copied_and_their_exports_freed():
+@pytest.mark.parametrize("layout", ["none_aligned", "every_other_aligned"])
+def test_arrays_jax_refuses_are_copied_and_their_exports_freed(layout):
     """JAX adopts only 64-byte aligned memory: from a buffer that is not,
     every array it refuses is made another way (a copy, with the right
     values), and each DLPack tensor it was offered and left is freed: once
-    the arrays are gone and the handle closed, nothing holds the buffer."""
+    the arrays are gone and the handle closed, nothing holds the buffer.
+    ``every_other_aligned``: JAX takes the first array, then refuses the
+    second, midway through the import of all of them in one go; every array
+    is made again, the aligned ones adopted."""
     pytest.importorskip("jax")
     from ray_zerocopy import _jax
 
-    data = [np.arange(100, dtype=np.float32) + k for k in range(5)]
+    data = [np.arange(100, dtype=np.float32) + k for k in range(5)]  # 400 bytes each
     inputs = [rzc.PackInput(f"t{k}", rzc.Dtype.F32, d.shape, d.ctypes.data, d.nbytes) for k, d in enumerate(data)]
-    packed = rzc.pack(inputs)
+    packed = rzc.pack(inputs, alignment=32 if layout == "every_other_aligned" else 64)
     raw = np.empty(len(packed) + 64, np.uint8)
-    skew = (-raw.ctypes.data % 64) + 8  # 8 bytes past a 64-byte boundary
+    skew = (-raw.ctypes.data % 64) + (8 if layout == "none_aligned" else 0)  # from a 64-byte boundary
     buf = raw[skew : skew + len(packed)]
     buf[:] = np.frombuffer(packed, np.uint8)
     gc.collect()  # buffers earlier tests left in garbage cycles go now, not mid-test
     base = live_buffers()
     w = rzc.Weights.from_buffer(buf)
+    addresses = [w.address + w.info(k).offset for k in range(len(w))]
+    aligned = [a % 64 == 0 for a in addresses]
+    assert aligned == ([False] * 5 if layout == "none_aligned" else [aligned[0], not aligned[0]] * 2 + [aligned[0]])
     got = _jax.adopt(w, list(range(len(w))))
     for k, a in enumerate(got):
         np.testing.assert_array_equal(np.asarray(a), data[k])
-        assert a.unsafe_buffer_pointer() != w.address + w.info(k).offset, "an unaligned array was adopted"
+        assert (a.unsafe_buffer_pointer() == addresses[k]) == aligned[k], f"array {k}: adopted iff aligned"
     del got, a
     w.close()
     gc.collect()
