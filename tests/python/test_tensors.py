@@ -657,3 +657,45 @@ def test_a_checkpoint_filled_into_a_model_keeps_its_tensors_classes_and_attribut
     assert loaded.lin.weight.partition_dim == 1 and type(loaded.extra) is ShardedParam
     assert torch.equal(loaded.lin.weight, ckpt["lin.weight"]) and torch.equal(loaded.extra, ckpt["extra"])
     assert buf.ctypes.data <= loaded.extra.data_ptr() < buf.ctypes.data + len(buf)
+
+
+def test_a_module_s_dicts_come_back_as_they_were_and_sealing_changes_none():
+    """A module's state is set by nn.Module's own ``__dict__`` setter and its
+    empty hook dicts are unpickled without their constructor (the load's
+    quick ways): each loaded module has every attribute the original has,
+    hooks registered on it (``prepend`` included) run in order on it alone,
+    and an ``OrderedDict`` with entries or attributes of its own keeps them.
+    Sealing reads the caller's dicts without adding to them: none of the
+    model's dicts gains an instance dict (64 bytes each, 14 MB for a model
+    of 13,335 modules, where sealing asked for one to see it was empty)."""
+    import collections
+    import gc
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.ReLU()).eval()
+    model[1].notes = collections.OrderedDict(a=1)
+    model[1].notes.tag = "kept"
+    model[1].empty_with_attr = collections.OrderedDict()
+    model[1].empty_with_attr.tag = "also kept"
+    dicts = [v for m in model.modules() for v in vars(m).values() if type(v) is collections.OrderedDict]
+    had = [gc.get_referents(d) for d in dicts]
+    loaded = round_trip(model)
+    assert [gc.get_referents(d) for d in dicts] == had, "sealing gave the caller's dicts instance dicts"
+    for original, got in zip(model.modules(), loaded.modules(), strict=True):
+        assert type(got) is type(original) and vars(got).keys() == vars(original).keys()
+        for k, v in vars(original).items():
+            if type(v) is collections.OrderedDict and k not in ("_parameters", "_buffers", "_modules"):
+                assert type(vars(got)[k]) is collections.OrderedDict and vars(got)[k] == v, k
+                assert vars(got)[k] is not v
+    assert loaded[1].notes == {"a": 1} and loaded[1].notes.tag == "kept"
+    assert loaded[1].empty_with_attr.tag == "also kept"
+    hooks = [m._forward_hooks for m in loaded.modules()]
+    assert len({id(h) for h in hooks}) == len(hooks), "two modules share a hook dict"
+    calls = []
+    loaded[0].register_forward_hook(lambda m, i, o: calls.append("after"))
+    loaded[0].register_forward_hook(lambda m, i, o: calls.append("first"), prepend=True)
+    loaded[0].register_forward_pre_hook(lambda m, i: calls.append("pre"))
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), model(x))
+    assert calls == ["pre", "first", "after"]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not loaded[1]._forward_hooks and not loaded[2]._forward_pre_hooks
