@@ -333,6 +333,7 @@ class _Sealer:
         self.used_names: set[str] = {getattr(i, "name", "") for i in self.inputs}
         self.training_left: list[object] = []  # modules pickled in training mode that we could not switch
         self.own_ids: set[int] = set()  # id() of tensors each loading process copies (Sealed.own)
+        self.own_notes: list[tuple] = []  # (module path, class, why, bytes) of the modules that write them
         self.reduced: set[int] = set()  # id() of tensors pickled through the torch reducer
         self.unshared: list = []  # numpy arrays of numbers safetensors cannot hold: pickled
         self.obj = obj
@@ -354,10 +355,10 @@ class _Sealer:
                 for i, t in found.items()
                 if i in self.refs and _torch.has_extras(t) and not _torch.is_wrapper_subclass(t)
             )
-            # A weight its module writes in inference: each loading process
+            # A tensor its module writes in inference: each loading process
             # copies it, or, where it is a view, its base (so that the
             # write reaches what shares its memory, as in torch).
-            for w in _torch.written_weights(walk_modules(obj)):
+            for w in _torch.written_tensors(walk_modules(obj)):
                 self.mark_own(self.views[id(w)][0] if id(w) in self.views else w)
 
     def module_path(self, module) -> str:
@@ -373,6 +374,11 @@ class _Sealer:
         """Tensor ``t`` is copied by each process that loads (``Sealed.own``)."""
         self.own_ids.add(id(t))
         self.keep.append(t)  # its id stays its own until packed
+
+    def note_own(self, path: str, kind: str, why: str, nbytes: int) -> None:
+        """Module ``path`` (of class ``kind``) writes tensors of its own in
+        inference (``why``): told once the pipeline is pickled."""
+        self.own_notes.append((path, kind, why, nbytes))
 
     def own_refs(self) -> tuple:
         """The references of the tensors :meth:`mark_own` named."""
@@ -444,6 +450,17 @@ class _Sealer:
         pickler = _pickler_class(_base_pickler())(f, self, _torch_reducer())
         try:
             pickler.dump(obj)
+            if self.training_left:
+                # The modules pickled in training mode (a train() of their
+                # own), for the load to switch with eval(): a second pickle
+                # after the skeleton's, made with the same memo, so that each
+                # is the module the first one makes, wherever it lies (in a
+                # functools.partial, a deque, an object with __slots__: where
+                # no walk of the loaded pipeline reaches). None where one of
+                # them is not in the memo: the load then walks what it finds.
+                memo = pickler.memo.copy()
+                left = list(self.training_left)
+                pickler.dump(left if all(id(m) in memo for m in left) else None)
         finally:
             pickler.sealer = pickler.torch_reduce = None
 
@@ -469,6 +486,15 @@ class _Sealer:
                 "stay: so small a model has nothing to share)"
             )
         skeleton = f.getvalue()
+        if self.own_notes:
+            shown = "; ".join(f"{p!r} ({k} {why}: {n} bytes)" for p, k, why, n in self.own_notes[:5])
+            more = len(self.own_notes) - 5
+            _telemetry.log.warning(
+                "%d module(s) write tensors of their own in place as they run, in eval mode too: %s%s. Each process "
+                "that loads gets its own copy of those tensors (%d bytes in all), not the shared read-only one",
+                len(self.own_notes), shown, f"; and {more} more" if more > 0 else "",
+                sum(n for *_, n in self.own_notes),
+            )
         if self.unshared:
             _telemetry.log.warning(
                 "%d numpy array(s) of %s (%.1f MiB in all) travel pickled, a copy in each process that loads: "

@@ -101,15 +101,24 @@ def import_modules(names, kinds) -> None:
 
 def rebuild(skeleton: bytes, objects: list, needs_eval: bool = True) -> object:
     """Unpickles ``skeleton`` with reference ``i`` resolved to ``objects[i]``.
-    Sealing pickles modules in eval mode; ``needs_eval`` (some module could
-    not be) walks the result and switches every module to eval mode."""
-    unpickler = pickle.Unpickler(io.BytesIO(skeleton))
+    Sealing pickles modules in eval mode; ``needs_eval``: some module could
+    not be (a ``train()`` of its own), and the skeleton's second pickle lists
+    each such module (see ``_Sealer._dump``): each is switched with
+    ``eval()``. Where it lists none (``None``: one was not in the memo), the
+    result is walked and every module found switched."""
+    stream = io.BytesIO(skeleton)
+    unpickler = pickle.Unpickler(stream)
     # A reference is an index: the list's own __getitem__ resolves it, with
     # no Python call per tensor.
     unpickler.persistent_load = objects.__getitem__
     obj = unpickler.load()
     if needs_eval:
-        for _, module in walk_modules(obj):
-            if any(m.training for m in module.modules()):
+        left = unpickler.load() if stream.tell() < len(skeleton) else None
+        if left is not None:
+            for module in left:
                 module.eval()
+        else:
+            for _, module in walk_modules(obj):
+                if any(m.training for m in module.modules()):
+                    module.eval()
     return obj

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import copyreg
 import gc
+import sys
 from collections import OrderedDict
 
 import torch
 
-from . import _telemetry
 from ._checkpoint import same_values
 from ._dlpack import consume_versioned, versioned_capsule
 from ._native import DTYPE_CODES, DTYPE_NAMES
@@ -436,14 +436,14 @@ def _reduce_module(o, sealer, proto: int):
     """Modules are pickled in eval mode, as load() returns them: the loaded
     pipeline needs no walk over its modules to switch them, and the caller's
     own modules stay as they are."""
-    if writes_its_weight(o):
-        if id(o.weight) not in sealer.views:  # a view's base is marked already (_Sealer.__init__)
-            sealer.mark_own(o.weight)  # one the walk before pickling did not reach
-        _telemetry.log.warning(
-            "module %r (%s with max_norm=%s) renormalizes the rows it looks up in place, in eval mode too: "
-            "each process that loads gets its own copy of its weight (%d bytes), not the shared read-only one",
-            sealer.module_path(o), type(o).__name__, o.max_norm, o.weight.numel() * o.weight.element_size(),
-        )
+    written = written_in_inference(o)
+    if written is not None:
+        why, tensors = written
+        for t in tensors:
+            if id(t) not in sealer.views:  # a view's base is marked already (_Sealer.__init__)
+                sealer.mark_own(t)  # one the walk before pickling did not reach
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        sealer.note_own(sealer.module_path(o), type(o).__name__, why, nbytes)
     if packed_quantized(o):
         raise UnshareableTensorError(
             f"module {sealer.module_path(o)!r} ({type(o).__module__}.{type(o).__qualname__}) keeps its weights "
@@ -486,20 +486,74 @@ def _reduce_module(o, sealer, proto: int):
     return None
 
 
-def written_weights(modules):
-    """The weights of every module that writes its own in inference
-    (:func:`writes_its_weight`), of the ``(path, module)`` pairs given."""
+def written_tensors(modules):
+    """The tensors written in inference (:func:`written_in_inference`) by
+    every module of the ``(path, module)`` pairs given."""
     for _, top in modules:
         for m in top.modules():
-            if writes_its_weight(m):
-                yield m.weight
+            written = written_in_inference(m)
+            if written is not None:
+                yield from written[1]
 
 
-def writes_its_weight(module) -> bool:
-    """Whether ``module``'s forward writes its weight in place whatever its
-    mode: ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm`` (torch
-    renormalizes each row they look up that is longer than ``max_norm``)."""
-    return isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.max_norm is not None
+def written_in_inference(module):
+    """``(why, tensors)`` where ``module``'s forward writes tensors of its
+    own in place in eval mode and under ``no_grad`` (against the shared
+    read-only copy that write would kill the process), else ``None``:
+
+    - ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``max_norm``: torch
+      renormalizes each row they look up that is longer, in the weight;
+    - a transformers rotary embedding of the ``longrope`` type (Phi-3,
+      Phi-3.5, Phi-4-mini): its forward (``dynamic_rope_update``) copies the
+      short or long frequencies into its ``inv_freq`` buffers on every call;
+    - quantization-aware training's fake quantizers and observers
+      (``prepare_qat``): they observe what they quantize and update their
+      statistics, scale and zero point in eval mode too.
+
+    Written tensors are small but for the embeddings; each is copied by
+    every process that loads (``Sealed.own``)."""
+    if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+        if module.max_norm is None:
+            return None
+        return f"with max_norm={module.max_norm} renormalizes the rows it looks up in its weight", [module.weight]
+    if _longrope(module):
+        names = [n for n, _ in module.named_buffers(recurse=False) if n.endswith("inv_freq")]
+        if names:
+            return (
+                f"(transformers' longrope rotary embedding) copies new frequencies into {', '.join(names)} "
+                "on every call",
+                [getattr(module, n) for n in names],
+            )
+        return None
+    quant = sys.modules.get("torch.ao.quantization")
+    if quant is not None and isinstance(module, (quant.FakeQuantizeBase, quant.ObserverBase)):
+        buffers = [b for _, b in module.named_buffers(recurse=False) if b is not None]
+        if buffers:
+            return "(quantization-aware training) updates its statistics, scale and zero point as it runs", buffers
+    return None
+
+
+# The code of the function transformers' dynamic_rope_update wraps a rotary
+# embedding's forward in (every wrapper shares it), once transformers is in use.
+_rope_update_code: list = []
+
+
+def _longrope(module) -> bool:
+    """Whether ``module`` is a transformers rotary embedding whose forward
+    is wrapped by ``dynamic_rope_update`` and that uses the ``longrope``
+    type (for any of its layer types): that wrapper writes its frequencies
+    in place. The ``dynamic`` type registers new buffers instead."""
+    rope_type = getattr(module, "rope_type", None)
+    types = rope_type.values() if isinstance(rope_type, dict) else (rope_type,)
+    if "longrope" not in types:
+        return False
+    if not _rope_update_code:
+        utils = sys.modules.get("transformers.modeling_rope_utils")
+        update = getattr(utils, "dynamic_rope_update", None)
+        if update is None:
+            return False
+        _rope_update_code.append(update(lambda self, x, position_ids: None).__code__)
+    return getattr(type(module).forward, "__code__", None) is _rope_update_code[0]
 
 
 def _parametrized(module) -> bool:

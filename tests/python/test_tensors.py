@@ -75,7 +75,7 @@ def test_a_module_that_writes_its_weight_in_inference_gets_its_own_copy(caplog):
     reference = copy.deepcopy(model)
     with caplog.at_level("WARNING", logger="ray_zerocopy"):
         sealed, buf = _seal.seal(model)
-    assert "'emb' (Embedding with max_norm=1.0)" in caplog.text and "'bag' (EmbeddingBag" in caplog.text
+    assert "'emb' (Embedding with max_norm=1.0 renormalizes" in caplog.text and "'bag' (EmbeddingBag" in caplog.text
     assert len(sealed.own) == 2
     weights = Weights.from_buffer(buf)
     loaded = _load.assemble(weights, sealed)
@@ -240,6 +240,53 @@ def test_a_module_wrapped_in_training_mode_is_switched_by_its_own_train():
     assert sealed.needs_eval
     assert model.training and model[0].stochastic, "the caller's model is left as it was"
     loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    assert not loaded.training and not loaded[0].training and not loaded[0].stochastic
+    x = torch.ones(1, 4)
+    assert torch.equal(loaded(x), loaded(x)) and torch.equal(loaded(x), model.eval()(x))
+
+
+class _Slotted:
+    __slots__ = ("model",)
+
+    def __init__(self, model):
+        self.model = model
+
+
+def _run(model, x):
+    return model(x)
+
+
+@pytest.mark.parametrize("holder", ["partial", "deque", "slots", "nested_partial"])
+def test_a_module_in_training_mode_is_switched_wherever_the_pipeline_holds_it(holder):
+    """A module with a train() of its own is pickled in training mode and
+    switched by eval() after loading. That switch walked the loaded pipeline,
+    which reaches no module held by a functools.partial, a deque or an
+    object with __slots__: such a module came back in training mode, its
+    noise (a transformers model's dropout) on, two calls differing, without
+    a word. The skeleton now lists the modules to switch, wherever they lie."""
+    import collections
+    import functools
+
+    def wrap(model):
+        return {
+            "partial": lambda: {"fn": functools.partial(_run, model)},
+            "deque": lambda: {"q": collections.deque([model])},
+            "slots": lambda: {"s": _Slotted(model)},
+            "nested_partial": lambda: [functools.partial(_run, functools.partial(_run, model).args[0])],
+        }[holder]()
+
+    def find(p):
+        return {
+            "partial": lambda: p["fn"].args[0],
+            "deque": lambda: p["q"][0],
+            "slots": lambda: p["s"].model,
+            "nested_partial": lambda: p[0].args[0],
+        }[holder]()
+
+    model = torch.nn.Sequential(Noisy(), torch.nn.Dropout(0.5)).train()
+    sealed, buf = _seal.seal(wrap(model))
+    assert sealed.needs_eval and model.training and model[0].stochastic, "the caller's model is left as it was"
+    loaded = find(_load.assemble(Weights.from_buffer(buf), sealed))
     assert not loaded.training and not loaded[0].training and not loaded[0].stochastic
     x = torch.ones(1, 4)
     assert torch.equal(loaded(x), loaded(x)) and torch.equal(loaded(x), model.eval()(x))
@@ -699,3 +746,77 @@ def test_a_module_s_dicts_come_back_as_they_were_and_sealing_changes_none():
     assert calls == ["pre", "first", "after"]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not loaded[1]._forward_hooks and not loaded[2]._forward_pre_hooks
+
+
+def _longrope_model():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Phi3Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, original_max_position_embeddings=16, pad_token_id=0,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4},
+    )
+    torch.manual_seed(0)
+    return transformers.Phi3ForCausalLM(config).eval()
+
+
+def _qat_model():
+    from torch.ao import quantization as q
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).train()
+    model.qconfig = q.get_default_qat_qconfig("fbgemm")
+    model = q.prepare_qat(model)
+    with torch.no_grad():
+        model(torch.randn(16, 8))  # observe once, as after training
+    return model.eval()
+
+
+# Inputs each run in turn: for the longrope model a short prompt, one past
+# the pretraining length (its long frequencies) and a short one again.
+_WRITER_INPUTS = {
+    "longrope": lambda: [torch.arange(3, 11)[None], torch.arange(3, 23)[None], torch.arange(5, 9)[None]],
+    "qat": lambda: [torch.randn(4, 8, generator=torch.Generator().manual_seed(k)) * (k + 1) for k in range(3)],
+}
+
+
+def _writer_outputs(model, kind):
+    with torch.no_grad():
+        outs = [model(x) for x in _WRITER_INPUTS[kind]()]
+    return [o.logits if hasattr(o, "logits") else o for o in outs]
+
+
+@pytest.mark.parametrize("kind", ["longrope", "qat"])
+def test_modules_that_write_their_buffers_as_they_run_get_their_own_copy(ray_cluster, kind, caplog):
+    """transformers' longrope rotary embedding (Phi-3, Phi-3.5, Phi-4-mini)
+    copies its frequencies into its ``inv_freq`` buffer on every call, and
+    quantization-aware training's observers and fake quantizers update their
+    statistics, scale and zero point in eval mode too: against the shared
+    read-only copy, the first forward killed the actor (and, unguarded, one
+    actor's long prompt changed every actor's frequencies). Each process now
+    copies those tensors, the wrap says which, and two actors give the
+    outputs of the model run in plain torch, in turn, on their own."""
+    import copy
+
+    ray = ray_cluster
+    model = _longrope_model() if kind == "longrope" else _qat_model()
+    reference = copy.deepcopy(model)
+    with caplog.at_level("WARNING", logger="ray_zerocopy"):
+        wrapper = ActorWrapper(model)
+    assert "write tensors of their own in place as they run" in caplog.text
+    assert ("longrope" in caplog.text) if kind == "longrope" else ("quantization-aware training" in caplog.text)
+
+    @ray.remote(num_cpus=0)
+    class Server:
+        def __init__(self, w):
+            self.m = w.load()
+
+        def run(self):
+            return _writer_outputs(self.m, kind)
+
+    servers = [Server.remote(wrapper) for _ in range(2)]
+    want = _writer_outputs(reference, kind)
+    for s in servers:
+        got = ray.get(s.run.remote())
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    for s in servers:
+        ray.kill(s)

@@ -76,8 +76,10 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         write_stderr(&hex(addr));
         write_stderr(
             b" was stopped. These weights are shared by every process on this machine that loaded them; \
-              an in-place write (param.add_(), an optimizer step, .train() with BatchNorm) would change them \
-              for all. clone() a tensor before modifying it, or load with write_protect=False to opt out.\n",
+              an in-place write (param.add_(), an optimizer step, .train() with BatchNorm, a module that \
+              updates a buffer of its own as it runs) would change them for all. clone() a tensor before \
+              modifying it (a module's buffer: register_buffer(name, buf.clone()) after load()); \
+              write_protect=False lets such writes through, to every process's weights.\n",
         );
     }
     // Hand the signal on as if this handler were not there.
