@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _load, _telemetry
 from ._native import DTYPE_NAMES
-from ._seal import ALIGNMENT, GUARD_BYTES, Packing, _adapters, _copy_inputs, _Sealer, kind_of
+from ._seal import ALIGNMENT, GUARD_BYTES, Packing, _adapters, _copy_inputs, _Sealer, _torch_reducer, kind_of
 from ._skeleton import walk
 from .errors import InvalidInputError
 from .packing import PackPlan, view_at
@@ -95,11 +95,15 @@ class _DeltaSealer(_Sealer):
     ``id(tensor)`` of the pickled object to ``(value, pack input, alive,
     tensor)`` that stands in its place (a state dict applied onto the
     base); ``follows``, ``id(tensor)`` to ``(base, offset)`` of tensors
-    sealed as views of a base given a new value."""
+    sealed as views of a base given a new value; ``swapped``, ``id(tensor)``
+    of a tensor subclass made of inner tensors (torchao's quantized weights)
+    to ``(value, tensor)``: the new value of that class pickled in its place
+    (see :meth:`_reduce_swapped`)."""
 
-    def __init__(self, obj, base: _Base, substitute: dict, follows: dict | None = None):
+    def __init__(self, obj, base: _Base, substitute: dict, follows: dict | None = None, swapped: dict | None = None):
         super().__init__(obj)
         self.base, self.substitute = base, substitute
+        self.swapped = swapped or {}
         # A tensor given a new value is sealed as that value; one on the
         # memory of a base given a new value stays (or becomes, where
         # ``follows`` says) a view of it, whose new value is the memory's
@@ -133,6 +137,31 @@ class _DeltaSealer(_Sealer):
     def value_of(self, t):
         sub = self.substitute.get(id(t))
         return t if sub is None else sub[0]
+
+    def _reducer(self):
+        self._torch_reduce = _torch_reducer()
+        return self._reduce_swapped if self.swapped else self._torch_reduce
+
+    def _reduce_swapped(self, o, sealer, proto: int):
+        """The torch reducer, except for a tensor subclass given a new value
+        (``swapped``): the new value is pickled in its place as the torch
+        reducer pickles such a tensor (its inner tensors become references,
+        named after the tensor, so each is matched with the base's inner
+        tensor of its name; the subclass is rebuilt around them on load),
+        a parameter where the base's tensor is one."""
+        swap = self.swapped.get(id(o))
+        if swap is None:
+            return self._torch_reduce(o, sealer, proto)
+        from . import _torch
+
+        value, slot = swap
+        inner, ctx = _torch.flatten(value)
+        outer = self.known.get(id(slot), f"tensor.{len(self.inputs)}")
+        for attr, x in inner.items():
+            self.known.setdefault(id(x), f"{outer}.{attr}")
+        self.keep.append(value)  # its inner tensors' ids stay theirs until packed
+        param = isinstance(slot, sys.modules["torch"].nn.Parameter)
+        return _torch.unflatten, (type(value), inner, ctx, tuple(value.shape), tuple(value.stride()), param)
 
     def _reducible(self, t, adapter) -> bool:
         # A tensor given a new value is sealed as that value, in the value's
@@ -171,20 +200,99 @@ class _DeltaSealer(_Sealer):
         return len(self.sources) - 1
 
 
-def _is_state_dict(new, adapters) -> bool:
-    return isinstance(new, dict) and all(
-        isinstance(k, str) and any(a.accepts(v) for _, a in adapters) for k, v in new.items()
+def _is_state_dict(new: dict, pipeline, slots: dict, adapters) -> bool:
+    """Whether dict ``new`` is a state dict to apply onto the base
+    ``pipeline`` (whose tensors by name are ``slots``), not a whole new
+    pipeline; refused where it could be either.
+
+    A dict is never silently taken for a pipeline it does not look like: a
+    state dict whose values are not all plain tensors (torchao's quantized
+    weights, tensor subclasses made of inner tensors) became the new version
+    itself, and actors then called a dict; one with a stray entry (``{"a":
+    t, "note": "v2"}`` over ``{"a": .., "b": ..}``) became a pipeline that
+    had lost ``b``. So, in order:
+
+    - every value a plain tensor or array: a state dict, as always (a name
+      the base lacks is an error that names it);
+    - every key a name of a tensor of the base: a state dict, whatever the
+      values (a tensor subclass is applied, anything else is an error that
+      names it);
+    - the base is a dict and ``new`` has every key of it: the whole new
+      pipeline (of the same form; entries may be added);
+    - no key names a tensor of the base (nor, for a dict base, a key of
+      it): the whole new pipeline;
+    - else (names of the base's tensors beside other entries, or some of a
+      dict base's keys but not all): refused, naming the entries, with how to
+      do either. A dict base is not updated entry by entry (``dict.update``)
+      either: that would keep, silently, what a new pipeline meant to drop;
+      ``{**version.load(), **changes}`` is that, at no copy."""
+    if all(isinstance(k, str) and any(a.accepts(v) for _, a in adapters) for k, v in new.items()):
+        return True
+    unknown = [k for k in new if k not in slots]
+    if not unknown:
+        return True
+    top = set(pipeline) if isinstance(pipeline, dict) else set()
+    if top and top <= set(new):
+        return False
+    named = [k for k in new if k in slots or k in top]
+    if not named:
+        return False
+    raise InvalidInputError(_ambiguous(new, pipeline, slots, named, unknown, adapters))
+
+
+def _ambiguous(new: dict, pipeline, slots: dict, named: list, unknown: list, adapters) -> str:
+    """Why dict ``new`` is refused (see :func:`_is_state_dict`): its entries
+    named, and how to do either thing it might mean."""
+
+    def keys(ks) -> str:
+        shown = ", ".join(repr(k) for k in ks[:6])
+        return shown + (f" and {len(ks) - 6} more" if len(ks) > 6 else "")
+
+    def what(v) -> str:
+        return "a tensor" if _is_tensor(v, adapters) else f"a {type(v).__name__}"
+
+    others = ", ".join(f"{k!r} ({what(new[k])})" for k in unknown[:6]) + (
+        f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
     )
+    examples = keys(list(slots)[:3])
+    if isinstance(pipeline, dict):
+        missing = [k for k in pipeline if k not in new]
+        head = (
+            f"update: the dict gives {keys(named)} of the base pipeline (a dict) but not "
+            f"{keys(missing)}, beside {others}"
+        )
+        whole = (
+            "to replace the pipeline, pass the whole new dict, with every key of the base "
+            "(version.update({**version.load(), ...}) keeps the entries not given, their tensors "
+            "recognised without a copy)"
+        )
+    else:
+        head = f"update: the dict gives tensors of the base by name ({keys(named)}) beside {others}"
+        whole = "to replace the pipeline, pass the whole new pipeline object (e.g. the fine-tuned model itself)"
+    return (
+        f"{head}: it is neither a state dict nor a whole pipeline of the base's form. To give tensors new "
+        f"values, pass only tensors, by the names of the base's state dict (e.g. {examples}); {whole}"
+    )
+
+
+def _is_tensor(v, adapters) -> bool:
+    """Whether ``v`` is a tensor or array: one an adapter takes, or any torch
+    tensor (a subclass made of inner tensors included)."""
+    torch = sys.modules.get("torch")
+    return any(a.accepts(v) for _, a in adapters) or (torch is not None and isinstance(v, torch.Tensor))
 
 
 def _slots(obj, adapters) -> dict:
     """Every tensor of ``obj`` by every name it has: state-dict names
     (parameters and buffers, tied ones under each name) for modules, the
-    attribute/key path for other tensors and arrays."""
+    attribute/key path for other tensors and arrays (a torch tensor
+    subclass made of inner tensors by its own path, not its inner ones')."""
     torch = sys.modules.get("torch")
 
     def is_leaf(o):
-        return (torch is not None and isinstance(o, torch.nn.Module)) or any(a.accepts(o) for _, a in adapters)
+        return (torch is not None and isinstance(o, (torch.nn.Module, torch.Tensor))) or any(
+            a.accepts(o) for _, a in adapters
+        )
 
     out: dict = {}
     for path, leaf in walk(obj, is_leaf):
@@ -199,14 +307,16 @@ def _slots(obj, adapters) -> dict:
     return out
 
 
-def _substitutes(pipeline, state: dict, adapters) -> tuple[dict, dict]:
-    """What each tensor of the base ``pipeline`` named in ``state`` is
-    replaced by, checked: every name is one of the pipeline's, every value
-    of the slot's framework, dtype and shape, tied names given one value;
-    and the tensors that follow a base given a new value (see
-    :func:`_write_through`)."""
-    slots = _slots(pipeline, adapters)
+def _substitutes(slots: dict, state: dict, adapters) -> tuple[dict, dict, dict]:
+    """What each tensor of the base pipeline (its tensors by name:
+    ``slots``) named in ``state`` is replaced by, checked: every name is one
+    of the pipeline's, every value of the slot's framework (and class, for a
+    tensor subclass made of inner tensors), dtype and shape, tied names
+    given one value; the tensors that follow a base given a new value (see
+    :func:`_write_through`); and the tensor subclasses given a new value
+    (``_DeltaSealer``'s ``swapped``)."""
     out: dict = {}
+    swapped: dict = {}
     named: dict[int, str] = {}
     for name, value in state.items():
         slot = slots.get(name)
@@ -215,6 +325,15 @@ def _substitutes(pipeline, state: dict, adapters) -> tuple[dict, dict]:
             raise InvalidInputError(
                 f"update: the base pipeline has no tensor {name!r} (its names are those of its state dict, e.g. {some})"
             )
+        if not _is_tensor(value, adapters):
+            raise InvalidInputError(
+                f"update: {name!r} names a tensor of the base, but its new value is a {type(value).__name__}, "
+                "not a tensor: a state dict gives tensors only; to replace the pipeline, pass the whole new "
+                "pipeline object instead"
+            )
+        if _wrapper_subclass(slot):
+            _swap(swapped, named, name, slot, value)
+            continue
         found = next((e for e in adapters if e[1].accepts(slot)), None)
         if found is None:
             raise InvalidInputError(
@@ -224,7 +343,8 @@ def _substitutes(pipeline, state: dict, adapters) -> tuple[dict, dict]:
         fw, adapter = found
         if not adapter.accepts(value):
             raise InvalidInputError(
-                f"update: tensor {name!r} is a {fw} tensor in the base, not a {type(value).__name__}"
+                f"update: tensor {name!r} is a {fw} tensor in the base, not a {type(value).__name__}: a state "
+                "dict cannot change a tensor's kind; to do that, pass the whole new pipeline instead"
             )
         old, _ = adapter.pack_input(slot, name)
         inp, alive = adapter.pack_input(value, name)
@@ -241,7 +361,56 @@ def _substitutes(pipeline, state: dict, adapters) -> tuple[dict, dict]:
             )
         out[id(slot)] = (value, inp, alive, slot)
         named.setdefault(id(slot), name)
-    return _write_through(slots, out, named)
+    return (*_write_through(slots, out, named), swapped)
+
+
+def _wrapper_subclass(t) -> bool:
+    """Whether ``t`` is a torch tensor subclass made of inner tensors."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(t, torch.Tensor):
+        return False
+    from . import _torch
+
+    return _torch.is_wrapper_subclass(t)
+
+
+def _swap(swapped: dict, named: dict, name: str, slot, value) -> None:
+    """Records ``value`` as the new value of the base's tensor subclass
+    ``slot`` (named ``name``), checked: of its class, dtype and shape, and,
+    for a tensor tied under several names, one value. It is sealed as the
+    class seals it, its inner tensors each compared with the base's."""
+    if type(value) is not type(slot):
+        raise InvalidInputError(
+            f"update: tensor {name!r} is a {type(slot).__module__}.{type(slot).__qualname__} in the base, not a "
+            f"{type(value).__module__}.{type(value).__qualname__}: a state dict cannot change a tensor's class "
+            "(quantize the new weights as the base's are, or pass the whole new pipeline instead)"
+        )
+    if value.dtype != slot.dtype or tuple(value.shape) != tuple(slot.shape):
+        raise InvalidInputError(
+            f"update: tensor {name!r} is {slot.dtype} {list(slot.shape)} in the base, "
+            f"the new value {value.dtype} {list(value.shape)}"
+        )
+    prev = swapped.get(id(slot))
+    if prev is not None and prev[0] is not value and not _same_inner(prev[0], value):
+        raise InvalidInputError(
+            f"update: {named[id(slot)]!r} and {name!r} are one tied tensor in the base, "
+            "but the state dict gives them different values"
+        )
+    swapped[id(slot)] = (value, slot)
+    named.setdefault(id(slot), name)
+
+
+def _same_inner(a, b) -> bool:
+    """Whether tensor subclasses ``a`` and ``b`` (one class) hold the same
+    inner tensors, byte for byte, and context."""
+    import torch
+
+    from . import _torch
+
+    (x, cx), (y, cy) = _torch.flatten(a), _torch.flatten(b)
+    if x.keys() != y.keys() or cx != cy:
+        return False
+    return all(x[k].dtype == y[k].dtype and x[k].shape == y[k].shape and _same_bytes(torch, x[k], y[k]) for k in x)
 
 
 def _write_through(slots: dict, out: dict, named: dict) -> tuple[dict, dict]:
@@ -371,16 +540,22 @@ def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) ->
     base = _Base(opened, sealed)
     substitute: dict = {}
     follows: dict = {}
-    if _is_state_dict(new, adapters):
-        # The base pipeline's tensors ARE the base buffers': unchanged ones
-        # match by address, without a byte read.
+    swapped: dict = {}
+    if isinstance(new, dict):
+        # A state dict or a whole new pipeline: told apart by the base's
+        # tensors' names (see _is_state_dict). The base pipeline's tensors
+        # ARE the base buffers': unchanged ones match by address, without a
+        # byte read.
         if sealed.sources is None:
             pipeline = _load.build(base.opened[0], sealed, options).pipeline
         else:
             pipeline = _load.build_parts(base.opened, parts, sealed, options).pipeline
-        substitute, follows = _substitutes(pipeline, new, adapters)
-        new = pipeline
-    sealer = _DeltaSealer(new, base, substitute, follows)
+        slots = _slots(pipeline, adapters)
+        if _is_state_dict(new, pipeline, slots, adapters):
+            substitute, follows, swapped = _substitutes(slots, new, adapters)
+            new = pipeline
+        del pipeline, slots
+    sealer = _DeltaSealer(new, base, substitute, follows, swapped)
     skeleton = sealer.pickle(new)
     used = sorted({p for p, _ in sealer.sources if p != _NEW})
     number = {p: k for k, p in enumerate(used)}
@@ -388,7 +563,7 @@ def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) ->
     sources = tuple((own, j) if p == _NEW else (number[p], j) for p, j in sealer.sources)
     # Pickled: the base's opened buffers and pipeline are no longer needed
     # here; what the fill reads is in ``inputs`` and ``keep``.
-    sealer.base = sealer.substitute = sealer.obj = None
+    sealer.base = sealer.substitute = sealer.swapped = sealer.obj = None
     if not used and sources == tuple((0, j) for j in range(len(sources))):
         sources = None  # nothing in common with the base: one part, loaded as any wrapper
     inputs = sealer.inputs

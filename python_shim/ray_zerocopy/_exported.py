@@ -12,6 +12,8 @@ program imports it when it arrives in an actor, not during ``load()``.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch._export.serde import serialize as serde  # private; what torch.export.save/load use
 
@@ -67,7 +69,7 @@ def strip(ep, example_inputs: str = "auto") -> tuple[bytes, dict[str, torch.Tens
     if not isinstance(ep, torch.export.ExportedProgram):
         raise InvalidTypeError(f"expected a torch.export.ExportedProgram, got {type(ep).__name__}")
     sig = ep.graph_signature
-    mutated = _mutated_state(ep)
+    mutated = set(sig.buffers_to_mutate.values()) | {t for t, ops in _writes(ep).items() if ops - _INFERENCE_WRITES}
     if mutated:
         # Running it writes into those tensors: shared read-only weights
         # would fault (or, unguarded, change every process's copy).
@@ -110,29 +112,65 @@ def strip(ep, example_inputs: str = "auto") -> tuple[bytes, dict[str, torch.Tens
     return blob, tensors
 
 
-def _mutated_state(ep) -> set:
-    """Names of the program's parameters, buffers and constants that running
-    it writes: those its signature says it mutates, and those an in-place op
-    of the graph writes (export's training IR keeps ops like ``add_`` on a
-    buffer as they are)."""
+# The in-place ops of a graph that write state in eval mode too, as the
+# module they come from does: the state they write is copied by each
+# process that loads (:func:`written`). Any other write of state (a
+# BatchNorm's running statistics, in training mode) is refused by strip.
+_INFERENCE_WRITES = {"aten::embedding_renorm_"}  # nn.Embedding(max_norm=...)
+
+
+def written(ep) -> list[torch.Tensor]:
+    """The parameters, buffers and constants the program writes in place in
+    inference (an exported ``nn.Embedding(max_norm=...)`` renormalizes its
+    weight by ``embedding_renorm_`` on every call): each is copied by every
+    process that loads, as for the module itself."""
+    state = {**ep.constants, **ep.state_dict}
+    targets = sorted(t for t, ops in _writes(ep).items() if ops <= _INFERENCE_WRITES)
+    return [state[t] for t in targets if isinstance(state.get(t), torch.Tensor)]
+
+
+def _writes(ep) -> dict[str, set]:
+    """``{target: ops}``: the parameters, buffers and constants in-place ops
+    of the graph write (export's training IR keeps ops like ``add_`` on a
+    buffer as they are), with the names of the ops that write each. A write
+    reaches state through what aliases it: an op whose result aliases an
+    argument (``detach``, ``view``, ``t``, a slice; the items of ``split``)
+    aliases what that argument aliases, so ``embedding_renorm_`` of
+    ``detach(weight)`` writes the weight (its signature lists no mutation)."""
     from torch.export.graph_signature import InputKind
 
-    sig = ep.graph_signature
-    state = {
+    aliases = {
         spec.arg.name: spec.target
-        for spec in sig.input_specs
+        for spec in ep.graph_signature.input_specs
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
     }
-    out = set(sig.buffers_to_mutate.values())
+    out: dict[str, set] = {}
     for node in ep.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            source = node.args[0]
+            if isinstance(source, torch.fx.Node) and source.name in aliases:
+                aliases[node.name] = aliases[source.name]
+            continue
+        schema = getattr(node.target, "_schema", None)
         if schema is None:
             continue
         # Arguments left to their defaults are not in node.args.
-        for arg, value in zip(schema.arguments, node.args, strict=False):
-            written = arg.alias_info is not None and arg.alias_info.is_write
-            if written and isinstance(value, torch.fx.Node) and value.name in state:
-                out.add(state[value.name])
+        pairs = [
+            (arg.alias_info, value)
+            for arg, value in zip(schema.arguments, node.args, strict=False)
+            if arg.alias_info is not None and isinstance(value, torch.fx.Node) and value.name in aliases
+        ]
+        for info, value in pairs:
+            if info.is_write:
+                out.setdefault(aliases[value.name], set()).add(schema.name)
+        for ret in schema.returns:
+            if ret.alias_info is None:
+                continue
+            for info, value in pairs:
+                if set(info.before_set) & set(ret.alias_info.before_set):
+                    aliases[node.name] = aliases[value.name]
     return out
 
 

@@ -446,8 +446,13 @@ class _Sealer:
         self.keep.extend((o, alive))
         return len(self.inputs) - 1
 
+    def _reducer(self):
+        """What the pickler asks first of every object: the torch reducer
+        (``None`` without torch)."""
+        return _torch_reducer()
+
     def _dump(self, obj, f) -> None:
-        pickler = _pickler_class(_base_pickler())(f, self, _torch_reducer())
+        pickler = _pickler_class(_base_pickler())(f, self, self._reducer())
         try:
             pickler.dump(obj)
             if self.training_left:

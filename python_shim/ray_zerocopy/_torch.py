@@ -221,6 +221,19 @@ def reduce(o, sealer, proto: int):
         rebuild, (blob, tensors) = program(o)
         for name, t in tensors.items():
             sealer.known.setdefault(id(t), name)
+        if program.__module__.endswith("._exported"):
+            from . import _exported
+
+            # What an in-place op of its graph writes (a max_norm embedding's
+            # weight): a copy per loading process, as for the module itself.
+            written = _exported.written(o)
+            for t in written:
+                sealer.mark_own(sealer.views[id(t)][0] if id(t) in sealer.views else t)
+            if written:
+                key_of = {id(t): k for k, t in tensors.items()}
+                names = ", ".join(key_of.get(id(t), "?") for t in written)
+                nbytes = sum(t.numel() * t.element_size() for t in written)
+                sealer.note_own("the exported program", "ExportedProgram", f"writes {names} in place", nbytes)
         return rebuild, (blob, tensors)
     if isinstance(o, torch.Tensor):
         view = sealer.views.get(id(o))

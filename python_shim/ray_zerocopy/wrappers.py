@@ -180,7 +180,10 @@ class ActorWrapper:
         dtype or shape, is an error naming the tensor; names not given keep
         their tensors; a new value shows in every tensor of the state dict
         that shares its tensor's memory in the base: tied weights, a buffer
-        that views a weight).
+        that views a weight). A dict whose keys all name tensors of this
+        version (or whose values are all tensors) is a state dict; one that
+        names some beside other entries is refused as it could be either
+        (see "State dict or whole pipeline?" in docs/serving.md).
 
         A tensor is this version's when its dtype, shape and bytes are equal:
         one whose memory is this version's tensor (this pipeline loaded here,

@@ -423,6 +423,54 @@ def test_a_program_that_writes_its_buffers_is_refused(ray_cluster):
         ActorWrapper(ep)
 
 
+class _Renormalizing(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4, max_norm=1.0)
+        self.out = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            self.emb.weight.mul_(5.0)  # rows longer than max_norm: each lookup renormalizes them
+
+    def forward(self, i):
+        return self.out(self.emb(i))
+
+
+def test_a_program_whose_graph_writes_a_weight_gets_its_own_copy(ray_cluster, caplog):
+    """An exported ``nn.Embedding(max_norm=...)`` renormalizes its weight in
+    place on every call (``embedding_renorm_`` of a ``detach`` of it): the
+    signature lists no mutation, so the program was taken as read-only and
+    its first call killed the actor. What the graph writes, through what
+    aliases it, is now copied by each process that loads, as for the
+    module; two actors give the outputs of the program run in plain torch."""
+    import copy
+
+    ray = ray_cluster
+    torch.manual_seed(0)
+    ids = [torch.tensor([[1, 2, 3]]), torch.tensor([[3, 4, 9]]), torch.tensor([[1, 9, 0]])]
+    ep = torch.export.export(_Renormalizing().eval(), (ids[0],))
+    reference = copy.deepcopy(ep).module()
+    with torch.no_grad():
+        want = [reference(i) for i in ids]
+    with caplog.at_level("WARNING", logger="ray_zerocopy"):
+        w = ActorWrapper(ep)
+    assert "writes emb.weight in place" in caplog.text
+
+    @ray.remote(num_cpus=0)
+    class Runner:
+        def __init__(self, w):
+            self.m = w.load().module()
+
+        def run(self, ids):
+            with torch.no_grad():
+                return [self.m(i) for i in ids]
+
+    runners = [Runner.remote(w) for _ in range(2)]
+    for r in runners:
+        assert all(torch.equal(g, e) for g, e in zip(ray.get(r.run.remote(ids)), want, strict=True))
+    for r in runners:
+        ray.kill(r)
+
+
 def test_sealing_a_checkpoint_counts_every_tensor_on_its_progress_bar(tmp_path, monkeypatch):
     """The checkpoint's tensors and the ones only the model holds (here the
     rotary embedding's non-persistent buffers) all advance the bar."""

@@ -334,3 +334,117 @@ def test_a_delta_no_version_uses_is_freed_with_the_versions_that_used_it(ray_clu
     assert old not in listed and all(r.hex() in listed for r in v2.object_refs)
     got = v2.load()
     assert torch.equal(got["a"], a2) and torch.equal(got["b"], torch.ones(1 << 20))
+
+
+def _quantized(tune: float = 0.0):
+    """A small model quantized by torchao (its linear weights become
+    ``Int8Tensor``s, tensor subclasses made of inner tensors), its last
+    layer's float weights moved by ``tune`` before quantizing."""
+    quantization = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[2].weight.add_(tune)
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    assert type(model[2].weight).__module__.startswith("torchao"), type(model[2].weight)
+    return model
+
+
+def test_a_state_dict_of_a_torchao_quantized_model_updates_the_model(ray_cluster):
+    """``update(tuned.state_dict())`` of a torchao-quantized model: its
+    values are tensor subclasses, which are not plain tensors, and the dict
+    itself became the new version (actors then called a dict). Now it is a
+    state dict, applied onto the model: loaded in a task, the new version is
+    the model, computes bit for bit as the fine-tuned one, keeps its weights'
+    class (as parameters), and its delta holds only the changed layer's
+    inner tensors."""
+    ray = ray_cluster
+    base_model, tuned = _quantized(), _quantized(tune=0.25)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    # On one thread here and in the task: torchao's int8 kernels may sum in
+    # another order on several threads (test_models).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            expected, before = tuned(x), base_model(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(expected, before)
+    base = ActorWrapper(base_model)
+    new = base.update(tuned.state_dict())
+    one = base.update({"2.weight": tuned[2].weight})  # a single weight, as a parameter
+
+    @ray.remote
+    def run(wrapper, x):
+        torch.set_num_threads(1)
+        m = wrapper.load()
+        if not isinstance(m, torch.nn.Module):
+            return type(m).__name__, None, None, None  # what it loads as instead
+        with torch.no_grad():
+            return type(m).__name__, m(x), type(m[2].weight), isinstance(m[2].weight, torch.nn.Parameter)
+
+    for version in (new, one):
+        kind, out, weight_kind, is_param = ray.get(run.remote(version, x))
+        assert kind == "Sequential" and weight_kind is type(tuned[2].weight) and is_param
+        assert torch.equal(out, expected)
+    inner = sum(getattr(tuned[2].weight, a).nbytes for a in tuned[2].weight.__tensor_flatten__()[0])
+    assert new.nbytes <= 2 * GUARD_NBYTES + inner + 4096 and one.nbytes == new.nbytes, "only layer 2 is stored"
+    with pytest.raises(
+        InvalidInputError, match=r"'2.weight' is a torchao\..*Int8Tensor in the base, not a torch\.Tensor"
+    ):
+        base.update({"2.weight": torch.zeros(4, 32)})
+
+
+def test_a_dict_mixing_tensor_names_with_other_entries_is_refused(ray_cluster):
+    """A dict that names tensors of the base beside entries that are not
+    (a note, a value that is no tensor) is neither a state dict nor the
+    pipeline: it was taken for a whole new pipeline, silently. Refused,
+    naming the entries and saying how to do either."""
+    base = ActorWrapper(Encoder().eval())
+    w = torch.randn(32, 32)
+    with pytest.raises(InvalidInputError, match=r"\('block.0.weight'\) beside 'note' \(a str\)") as e:
+        base.update({"block.0.weight": w, "note": "v2"})
+    assert "pass only tensors, by the names of the base's state dict" in str(e.value)
+    assert "pass the whole new pipeline object" in str(e.value)
+    with pytest.raises(InvalidInputError, match="'block.0.weight' names a tensor of the base, but its new value is a"):
+        base.update({"block.0.weight": None, "block.0.bias": torch.zeros(32)})
+    # Of the quantized model's state dict, a non-tensor entry alike.
+    quantized = ActorWrapper(_quantized())
+    with pytest.raises(InvalidInputError, match=r"\('2.weight'\) beside 'step' \(a int\)"):
+        quantized.update({"2.weight": _quantized(tune=0.25)[2].weight, "step": 3})
+    # What is neither still works as before: a state dict, a whole pipeline.
+    assert torch.equal(base.update({"block.0.weight": w}).load().block[0].weight, w)
+    assert isinstance(base.update(copy.deepcopy(Encoder().eval())).load(), Encoder)
+
+
+def test_a_dict_pipeline_is_updated_by_a_state_dict_or_replaced_by_a_whole_dict(ray_cluster):
+    """A base that is itself a dict: a dict of its tensors' names is a state
+    dict, and a dict with every key of the base (or none of its keys) is the
+    whole new pipeline; one with some of its keys but not all, beside other
+    entries, could mean either a new pipeline without the missing ones or
+    the base's entries changed one by one (dict.update): refused (it became
+    a pipeline without ``b``), naming the keys, with the way to do each;
+    ``{**version.load(), ...}`` then keeps the other entries at no copy."""
+    a, b = torch.zeros(1 << 16), torch.ones(1 << 16)
+    v1 = ActorWrapper({"a": a, "b": b})
+    a2 = torch.full((1 << 16,), 7.0)
+    with pytest.raises(
+        InvalidInputError, match=r"gives 'a' of the base pipeline \(a dict\) but not 'b', beside 'note'"
+    ) as e:
+        v1.update({"a": a2, "note": "v2"})
+    assert "{**version.load(), ...}" in str(e.value) and "pass only tensors" in str(e.value)
+    got = v1.update({"a": a2}).load()  # a state dict
+    assert torch.equal(got["a"], a2) and torch.equal(got["b"], b)
+    v2 = v1.update({**v1.load(), "a": a2, "note": "v2"})  # the whole new dict: b is the base's, unread
+    got = v2.load()
+    assert set(got) == {"a", "b", "note"} and got["note"] == "v2"
+    assert torch.equal(got["a"], a2) and torch.equal(got["b"], b)
+    assert v2.nbytes <= 2 * GUARD_NBYTES + a2.nbytes + 4096, "only a is stored"
+    # A dict that shares no key with the base is a new pipeline, as before.
+    assert v1.update({"c": a2, "note": "v3"}).load()["note"] == "v3"
+    # Nested: some of the base's keys, none of its tensors' names.
+    nested = ActorWrapper({"model": Encoder().eval(), "config": {"top_k": 3}})
+    with pytest.raises(InvalidInputError, match=r"gives 'model' of the base pipeline \(a dict\) but not 'config'"):
+        nested.update({"model": Encoder().eval()})
+    assert nested.update({"model": Encoder().eval(), "config": {"top_k": 5}}).load()["config"] == {"top_k": 5}
