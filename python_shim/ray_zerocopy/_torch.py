@@ -667,6 +667,37 @@ def program_reducer(o):
 
 
 # -- checkpoints filled into a model ------------------------------------------
+def _check_names(ckpt, names: dict, persistent: set, by_name: dict) -> None:
+    """Every persistent tensor of the model (``names``: its names by
+    ``id``) is in the checkpoint under one of its names; else an error that
+    says how many are missing and what the checkpoint holds instead: a
+    checkpoint of another layout than the model's code (transformers 5
+    converts some as it loads them) misses most of them, not one."""
+    missing = [ns for tid, ns in names.items() if tid in persistent and not any(n in by_name for n in ns)]
+    if not missing:
+        return
+    ns = missing[0]
+    msg = f"the checkpoint lacks tensor {ns[0]!r}, which the model needs" + (
+        f" (also named {', '.join(map(repr, ns[1:]))})" if len(ns) > 1 else ""
+    )
+    used = {n for ns in names.values() for n in ns}
+    extra = [e.name for e in ckpt.entries if e.name not in used]
+    if len(missing) > 1 or extra:
+        total = sum(1 for tid in names if tid in persistent)
+        msg += f"; it lacks {len(missing)} of the model's {total} tensors"
+        if extra:
+            shown = ", ".join(map(repr, extra[:3])) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+            msg += f" and holds {len(extra)} the model has no name for ({shown})"
+        msg += (
+            ". Its names or layout are not those of the model's code: a checkpoint written for another version "
+            "of it, or one its library converts as it loads it (transformers 5 keeps a mixture-of-experts "
+            "layer's experts fused in one tensor, such as mlp.experts.gate_up_proj, where Mixtral and "
+            "Qwen2-MoE checkpoints hold one tensor per expert). Load the model as its library does and wrap "
+            "it: ActorWrapper(AutoModelForCausalLM.from_pretrained(path))"
+        )
+    raise InvalidInputError(msg)
+
+
 def checkpoint_model(ckpt, model):
     """The checkpoint entries ``model`` takes (in the checkpoint's order) and
     a sealer whose references point at them: each parameter and persistent
@@ -690,16 +721,12 @@ def checkpoint_model(ckpt, model):
     for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         names.setdefault(id(t), []).append(n)
         tensors[id(t)] = t
+    _check_names(ckpt, names, persistent, by_name)
     chosen: dict[int, int] = {}  # id(tensor) -> index into ckpt.entries
     for tid, ns in names.items():
         if tid not in persistent:
             continue  # a non-persistent buffer: sealed as the model has it
         present = [n for n in ns if n in by_name]
-        if not present:
-            raise InvalidInputError(
-                f"the checkpoint lacks tensor {ns[0]!r}, which the model needs"
-                + (f" (also named {', '.join(map(repr, ns[1:]))})" if len(ns) > 1 else "")
-            )
         hit = present[0]
         for other in present[1:]:  # one tied tensor, given under two names: they must agree
             a, b = ckpt.entries[by_name[hit]], ckpt.entries[by_name[other]]

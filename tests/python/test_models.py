@@ -745,3 +745,28 @@ def test_a_scripted_rnn_loads_with_its_flat_weights_shared(rnn):
     assert [t.data_ptr() for t in flat] == [p.data_ptr() for p in loaded.rnn.parameters()]
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_a_checkpoint_of_another_layout_than_the_model_s_says_so_and_what_to_do(ray_cluster, tmp_path):
+    """transformers 5 keeps a mixture-of-experts layer's experts fused in
+    one tensor, where Mixtral's checkpoints (its own save_pretrained's too)
+    hold one per expert, and converts them as it loads. Filling such a
+    model from the directory names the problem for what it is, a layout
+    other than the model's, and the way that works."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path)
+    model = transformers.MixtralForCausalLM(config)
+    from safetensors import safe_open
+
+    with safe_open(str(next(tmp_path.glob("*.safetensors"))), "pt") as f:
+        saved = set(f.keys())
+    assert not saved <= set(model.state_dict()), "this transformers saved Mixtral in the model's own layout"
+    with pytest.raises(ValueError, match=r"lacks \d+ of the model's \d+ tensors and holds \d+ the model has no name"):
+        ActorWrapper.from_safetensors(tmp_path, model=model)
+    with pytest.raises(ValueError, match=r"from_pretrained\(path\)"):
+        ActorWrapper.from_safetensors(tmp_path, model=model)
