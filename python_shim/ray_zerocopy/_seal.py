@@ -330,7 +330,9 @@ class _Sealer:
         self.inputs: list = list(inputs)
         self.kinds: list[str] = list(kinds)
         self.keep: list[object] = []  # originals and contiguous copies, alive until packed
-        self.used_names: set[str] = {getattr(i, "name", "") for i in self.inputs}
+        # "__metadata__" names the header's metadata in safetensors: a tensor
+        # at that key of a pytree is given another name.
+        self.used_names: set[str] = {getattr(i, "name", "") for i in self.inputs} | {"__metadata__"}
         self.training_left: list[object] = []  # modules pickled in training mode that we could not switch
         self.own_ids: set[int] = set()  # id() of tensors each loading process copies (Sealed.own)
         self.own_notes: list[tuple] = []  # (module path, class, why, bytes) of the modules that write them

@@ -820,3 +820,16 @@ def test_modules_that_write_their_buffers_as_they_run_get_their_own_copy(ray_clu
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     for s in servers:
         ray.kill(s)
+
+
+def test_a_pytree_key_named_like_the_header_s_metadata_is_a_key_like_any_other():
+    """safetensors reserves the name ``__metadata__`` in its header; a
+    pytree holding a tensor at that key (a model's dict of extras) could
+    not be wrapped: its tensor is now given another name in the buffer and
+    comes back at its key."""
+    tree = {"__metadata__": torch.arange(3.0), "cfg": {"__metadata__": torch.ones(2)}, "__metadata___": torch.zeros(1)}
+    loaded = round_trip(tree)
+    assert loaded.keys() == tree.keys() and loaded["cfg"].keys() == {"__metadata__"}
+    assert torch.equal(loaded["__metadata__"], tree["__metadata__"])
+    assert torch.equal(loaded["cfg"]["__metadata__"], tree["cfg"]["__metadata__"])
+    assert torch.equal(loaded["__metadata___"], tree["__metadata___"])
