@@ -81,14 +81,18 @@ def accepts(obj) -> bool:
     """A plain array of a dtype safetensors holds. Any other array is
     pickled with the rest of the pipeline: strings, objects and records are
     not weights; numbers safetensors cannot hold (``complex128``,
-    ``float128``) are announced (:func:`unshareable`)."""
+    ``float128``, ml_dtypes' ``int4``) are announced (:func:`unshareable`)."""
     return type(obj) in _SHARED and obj.dtype.name in _NAMES
 
 
 def unshareable(obj) -> bool:
     """Whether ``obj`` is an array of numbers that travels pickled because
     safetensors cannot hold its dtype (each loading process gets a copy)."""
-    return type(obj) in _SHARED and obj.dtype.kind in "fc" and obj.dtype.name not in _NAMES
+    if type(obj) not in _SHARED or obj.dtype.name in _NAMES:
+        return False
+    # ml_dtypes' numbers (int4, float4_e2m1fn, float8_e3m4, ...) are of kind
+    # "V" to numpy: told by the module their type comes from.
+    return obj.dtype.kind in "fc" or getattr(obj.dtype.type, "__module__", "") == "ml_dtypes"
 
 
 def pack_input(a: np.ndarray, name: str) -> tuple[PackInput, object]:

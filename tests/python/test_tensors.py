@@ -128,14 +128,17 @@ def test_a_memmap_is_shared_not_pickled(tmp_path):
     np.testing.assert_array_equal(loaded["w"], weights["w"])
 
 
-@pytest.mark.parametrize("dtype", ["complex128", "longdouble"])
+@pytest.mark.parametrize("dtype", ["complex128", "longdouble", "int4", "float4_e2m1fn"])
 def test_a_number_array_safetensors_cannot_hold_is_announced(dtype, caplog):
-    """Such an array (an FFT's result kept in a pipeline) travels pickled, a
-    copy in each process, as before, but no longer without a word. (A torch
-    tensor of such a dtype is refused, as before.)"""
-    if np.dtype(dtype).name not in ("complex128", "float128"):
+    """Such an array (an FFT's result kept in a pipeline, ml_dtypes' int4
+    weights) travels pickled, a copy in each process, as before, but no
+    longer without a word. (A torch tensor of such a dtype is refused, as
+    before.)"""
+    if dtype in ("int4", "float4_e2m1fn"):
+        dtype = np.dtype(getattr(pytest.importorskip("ml_dtypes"), dtype))
+    elif np.dtype(dtype).name not in ("complex128", "float128"):
         pytest.skip(f"{dtype} is {np.dtype(dtype).name} here")
-    x = np.arange(4).astype(dtype) * 1.5
+    x = (np.arange(4) * 1.5).astype(dtype)
     with caplog.at_level("WARNING", logger="ray_zerocopy"):
         loaded = round_trip({"x": x, "y": np.zeros(4, np.float32)})
     assert f"1 numpy array(s) of {np.dtype(dtype)}" in caplog.text and "travel pickled" in caplog.text
