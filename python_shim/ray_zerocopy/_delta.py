@@ -593,5 +593,6 @@ def pack_update(parts, opened: list, sealed, new, options: _load.LoadOptions) ->
         sealer.keep,
         sources,
         own=sealer.own_refs(),
+        holds_modules=sealer.holds_modules,
     )
     return packing, tuple(parts[p] for p in used)

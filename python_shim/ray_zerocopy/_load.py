@@ -290,7 +290,7 @@ def _check(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) -> None
 
 
 def _check_options(sealed: _seal.Sealed, options: LoadOptions) -> None:
-    if options.framework not in (None, "torch") and TORCH_PARAM in sealed.kinds:
+    if options.framework not in (None, "torch") and sealed.holds_modules:
         raise InvalidInputError("this pipeline holds torch modules; it loads with framework='torch' (or None) only")
 
 

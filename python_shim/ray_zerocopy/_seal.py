@@ -77,6 +77,9 @@ class Sealed:
     # the rows it looks up, in place), which the shared read-only copy
     # cannot take. Empty for nearly every pipeline.
     own: tuple = ()
+    # The skeleton holds torch modules (or programs): they load as torch
+    # only, a module of numpy arrays would fail when run.
+    holds_modules: bool = False
     # Reference i is tensor i of this buffer (see SealedParts).
     sources = None
 
@@ -132,6 +135,7 @@ class Packing:
     keep: object = None  # what the fill reads, alive until it has run
     sources: tuple | None = None  # see Sealed.sources
     own: tuple = ()  # see Sealed.own
+    holds_modules: bool = False  # see Sealed.holds_modules
 
     @property
     def count(self) -> int:
@@ -163,8 +167,8 @@ class Packing:
         modules = referenced_modules(self.skeleton)
         made = (self.skeleton, tuple(self.kinds), modules, int(dst.nbytes), digest, self.needs_eval, waited)
         if self.sources is None:
-            return Sealed(*made, own=self.own)
-        return SealedParts(*made, own=self.own, sources=self.sources)
+            return Sealed(*made, own=self.own, holds_modules=self.holds_modules)
+        return SealedParts(*made, own=self.own, holds_modules=self.holds_modules, sources=self.sources)
 
     def to_array(self) -> tuple[Sealed, np.ndarray]:
         """The buffer as a new array (no Ray needed), and its description."""
@@ -336,6 +340,7 @@ class _Sealer:
         self.training_left: list[object] = []  # modules pickled in training mode that we could not switch
         self.own_ids: set[int] = set()  # id() of tensors each loading process copies (Sealed.own)
         self.own_notes: list[tuple] = []  # (module path, class, why, bytes) of the modules that write them
+        self.holds_modules = False  # a torch module or program was pickled (Sealed.holds_modules)
         self.reduced: set[int] = set()  # id() of tensors pickled through the torch reducer
         self.unshared: list = []  # numpy arrays of numbers safetensors cannot hold: pickled
         self.obj = obj
@@ -579,7 +584,14 @@ def pack_object(obj, metadata=None) -> Packing:
             _copy_inputs(plan, inputs, 0, progress)  # in groups, to show progress
 
     return Packing(
-        skeleton, tuple(sealer.kinds), bool(sealer.training_left), plan, fill, keep=sealer.keep, own=sealer.own_refs()
+        skeleton,
+        tuple(sealer.kinds),
+        bool(sealer.training_left),
+        plan,
+        fill,
+        keep=sealer.keep,
+        own=sealer.own_refs(),
+        holds_modules=sealer.holds_modules,
     )
 
 
@@ -637,7 +649,10 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
         _checkpoint.copy_into(ckpt, entries, offsets, progress.read)
         _copy_inputs(plan, extras, len(entries), progress)
 
-    return Packing(skeleton, tuple(kinds), needs_eval, plan, fill, "sealing checkpoint", keep, own=own)
+    return Packing(
+        skeleton, tuple(kinds), needs_eval, plan, fill, "sealing checkpoint", keep, own=own,
+        holds_modules=model is not None,
+    )
 
 
 def seal_checkpoint(path, kind: str, model=None) -> tuple[Sealed, np.ndarray]:

@@ -215,6 +215,7 @@ def reduce(o, sealer, proto: int):
         return _module_state_setter, ()
     program = program_reducer(o)
     if program is not None:
+        sealer.holds_modules = True
         # TorchScript modules and exported programs do not pickle (or come
         # back broken): their code travels without weights, and their tensors
         # become references like any other.
@@ -261,6 +262,7 @@ def reduce(o, sealer, proto: int):
             return relaid, (TensorData(inner), back, shape, kind_of(o) == TORCH_PARAM)
         return None
     if isinstance(o, torch.nn.Module):
+        sealer.holds_modules = True
         return _reduce_module(o, sealer, proto)
     return None
 

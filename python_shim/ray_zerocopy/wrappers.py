@@ -13,7 +13,7 @@ import time
 
 from . import _delta, _load, _seal, _skeleton, _store, _telemetry
 from ._device import parse_device
-from .errors import InvalidInputError, InvalidTypeError, RayNotInitializedError
+from .errors import InvalidInputError, InvalidTypeError, RayNotInitializedError, SealedObjectLostError
 
 __all__ = ["ActorWrapper", "TaskWrapper"]
 
@@ -111,7 +111,9 @@ class ActorWrapper:
         self._ref = _store.put_buffer(packing.nbytes, fill, owner)
         self._owner = owner
         self._sealed = described[0]
-        self._share_key = self._sealed.share_key(ray.get_runtime_context().get_session_name())
+        # The Ray session it was sealed in: its objects live and die with it.
+        self._session = ray.get_runtime_context().get_session_name()
+        self._share_key = self._sealed.share_key(self._session)
         _telemetry.sealed(len(self._sealed.kinds), self._sealed.nbytes, time.perf_counter() - started, self._ref.hex())
 
     @classmethod
@@ -290,6 +292,7 @@ class ActorWrapper:
         by default each comes back as the kind it was. Torch modules come back
         in eval mode with ``requires_grad=False``.
         """
+        _check_session(self)
         if self._sealed.sources is None:
             return _load.load(self._ref, self._sealed, self.load_options(device, framework))
         return _load.load_parts(_delta.parts_of(self), self._sealed, self.load_options(device, framework))
@@ -314,6 +317,30 @@ class ActorWrapper:
                            compute=ActorPoolStrategy(size=4))
         """
         return _make_udf(self, predict_fn, device, framework)
+
+
+def _check_session(wrapper) -> None:
+    """A wrapper loads in the Ray session it was sealed in: its objects are
+    gone with that session. One kept (or unpickled) after ``ray.shutdown()``
+    and a new ``ray.init()`` met a new session's object store, where
+    ``ray.get`` of an unpickled one waited for ever."""
+    sealed_in = getattr(wrapper, "_session", None)
+    if sealed_in is None or "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return  # the load says so
+    try:
+        now = ray.get_runtime_context().get_session_name()
+    except Exception:  # a Ray that cannot say (Ray Client): the load finds out
+        return
+    if now != sealed_in:
+        raise SealedObjectLostError(
+            f"this wrapper was sealed in the Ray session {sealed_in!r}, and this process is in {now!r}: its "
+            "sealed weights went with that session (ray.shutdown() ends a session's objects). Wrap the "
+            "pipeline again in this session"
+        )
 
 
 def _make_udf(wrapper: ActorWrapper, predict_fn, device, framework):

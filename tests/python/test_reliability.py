@@ -326,8 +326,21 @@ def test_tensors_outlive_wrapper_handle_and_refs_then_store_returns_to_baseline(
             time.sleep(0.2)
         return cond()
 
+    def settled(seconds=30):
+        # Objects earlier tests let go of are freed a little later: the
+        # baseline is taken once the store's free memory holds still for a
+        # second (taken while it still rose, the object's 4 MiB were hidden).
+        deadline, last = time.time() + seconds, free_store()
+        while time.time() < deadline:
+            time.sleep(1.0)
+            now = free_store()
+            if now == last:
+                return now
+            last = now
+        return last
+
     gc.collect()
-    base_store, base_live = free_store(), live_buffers()
+    base_store, base_live = settled(), live_buffers()
     model = torch.nn.Linear(1024, 1024)  # 4 MiB: large objects live in plasma
     w = ActorWrapper(model)
     loaded = w.load()
@@ -463,6 +476,34 @@ def _run_script(body: str, timeout=600):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def test_a_wrapper_from_an_ended_ray_session_says_so():
+    """A wrapper kept, or pickled and read back, after ``ray.shutdown()`` and
+    a new ``ray.init()``: its sealed object went with the old session. The
+    one read back waited in ``ray.get`` for ever; the one kept raised Ray's
+    bare ValueError. Both now raise SealedObjectLostError saying why."""
+    out = _run_script(
+        """
+        import pickle, ray, torch
+        from ray_zerocopy import ActorWrapper, SealedObjectLostError
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        w = ActorWrapper(torch.nn.Linear(4, 4))
+        blob = pickle.dumps(w)
+        assert torch.equal(w.load().weight, w.load().weight)
+        ray.shutdown()
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        for which, wrapper in (("kept", w), ("read back", pickle.loads(blob))):
+            try:
+                wrapper.load()
+            except SealedObjectLostError as e:
+                assert "sealed in the Ray session" in str(e), e
+                print(which, "refused")
+        ray.shutdown()
+        """,
+        timeout=180,
+    )
+    assert "kept refused" in out and "read back refused" in out, out
 
 
 def test_spilled_objects_are_restored_and_load():

@@ -836,3 +836,22 @@ def test_a_pytree_key_named_like_the_header_s_metadata_is_a_key_like_any_other()
     assert torch.equal(loaded["__metadata__"], tree["__metadata__"])
     assert torch.equal(loaded["cfg"]["__metadata__"], tree["cfg"]["__metadata__"])
     assert torch.equal(loaded["__metadata___"], tree["__metadata___"])
+
+
+def test_a_pipeline_loads_in_another_framework_unless_it_holds_modules():
+    """Tensors load as numpy or JAX arrays where asked, modules only as
+    torch. The check looked at parameters instead: a pytree holding an
+    ``nn.Parameter`` (no module) was refused as holding modules, and a
+    module with buffers but no parameters loaded as a module of numpy
+    arrays, which failed only when run."""
+    tree = {"t": torch.arange(3.0), "p": torch.nn.Parameter(torch.arange(2.0))}
+    loaded = round_trip(tree, framework="numpy")
+    assert all(isinstance(v, np.ndarray) for v in loaded.values())
+    np.testing.assert_array_equal(loaded["p"], [0.0, 1.0])
+    norm = torch.nn.BatchNorm1d(4, affine=False).eval()
+    with torch.no_grad():
+        norm.running_mean.add_(1.0)
+    for framework in ("numpy", "jax"):
+        with pytest.raises(rzc.InvalidInputError, match="holds torch modules"):
+            round_trip({"norm": norm}, framework=framework)
+    assert torch.equal(round_trip(norm, framework="torch").running_mean, norm.running_mean)

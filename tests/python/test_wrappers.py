@@ -214,7 +214,7 @@ def test_the_wrapper_carries_no_table_of_its_own(ray_cluster):
     object reference and the options."""
     w = ActorWrapper(Pipeline())
     assert set(vars(w)) == {
-        "device", "use_fast_load", "write_protect", "share_gpu", "_sealed", "_ref", "_share_key", "_owner"
+        "device", "use_fast_load", "write_protect", "share_gpu", "_sealed", "_ref", "_share_key", "_owner", "_session"
     }
     assert set(vars(w._sealed)) == {
         "skeleton",
@@ -225,6 +225,7 @@ def test_the_wrapper_carries_no_table_of_its_own(ray_cluster):
         "needs_eval",
         "digest_seconds",
         "own",  # which references each loading process copies (indices, no places)
+        "holds_modules",
     }
 
 
