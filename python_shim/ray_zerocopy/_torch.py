@@ -191,11 +191,18 @@ def make_parameters(tensors: list, kinds, fresh: bool = False) -> None:
 
 def named_tensors(module, prefix: str):
     """(name, tensor) of a module's parameters and every buffer (persistent or
-    not), each tensor once."""
+    not), then of the plain tensors its modules hold as attributes
+    (``self.w = lin.weight.data``, ``lin.weight.t()``), each tensor once.
+    The attributes come last: where one shares memory with a parameter it
+    is sealed as a view of it (``views``), not as a copy of its own."""
     for name, p in module.named_parameters(prefix=prefix, remove_duplicate=True):
         yield name, p
     for name, b in module.named_buffers(prefix=prefix, remove_duplicate=True):
         yield name, b
+    for path, m in module.named_modules(prefix=prefix):
+        for k, v in vars(m).items():
+            if isinstance(v, torch.Tensor):
+                yield (f"{path}.{k}" if path else k), v
 
 
 def kind_of(t) -> str:

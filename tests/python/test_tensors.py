@@ -338,6 +338,47 @@ def test_tensors_inside_another_s_memory_are_sealed_once_as_views():
     assert not m.out.weight.requires_grad
 
 
+class _LooseAliases(torch.nn.Module):
+    """Plain tensor attributes (no parameter, no buffer) on a weight's memory."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(64, 64)
+        self.w_data = self.lin.weight.data
+        self.w_t = self.lin.weight.data.t()
+        self.row = self.lin.weight.data[3]
+        self.own = torch.arange(4.0)
+
+
+def test_a_module_s_plain_tensor_attributes_on_a_weight_are_sealed_as_views(ray_cluster):
+    """A tensor a module keeps as a plain attribute on a parameter's memory
+    (``self.w = lin.weight.data``, a transpose of it) was sealed as a copy of
+    its own: the weight's bytes again in every node's store, and loaded apart
+    from the weight. It is now a view of the weight's shared memory; and an
+    update giving the weight a new value shows in it, as ``load_state_dict``
+    (a copy into that memory) shows it; an attribute of its own keeps its
+    values."""
+    model = _LooseAliases()
+    sealed, buf = _seal.seal(model)
+    weight = model.lin.weight
+    assert len(sealed.kinds) == 3 and len(buf) < weight.nbytes + 64 * 1024, "the weight sealed once"
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    at = loaded.lin.weight.data_ptr()
+    assert loaded.w_data.data_ptr() == at and loaded.w_t.data_ptr() == at and loaded.row.data_ptr() == at + 3 * 64 * 4
+    for k in ("w_data", "w_t", "row", "own"):
+        assert torch.equal(getattr(loaded, k), getattr(model, k)), k
+    assert loaded.w_t.stride() == (1, 64)
+    v1 = ActorWrapper(model)
+    new = torch.randn(64, 64)
+    updated = v1.update({"lin.weight": new}).load()
+    with torch.no_grad():
+        model.load_state_dict({**model.state_dict(), "lin.weight": new})  # torch's way: a copy into the memory
+    for k in ("w_data", "w_t", "row", "own"):
+        assert torch.equal(getattr(updated, k), getattr(model, k)), k
+    assert torch.equal(updated.w_data, new) and torch.equal(updated.own, torch.arange(4.0))
+
+
 def test_views_in_a_pytree_load_as_numpy_views_too():
     base = torch.arange(24.0).reshape(4, 6)
     tree = {"base": base, "t": base.T, "row": base[1]}
