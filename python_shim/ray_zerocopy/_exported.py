@@ -12,8 +12,6 @@ program imports it when it arrives in an actor, not during ``load()``.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch._export.serde import serialize as serde  # private; what torch.export.save/load use
 
@@ -74,8 +72,9 @@ def strip(ep, example_inputs: str = "auto") -> tuple[bytes, dict[str, torch.Tens
         # Running it writes into those tensors: shared read-only weights
         # would fault (or, unguarded, change every process's copy).
         raise InvalidInputError(
-            f"the program mutates buffers {sorted(mutated)[:5]} when it runs (e.g. BatchNorm in training mode); "
-            "export the model in eval mode to share it read-only"
+            f"the program mutates buffers {sorted(mutated)[:5]} when it runs (BatchNorm in training mode, an "
+            "in-place op on a buffer or on a view of it): shared read-only weights cannot take that. Export the "
+            "model in eval mode, or have it write a copy (buffer.clone()) instead"
         )
     params = set(sig.parameters)
     key_of: dict[int, str] = {}
@@ -132,45 +131,56 @@ def written(ep) -> list[torch.Tensor]:
 def _writes(ep) -> dict[str, set]:
     """``{target: ops}``: the parameters, buffers and constants in-place ops
     of the graph write (export's training IR keeps ops like ``add_`` on a
-    buffer as they are), with the names of the ops that write each. A write
-    reaches state through what aliases it: an op whose result aliases an
-    argument (``detach``, ``view``, ``t``, a slice; the items of ``split``)
-    aliases what that argument aliases, so ``embedding_renorm_`` of
-    ``detach(weight)`` writes the weight (its signature lists no mutation)."""
-    from torch.export.graph_signature import InputKind
+    buffer as they are), with the names of the ops that write each.
 
-    aliases = {
-        spec.arg.name: spec.target
-        for spec in ep.graph_signature.input_specs
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
-    }
+    A write reaches state through whatever shares its memory: a view of it
+    (``detach``, ``t``, a slice, an item of ``split`` or ``unbind``), so
+    ``embedding_renorm_`` of ``detach(weight)`` writes the weight, though
+    the signature lists no mutation. Whether a tensor of the graph shares a
+    state tensor's memory is read from the fake tensors export records on
+    each node (``meta["val"]``: one storage for a view and its base), not
+    from the ops' schemas, which say only that ``to``, ``contiguous`` or
+    ``reshape`` *may* return their argument: a copy made by one of them
+    and then written (a dequantizing layer's ``w = q.to(float32);
+    w.mul_(scale)``) writes no state. A node without that record counts
+    as the state tensor only where it is that tensor's own placeholder."""
+    from torch.export.graph_signature import InputKind
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storage(node):
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return None
+        try:
+            return StorageWeakRef(val.untyped_storage())
+        except (RuntimeError, NotImplementedError):  # a layout without a storage
+            return None
+
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    by_name: dict[str, str] = {}  # a state placeholder's name -> its target
+    by_storage: dict = {}  # the storage of a state placeholder's fake tensor -> targets
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            by_name[spec.arg.name] = spec.target
+            st = storage(placeholders.get(spec.arg.name))
+            if st is not None:
+                by_storage.setdefault(st, []).append(spec.target)
     out: dict[str, set] = {}
     for node in ep.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is operator.getitem:
-            source = node.args[0]
-            if isinstance(source, torch.fx.Node) and source.name in aliases:
-                aliases[node.name] = aliases[source.name]
-            continue
-        schema = getattr(node.target, "_schema", None)
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
         if schema is None:
             continue
-        # Arguments left to their defaults are not in node.args.
-        pairs = [
-            (arg.alias_info, value)
-            for arg, value in zip(schema.arguments, node.args, strict=False)
-            if arg.alias_info is not None and isinstance(value, torch.fx.Node) and value.name in aliases
-        ]
-        for info, value in pairs:
-            if info.is_write:
-                out.setdefault(aliases[value.name], set()).add(schema.name)
-        for ret in schema.returns:
-            if ret.alias_info is None:
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
                 continue
-            for info, value in pairs:
-                if set(info.before_set) & set(ret.alias_info.before_set):
-                    aliases[node.name] = aliases[value.name]
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            for v in value if isinstance(value, (list, tuple)) else (value,):
+                if not isinstance(v, torch.fx.Node):
+                    continue
+                st = storage(v)
+                targets = by_storage.get(st, ()) if st is not None else [by_name[v.name]] if v.name in by_name else ()
+                for target in targets:
+                    out.setdefault(target, set()).add(schema.name)
     return out
 
 
