@@ -219,8 +219,9 @@ def _is_state_dict(new: dict, pipeline, slots: dict, adapters) -> bool:
       names it);
     - the base is a dict and ``new`` has every key of it: the whole new
       pipeline (of the same form; entries may be added);
-    - no key names a tensor of the base (nor, for a dict base, a key of
-      it): the whole new pipeline;
+    - no key names a tensor of the base: for a dict base, the whole new
+      pipeline; for any other (a module), refused: a dict is no new version
+      of it (a training checkpoint, ``{"state_dict": sd, "epoch": 3}``);
     - else (names of the base's tensors beside other entries, or some of a
       dict base's keys but not all): refused, naming the entries, with how to
       do either. A dict base is not updated entry by entry (``dict.update``)
@@ -235,8 +236,19 @@ def _is_state_dict(new: dict, pipeline, slots: dict, adapters) -> bool:
     if top and top <= set(new):
         return False
     named = [k for k in new if k in slots or k in top]
-    if not named:
+    if not named and isinstance(pipeline, dict):
         return False
+    if not named:
+        # A dict is no new version of a module (or any pipeline not a dict):
+        # a training checkpoint holding a state dict ({"state_dict": sd,
+        # "epoch": 3}) became the new version itself, and actors called a dict.
+        shown = ", ".join(repr(k) for k in list(new)[:6]) + (f" and {len(new) - 6} more" if len(new) > 6 else "")
+        raise InvalidInputError(
+            f"update: the base pipeline is a {type(pipeline).__name__}, and this dict names none of its tensors "
+            f"({shown}). To give tensors new values, pass them by the names of its state dict (e.g. "
+            f"{', '.join(repr(k) for k in list(slots)[:3])}); from a checkpoint that holds a state dict, pass that "
+            "state dict (update(ckpt['state_dict'])); to make a pipeline of another form, wrap it: ActorWrapper(new)"
+        )
     raise InvalidInputError(_ambiguous(new, pipeline, slots, named, unknown, adapters))
 
 

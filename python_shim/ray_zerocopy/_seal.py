@@ -510,7 +510,8 @@ class _Sealer:
         if self.unshared:
             _telemetry.log.warning(
                 "%d numpy array(s) of %s (%.1f MiB in all) travel pickled, a copy in each process that loads: "
-                "safetensors cannot hold their dtype; convert them (.astype(np.complex64), np.float64) to share them",
+                "safetensors cannot hold their dtype; convert them to one it holds to share them (complex128: "
+                ".astype(np.complex64); float128: np.float64; ml_dtypes' int4 or float4: int8, float16)",
                 len(self.unshared), ", ".join(sorted({str(a.dtype) for a in self.unshared})),
                 sum(a.nbytes for a in self.unshared) / 2**20,
             )

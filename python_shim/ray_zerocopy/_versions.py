@@ -645,11 +645,12 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     name's newest version that was published with an
     :class:`~ray_zerocopy.Owner` (when that owner answers); a name whose
     newest version had no owner is not taken back, but numbers on."""
-    from .wrappers import ActorWrapper
+    from .wrappers import ActorWrapper, _check_session
 
     _check_name(name)
     if not isinstance(wrapper, ActorWrapper):
         raise InvalidInputError(f"publish takes an ActorWrapper, not {type(wrapper).__name__}")
+    _check_session(wrapper)  # a version every subscriber would fail to load
     refs, blob = _split(wrapper)
     owner = None if wrapper.owner is None else pickle.dumps(wrapper.owner)
     if replaces is not None and (not isinstance(replaces, int) or isinstance(replaces, bool) or replaces < 0):

@@ -196,6 +196,7 @@ class ActorWrapper:
         once the versions that used it are dropped. Both versions load side
         by side; on a GPU the parts they share share their device copy."""
         ray = _require_ray()
+        _check_session(self)
         started = time.perf_counter()
         parts = _delta.parts_of(self)
         opened = [_load.open_sealed(p.ref, self.write_protect) for p in parts]

@@ -481,8 +481,9 @@ def _run_script(body: str, timeout=600):
 def test_a_wrapper_from_an_ended_ray_session_says_so():
     """A wrapper kept, or pickled and read back, after ``ray.shutdown()`` and
     a new ``ray.init()``: its sealed object went with the old session. The
-    one read back waited in ``ray.get`` for ever; the one kept raised Ray's
-    bare ValueError. Both now raise SealedObjectLostError saying why."""
+    one read back waited in ``ray.get`` for ever, as did the one kept. Both
+    now raise SealedObjectLostError saying why, at load, at update and at
+    publish (which took it, for every subscriber to fail on)."""
     out = _run_script(
         """
         import pickle, ray, torch
@@ -493,17 +494,26 @@ def test_a_wrapper_from_an_ended_ray_session_says_so():
         assert torch.equal(w.load().weight, w.load().weight)
         ray.shutdown()
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        import ray_zerocopy
+        calls = {
+            "load": lambda wr: wr.load(),
+            "update": lambda wr: wr.update({"weight": torch.zeros(4, 4)}),
+            "publish": lambda wr: ray_zerocopy.publish("stale", wr),
+        }
         for which, wrapper in (("kept", w), ("read back", pickle.loads(blob))):
-            try:
-                wrapper.load()
-            except SealedObjectLostError as e:
-                assert "sealed in the Ray session" in str(e), e
-                print(which, "refused")
+            for what, call in calls.items():
+                try:
+                    call(wrapper)
+                except SealedObjectLostError as e:
+                    assert "sealed in the Ray session" in str(e), e
+                    print(which, what, "refused")
         ray.shutdown()
         """,
         timeout=180,
     )
-    assert "kept refused" in out and "read back refused" in out, out
+    for which in ("kept", "read back"):
+        for what in ("load", "update", "publish"):
+            assert f"{which} {what} refused" in out, out
 
 
 def test_spilled_objects_are_restored_and_load():

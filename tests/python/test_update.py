@@ -413,6 +413,14 @@ def test_a_dict_mixing_tensor_names_with_other_entries_is_refused(ray_cluster):
     quantized = ActorWrapper(_quantized())
     with pytest.raises(InvalidInputError, match=r"\('2.weight'\) beside 'step' \(a int\)"):
         quantized.update({"2.weight": _quantized(tune=0.25)[2].weight, "step": 3})
+    # A dict naming none of a module's tensors is no new version of it: a
+    # training checkpoint holding the state dict became the version itself.
+    checkpoint = {"state_dict": copy.deepcopy(Encoder().eval()).state_dict(), "epoch": 3}
+    with pytest.raises(InvalidInputError, match=r"the base pipeline is a Encoder, and this dict names none") as e:
+        base.update(checkpoint)
+    assert "update(ckpt['state_dict'])" in str(e.value)
+    with pytest.raises(InvalidInputError, match="names none of its tensors"):
+        base.update({0: w})
     # What is neither still works as before: a state dict, a whole pipeline.
     assert torch.equal(base.update({"block.0.weight": w}).load().block[0].weight, w)
     assert isinstance(base.update(copy.deepcopy(Encoder().eval())).load(), Encoder)
