@@ -155,13 +155,8 @@ class _DeltaSealer(_Sealer):
         from . import _torch
 
         value, slot = swap
-        inner, ctx = _torch.flatten(value)
-        outer = self.known.get(id(slot), f"tensor.{len(self.inputs)}")
-        for attr, x in inner.items():
-            self.known.setdefault(id(x), f"{outer}.{attr}")
         self.keep.append(value)  # its inner tensors' ids stay theirs until packed
-        param = isinstance(slot, sys.modules["torch"].nn.Parameter)
-        return _torch.unflatten, (type(value), inner, ctx, tuple(value.shape), tuple(value.stride()), param)
+        return _torch.reduce_wrapper_subclass(value, self, slot)
 
     def _reducible(self, t, adapter) -> bool:
         # A tensor given a new value is sealed as that value, in the value's

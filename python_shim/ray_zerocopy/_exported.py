@@ -59,15 +59,17 @@ def _example_inputs_bytes(serde, ep, mode: str) -> bytes:
     return serde.serialize_torch_artifact(ex)
 
 
-def strip(ep, example_inputs: str = "auto") -> tuple[bytes, dict[str, torch.Tensor]]:
+def strip(ep, example_inputs: str = "auto", writes: dict | None = None) -> tuple[bytes, dict[str, torch.Tensor]]:
     """An ExportedProgram -> (blob without weights, {name: tensor}) covering
     its state_dict (parameters, persistent buffers) and its tensor constants
     (lifted constants, non-persistent buffers). ``example_inputs``: see
-    :func:`_example_inputs_bytes`."""
+    :func:`_example_inputs_bytes`; ``writes``: :func:`_writes` of ``ep``,
+    where already found."""
     if not isinstance(ep, torch.export.ExportedProgram):
         raise InvalidTypeError(f"expected a torch.export.ExportedProgram, got {type(ep).__name__}")
     sig = ep.graph_signature
-    mutated = set(sig.buffers_to_mutate.values()) | {t for t, ops in _writes(ep).items() if ops - _INFERENCE_WRITES}
+    writes = _writes(ep) if writes is None else writes
+    mutated = set(sig.buffers_to_mutate.values()) | {t for t, ops in writes.items() if ops - _INFERENCE_WRITES}
     if mutated:
         # Running it writes into those tensors: shared read-only weights
         # would fault (or, unguarded, change every process's copy).
@@ -118,13 +120,15 @@ def strip(ep, example_inputs: str = "auto") -> tuple[bytes, dict[str, torch.Tens
 _INFERENCE_WRITES = {"aten::embedding_renorm_"}  # nn.Embedding(max_norm=...)
 
 
-def written(ep) -> list[torch.Tensor]:
+def written(ep, writes: dict | None = None) -> list[torch.Tensor]:
     """The parameters, buffers and constants the program writes in place in
     inference (an exported ``nn.Embedding(max_norm=...)`` renormalizes its
     weight by ``embedding_renorm_`` on every call): each is copied by every
-    process that loads, as for the module itself."""
+    process that loads, as for the module itself. ``writes``: as for
+    :func:`strip`."""
+    writes = _writes(ep) if writes is None else writes
     state = {**ep.constants, **ep.state_dict}
-    targets = sorted(t for t, ops in _writes(ep).items() if ops <= _INFERENCE_WRITES)
+    targets = sorted(t for t, ops in writes.items() if ops <= _INFERENCE_WRITES)
     return [state[t] for t in targets if isinstance(state.get(t), torch.Tensor)]
 
 
@@ -215,5 +219,8 @@ def rebuild(blob: bytes, tensors: dict[str, torch.Tensor]):
 def reduce(program):
     """What the sealer pickles an ExportedProgram as: :func:`rebuild` with
     the blob and the program's tensors (which the sealer turns into
-    references to the sealed buffer)."""
-    return rebuild, strip(program)
+    references to the sealed buffer); and the tensors running it writes in
+    inference (:func:`written`), which each loading process copies. The
+    graph's writes are found once, for both."""
+    writes = _writes(program)
+    return rebuild, strip(program, writes=writes), written(program, writes)

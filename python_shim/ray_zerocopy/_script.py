@@ -266,7 +266,8 @@ def rebuild(blob: bytes, tensors: dict[str, torch.Tensor], map_location=None):
 def reduce(module):
     """What the sealer pickles a ScriptModule as: :func:`rebuild` with the
     blob and the module's tensors (which the sealer turns into references to
-    the sealed buffer)."""
-    return rebuild, strip(module)
+    the sealed buffer); and the tensors it writes in inference (none are
+    known: see ``_exported.reduce``)."""
+    return rebuild, strip(module), ()
 
 

@@ -366,7 +366,7 @@ class _Sealer:
             # copies it, or, where it is a view, its base (so that the
             # write reaches what shares its memory, as in torch).
             for w in _torch.written_tensors(walk_modules(obj)):
-                self.mark_own(self.views[id(w)][0] if id(w) in self.views else w)
+                self.mark_own(w)
 
     def module_path(self, module) -> str:
         """The dotted path of ``module`` in the object being sealed."""
@@ -378,14 +378,21 @@ class _Sealer:
         return self._module_paths.get(id(module), type(module).__name__)
 
     def mark_own(self, t) -> None:
-        """Tensor ``t`` is copied by each process that loads (``Sealed.own``)."""
+        """Tensor ``t`` is copied by each process that loads (``Sealed.own``);
+        its base where it is a view, so that a write reaches what shares its
+        memory, as in torch."""
+        if id(t) in self.views:
+            t = self.views[id(t)][0]
         self.own_ids.add(id(t))
         self.keep.append(t)  # its id stays its own until packed
 
-    def note_own(self, path: str, kind: str, why: str, nbytes: int) -> None:
-        """Module ``path`` (of class ``kind``) writes tensors of its own in
-        inference (``why``): told once the pipeline is pickled."""
-        self.own_notes.append((path, kind, why, nbytes))
+    def own_written(self, path: str, kind: str, why: str, tensors) -> None:
+        """Module (or program) ``path`` of class ``kind`` writes ``tensors``
+        in place in inference (``why``): each is copied by every process
+        that loads (:meth:`mark_own`), and the wrap says so once pickled."""
+        for t in tensors:
+            self.mark_own(t)
+        self.own_notes.append((path, kind, why, sum(t.numel() * t.element_size() for t in tensors)))
 
     def own_refs(self) -> tuple:
         """The references of the tensors :meth:`mark_own` named."""

@@ -226,22 +226,16 @@ def reduce(o, sealer, proto: int):
         # TorchScript modules and exported programs do not pickle (or come
         # back broken): their code travels without weights, and their tensors
         # become references like any other.
-        rebuild, (blob, tensors) = program(o)
+        rebuild, (blob, tensors), written = program(o)
         for name, t in tensors.items():
             sealer.known.setdefault(id(t), name)
-        if program.__module__.endswith("._exported"):
-            from . import _exported
-
-            # What an in-place op of its graph writes (a max_norm embedding's
-            # weight): a copy per loading process, as for the module itself.
-            written = _exported.written(o)
-            for t in written:
-                sealer.mark_own(sealer.views[id(t)][0] if id(t) in sealer.views else t)
-            if written:
-                key_of = {id(t): k for k, t in tensors.items()}
-                names = ", ".join(key_of.get(id(t), "?") for t in written)
-                nbytes = sum(t.numel() * t.element_size() for t in written)
-                sealer.note_own("the exported program", "ExportedProgram", f"writes {names} in place", nbytes)
+        if written:
+            # What running it writes in place (an exported max_norm
+            # embedding's weight): a copy per loading process, as for the
+            # module itself.
+            key_of = {id(t): k for k, t in tensors.items()}
+            names = ", ".join(key_of.get(id(t), "?") for t in written)
+            sealer.own_written("the program", type(o).__name__, f"writes {names} in place", written)
         return rebuild, (blob, tensors)
     if isinstance(o, torch.Tensor):
         view = sealer.views.get(id(o))
@@ -250,7 +244,7 @@ def reduce(o, sealer, proto: int):
             v = sealer.value_of(o)  # its shape and strides: an update's new value's, where it has one
             return view_of, (TensorData(base), tuple(v.shape), tuple(v.stride()), offset, kind_of(o) == TORCH_PARAM)
         if is_wrapper_subclass(o):
-            return _reduce_wrapper_subclass(o, sealer)
+            return reduce_wrapper_subclass(o, sealer)
         if has_extras(o):
             return with_extras, (TensorData(o), type(o), dict(o.__dict__))
         value = sealer.value_of(o)  # an update's new value stands in for o (its layout is the value's)
@@ -443,14 +437,18 @@ def with_extras(t, cls, state: dict):
     return t
 
 
-def _reduce_wrapper_subclass(t, sealer):
+def reduce_wrapper_subclass(t, sealer, slot=None):
     """Quantized weights (torchao) and other tensors made of inner tensors:
-    the inner tensors are shared, the subclass is rebuilt around them on load."""
+    the inner tensors are shared, the subclass is rebuilt around them on load.
+    ``slot``: the tensor ``t`` stands in for (an update's new value for it),
+    whose name its inner tensors take and which says whether it is a
+    parameter; ``t`` itself by default."""
+    slot = t if slot is None else slot
     inner, ctx = flatten(t)
-    outer = sealer.known.get(id(t), f"tensor.{len(sealer.inputs)}")
+    outer = sealer.known.get(id(slot), f"tensor.{len(sealer.inputs)}")
     for attr, x in inner.items():
         sealer.known.setdefault(id(x), f"{outer}.{attr}")
-    param = isinstance(t, torch.nn.Parameter)
+    param = isinstance(slot, torch.nn.Parameter)
     return unflatten, (type(t), inner, ctx, tuple(t.shape), tuple(t.stride()), param)
 
 
@@ -461,11 +459,9 @@ def _reduce_module(o, sealer, proto: int):
     written = written_in_inference(o)
     if written is not None:
         why, tensors = written
-        for t in tensors:
-            if id(t) not in sealer.views:  # a view's base is marked already (_Sealer.__init__)
-                sealer.mark_own(t)  # one the walk before pickling did not reach
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        sealer.note_own(sealer.module_path(o), type(o).__name__, why, nbytes)
+        # Marked before pickling where the walk reached the module; one it
+        # did not reach is marked here.
+        sealer.own_written(sealer.module_path(o), type(o).__name__, why, tensors)
     if packed_quantized(o):
         raise UnshareableTensorError(
             f"module {sealer.module_path(o)!r} ({type(o).__module__}.{type(o).__qualname__}) keeps its weights "
