@@ -360,6 +360,9 @@ def _substitutes(slots: dict, state: dict, adapters) -> tuple[dict, dict, dict]:
                 f"update: tensor {name!r} is {DTYPE_NAMES[old.dtype]} {list(old.shape)} in the base, "
                 f"the new value {DTYPE_NAMES[inp.dtype]} {list(inp.shape)}"
             )
+        if (laid := _in_layout_of(slot, value)) is not value:
+            value = laid
+            inp, alive = adapter.pack_input(value, name)
         prev = out.get(id(slot))
         if prev is not None and prev[0] is not value and not _equal(prev[1].address, inp.address, inp.nbytes):
             raise InvalidInputError(
@@ -369,6 +372,29 @@ def _substitutes(slots: dict, state: dict, adapters) -> tuple[dict, dict, dict]:
         out[id(slot)] = (value, inp, alive, slot)
         named.setdefault(id(slot), name)
     return (*_write_through(slots, out, named), swapped)
+
+
+def _in_layout_of(slot, value):
+    """``value`` in the memory layout of the base's torch tensor ``slot``,
+    as ``load_state_dict`` leaves it (it copies a value into the base's
+    tensor): a value given in another order (a transposed copy, a
+    ``channels_last`` copy of a contiguous weight, or the reverse) loaded
+    with strides the model never had, and code that views its weight
+    (``weight.view(-1)``) failed on it. A copy only where the layouts
+    differ and the base's is dense (contiguous or permuted); a broadcast or
+    gapped base, which ``load_state_dict`` cannot write either, keeps the
+    value as given. Dimensions of one element have no layout."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(value, torch.Tensor) or type(slot) not in (torch.Tensor, torch.nn.Parameter):
+        return value
+    if all(a == b for n, a, b in zip(slot.shape, slot.stride(), value.stride(), strict=True) if n > 1):
+        return value
+    from . import _torch
+
+    if not slot.is_contiguous() and _torch.permutation(slot) is None:
+        return value
+    with torch.no_grad():
+        return torch.empty_strided(slot.shape, slot.stride(), dtype=value.dtype).copy_(value)
 
 
 def _wrapper_subclass(t) -> bool:

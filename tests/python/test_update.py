@@ -251,6 +251,35 @@ def test_errors_name_the_tensor(ray_cluster):
     assert issubclass(InvalidInputError, RayZeroCopyError)
 
 
+def test_a_new_value_in_another_layout_takes_the_base_s_as_load_state_dict_gives(ray_cluster):
+    """A state dict's value in another memory order than its tensor in the
+    base (a transposed copy, a contiguous value for a channels_last weight)
+    loads in the base's layout, as after ``load_state_dict``, with its
+    values; one of the base's values in another order is no change at all.
+    A value of another shape is refused, never broadcast into the base's."""
+    lin = torch.nn.Linear(6, 4)
+    conv = torch.nn.Conv2d(3, 5, 3).to(memory_format=torch.channels_last)
+    model = torch.nn.ModuleDict({"lin": lin, "conv": conv}).eval()
+    base = ActorWrapper(model)
+    sd = {
+        "lin.weight": torch.randn(6, 4).t(),  # column-major
+        "conv.weight": torch.randn(5, 3, 3, 3),  # contiguous, the base channels_last
+    }
+    new = base.update(sd)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(sd, strict=False)
+    got = new.load()
+    for name in sd:
+        t, r = got.get_submodule(name.split(".")[0]).weight, ref.get_submodule(name.split(".")[0]).weight
+        assert t.stride() == r.stride() and torch.equal(t, r), name
+    assert got.lin.weight.view(-1).numel() == 24  # a view of the weight, as the model's own code may take
+
+    same = base.update({"lin.weight": lin.weight.detach().t().contiguous().t()})
+    assert same.nbytes < 3 * GUARD_NBYTES + 1024  # nothing changed: no tensor stored
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' is F32 \[4, 6\] in the base.*F32 \[6\]"):
+        base.update({"lin.weight": torch.randn(6)})
+
+
 def test_old_and_new_versions_side_by_side_in_one_process(ray_cluster):
     """Both versions loaded in one process are right, and share the memory
     of every unchanged tensor (one opened base object for both)."""
