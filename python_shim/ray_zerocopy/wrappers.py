@@ -178,7 +178,8 @@ class ActorWrapper:
         ``new``: a pipeline of the same form as this one (e.g. the fine-tuned
         module), or a state dict (``{name: tensor}``) applied onto this
         version's pipeline as ``load_state_dict`` applies it (for a module,
-        the names of its ``state_dict()``; a name it lacks, or another
+        the names of its ``state_dict()`` and of its non-persistent buffers;
+        a value in another memory order takes the base's; a name it lacks, or another
         dtype or shape, is an error naming the tensor; names not given keep
         their tensors; a new value shows in every tensor of the state dict
         that shares its tensor's memory in the base: tied weights, a buffer

@@ -139,6 +139,8 @@ def test_a_state_dict_update_of_a_module(ray_cluster):
     assert torch.equal(w, weight) and torch.equal(mean, torch.full((32,), 0.5)) and is_param
     assert torch.equal(old_w, enc.block[0].weight)
     assert where["block.0.weight"] == where["norm.running_mean"] == 1
+    # A non-persistent buffer (in no state dict) is named as it is in the module.
+    assert base.update({"scale": torch.tensor(2.0)}).load().scale.item() == 2.0
     assert all(k == 0 for n, k in where.items() if n not in ("block.0.weight", "norm.running_mean")), where
 
 
