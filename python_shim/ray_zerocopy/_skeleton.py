@@ -115,8 +115,12 @@ def rebuild(skeleton: bytes, objects: list, needs_eval: bool = True) -> object:
     if needs_eval:
         left = unpickler.load() if stream.tell() < len(skeleton) else None
         if left is not None:
+            # In pickling order, a parent before its submodules: one its
+            # parent's eval() already switched is not switched again (its
+            # train() may not repeat cleanly), one it did not reach is.
             for module in left:
-                module.eval()
+                if module.training:
+                    module.eval()
         else:
             for _, module in walk_modules(obj):
                 if any(m.training for m in module.modules()):

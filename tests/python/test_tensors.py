@@ -295,6 +295,41 @@ def test_a_module_in_training_mode_is_switched_wherever_the_pipeline_holds_it(ho
     assert torch.equal(loaded(x), loaded(x)) and torch.equal(loaded(x), model.eval()(x))
 
 
+class _Counted(torch.nn.Module):
+    """A module whose own train() counts its calls; ``recurse=False``: one
+    that switches itself only, not its submodules."""
+
+    def __init__(self, inner=None, recurse=True):
+        super().__init__()
+        self.inner, self.recurse, self.calls = inner, recurse, 0
+        self.lin = torch.nn.Linear(2, 2)
+
+    def train(self, mode=True):
+        self.calls += 1
+        if self.recurse:
+            return super().train(mode)
+        self.training = mode
+        return self
+
+    def forward(self, x):
+        return x if self.inner is None else self.inner(x)
+
+
+def test_nested_modules_with_a_train_of_their_own_are_switched_once_each():
+    """A module with its own train() inside another one was switched twice
+    at load (once by its parent's eval(), once from the list): one inside a
+    parent whose train() switches it is switched once, by the parent; one
+    inside a parent whose train() does not reach it is still switched."""
+    model = torch.nn.Sequential(_Counted(_Counted()), _Counted(_Counted(), recurse=False)).train()
+    for m in model.modules():
+        if isinstance(m, _Counted):
+            m.calls = 0
+    sealed, buf = _seal.seal(model)
+    loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+    assert not any(m.training for m in loaded.modules())
+    assert [m.calls for m in loaded.modules() if isinstance(m, _Counted)] == [1, 1, 1, 1]
+
+
 def test_tensors_inside_another_s_memory_are_sealed_once_as_views():
     """Tied weights that are two objects (every state dict's: GPT-2's
     ``wte`` and ``lm_head``), a weight tied through ``.data``, a transposed
