@@ -35,8 +35,13 @@ pub enum Staging {
     Pageable,
 }
 
-/// Runs `f` on every item from `threads` threads, each with `ctx` current;
-/// stops at the first error and returns it.
+/// Runs `f` on every item from `threads` threads (the calling one among
+/// them), each with `ctx` current; stops at the first error and returns it.
+/// A helper thread the system refuses to start is one fewer helper, not a
+/// panic (`Scope::spawn` panics there), as in the sealer's `fan_out`. A
+/// scope here, unlike there, as the work borrows the context and the items:
+/// it gives a C caller's thread a Rust thread handle (freed when that
+/// thread ends), which an upload, far rarer than a seal, can afford.
 fn parallel<T: Sync>(
     ctx: &PrimaryContext,
     threads: usize,
@@ -46,24 +51,31 @@ fn parallel<T: Sync>(
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<Error>> = Mutex::new(None);
     let stop = || failed.lock().map(|g| g.is_some()).unwrap_or(true);
-    std::thread::scope(|s| {
-        for _ in 0..threads.clamp(1, items.len().max(1)) {
-            s.spawn(|| {
-                let r = ctx.with(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= items.len() || stop() {
-                        return Ok(());
-                    }
-                    f(&items[i])?;
-                });
-                if let Err(e) = r {
-                    failed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(e);
-                }
-            });
+    let work = || {
+        let r = ctx.with(|| loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= items.len() || stop() {
+                return Ok(());
+            }
+            f(&items[i])?;
+        });
+        if let Err(e) = r {
+            failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
         }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads.clamp(1, items.len().max(1)) {
+            let started = std::thread::Builder::new()
+                .name("rzc-upload".into())
+                .spawn_scoped(s, work);
+            if started.is_err() {
+                break;
+            }
+        }
+        work();
     });
     match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
