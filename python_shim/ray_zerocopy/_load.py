@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from . import _seal, _telemetry
 from ._device import Device, parse_device
-from ._skeleton import FRAMEWORK_OF, TORCH_PARAM, rebuild
+from ._skeleton import FRAMEWORK_OF, FRAMEWORKS, TORCH_PARAM, adapter, rebuild
 from .device_weights import DeviceWeights, cuda_device_count
 from .errors import (
     BufferMismatchError,
@@ -59,8 +59,6 @@ __all__ = [
     "materialize",
     "rebuild",
 ]
-
-FRAMEWORKS = ("torch", "numpy", "jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,29 +111,48 @@ class Part(NamedTuple):
     share_key: str | None
 
 
+# Whether a load in this process has moved its live objects to the oldest
+# generation (its first load does; see _no_collection).
+_promoted = False
+
+
 @contextlib.contextmanager
 def _no_collection():
-    """No garbage collection during a load, nor one due right after it.
+    """No garbage collection during a load, and, in a process's first load,
+    none due right after it.
 
     A load allocates thousands of objects that all stay alive (the model), so
     a collection during it finds nothing to free; in a fresh actor one is
     usually due by then, and scanning the young objects (many of them, just
-    after imports) cost 1.3-1.6 ms of a 6 ms load. ``gc.freeze()`` followed
-    by ``gc.unfreeze()`` moves every live object to the oldest generation in
-    constant time, so the due collection has nothing young to scan; done
-    again at the end, the model's objects join the oldest generation too,
-    where they would end up anyway. The cost: garbage cycles that exist at
-    that moment are freed by the next full collection instead of a young
-    one."""
+    after imports) cost 1.3-1.6 ms of a 6 ms load. In the first load of a
+    process, ``gc.freeze()`` followed by ``gc.unfreeze()`` moves every live
+    object to the oldest generation in constant time, so the due collection
+    has nothing young to scan; done again at the end, the model's objects
+    join the oldest generation too, where they would end up anyway.
+
+    Only the first: every load did it, and each moved the garbage cycles of
+    the pipelines dropped since (a multiplexed model evicted, a module with
+    ``weight_norm``) to the oldest generation, uncounted, where only a full
+    collection frees them, and such moves make full collections rare: a
+    replica that loaded and evicted models kept dozens of them, their
+    sealed objects in the store (hundreds of MB, past the store's size),
+    until one came. A later load only holds collection off while it runs;
+    its objects are scanned by a young collection after it, as anything
+    else made."""
+    global _promoted
     was_enabled = gc.isenabled()
     gc.disable()
-    gc.freeze()
-    gc.unfreeze()
+    first = not _promoted
+    if first:
+        _promoted = True
+        gc.freeze()
+        gc.unfreeze()
     try:
         yield
     finally:
-        gc.freeze()
-        gc.unfreeze()
+        if first:
+            gc.freeze()
+            gc.unfreeze()
         if was_enabled:
             gc.enable()
 
@@ -182,6 +199,22 @@ def holds(object_hex: str) -> bool:
     return (object_hex, True) in _buffers or (object_hex, False) in _buffers
 
 
+def _owner_unknown(ray, ref) -> bool:
+    """Whether no process could be asked for ``ref``'s object: the reference
+    came without its owner's address, and this process does not know it
+    (it knows its own objects' owner, itself)."""
+    carried = getattr(ref, "owner_address", None)
+    if carried is None or carried():
+        return False
+    try:
+        ray._private.worker.global_worker.core_worker.get_owner_address(ref)
+    except ValueError:
+        return True
+    except Exception:  # noqa: BLE001 - cannot tell (Ray Client, another Ray): ray.get decides
+        return False
+    return False
+
+
 def open_sealed(ref, write_protect: bool) -> Weights:
     """The sealed object behind ``ref``, opened (once per process while in
     use) and validated, its pages read-only when ``write_protect``."""
@@ -199,6 +232,17 @@ def open_sealed(ref, write_protect: bool) -> Weights:
         raise RayNotInitializedError(
             "Ray is not initialized in this process: a wrapper loads inside the Ray cluster that sealed it "
             "(in its actors and tasks, or after ray.init() connects to it)"
+        )
+    if _owner_unknown(ray, ref):
+        # Ray's reference knows its owner only when Ray pickled it (as it
+        # pickles actor and task arguments, ray.put, ray.cloudpickle):
+        # through pickle or the cloudpickle package, it comes without, and
+        # ray.get of it waited for ever, even with the owner alive.
+        raise SealedObjectLostError(
+            f"the sealed weights (object {key[0]}) cannot be found: this wrapper was pickled by a pickler that "
+            "drops where Ray's objects live (pickle, the cloudpickle package). Pass wrappers to actors and tasks "
+            "as arguments, by ray.put, or pickle them with ray.cloudpickle; to keep weights across sessions, "
+            "save a checkpoint and seal it with ActorWrapper.from_safetensors"
         )
     # Fetched without the lock: an object coming from another node must not
     # hold up the loads of other objects in this process (a multiplexed
@@ -305,16 +349,6 @@ def _check_buffer(weights: Weights, count: int, content_digest: bytes, what: str
 
 
 # -- 3. materialize -----------------------------------------------------------
-def _adapter(framework: str):
-    if framework == "torch":
-        from . import _torch as adapter
-    elif framework == "jax":
-        from . import _jax as adapter
-    else:
-        from . import _numpy as adapter
-    return adapter
-
-
 def materialize(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) -> tuple[list, dict | None]:
     """Tensor ``i`` of ``weights`` as an array of its framework (or of
     ``options.framework`` for all), for every ``i``; and the upload's
@@ -333,10 +367,10 @@ def materialize(weights: Weights, sealed: _seal.Sealed, options: LoadOptions) ->
         _report_upload(dev, upload_info, options.share_key is not None)
     if len(groups) == 1:  # the usual case: no reordering
         ((fw, indices),) = groups.items()
-        return _adapter(fw).adopt(source, indices, options.fast), upload_info
+        return adapter(fw).adopt(source, indices, options.fast), upload_info
     out: list = [None] * len(sealed.kinds)
     for fw, indices in groups.items():
-        for i, a in zip(indices, _adapter(fw).adopt(source, indices, options.fast), strict=True):
+        for i, a in zip(indices, adapter(fw).adopt(source, indices, options.fast), strict=True):
             out[i] = a
     return out, upload_info
 
@@ -369,7 +403,7 @@ def _materialize_parts(opened: list, parts, sealed: _seal.Sealed, options: LoadO
     out: list = [None] * len(sealed.kinds)
     for p, groups in wanted.items():
         for fw, pairs in groups.items():
-            adopted = _adapter(fw).adopt(sources[p], [j for _, j in pairs], options.fast)
+            adopted = adapter(fw).adopt(sources[p], [j for _, j in pairs], options.fast)
             for (i, _), a in zip(pairs, adopted, strict=True):
                 out[i] = a
     return out, first_info

@@ -16,11 +16,10 @@ the sealer maps it on the same node, fills it, and only then hands it out.
 from __future__ import annotations
 
 import functools
-import mmap
 import types
+import weakref
 
-import numpy as np
-
+from ._store import put_zero_pages
 from .errors import InvalidInputError, InvalidTypeError, OwnerUnavailableError
 
 __all__ = ["Owner", "NAMESPACE"]
@@ -33,66 +32,6 @@ _PREFIX = "owner:"
 BOOKKEEPING = "bookkeeping"
 
 
-@functools.cache
-def _huge_page_size() -> int:
-    """The transparent huge page's size (2 MiB on x86-64 and on arm64 with
-    4 KiB pages, 512 MiB with 64 KiB pages)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 2 << 20
-
-
-def _huge_zero_page() -> bool:
-    """Whether reading untouched anonymous memory marked for huge pages
-    maps the kernel's shared huge zero page (no memory) rather than
-    allocating zeroed huge pages."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
-
-
-def zero_view(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
-    """A read-only ``uint8`` view of ``nbytes`` zeros that costs no memory,
-    and the mapping to close when done with it: untouched anonymous pages,
-    which reading maps to the kernel's zero page.
-
-    Where the kernel has a huge zero page, the view is marked for huge pages:
-    a reader (Ray's copy in :func:`put_zero_pages`) then faults once per
-    2 MiB of it instead of once per 4 KiB (2 GiB put: 0.05 s instead of 0.3 s
-    into pages the store reuses, 1.05 s instead of 1.5 s into fresh ones, on
-    the project's machine). Where it has none, the view is marked against
-    them, so that no read allocates memory however transparent huge pages
-    are configured."""
-    huge = _huge_page_size()
-    extra = huge if nbytes >= huge else 0
-    zeros = mmap.mmap(-1, nbytes + extra, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
-    whole = np.frombuffer(zeros, dtype=np.uint8)
-    skip = -whole.ctypes.data % huge if extra else 0
-    advice = getattr(mmap, "MADV_HUGEPAGE" if _huge_zero_page() else "MADV_NOHUGEPAGE", None)
-    if advice is not None and nbytes:
-        try:
-            zeros.madvise(advice, skip, nbytes)  # a hint: a kernel without THP says no
-        except OSError:
-            pass
-    return zeros, whole[skip : skip + nbytes]
-
-
-def put_zero_pages(ray, nbytes: int):
-    """``ray.put`` of :func:`zero_view`: Ray creates an object of zeros
-    without this process allocating its size. The sealer (this process, or
-    an owner for it) fills the object in place."""
-    zeros, view = zero_view(nbytes)
-    try:
-        return ray.put(view)
-    finally:
-        del view  # the mapping closes only once no view of it is left
-        zeros.close()
-
-
 class _OwnerActor:
     """The actor behind an :class:`Owner`: it holds the references of the
     objects it put, by hex id, until released; and, for the versions
@@ -102,7 +41,7 @@ class _OwnerActor:
 
     def __init__(self):
         self._refs = {}
-        self._records = {}  # version name -> (version, refs, blob, owner blob, published at)
+        self._records = {}  # version name -> (version, refs, blob, owner blob, the publish's stamp)
 
     def node_id(self) -> str:
         import ray
@@ -154,6 +93,71 @@ class _OwnerActor:
         return list(self._records.items())
 
 
+class Hold:
+    """The sealing process's claim on an object an owner keeps for it.
+
+    An owner keeps what it owns for other processes: a wrapper sent to an
+    actor, a task or a Serve application, put with ``ray.put``, or
+    published. An object whose wrapper never left this process can have
+    no holder elsewhere, and an owner kept it all the same: an update whose
+    publish lost a race (``VersionConflictError``), a candidate that failed
+    a check, each stayed in the store until ``owner.close()``, one more
+    with each retry. So the object is released once every wrapper of it
+    here is dropped, as an object without an owner is freed, unless it was
+    :meth:`kept`: a wrapper of it (or of a version made from it) pickled,
+    or its reference handed out (``wrapper.object_ref``). The release is
+    made at the next call that seals, publishes or asks the owner
+    (:func:`release_dropped`), not by the collector, which may run inside
+    any call, Ray's own included."""
+
+    __slots__ = ("_kept", "__weakref__")
+
+    def __init__(self, owner: Owner, object_hex: str):
+        self._kept = [False]
+        weakref.finalize(self, _dropped_unless_kept, owner, object_hex, self._kept).atexit = False
+
+    @property
+    def kept(self) -> bool:
+        return self._kept[0]
+
+    def keep(self, kept: bool = True) -> None:
+        self._kept[0] = kept
+
+
+# (owner, object hex) of the objects whose holds went unkept: released by
+# release_dropped. A list: the collector's callback only appends to it.
+_dropped: list = []
+
+
+def _dropped_unless_kept(owner, object_hex: str, kept: list) -> None:
+    if not kept[0]:
+        _dropped.append((owner, object_hex))
+
+
+def release_dropped() -> None:
+    """Has each owner release the objects sealed here whose wrappers were
+    all dropped without leaving this process (see :class:`Hold`). An owner
+    that does not answer keeps them (logged): they go with it when closed."""
+    if not _dropped:
+        return
+    by_owner: dict = {}
+    while _dropped:
+        owner, object_hex = _dropped.pop()
+        by_owner.setdefault(owner, []).append(object_hex)
+    for owner, ids in by_owner.items():
+        if owner._closed:
+            continue
+        try:
+            owner._call("release", ids, timeout=_RELEASE_WAIT)
+        except Exception as e:  # noqa: BLE001 - the objects stay with the owner; nothing is lost
+            from ._telemetry import log
+
+            log.warning("Owner %r did not release %d dropped object(s): %s", owner.name, len(ids), e)
+
+
+_RELEASE_WAIT = 30.0
+
+
 @functools.cache
 def _actor_class(ray):
     """The remote class of :class:`_OwnerActor`, its quick methods (which
@@ -195,7 +199,12 @@ class Owner:
 
     The owner keeps every object sealed with it until released (:meth:`release`);
     Ray then frees each object once no process holds it (actors that loaded
-    it keep it as long as they use it). Ray cannot count holders it does not
+    it keep it as long as they use it). One whose wrappers never left the
+    sealing process (never pickled: sent to an actor, a task or a Serve
+    application, put, published; nor its ``object_ref`` read) is released
+    once they are all dropped there, as an object without an owner is
+    freed: an update whose publish lost a race, a candidate that failed a
+    check. Ray cannot count holders it does not
     see: a wrapper bound into a Serve application (``.bind(wrapper)``) is
     pickled by Serve outside Ray's reference counting, so release its
     objects only after the application is deleted (or publish a name and
@@ -335,10 +344,12 @@ class Owner:
                 ids.append(r.hex())
             else:
                 raise InvalidTypeError(f"Owner.release takes ObjectRefs or their hex ids, not {type(r).__name__}")
+        release_dropped()
         return self._call("release", ids, timeout=timeout)
 
     def objects(self) -> list[str]:
         """The hex ids of the objects the owner holds."""
+        release_dropped()
         return self._call("objects")
 
     def close(self) -> None:

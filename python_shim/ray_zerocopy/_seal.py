@@ -16,14 +16,24 @@ import functools
 import io
 import pickle
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _checkpoint, _numpy, _telemetry
 from ._native import DTYPE_CODES
-from ._skeleton import FRAMEWORK_OF, JAX, NUMPY, TORCH, TORCH_PARAM, items, referenced_modules, walk, walk_modules
+from ._skeleton import (
+    FRAMEWORK_OF,
+    JAX,
+    NUMPY,
+    TORCH,
+    TORCH_PARAM,
+    imported_adapters,
+    items,
+    referenced_modules,
+    walk,
+    walk_modules,
+)
 from .errors import InternalError, InvalidInputError, InvalidTypeError, RayZeroCopyError
 from .packing import DEVICE_ALIGNMENT, GUARD_NBYTES, PackInput, PackPlan, Sealer
 from .weights import Weights
@@ -71,7 +81,6 @@ class Sealed:
     nbytes: int  # size of the sealed buffer
     content_digest: bytes  # Weights.content_digest() of the sealed buffer: every byte of it
     needs_eval: bool = False  # some module was pickled in training mode: switch after loading
-    digest_seconds: float = 0.0  # what computing the digest cost while sealing
     # References each loading process copies for itself: tensors a module
     # writes during inference (an nn.Embedding with max_norm renormalizes
     # the rows it looks up, in place), which the shared read-only copy
@@ -158,17 +167,22 @@ class Packing:
                 self.fill(dst, progress)
             finally:
                 progress.bar.close()
-            started = time.perf_counter()
             digest = sealer.finish()
-            waited = time.perf_counter() - started
         with Weights.from_buffer(dst) as w:
             if len(w) != self.count:
                 raise InternalError(f"packed {len(w)} tensors for {self.count} references")
         modules = referenced_modules(self.skeleton)
-        made = (self.skeleton, tuple(self.kinds), modules, int(dst.nbytes), digest, self.needs_eval, waited)
-        if self.sources is None:
-            return Sealed(*made, own=self.own, holds_modules=self.holds_modules)
-        return SealedParts(*made, own=self.own, holds_modules=self.holds_modules, sources=self.sources)
+        made = dict(
+            skeleton=self.skeleton,
+            kinds=tuple(self.kinds),
+            modules=modules,
+            nbytes=int(dst.nbytes),
+            content_digest=digest,
+            needs_eval=self.needs_eval,
+            own=self.own,
+            holds_modules=self.holds_modules,
+        )
+        return Sealed(**made) if self.sources is None else SealedParts(**made, sources=self.sources)
 
     def to_array(self) -> tuple[Sealed, np.ndarray]:
         """The buffer as a new array (no Ray needed), and its description."""
@@ -187,6 +201,11 @@ class _Progress:
     def __init__(self, plan: PackPlan, sealer: Sealer, bar):
         self.plan, self.sealer, self.bar = plan, sealer, bar
 
+    @property
+    def shows(self) -> bool:
+        """Whether a progress bar shows (else a fill copies in one native call)."""
+        return not isinstance(self.bar, _telemetry._NoProgress)
+
     def copy(self, copies) -> None:
         """``copies``: ``[(address, offset, nbytes)]`` as for :meth:`Sealer.copy`."""
         self._grouped(copies, self.sealer.copy)
@@ -197,7 +216,7 @@ class _Progress:
         self._grouped(reads, lambda group: self.sealer.read(fd, group))
 
     def _grouped(self, pieces, fill) -> None:
-        if isinstance(self.bar, _telemetry._NoProgress):
+        if not self.shows:
             fill(pieces)
             return
         group, size = [], 0
@@ -213,24 +232,6 @@ class _Progress:
             self.bar.update(size)
 
 
-def _adapters():
-    """The framework adapters whose frameworks are already imported: a
-    framework the caller does not use is never imported."""
-    out = []
-    if "torch" in sys.modules:
-        from . import _torch
-
-        out.append(("torch", _torch))
-    if "jax" in sys.modules:
-        from . import _jax
-
-        out.append(("jax", _jax))
-    from . import _numpy
-
-    out.append(("numpy", _numpy))
-    return out
-
-
 def _names(obj, adapters, found: dict | None = None) -> dict[int, str]:
     """id(tensor) -> a readable name: the state-dict path for tensors of
     modules, the attribute/key path for other tensors and arrays. Each one
@@ -244,9 +245,9 @@ def _names(obj, adapters, found: dict | None = None) -> dict[int, str]:
     found = {} if found is None else found
     for path, leaf in walk(obj, is_leaf):
         if torch is not None and isinstance(leaf, torch.nn.Module):
-            from . import _torch
+            from . import _torch_seal
 
-            for name, t in _torch.named_tensors(leaf, path):
+            for name, t in _torch_seal.named_tensors(leaf, path):
                 names.setdefault(id(t), name)
                 found[id(t)] = t
         else:
@@ -256,13 +257,13 @@ def _names(obj, adapters, found: dict | None = None) -> dict[int, str]:
 
 
 def _torch_reducer():
-    """``_torch.reduce`` where torch is imported, else ``None``: a pipeline
+    """``_torch_seal.reduce`` where torch is imported, else ``None``: a pipeline
     without torch never imports it."""
     if "torch" not in sys.modules:
         return None
-    from . import _torch
+    from . import _torch_seal
 
-    return _torch.reduce
+    return _torch_seal.reduce
 
 
 def _base_pickler():
@@ -327,7 +328,7 @@ class _Sealer:
     tensors (by ``id``) to entries decided beforehand, e.g. a checkpoint's."""
 
     def __init__(self, obj, preset: dict | None = None, inputs=(), kinds=()):
-        self.adapters = _adapters()
+        self.adapters = imported_adapters()
         found: dict = {}
         self.known = _names(obj, self.adapters, found)
         self.refs: dict[int, int] = dict(preset or {})  # id(tensor) -> index
@@ -351,9 +352,9 @@ class _Sealer:
         # tensor given its entry beforehand (a checkpoint's) is its own.
         self.views: dict = {}
         if "torch" in sys.modules and found:
-            from . import _torch
+            from . import _torch, _torch_seal
 
-            self.views = _torch.views([t for i, t in found.items() if i not in self.refs])
+            self.views = _torch_seal.views([t for i, t in found.items() if i not in self.refs])
             self.keep.extend(t for i, t in found.items() if i in self.views)  # their ids stay theirs
             # A tensor given its entry beforehand keeps its class and
             # attributes all the same (its values are the entry's).
@@ -365,7 +366,7 @@ class _Sealer:
             # A tensor its module writes in inference: each loading process
             # copies it, or, where it is a view, its base (so that the
             # write reaches what shares its memory, as in torch).
-            for w in _torch.written_tensors(walk_modules(obj)):
+            for w in _torch_seal.written_tensors(walk_modules(obj)):
                 self.mark_own(w)
 
     def module_path(self, module) -> str:
@@ -402,7 +403,7 @@ class _Sealer:
         """Reference ``i`` for a tensor or array (its data, in the buffer),
         ``None`` for what pickles as usual. A tensor that is more than its
         data (a subclass, attributes of its own, a layout of its own, a view
-        of another: see ``_reducible`` and ``_torch.views``) pickles as
+        of another: see ``_reducible`` and ``_torch_seal.views``) pickles as
         usual, through the torch reducer, which hands its data back here
         wrapped in a :class:`TensorData`; its other uses then meet pickle's
         memo, so that they stay one object."""
@@ -411,7 +412,7 @@ class _Sealer:
             i = self.refs.get(id(o))
             return i if i is not None else self._take(o, self._adapter(o))
         if id(o) in self.reduced or id(o) in self.views:
-            return None  # pickled through the torch reducer (see _torch.reduce)
+            return None  # pickled through the torch reducer (see _torch_seal.reduce)
         i = self.refs.get(id(o))
         if i is not None:
             return i
@@ -433,11 +434,13 @@ class _Sealer:
 
     def _reducible(self, t, adapter) -> bool:
         """Whether torch tensor ``t`` pickles through the torch reducer: it
-        has extras, or a layout of its own, except a tensor each process
-        copies (sealed as it is: its reference must be its own)."""
+        has extras (its own, whatever it is sealed as), or what it is sealed
+        as (``value_of``: an update's new value) has a layout of its own,
+        except a tensor each process copies (sealed as it is: its reference
+        must be its own)."""
         if adapter.has_extras(t):
             return True
-        return id(t) not in self.own_ids and adapter.relays(t)
+        return id(t) not in self.own_ids and adapter.relays(self.value_of(t))
 
     def _adapter(self, o):
         """``(framework, adapter)`` of the first adapter that takes ``o``, or ``None``."""
@@ -577,30 +580,45 @@ def kind_of(o, framework: str) -> str:
     return NUMPY if framework == "numpy" else JAX
 
 
+def plan_of(inputs, metadata=None) -> PackPlan:
+    """The layout of a sealed buffer of ``inputs``: aligned, guarded, with
+    room for its content digest (every sealed buffer's)."""
+    return PackPlan(inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES, reserve_digest=True)
+
+
+def packing_of(sealer: _Sealer, skeleton: bytes, label: str = "sealing", sources=None, metadata=None) -> Packing:
+    """The packing of what ``sealer`` pickled into ``skeleton``: its inputs
+    copied from where they are when filled. (The fill holds the inputs and
+    the plan, not the sealer: an update's sealer holds the base's opened
+    buffers.)"""
+    inputs = sealer.inputs
+    plan = plan_of(inputs, metadata)
+
+    def fill(dst, progress):
+        if progress.shows:
+            _copy_inputs(plan, inputs, 0, progress)  # in groups, to show progress
+        else:
+            plan.write_sealing(dst, progress.sealer)  # one native call
+
+    return Packing(
+        skeleton=skeleton,
+        kinds=tuple(sealer.kinds),
+        needs_eval=bool(sealer.training_left),
+        plan=plan,
+        fill=fill,
+        label=label,
+        keep=sealer.keep,
+        sources=sources,
+        own=sealer.own_refs(),
+        holds_modules=sealer.holds_modules,
+    )
+
+
 def pack_object(obj, metadata=None) -> Packing:
     """Pickles ``obj`` into a skeleton and plans the buffer of every
     tensor/array it reaches (copied from where they are when filled)."""
     sealer = _Sealer(obj)
-    skeleton = sealer.pickle(obj)
-    inputs = sealer.inputs
-    plan = PackPlan(inputs, metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES, reserve_digest=True)
-
-    def fill(dst, progress):
-        if isinstance(progress.bar, _telemetry._NoProgress):
-            plan.write_sealing(dst, progress.sealer)  # one native call
-        else:
-            _copy_inputs(plan, inputs, 0, progress)  # in groups, to show progress
-
-    return Packing(
-        skeleton,
-        tuple(sealer.kinds),
-        bool(sealer.training_left),
-        plan,
-        fill,
-        keep=sealer.keep,
-        own=sealer.own_refs(),
-        holds_modules=sealer.holds_modules,
-    )
+    return packing_of(sealer, sealer.pickle(obj), metadata=metadata)
 
 
 def _copy_inputs(plan: PackPlan, inputs, first: int, progress: _Progress) -> None:
@@ -642,15 +660,15 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
         _Pickler(f, protocol=5).dump({e.name: _Ref(i) for i, e in enumerate(entries)})
         skeleton, kinds, extras, needs_eval, keep, own = f.getvalue(), (kind,) * len(entries), [], False, None, ()
     else:
-        from . import _torch
+        from . import _torch_seal
 
-        entries, model, preset, preset_kinds = _torch.checkpoint_model(ckpt, model)
+        entries, model, preset, preset_kinds = _torch_seal.checkpoint_model(ckpt, model)
         sealer = _Sealer(model, preset=preset, inputs=entries, kinds=preset_kinds)
         skeleton = sealer.pickle(model)
         kinds, extras, needs_eval = sealer.kinds, sealer.inputs[len(entries) :], bool(sealer.training_left)
         keep, own = sealer.keep, sealer.own_refs()
     inputs = [PackInput(e.name, DTYPE_CODES[e.dtype], e.shape, 0, e.nbytes) for e in entries] + extras
-    plan = PackPlan(inputs, ckpt.metadata, alignment=ALIGNMENT, guard_bytes=GUARD_BYTES, reserve_digest=True)
+    plan = plan_of(inputs, ckpt.metadata)
     offsets = [plan.offset(i) for i in range(len(inputs))]
 
     def fill(dst, progress):
@@ -658,7 +676,14 @@ def pack_checkpoint(path, kind: str, model=None) -> Packing:
         _copy_inputs(plan, extras, len(entries), progress)
 
     return Packing(
-        skeleton, tuple(kinds), needs_eval, plan, fill, "sealing checkpoint", keep, own=own,
+        skeleton=skeleton,
+        kinds=tuple(kinds),
+        needs_eval=needs_eval,
+        plan=plan,
+        fill=fill,
+        label="sealing checkpoint",
+        keep=keep,
+        own=own,
         holds_modules=model is not None,
     )
 

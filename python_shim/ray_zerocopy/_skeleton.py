@@ -24,6 +24,10 @@ __all__ = [
     "NUMPY",
     "JAX",
     "FRAMEWORK_OF",
+    "FRAMEWORKS",
+    "KIND_OF_FRAMEWORK",
+    "adapter",
+    "imported_adapters",
     "walk",
     "items",
     "walk_modules",
@@ -32,9 +36,33 @@ __all__ = [
     "rebuild",
 ]
 
-# The kinds of reference, and the framework each comes back as.
+# The kinds of reference, and the framework each comes back as. Every rule
+# that names the frameworks is here: a new framework is added in this block
+# (and in an adapter module of its own: pack_input, adopt, accepts, ...).
 TORCH, TORCH_PARAM, NUMPY, JAX = "torch", "torch.param", "numpy", "jax"
 FRAMEWORK_OF = {TORCH: "torch", TORCH_PARAM: "torch", NUMPY: "numpy", JAX: "jax"}
+FRAMEWORKS = ("torch", "numpy", "jax")
+#: The kind a tensor of each framework is sealed as (a torch tensor may be
+#: a parameter: see ``_torch.kind_of``).
+KIND_OF_FRAMEWORK = {"torch": TORCH, "numpy": NUMPY, "jax": JAX}
+
+
+def adapter(framework: str):
+    """The adapter module of ``framework`` (imported on first use)."""
+    if framework == "torch":
+        from . import _torch as module
+    elif framework == "jax":
+        from . import _jax as module
+    else:
+        from . import _numpy as module
+    return module
+
+
+def imported_adapters() -> list:
+    """``[(framework, adapter)]`` of the frameworks already imported, numpy
+    last (it takes only what the others do not): a framework the caller
+    does not use is never imported."""
+    return [(fw, adapter(fw)) for fw in ("torch", "jax") if fw in sys.modules] + [("numpy", adapter("numpy"))]
 
 
 def walk(obj, is_leaf, prefix: str = "", seen=None, depth: int = 0):

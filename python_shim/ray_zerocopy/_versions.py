@@ -106,6 +106,7 @@ class _Registry:
         self._entries = {}  # name -> (version, refs, blob, owner)
         self._numbers = {}  # name -> newest version number, of names whose entry was not taken back
         self._events = {}  # name -> asyncio.Event, set (and replaced) on publish
+        self._waiting = {}  # name -> how many calls wait on its event
         self._locks = {}  # name -> (asyncio.Lock, its holders and waiters): one publish or withdraw at a time
         self._recovery = None  # the task taking the table back, once
         self._unclaimed = {}  # name -> (version, stamp) of the store, until its owner's record is taken back
@@ -210,7 +211,7 @@ class _Registry:
                     self._asyncio.wrap_future(ref.future()), wait or self._OWNER_TIMEOUT
                 )
             except Exception as e:  # noqa: BLE001 - the registry serves on without this owner's part
-                if method == "forget" and len(args) == 2 and isinstance(e, TypeError):
+                if method == "forget" and len(args) == 2 and _takes_fewer(e):
                     args = args[:1]  # an earlier owner: forget(name)
                     continue
                 gone = isinstance(e, ValueError) or (
@@ -434,9 +435,25 @@ class _Registry:
             if left <= 0:
                 return None
             try:
-                await self._asyncio.wait_for(self._event(name).wait(), left)
+                await self._wait(name, left)
             except self._asyncio.TimeoutError:
                 return None
+
+    async def _wait(self, name, seconds: float) -> None:
+        """Waits at most ``seconds`` for the next publish of ``name``. The
+        event of a name without an entry goes once no call waits on it: a
+        wait for a name never published (a multiplexed model id from a
+        client's request) kept one, for the registry's life, per name."""
+        event = self._event(name)
+        self._waiting[name] = self._waiting.get(name, 0) + 1
+        try:
+            await self._asyncio.wait_for(event.wait(), seconds)
+        finally:
+            left = self._waiting.pop(name) - 1
+            if left:
+                self._waiting[name] = left
+            elif name not in self._entries and self._events.get(name) is event:
+                del self._events[name]
 
     async def names(self):
         await self._ready()
@@ -614,6 +631,15 @@ def _join(refs, blob):
     return _RefUnpickler(io.BytesIO(blob), refs).load()
 
 
+def _takes_fewer(e: Exception) -> bool:
+    """Whether ``e`` (a remote call's error) says the method takes fewer
+    arguments than it was given: an actor made by an earlier version of this
+    package (it lives as long as the cluster). Told by the message, not the
+    class alone: any other ``TypeError`` of the call is a fault to report as
+    it is, not taken for an older actor."""
+    return isinstance(e, TypeError) and "positional argument" in str(e)
+
+
 def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     """Makes ``wrapper`` (an :class:`~ray_zerocopy.ActorWrapper`, e.g. made by
     :meth:`~ray_zerocopy.ActorWrapper.update`) the newest version of ``name``
@@ -651,6 +677,13 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     if not isinstance(wrapper, ActorWrapper):
         raise InvalidInputError(f"publish takes an ActorWrapper, not {type(wrapper).__name__}")
     _check_session(wrapper)  # a version every subscriber would fail to load
+    from ._owner import release_dropped
+
+    release_dropped()
+    # Pickled for the registry, its objects are kept by their owner (see
+    # _owner.Hold), unless the registry refuses it: then, as before.
+    holds = wrapper._holds()
+    kept = [h.kept for h in holds]
     refs, blob = _split(wrapper)
     owner = None if wrapper.owner is None else pickle.dumps(wrapper.owner)
     if replaces is not None and (not isinstance(replaces, int) or isinstance(replaces, bool) or replaces < 0):
@@ -661,12 +694,15 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     try:
         version, gone, old_owner = _ask("publish", *args)
     except TypeError as e:  # Ray's task error is also the remote exception's class
-        if replaces is None:
+        if replaces is None or not _takes_fewer(e):
             raise
         raise RegistryUnavailableError(
             f"the versions registry ({_NAME}) was made by an earlier version of ray-zerocopy, which has no "
             "publish(replaces=): publish without it, or make the registry again with this version"
         ) from e
+    if version is None:
+        for h, k in zip(holds, kept, strict=True):
+            h.keep(k)  # not published: dropped without having left this process, it is released
     if version is None and not gone:
         raise VersionConflictError(
             f"{name!r} was not published: no version of it is published now (it was unpublished, or not taken "
@@ -675,8 +711,8 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     if version is None:
         raise VersionConflictError(
             f"{name!r} was not published: version {gone} is the newest, not version {replaces}; someone else "
-            f"published in between. Update version {gone} (ray_zerocopy.latest({name!r})) with your change and "
-            f"publish it with replaces={gone}"
+            f"published in between. Update the newest with your change and publish that: v = "
+            f"ray_zerocopy.latest({name!r}); publish({name!r}, v.update(change), replaces=v.version)"
         )
     _let_go(gone, old_owner)
     return version
@@ -692,13 +728,18 @@ def unpublish(name: str) -> None:
 
 
 def latest(name: str, *, timeout: float = 0.0):
-    """The newest :class:`~ray_zerocopy.ActorWrapper` published as ``name``.
+    """The newest :class:`~ray_zerocopy.ActorWrapper` published as ``name``,
+    its number in its ``version`` attribute, read with it in one call
+    (``v = latest(name)``, ``publish(name, v.update(sd), replaces=v.version)``:
+    a number read apart, by :func:`versions`, may be a newer version's).
     Waits up to ``timeout`` seconds for a first version; raises
     :class:`~ray_zerocopy.errors.VersionNotFoundError` when there is none.
     It asks the registry (a remote call): in an ``async`` method, call it
     through ``await asyncio.to_thread(...)``."""
     entry = _entry(name, 0, None, timeout)
-    return _join(entry[1], entry[2])
+    wrapper = _join(entry[1], entry[2])
+    wrapper.version = entry[0]
+    return wrapper
 
 
 def versions() -> dict[str, int]:
@@ -832,11 +873,12 @@ class Subscription:
     def _sweep(self) -> None:
         """A full garbage collection while the version last replaced may be
         held by nothing but a reference cycle. A pipeline in a cycle (a
-        module holding its own bound method, a closure over itself) is freed
-        only by a full collection, which loads make rare (they move what
-        they make to the oldest generation, uncounted): each version
-        replaced then kept its objects in the store (or its device copy)
-        until one came, one more version with each publish. Collected at
+        module holding its own bound method, a closure over itself) that
+        served for a while is in the oldest generation, freed only by a full
+        collection, which may be long in coming (and a process's first load
+        moves what it makes there, uncounted): each version replaced then
+        kept its objects in the store (or its device copy) until one came,
+        one more version with each publish. Collected at
         the switch, then again 1, 2, 4, ... 64 s later (a request in flight
         keeps the version until it returns), and no more once no handle or
         host tensor of the objects only that version used is open in this

@@ -20,6 +20,14 @@ malformed file or a bad argument, ``MemoryError``, ``RuntimeError``, ...), so
 """
 
 
+def listed(items, most: int = 6, show=repr) -> str:
+    """``items`` for a message: the first ``most`` (each ``show``n), then
+    how many more there are."""
+    items = list(items)
+    shown = ", ".join(show(x) for x in items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
 class RayZeroCopyError(Exception):
     """Base of every error ray-zerocopy raises. ``status``: the native
     library's status name, or ``None`` for a failure found in Python."""
@@ -156,7 +164,9 @@ class DLPackExportError(RayZeroCopyError, BufferError):
 
 
 class RayNotInitializedError(RayZeroCopyError, RuntimeError):
-    """A wrapper was made before ``ray.init()``."""
+    """Ray is not running in this process where it is needed: a wrapper
+    made, loaded, updated or published before ``ray.init()`` or after
+    ``ray.shutdown()``."""
 
 
 class SealedObjectLostError(RayZeroCopyError, RuntimeError):

@@ -1,4 +1,4 @@
-"""Opened safetensors buffers (``Weights``) and the packer (``pack``).
+"""Opened safetensors buffers (``Weights``; the packer, ``pack``, is ``packing``'s, re-exported here).
 
 ``Weights`` is a thin handle over ``rzc_weights``: it validates the buffer in
 the native library, lists its tensors, and exports them zero-copy through

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from . import _delta, _load, _seal, _skeleton, _store, _telemetry
+from . import _delta, _load, _owner, _seal, _skeleton, _store, _telemetry
 from ._device import parse_device
 from .errors import InvalidInputError, InvalidTypeError, RayNotInitializedError, SealedObjectLostError
 
@@ -90,13 +90,18 @@ class ActorWrapper:
         owner=None,
     ):
         ray = _require_ray()
+        self._set_options(device, use_fast_load, write_protect, share_gpu, owner)
+        started = time.perf_counter()
+        self._put(ray, _seal.pack_object(pipeline, metadata), started, owner)
+
+    def _set_options(self, device, use_fast_load, write_protect, share_gpu, owner) -> None:
+        """The load options every version of this wrapper carries (an
+        ``update`` copies them), checked."""
         self.device = str(parse_device(device))
         self.use_fast_load = bool(use_fast_load)
         self.write_protect = bool(write_protect)
         self.share_gpu = bool(share_gpu)
         _check_owner(owner)
-        started = time.perf_counter()
-        self._put(ray, _seal.pack_object(pipeline, metadata), started, owner)
 
     def _put(self, ray, packing: _seal.Packing, started: float, owner=None) -> None:
         # The buffer is packed straight into the object store (no second
@@ -108,8 +113,11 @@ class ActorWrapper:
         def fill(dst):
             described[:] = [packing.write(dst)]  # sealed, and validated by the native library
 
+        _owner.release_dropped()  # a candidate dropped before this one: its store memory first
         self._ref = _store.put_buffer(packing.nbytes, fill, owner)
         self._owner = owner
+        if owner is not None:
+            self._hold = _owner.Hold(owner, self._ref.hex())  # see _holds
         self._sealed = described[0]
         # The Ray session it was sealed in: its objects live and die with it.
         self._session = ray.get_runtime_context().get_session_name()
@@ -149,15 +157,27 @@ class ActorWrapper:
             raise InvalidInputError("a checkpoint filled into a model loads as torch only")
         ray = _require_ray()
         self = cls.__new__(cls)
-        self.device = str(parse_device(device))
-        self.use_fast_load = bool(use_fast_load)
-        self.write_protect = bool(write_protect)
-        self.share_gpu = bool(share_gpu)
-        _check_owner(owner)
-        kind = {"torch": _skeleton.TORCH, "numpy": _skeleton.NUMPY, "jax": _skeleton.JAX}[framework]
+        self._set_options(device, use_fast_load, write_protect, share_gpu, owner)
+        kind = _skeleton.KIND_OF_FRAMEWORK[framework]
         started = time.perf_counter()
         self._put(ray, _seal.pack_checkpoint(path, kind, model), started, owner)
         return self
+
+    def _holds(self) -> tuple:
+        """The holds (see ``_owner.Hold``) of this version's objects sealed
+        with an owner in this process: its own, and its parts'."""
+        own = self.__dict__.get("_hold")
+        return (*(() if own is None else (own,)), *self.__dict__.get("_part_holds", ()))
+
+    def __getstate__(self):
+        # Leaving this process (to an actor, a task, a Serve application,
+        # ray.put, the registry): its owner keeps its objects from now on.
+        for hold in self._holds():
+            hold.keep()
+        state = dict(self.__dict__)
+        state.pop("_hold", None)
+        state.pop("_part_holds", None)
+        return state
 
     def __setstate__(self, state):
         # Arriving in an actor: import what the skeleton's classes live in
@@ -173,7 +193,9 @@ class ActorWrapper:
         changed: returns a new wrapper (same device and options) whose own
         sealed object, the *delta*, holds only the tensors that differ from
         this version's, and which refers to this version's objects for every
-        other tensor. Memory: this version plus the changed tensors.
+        other tensor (or copies them, from an object it would use less than
+        half of: a version holds at most twice its own size, whatever chain
+        of updates made it). Memory: this version plus the changed tensors.
 
         ``new``: a pipeline of the same form as this one (e.g. the fine-tuned
         module), or a state dict (``{name: tensor}``) applied onto this
@@ -203,13 +225,21 @@ class ActorWrapper:
         opened = [_load.open_sealed(p.ref, self.write_protect) for p in parts]
         packing, parts = _delta.pack_update(parts, opened, self._sealed, new, self.load_options(device="cpu"))
         out = type(self).__new__(type(self))
-        out.__dict__.update((k, v) for k, v in self.__dict__.items() if k not in ("_ref", "_sealed", "_share_key"))
+        # Its options (and a subclass's own attributes) are this version's;
+        # what names its buffer is set by _put.
+        out.__dict__.update(
+            (k, v) for k, v in self.__dict__.items() if k not in ("_ref", "_sealed", "_share_key", "_hold", "version")
+        )
         out._parts = parts
+        out._part_holds = self._holds()  # its parts stay while it lives here, and leave with it
         out._put(ray, packing, started, self._owner)  # a new version has its base's owner
         return out
 
     # ------------------------------------------------------------------
     _owner = None  # wrappers sealed without an owner
+    #: The number this version is published under, on a wrapper
+    #: :func:`~ray_zerocopy.latest` returned (``None`` on any other).
+    version: int | None = None
 
     @property
     def owner(self):
@@ -220,7 +250,10 @@ class ActorWrapper:
     @property
     def object_ref(self):
         """The ``ObjectRef`` of this version's own sealed buffer (after
-        :meth:`update`, the delta)."""
+        :meth:`update`, the delta). Handed out, it is kept by the owner as a
+        wrapper sent elsewhere is (see :class:`~ray_zerocopy.Owner`)."""
+        for hold in self._holds():
+            hold.keep()
         return self._ref
 
     @property
@@ -228,6 +261,8 @@ class ActorWrapper:
         """The ``ObjectRef`` of every sealed buffer this version's tensors
         come from, base first, this version's own last (one, unless made by
         :meth:`update`)."""
+        for hold in self._holds():
+            hold.keep()
         return (*(p.ref for p in self._parts), self._ref)
 
     @property
@@ -277,7 +312,7 @@ class ActorWrapper:
         return len(self._sealed.kinds)
 
     def __repr__(self) -> str:
-        parts = f" ({self.total_nbytes / 2**20:.1f} MiB in {len(self.object_refs)} parts)" if self._parts else ""
+        parts = f" ({self.total_nbytes / 2**20:.1f} MiB in {len(self._parts) + 1} parts)" if self._parts else ""
         return (
             f"ActorWrapper({self.num_tensors} tensors, {self.nbytes / 2**20:.1f} MiB sealed{parts}, "
             f"device={self.device!r}, use_fast_load={self.use_fast_load}, write_protect={self.write_protect}, "
@@ -372,7 +407,7 @@ _TASK_CACHE_SIZE = 4
 
 
 def _cached_pipeline(wrapper: ActorWrapper):
-    key = (wrapper.object_ref.hex(), wrapper.device)
+    key = (wrapper._ref.hex(), wrapper.device)
     with _task_cache_lock:
         pipeline = _task_cache.get(key)
         if pipeline is not None:
@@ -407,7 +442,13 @@ class TaskWrapper:
     """Runs the pipeline in Ray tasks: ``wrapped(x)`` and ``wrapped.method(x)``
     each run in a task that loads the pipeline zero-copy (a worker that has
     loaded it already reuses it) and return the result. ``ray_options``
-    (``num_cpus``, ``num_gpus``, ...) go to every task."""
+    (``num_cpus``, ``num_gpus``, ...) go to every task.
+
+    A worker keeps the last four pipelines it loaded, and with them their
+    sealed objects in the store, after the ``TaskWrapper`` is dropped, until
+    it loads others or exits: a driver that makes many short-lived
+    ``TaskWrapper`` s of large models holds up to four of them per worker
+    (an :class:`ActorWrapper` in actors frees them with the actors)."""
 
     def __init__(
         self,

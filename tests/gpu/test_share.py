@@ -198,7 +198,7 @@ options = _load.LoadOptions(device="cuda:0", write_protect={write_protect}, shar
 # is what reaches the upload, so the framework step takes nothing.
 class NoTensors:
     adopt = staticmethod(lambda source, indices, fast: [None] * len(indices))
-_load._adapter = lambda framework: NoTensors
+_load.adapter = lambda framework: NoTensors
 tensors, info = _load.materialize(w, sealed, options)
 print(json.dumps({{k: info[k] for k in ("sharing", "read_only", "fallback")}}))
 """,

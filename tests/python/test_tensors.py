@@ -931,3 +931,36 @@ def test_a_pipeline_loads_in_another_framework_unless_it_holds_modules():
         with pytest.raises(rzc.InvalidInputError, match="holds torch modules"):
             round_trip({"norm": norm}, framework=framework)
     assert torch.equal(round_trip(norm, framework="torch").running_mean, norm.running_mean)
+
+
+def test_a_pipeline_in_a_reference_cycle_loaded_after_the_first_is_freed_by_a_young_collection():
+    """Every load moved the process's live objects to the oldest generation
+    (to keep a due collection from scanning a fresh actor's first load), so
+    a model in a reference cycle (``weight_norm``) loaded and dropped
+    waited for a full collection, which such moves make rare: a replica
+    that loaded and evicted models kept dozens of them, and their sealed
+    objects, alive. Only a process's first load does it now."""
+    import gc
+    import weakref
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = torch.nn.Sequential(weight_norm(torch.nn.Linear(8, 8)), torch.nn.ReLU()).eval()
+    sealed, buf = _seal.seal(model)
+    first = _load.assemble(Weights.from_buffer(buf), sealed)  # the first load of this process, or a later one
+    x = torch.randn(2, 8)
+    # No collection but the test's own: one due could promote the model on
+    # its own, and a load keeps collection off where it finds it off.
+    gc.disable()
+    try:
+        for _ in range(3):
+            loaded = _load.assemble(Weights.from_buffer(buf), sealed)
+            assert torch.equal(loaded(x), model(x))
+            cyclic = weakref.ref(loaded[0])  # the parametrized module is in a reference cycle
+            del loaded
+            assert cyclic() is not None
+            gc.collect(1)  # the young generations only
+            assert cyclic() is None, "a dropped pipeline waited for a full collection"
+    finally:
+        gc.enable()
+    assert first is not None

@@ -150,6 +150,7 @@ def test_a_chain_of_updates_keeps_only_the_parts_it_uses(ray_cluster):
     tensors are all superseded (or reverted to the base's values) the new
     version no longer refers to it."""
     enc = Encoder().eval()
+    enc.unchanged = torch.nn.Linear(128, 128)  # the changes are a small share of the model, as in a fine-tune
     v0 = ActorWrapper(enc)
     a0, b0 = enc.block[0].weight.detach().clone(), enc.emb.weight.detach().clone()
     a1, b2, a3 = torch.randn(32, 32), torch.randn(64, 32), torch.randn(32, 32)
@@ -178,6 +179,32 @@ def test_a_chain_of_updates_keeps_only_the_parts_it_uses(ray_cluster):
     want = [(a0, b0), (a1, b0), (a1, b2), (a3, b2), (a0, b0), (a0, b0)]
     for k, ((a, b), (wa, wb)) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(a, wa) and torch.equal(b, wb), f"version {k}"
+
+
+def test_a_version_holds_at_most_twice_its_size_whatever_chain_of_updates_made_it(ray_cluster):
+    """Each update of a chain changes layers k to 15 of 16: a version kept
+    every earlier delta it took one layer from (the 16th held 16 objects,
+    8.5 times its size, for as long as it lived). The tensors it takes from
+    an object it uses less than half of are copied into its delta instead,
+    with their values, and what the version holds stays under twice its
+    size; an object it uses more of is still shared."""
+    layers = 16
+    model = torch.nn.Sequential(*(torch.nn.Linear(64, 64, bias=False) for _ in range(layers))).eval()
+    size = sum(p.nbytes for p in model.parameters())
+    versions, want = [ActorWrapper(model)], copy.deepcopy(model)
+    for k in range(1, layers):
+        changed = {f"{i}.weight": torch.full((64, 64), float(k)) for i in range(k, layers)}
+        versions.append(versions[-1].update(changed))
+        want.load_state_dict(changed, strict=False)
+        held = versions[-1].total_nbytes
+        assert held < 2 * size + (len(versions[-1].object_refs) + 1) * 4 * GUARD_NBYTES, (k, held / size)
+    newest = versions[-1]
+    assert len(newest.object_refs) < layers // 2, "parts it uses little of are not kept (16 were)"
+    x = torch.randn(2, 64)
+    assert torch.equal(newest.load()(x), want(x))
+    # A small change refers to the base for everything else, as before.
+    small = versions[0].update({"0.weight": torch.zeros(64, 64)})
+    assert small.object_refs[0] == versions[0].object_ref and small.nbytes < 3 * GUARD_NBYTES + 64 * 64 * 4 + 1024
 
 
 def test_tied_weights_stay_tied_across_an_update(ray_cluster):

@@ -106,8 +106,10 @@ def test_publish_replaces_only_the_version_it_was_made_from(ray_cluster):
         rzc.publish(name, late, replaces=0)
     assert rzc.versions()[name] == 2
     x = torch.randn(2, DIM)
-    assert torch.allclose(rzc.latest(name).load()(x), v2(x))
-    assert rzc.publish(name, late, replaces=2) == 3
+    newest = rzc.latest(name)  # with its number, read in the same call
+    assert newest.version == 2 and torch.allclose(newest.load()(x), v2(x))
+    assert newest.update(v3).version is None, "a version made from it is not published yet"
+    assert rzc.publish(name, late, replaces=newest.version) == 3
     assert torch.allclose(rzc.latest(name).load()(x), v3(x))
     assert rzc.publish(name, ActorWrapper(v1)) == 4, "without replaces: whatever is newest"
     for bad in (-1, "2", True):
@@ -255,6 +257,54 @@ def test_publish_lets_the_owner_go_of_what_only_old_versions_used(ray_cluster):
         wait_for(lambda: delta not in objects_listed(), "the replaced delta to be freed")
         assert v1.object_ref.hex() in objects_listed()
         ray.kill(server)
+    finally:
+        owner.close()
+
+
+def test_an_owned_version_that_never_left_this_process_is_released_when_dropped(ray_cluster):
+    """An owner keeps what it owns for other processes; an update sealed
+    with one and never sent anywhere (its publish lost a race, a candidate
+    that failed a check) stayed in the store until ``owner.close()``, one
+    more with each retry. Dropped here, it is released as an object
+    without an owner is freed; one sent to an actor, published, or that a
+    sent or published version was made from, stays with the owner."""
+    ray = ray_cluster
+    name = "test-owner-candidates"
+    owner = rzc.Owner("test-candidates")
+
+    def tuned(k):
+        m = model(1)
+        with torch.no_grad():
+            m[2].weight.add_(float(k))
+        return m
+
+    try:
+        base = ActorWrapper(model(1), owner=owner)
+        assert rzc.publish(name, base, replaces=0) == 1
+        kept = {base.object_ref.hex()}
+        for k in range(1, 4):  # a publisher that keeps losing the race, retrying with a new update
+            candidate = base.update(tuned(k))
+            with pytest.raises(rzc.VersionConflictError):
+                rzc.publish(name, candidate, replaces=0)
+            hex_id = candidate._ref.hex()
+            assert hex_id in owner.objects()
+            del candidate
+            gc.collect()
+            assert hex_id not in owner.objects(), "a candidate no one else has stays with the owner"
+        wait_for(lambda: hex_id not in objects_listed(), "the dropped candidate to be freed")
+
+        sent = base.update(tuned(5))
+        ray.get(ray.remote(num_cpus=0)(lambda w: w.num_tensors).remote(sent))  # pickled to a worker
+        kept.add(sent._ref.hex())
+        first = base.update(tuned(6))
+        second = first.update(tuned(7))  # made from first: first's delta is one of its parts
+        assert rzc.publish(name, second, replaces=1) == 2
+        kept |= {first._ref.hex(), second._ref.hex()}
+        del sent, first, second
+        gc.collect()
+        assert kept <= set(owner.objects())
+        x = torch.randn(2, DIM)
+        assert answer(rzc.latest(name).load(), x) == answer(tuned(7), x)
     finally:
         owner.close()
 
@@ -837,9 +887,15 @@ def test_unpublish_and_names_sharing_objects(ray_cluster):
         # churning through names grew by its lock and event per name).
         import ray
 
+        # Nor of a name waited for and never published (a multiplexed model
+        # id from a client's request: one event each, for the registry's life).
+        never = "test-never-published"
+        with pytest.raises(VersionNotFoundError):
+            rzc.latest(never, timeout=0.2)
         registry = ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy")
         kept = ray.get(registry.__ray_call__.remote(lambda self: (set(self._locks), set(self._events))))
         assert name_b not in kept[0] and name_b not in kept[1]
+        assert never not in kept[1]
     finally:
         owner.close()
 
