@@ -267,7 +267,7 @@ def _is_state_dict(new: dict, pipeline, slots: dict, adapters) -> bool:
         raise InvalidInputError(
             f"update: the base pipeline is a {type(pipeline).__name__}, and this dict names none of its tensors "
             f"({shown}). To give tensors new values, pass them by the names of its state dict (e.g. "
-            f"{', '.join(repr(k) for k in list(slots)[:3])}); from a checkpoint that holds a state dict, pass that "
+            f"{listed(list(slots)[:3])}); from a checkpoint that holds a state dict, pass that "
             "state dict (update(ckpt['state_dict'])); to make a pipeline of another form, wrap it: ActorWrapper(new)"
         )
     raise InvalidInputError(_ambiguous(new, pipeline, slots, named, unknown, adapters))
@@ -405,12 +405,14 @@ def _in_layout_of(slot, value):
     gapped base, which ``load_state_dict`` cannot write either, keeps the
     value as given. Dimensions of one element have no layout."""
     torch = sys.modules.get("torch")
-    if torch is None or not isinstance(value, torch.Tensor) or type(slot) not in (torch.Tensor, torch.nn.Parameter):
-        return value
-    if all(a == b for n, a, b in zip(slot.shape, slot.stride(), value.stride(), strict=True) if n > 1):
+    if torch is None or not isinstance(value, torch.Tensor):
         return value
     from . import _torch
 
+    if type(slot) not in _torch._PLAIN:
+        return value
+    if all(a == b for n, a, b in zip(slot.shape, slot.stride(), value.stride(), strict=True) if n > 1):
+        return value
     if not slot.is_contiguous() and _torch.permutation(slot) is None:
         return value
     with torch.no_grad():

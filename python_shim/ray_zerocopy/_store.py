@@ -242,15 +242,13 @@ def _put_in_place(ray, nbytes: int, fill, owner=None):
         if owner is not None:
             owner.release(ref)  # nobody else has the reference: the owner would keep it forever
         raise
-    if why is None or again is not None:
-        if again is not None:
-            _telemetry.fallback("the sealed object was put again, whole, after filling it in place: %s", why)
-            if owner is not None:
-                owner.release(ref)
-            return again, None
+    if why is None:
         return ref, None
     if owner is not None:
         owner.release(ref)
+    if again is not None:
+        _telemetry.fallback("the sealed object was put again, whole, after filling it in place: %s", why)
+        return again, None
     return None, why
 
 
@@ -272,8 +270,9 @@ def _fill_in_place(ray, ref, nbytes: int, fill, before, owner=None):
     try:
         fill(dst)
         dst = None
-        why = "the object was spilled while it was filled" if _spilled(ray, ref) else None
-        if why is None:
+        if _spilled(ray, ref):
+            why = "the object was spilled while it was filled"
+        else:
             why = _near_spilling(_store_state(ray), nbytes, before)
         if why is None:
             return None, None

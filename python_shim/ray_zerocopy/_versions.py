@@ -703,12 +703,11 @@ def publish(name: str, wrapper, *, replaces: int | None = None) -> int:
     if version is None:
         for h, k in zip(holds, kept, strict=True):
             h.keep(k)  # not published: dropped without having left this process, it is released
-    if version is None and not gone:
-        raise VersionConflictError(
-            f"{name!r} was not published: no version of it is published now (it was unpublished, or not taken "
-            f"back by a registry made again), not version {replaces}. Publish with replaces=0"
-        )
-    if version is None:
+        if not gone:
+            raise VersionConflictError(
+                f"{name!r} was not published: no version of it is published now (it was unpublished, or not "
+                f"taken back by a registry made again), not version {replaces}. Publish with replaces=0"
+            )
         raise VersionConflictError(
             f"{name!r} was not published: version {gone} is the newest, not version {replaces}; someone else "
             f"published in between. Update the newest with your change and publish that: v = "

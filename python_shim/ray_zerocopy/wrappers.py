@@ -169,11 +169,16 @@ class ActorWrapper:
         own = self.__dict__.get("_hold")
         return (*(() if own is None else (own,)), *self.__dict__.get("_part_holds", ()))
 
-    def __getstate__(self):
-        # Leaving this process (to an actor, a task, a Serve application,
-        # ray.put, the registry): its owner keeps its objects from now on.
+    def _keep_holds(self) -> None:
+        """This version's objects have left, or may leave, this process: their
+        owner keeps them from now on (see ``_owner.Hold``)."""
         for hold in self._holds():
             hold.keep()
+
+    def __getstate__(self):
+        # Leaving this process (to an actor, a task, a Serve application,
+        # ray.put, the registry).
+        self._keep_holds()
         state = dict(self.__dict__)
         state.pop("_hold", None)
         state.pop("_part_holds", None)
@@ -252,8 +257,7 @@ class ActorWrapper:
         """The ``ObjectRef`` of this version's own sealed buffer (after
         :meth:`update`, the delta). Handed out, it is kept by the owner as a
         wrapper sent elsewhere is (see :class:`~ray_zerocopy.Owner`)."""
-        for hold in self._holds():
-            hold.keep()
+        self._keep_holds()
         return self._ref
 
     @property
@@ -261,8 +265,7 @@ class ActorWrapper:
         """The ``ObjectRef`` of every sealed buffer this version's tensors
         come from, base first, this version's own last (one, unless made by
         :meth:`update`)."""
-        for hold in self._holds():
-            hold.keep()
+        self._keep_holds()
         return (*(p.ref for p in self._parts), self._ref)
 
     @property
