@@ -114,6 +114,11 @@ class Part(NamedTuple):
 # Whether a load in this process has moved its live objects to the oldest
 # generation (its first load does; see _no_collection).
 _promoted = False
+# Loads running in this process, and whether the collector was on before the
+# first of them began; both under _collection_lock.
+_collection_lock = threading.Lock()
+_loads_running = 0
+_collector_was_on = False
 
 
 @contextlib.contextmanager
@@ -138,23 +143,35 @@ def _no_collection():
     sealed objects in the store (hundreds of MB, past the store's size),
     until one came. A later load only holds collection off while it runs;
     its objects are scanned by a young collection after it, as anything
-    else made."""
-    global _promoted
-    was_enabled = gc.isenabled()
-    gc.disable()
-    first = not _promoted
-    if first:
-        _promoted = True
-        gc.freeze()
-        gc.unfreeze()
+    else made.
+
+    Loads in several threads of one process (an actor with
+    ``max_concurrency``) share one hold, counted under a lock: the first to
+    begin turns the collector off, the last to end puts it back as it was.
+    Each load reading and restoring the collector on its own left it off
+    for good when one read it off (another load running), the other
+    restored it, and then the first turned it off."""
+    global _promoted, _loads_running, _collector_was_on
+    with _collection_lock:
+        if _loads_running == 0:
+            _collector_was_on = gc.isenabled()
+            gc.disable()
+        _loads_running += 1
+        first = not _promoted
+        if first:
+            _promoted = True
+            gc.freeze()
+            gc.unfreeze()
     try:
         yield
     finally:
-        if first:
-            gc.freeze()
-            gc.unfreeze()
-        if was_enabled:
-            gc.enable()
+        with _collection_lock:
+            if first:
+                gc.freeze()
+                gc.unfreeze()
+            _loads_running -= 1
+            if _loads_running == 0 and _collector_was_on:
+                gc.enable()
 
 
 def load(ref, sealed: _seal.Sealed, options: LoadOptions):
