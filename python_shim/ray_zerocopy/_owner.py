@@ -37,7 +37,7 @@ class _OwnerActor:
     objects it put, by hex id, until released; and, for the versions
     registry, a record of each name's newest version published with this
     owner, from which a registry made again (its actor died) takes its table
-    back (``_versions._Registry``)."""
+    back (``_registry.Registry``)."""
 
     def __init__(self):
         self._refs = {}

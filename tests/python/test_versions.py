@@ -808,7 +808,7 @@ rzc.publish("n", rzc.ActorWrapper({"w": np.zeros(4, np.float32)}))
 loading = threading.Event()
 
 def load(wrapper):
-    if loading.is_set() or rzc._versions._ask("names")["n"] > 1:
+    if loading.is_set() or rzc._registry.ask("names")["n"] > 1:
         loading.set()
         time.sleep(3.0)  # loading version 2 (a real model takes seconds) when Ray is shut down
     return wrapper.load()
