@@ -311,6 +311,10 @@ static void test_pack(void) {
   wrong[1].src = again + 8;
   CHECK(rzc_pack_sealer_copy(sealer, wrong, 2, 0) == RZC_INVALID_ARGUMENT);
   CHECK(strstr(rzc_last_error_message(), "overlaps") != NULL);
+  wrong[1] = copies[1];
+  wrong[1].src = NULL;
+  CHECK(rzc_pack_sealer_copy(sealer, wrong, 2, 0) == RZC_NULL_ARGUMENT);
+  CHECK(strstr(rzc_last_error_message(), "copies[1].src") != NULL);
   CHECK(rzc_pack_sealer_copy(sealer, NULL, 2, 0) == RZC_NULL_ARGUMENT);
   CHECK(rzc_pack_sealer_copy(NULL, copies, 2, 0) == RZC_NULL_ARGUMENT);
   CHECK(rzc_pack_sealer_copy(sealer, copies, 1, 1) == RZC_OK);

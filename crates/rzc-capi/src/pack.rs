@@ -266,7 +266,8 @@ pub unsafe extern "C" fn rzc_pack_plan_write_sealing(
         for (i, src) in sources.into_iter().enumerate() {
             copies.push(crate::seal::rzc_pack_copy { src: src.as_ptr(), dst_offset: p.plan.offset(i)? as u64, nbytes: src.len() as u64 });
         }
-        s.copy(&copies, 0)
+        // SAFETY: the plan's sources, valid for the call (above).
+        unsafe { crate::seal::copy(s, &copies, 0) }
     }
 }
 

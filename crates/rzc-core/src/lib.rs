@@ -6,9 +6,11 @@
 //! shares, and lays out tensors as a standard, aligned safetensors buffer
 //! ([`pack`]).
 //!
-//! Safe code, with three fenced exceptions, each a module whose very purpose
+//! Safe code, with four fenced exceptions, each a module whose very purpose
 //! is a contract the compiler cannot check:
 //! - [`dlpack`]: DLPack hands out raw pointers and a C deleter that frees them;
+//! - [`seal`]: a buffer the caller owns, filled and hashed by several threads
+//!   at once, each byte written by one;
 //! - `storage`: memory borrowed from the caller (a raw pointer kept valid by
 //!   the caller's promise) and memory-mapped files;
 //! - `platform`: page protection, the SIGSEGV handler, libc calls.
@@ -22,8 +24,10 @@ mod dtype;
 mod error;
 pub mod header;
 pub mod pack;
-#[allow(unsafe_code)] // libc: mprotect, sigaction, write(2) in a signal handler
+#[allow(unsafe_code)] // libc: mprotect, sigaction, write(2) in a signal handler, pread(2)
 mod platform;
+#[allow(unsafe_code)] // the caller's buffer, written by several threads at once
+pub mod seal;
 #[allow(unsafe_code)] // borrowed raw memory and mmap
 mod storage;
 mod weights;

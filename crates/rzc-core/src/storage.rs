@@ -1,7 +1,7 @@
 //! Owners of the bytes an opened buffer reads: an owned vector, a mapped
 //! file, or memory borrowed from the caller.
 //!
-//! This is one of the core's three places with `unsafe` code (see `lib.rs`):
+//! This is one of the core's four places with `unsafe` code (see `lib.rs`):
 //! borrowed memory is a raw pointer that the caller promises to keep valid,
 //! and mapping a file is `unsafe` in memmap2 because another process could
 //! change the file underneath.

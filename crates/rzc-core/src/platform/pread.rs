@@ -1,0 +1,52 @@
+//! Reading a file into memory at a given offset, for the sealer's fills.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// Reads `dst.len()` bytes at offset `at` of the open file `fd` into `dst`
+/// with pread(2), or says why it cannot: a file that ends first (shorter
+/// than its header says, or cut short while it is read) is an error that
+/// gives the file's size, not a short tensor. `at + dst.len()` is at most
+/// `i64::MAX` (pread takes a signed offset).
+pub fn read_exact_at(fd: BorrowedFd<'_>, dst: &mut [u8], at: u64) -> Result<(), String> {
+    let (raw, n) = (fd.as_raw_fd(), dst.len());
+    let mut done = 0;
+    while done < n {
+        let pos = at + done as u64;
+        // SAFETY: `n - done` writable bytes at `dst + done`, borrowed
+        // exclusively; the kernel checks the descriptor.
+        let got = unsafe {
+            libc::pread(
+                raw,
+                dst[done..].as_mut_ptr().cast(),
+                n - done,
+                pos as libc::off_t,
+            )
+        };
+        match got {
+            0 => {
+                // SAFETY: a plain C struct, all zeros a valid value.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: fstat writes into the struct it is given; the
+                // kernel checks the descriptor.
+                let listed = unsafe { libc::fstat(raw, &mut st) } == 0;
+                let size = if listed {
+                    format!("is {} bytes long", st.st_size)
+                } else {
+                    format!("ended at byte {pos}")
+                };
+                return Err(format!(
+                    "the file {size}: it is shorter than its header says, or was cut short \
+                     while it was read"
+                ));
+            }
+            k if k > 0 => done += k as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(format!("cannot read it at offset {pos}: {e}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! The sealer hashes a buffer while it is filled, and gives the digest a
+//! plain seal of the same bytes gives, whichever way the bytes arrive: copied
+//! from memory on several threads, read from a file, or written by the
+//! caller and declared final; a fill it cannot complete is refused, and so
+//! is the seal after it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::AsFd;
+
+use rzc_core::digest;
+use rzc_core::pack::{PackOptions, Plan, TensorSpec};
+use rzc_core::seal::{Piece, Sealer};
+use rzc_core::{Dtype, ErrorKind};
+
+/// Tensors of 3 MiB, 1 byte, nothing and 2.5 MiB: blocks of 1 MiB, some
+/// shared by two tensors, and an empty tensor.
+fn tensors() -> Vec<(String, Vec<i64>, Vec<u8>)> {
+    [3 << 20, 1, 0, 5 << 19]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let bytes = (0..n).map(|b| (b * 131 + i * 7) as u8).collect();
+            (format!("t{i}"), vec![n as i64], bytes)
+        })
+        .collect()
+}
+
+fn plan(items: &[(String, Vec<i64>, Vec<u8>)]) -> Plan {
+    let specs: Vec<TensorSpec<'_>> = items
+        .iter()
+        .map(|(n, s, _)| TensorSpec {
+            name: n,
+            dtype: Dtype::U8,
+            shape: s,
+        })
+        .collect();
+    let opts = PackOptions {
+        reserve_digest: true,
+        ..PackOptions::default()
+    };
+    Plan::new(&specs, &BTreeMap::new(), &opts).unwrap()
+}
+
+/// The buffer filled and sealed in one pass: what every sealer must match.
+fn expected(items: &[(String, Vec<i64>, Vec<u8>)]) -> (Vec<u8>, digest::Digest) {
+    let plan = plan(items);
+    let mut buf = vec![0u8; plan.total_size()];
+    let data: Vec<&[u8]> = items.iter().map(|t| t.2.as_slice()).collect();
+    plan.write(&mut buf, &data).unwrap();
+    let d = digest::seal(&mut buf).unwrap();
+    (buf, d)
+}
+
+/// A buffer with its layout written, ready for a sealer.
+fn laid_out(plan: &Plan) -> Vec<u8> {
+    let mut buf = vec![0u8; plan.total_size()];
+    plan.write_layout(&mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn copies_on_any_number_of_threads_give_the_plain_seal() {
+    let items = tensors();
+    let (want, digest) = expected(&items);
+    let plan = plan(&items);
+    for threads in [1, 2, 0] {
+        let mut buf = laid_out(&plan);
+        // SAFETY: `buf` outlives the sealer and is touched only by it.
+        let sealer = unsafe { Sealer::new(buf.as_mut_ptr(), buf.len()) }.unwrap();
+        let copies: Vec<Piece> = items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Piece {
+                src: t.2.as_ptr() as u64,
+                dst_offset: plan.offset(i).unwrap() as u64,
+                nbytes: t.2.len() as u64,
+            })
+            .collect();
+        // Two calls, for different tensors.
+        // SAFETY: the sources are `items`' bytes, alive and unchanged.
+        unsafe { sealer.copy(&copies[..2], threads) }.unwrap();
+        // SAFETY: as above.
+        unsafe { sealer.copy(&copies[2..], threads) }.unwrap();
+        assert_eq!(sealer.finish().unwrap(), digest, "{threads} thread(s)");
+        drop(sealer);
+        assert!(buf == want, "{threads} thread(s): the buffer differs");
+    }
+}
+
+#[test]
+fn reads_from_a_file_give_the_plain_seal_and_a_short_file_is_refused() {
+    let items = tensors();
+    let (want, digest) = expected(&items);
+    let plan = plan(&items);
+    let path = std::env::temp_dir().join(format!("rzc-seal-test-{}", std::process::id()));
+    let mut file = std::fs::File::create(&path).unwrap();
+    let mut at = Vec::new();
+    for t in &items {
+        at.push(file.metadata().unwrap().len());
+        file.write_all(&t.2).unwrap();
+    }
+    drop(file);
+    let file = std::fs::File::open(&path).unwrap();
+    let reads: Vec<Piece> = items
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Piece {
+            src: at[i],
+            dst_offset: plan.offset(i).unwrap() as u64,
+            nbytes: t.2.len() as u64,
+        })
+        .collect();
+    let mut buf = laid_out(&plan);
+    // SAFETY: `buf` outlives the sealer and is touched only by it.
+    let sealer = unsafe { Sealer::new(buf.as_mut_ptr(), buf.len()) }.unwrap();
+    sealer.read(file.as_fd(), &reads, 0).unwrap();
+    assert_eq!(sealer.finish().unwrap(), digest);
+    drop(sealer);
+    assert!(buf == want, "the buffer differs");
+
+    // The file cut short: the read says so, and the seal is refused.
+    let short = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    short.set_len(at[3] + 10).unwrap();
+    let mut buf = laid_out(&plan);
+    // SAFETY: as above.
+    let sealer = unsafe { Sealer::new(buf.as_mut_ptr(), buf.len()) }.unwrap();
+    let e = sealer.read(file.as_fd(), &reads, 2).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(e.message().contains("reads[3]"), "{e}");
+    assert!(e.message().contains("shorter than its header says"), "{e}");
+    let e = sealer.finish().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.message().contains("cannot be sealed"), "{e}");
+    drop(sealer);
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn bytes_written_by_the_caller_and_declared_final_give_the_plain_seal() {
+    let items = tensors();
+    let (want, digest) = expected(&items);
+    let plan = plan(&items);
+    let mut buf = laid_out(&plan);
+    let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+    // SAFETY: `buf` outlives the sealer; it is written below only through
+    // `ptr`, each part before it is declared final.
+    let sealer = unsafe { Sealer::new(ptr, len) }.unwrap();
+    for (i, t) in items.iter().enumerate() {
+        let at = plan.offset(i).unwrap();
+        // SAFETY: tensor `i`'s bytes, in the buffer, not yet declared final.
+        unsafe { std::ptr::copy_nonoverlapping(t.2.as_ptr(), ptr.add(at), t.2.len()) };
+        sealer.advance(at + t.2.len());
+    }
+    assert_eq!(sealer.finish().unwrap(), digest);
+    drop(sealer);
+    assert!(buf == want, "the buffer differs");
+}
+
+#[test]
+fn fills_the_layout_does_not_name_are_refused_and_change_nothing() {
+    let items = tensors();
+    let plan = plan(&items);
+    let mut buf = laid_out(&plan);
+    let (base, len) = (buf.as_mut_ptr(), buf.len());
+    // SAFETY: `buf` outlives the sealer and is touched only by it.
+    let sealer = unsafe { Sealer::new(base, len) }.unwrap();
+    let piece = |i: usize, nbytes: u64| Piece {
+        src: items[i].2.as_ptr() as u64,
+        dst_offset: plan.offset(i).unwrap() as u64,
+        nbytes,
+    };
+    let refused = |copies: &[Piece], needle: &str| {
+        // SAFETY: every source is `items`' bytes, alive and unchanged.
+        let e = unsafe { sealer.copy(copies, 0) }.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.message().contains(needle), "{needle:?} not in {e}");
+    };
+    refused(&[piece(0, 5)], "is 3145728 bytes, not 5");
+    refused(&[piece(0, 3 << 20), piece(0, 3 << 20)], "named twice");
+    let mut off = piece(1, 1);
+    off.dst_offset += 1;
+    refused(&[off], "no tensor's data starts at offset");
+    let mut null = piece(1, 1);
+    null.src = 0;
+    refused(&[null], "copies[0].src is NULL");
+    let inside = Piece {
+        src: base as u64 + plan.data_start() as u64,
+        ..piece(1, 1)
+    };
+    refused(&[inside], "overlaps the sealer's buffer");
+    // None of these took a tensor: each is filled once now, then refused.
+    // SAFETY: as above.
+    unsafe { sealer.copy(&[piece(0, 3 << 20), piece(1, 1), piece(3, 5 << 19)], 0) }.unwrap();
+    refused(&[piece(1, 1)], "filled already");
+    sealer.finish().unwrap();
+    let e = sealer.finish().unwrap_err();
+    assert!(e.message().contains("finished already"), "{e}");
+}
