@@ -90,6 +90,7 @@ def test_close_while_other_threads_use_it_never_crashes(tmp_path):
         w = rzc.Weights.open_file({str(path)!r})
         digest = w.content_digest(trust_claim=False)
         started = threading.Barrier(5)
+        first = [threading.Event() for _ in range(4)]  # each thread's first call returned
         done = {{}}
         def use(k):
             calls = 0
@@ -101,12 +102,16 @@ def test_close_while_other_threads_use_it_never_crashes(tmp_path):
                     else:
                         assert len(w.table()) == 16 and w.find("t7") == w.names().index("t7")
                     calls += 1
+                    first[k].set()
             except rzc.InvalidInputError as e:
                 done[k] = (calls, str(e))
         threads = [threading.Thread(target=use, args=(k,)) for k in range(4)]
         [t.start() for t in threads]
         started.wait()
-        time.sleep(0.05)
+        # Closed while every thread is in its calls (not before a slow
+        # thread's first: a fixed sleep left that to the scheduler).
+        assert all(e.wait(60) for e in first), "a thread's first call did not return"
+        time.sleep(0.01)
         w.close()
         [t.join() for t in threads]
         assert sorted(done) == [0, 1, 2, 3], done
@@ -168,21 +173,32 @@ def test_a_sealer_advanced_by_several_threads_and_closed_under_finish():
 
     run_together(advance)
     assert sealer.finish() == expected
-    # Nothing declared final: finish() hashes all of it, for a while.
-    buf, sealer = filled()
-    got, ready = [], threading.Event()
+    # Nothing declared final: finish() hashes all of it, for a while, and a
+    # close() meanwhile frees the sealer only after it. A close that comes
+    # before finish() has taken the handle (the finisher descheduled in
+    # between) makes finish() refuse: that round says nothing, and is run
+    # again.
+    for _ in range(20):
+        buf, sealer = filled()
+        got, refused, ready = [], [], threading.Event()
 
-    def finish():
-        ready.set()
-        got.append(sealer.finish())
+        def finish(sealer=sealer, got=got, refused=refused, ready=ready):
+            ready.set()
+            try:
+                got.append(sealer.finish())
+            except rzc.InvalidInputError as e:
+                refused.append(e)
 
-    finisher = threading.Thread(target=finish)
-    finisher.start()
-    ready.wait()
-    time.sleep(0.002)
-    sealer.close()
-    finisher.join()
-    assert got == [expected]
+        finisher = threading.Thread(target=finish)
+        finisher.start()
+        ready.wait()
+        time.sleep(0.002)
+        sealer.close()
+        finisher.join()
+        if not refused:
+            break
+        assert "closed" in str(refused[0])
+    assert got == [expected], f"finish() refused in every round: {refused}"
     with pytest.raises(rzc.InvalidInputError, match="closed"):
         sealer.advance(0)
 

@@ -447,29 +447,38 @@ def test_a_version_that_failed_to_load_is_tried_again(ray_cluster):
     ray.kill(flaky)
 
 
-def _registry_generation(ray):
+def _registry_generation(ray, make: bool = False):
     """The generation of the registry's actor now (``None`` while there is
-    none, or it does not answer)."""
+    none, or it does not answer in 10 s). ``make``: where there is none,
+    this process makes one, without calling it (its recovery starts with
+    its first call)."""
     try:
-        handle = ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy")
+        if make:
+            rzc._registry._handle = None  # not the handle of one killed
+            handle = rzc._registry.handle()
+        else:
+            handle = ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy")
         return ray.get(handle.__ray_call__.remote(lambda self: self._generation), timeout=10)
     except (ValueError, ray.exceptions.RayError):
         return None
 
 
-def _registry_gone(ray, restart: bool) -> None:
-    """Kills the registry's actor: for good (the next call makes a new one)
-    or as a crash (Ray restarts it); returns once a new one answers. (The
-    kill takes effect a little later: until then the old one answers, and
-    may die under a call.)"""
-    before = _registry_generation(ray)
+def _registry_killed(ray, restart: bool) -> None:
+    """Kills the registry's actor: for good (a new one is made here) or as a
+    crash (Ray restarts it); returns once a new one runs, not yet called.
+    Its start (seconds on a busy machine) is over, so that a test can time
+    what the new registry does on its first call. (The kill takes effect a
+    little later: until then the old one answers.)"""
+    before = wait_for(lambda: _registry_generation(ray), "the registry's generation")
     ray.kill(ray.get_actor("ray_zerocopy.versions", namespace="ray_zerocopy"), no_restart=not restart)
+    wait_for(lambda: _registry_generation(ray, make=True) not in (None, before), "a new registry's actor")
 
-    def made_again():
-        _until_the_registry_answers(lambda: rzc.versions())  # makes it, after a kill for good
-        return _registry_generation(ray) not in (None, before)
 
-    wait_for(made_again, "a new registry")
+def _registry_gone(ray, restart: bool) -> None:
+    """:func:`_registry_killed`, then the new registry's first call
+    answered (its table taken back)."""
+    _registry_killed(ray, restart)
+    _until_the_registry_answers(lambda: rzc.versions())
 
 
 def _made_again(name: str, before):
@@ -681,13 +690,12 @@ def test_a_busy_owner_holds_up_neither_a_publish_nor_a_registry_made_again(ray_c
         rzc.publish(name, first)
         del first  # the owner's objects of version 1 are released when version 2 replaces it
         busy = owner._handle().adopt.remote([gate.value.remote()])  # waits for the gate, as a long put would
-        start = time.monotonic()
         assert _within(15, lambda: rzc.publish(name, second, replaces=1), "a publish with the busy owner") == 2
         before = rzc._versions._entry(name, 0, None, 0.0)[4]
-        _registry_gone(ray, restart=False)
-
+        _registry_killed(ray, restart=False)
+        start = time.monotonic()  # the new registry's first call: its table taken back from the busy owner
         entry = _made_again(name, before)
-        assert entry[0] == 2 and time.monotonic() - start < 20, "the new registry waited for the busy owner"
+        assert entry[0] == 2 and time.monotonic() - start < 15, "the new registry waited for the busy owner"
         x = torch.randn(2, DIM)
         assert answer(rzc.latest(name).load(), x) == answer(model(2), x)
         assert len(owner.objects()) == 1, "version 1's object released, version 2's kept"
@@ -737,7 +745,8 @@ def test_a_silent_owner_holds_up_neither_publishes_nor_a_registry_made_again(ray
         rzc.publish("test-silent-c", ActorWrapper(model(5), owner=silent))
         rzc.publish("test-silent-d", ActorWrapper(model(6), owner=other))
         os.kill(pid, signal.SIGSTOP)
-        _within(20, lambda: _registry_gone(ray, restart=False), "a new registry's first answers")
+        _registry_killed(ray, restart=False)
+        _within(15, lambda: _until_the_registry_answers(rzc.versions), "a new registry's first answers")
         x = torch.randn(2, DIM)
         got = rzc.latest("test-silent-d")
         assert answer(got.load(), x) == answer(model(6), x)
