@@ -190,12 +190,13 @@ pub unsafe extern "C" fn rzc_pack_sealer_read(
 /// Declares the whole buffer final, completes the digest of its data
 /// section (on every core), writes it into the header (`rzc.data_blake3`)
 /// and writes the buffer's content digest to `*out` (the same as
-/// `rzc_pack_seal` gives). The sealer is then spent: free it.
+/// `rzc_pack_seal` gives). The sealer is then spent: free it. A
+/// `rzc_pack_sealer_copy` or `rzc_pack_sealer_read` running on another
+/// thread is waited for, and later ones are refused.
 ///
 /// # Safety
-/// `sealer` is a live sealer; nothing else uses its buffer meanwhile (every
-/// `rzc_pack_sealer_advance`, `rzc_pack_sealer_copy` and
-/// `rzc_pack_sealer_read` has returned);
+/// `sealer` is a live sealer; the bytes the caller writes into its buffer
+/// itself are final (no such write runs meanwhile);
 /// `out` is valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn rzc_pack_sealer_finish(

@@ -30,7 +30,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -434,7 +434,14 @@ fn invalid(message: String) -> Error {
 pub struct Sealer {
     state: Arc<State>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    finished: AtomicBool,
+    /// Whether `finish` has run, under a lock each fill holds (shared) for
+    /// its whole run, and `finish` (exclusive) for its own: a `finish` on
+    /// one thread waits for the fills running on others, and a fill that
+    /// comes after it is refused. Without it, safe code calling `finish`
+    /// while another thread's fill was writing the buffer would hash bytes
+    /// being written (in C, the caller's contract forbade it; a safe Rust
+    /// API must not leave that to its caller).
+    finished: RwLock<bool>,
 }
 
 impl Sealer {
@@ -466,7 +473,7 @@ impl Sealer {
         Ok(Sealer {
             state,
             thread: Mutex::new(Some(thread)),
-            finished: AtomicBool::new(false),
+            finished: RwLock::new(false),
         })
     }
 
@@ -516,7 +523,8 @@ impl Sealer {
     }
 
     fn fill(&self, what: &str, pieces: &[Piece], source: Source, threads: usize) -> Result<()> {
-        if self.finished.load(Ordering::Acquire) {
+        let finished = self.finished.read().unwrap_or_else(|p| p.into_inner());
+        if *finished {
             return Err(invalid("this sealer is finished already".into()));
         }
         self.state.fill(what, pieces, source, threads)
@@ -538,10 +546,12 @@ impl Sealer {
     /// Declares the whole buffer final, hashes the blocks left (on every
     /// core), joins them, writes the digest into the header
     /// (`rzc.data_blake3`) and returns the buffer's content digest. The
-    /// sealer is then spent. Every `advance`, `copy` and `read` has
-    /// returned, and nothing else uses the buffer during the call.
+    /// sealer is then spent. Fills running on other threads (`copy`,
+    /// `read`) are waited for, and later ones refused; bytes the caller
+    /// writes itself are final by now (the contract of [`Sealer::new`]).
     pub fn finish(&self) -> Result<Digest> {
-        if self.finished.swap(true, Ordering::AcqRel) {
+        let mut finished = self.finished.write().unwrap_or_else(|p| p.into_inner());
+        if std::mem::replace(&mut *finished, true) {
             return Err(invalid("this sealer is finished already".into()));
         }
         self.stop();

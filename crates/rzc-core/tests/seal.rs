@@ -197,3 +197,60 @@ fn fills_the_layout_does_not_name_are_refused_and_change_nothing() {
     let e = sealer.finish().unwrap_err();
     assert!(e.message().contains("finished already"), "{e}");
 }
+
+#[test]
+fn finish_waits_for_a_fill_running_on_another_thread() {
+    // One 64 MiB tensor copied on one thread (tens of ms), finish() called
+    // on another while it runs. finish() waits for the copy and gives the
+    // full buffer's digest, or (where it came first) refuses the copy and
+    // seals the buffer without it; never a digest of bytes being written.
+    let items = vec![("big".to_string(), vec![64 << 20], vec![7u8; 64 << 20])];
+    let (want, digest) = expected(&items);
+    let plan = plan(&items);
+    let empty_digest = {
+        let mut buf = laid_out(&plan);
+        digest::seal(&mut buf).unwrap()
+    };
+    let mut overlapped = 0;
+    for round in 0..20 {
+        let mut buf = laid_out(&plan);
+        // SAFETY: `buf` outlives the sealer and is touched only by it.
+        let sealer = unsafe { Sealer::new(buf.as_mut_ptr(), buf.len()) }.unwrap();
+        let copy = [Piece {
+            src: items[0].2.as_ptr() as u64,
+            dst_offset: plan.offset(0).unwrap() as u64,
+            nbytes: items[0].2.len() as u64,
+        }];
+        let starting = std::sync::Barrier::new(2);
+        let (copied, sealed) = std::thread::scope(|scope| {
+            let copier = scope.spawn(|| {
+                starting.wait();
+                // SAFETY: the source is `items`' bytes, alive and unchanged.
+                unsafe { sealer.copy(&copy, 1) }
+            });
+            starting.wait();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let sealed = sealer.finish().unwrap();
+            (copier.join().unwrap(), sealed)
+        });
+        drop(sealer);
+        match copied {
+            Ok(()) => {
+                assert_eq!(
+                    sealed, digest,
+                    "round {round}: the digest of a buffer still being filled"
+                );
+                assert!(buf == want, "round {round}: the buffer differs");
+                overlapped += 1;
+            }
+            Err(e) => {
+                assert!(e.message().contains("finished already"), "{e}");
+                assert_eq!(sealed, empty_digest, "round {round}");
+            }
+        }
+        if overlapped >= 3 {
+            break;
+        }
+    }
+    assert!(overlapped > 0, "finish() never came while the copy ran");
+}
