@@ -324,7 +324,6 @@ def test_tensors_outlive_wrapper_handle_and_refs_then_store_returns_to_baseline(
     maps it; and a baseline taken before the test depended on other tests'
     objects being freed, or put, meanwhile.)"""
     from ray._private.internal_api import memory_summary
-
     from ray_zerocopy import _store
 
     ray = ray_cluster
