@@ -1429,16 +1429,23 @@ void rzc_pack_plan_free(struct rzc_pack_plan *plan);
  *
  * # Safety
  * `dst` points to `dst_len` writable bytes (`rzc_pack_sealer_finish` writes
- * the digest into the header) that stay valid until the sealer is finished
- * or freed; `out` is valid for a write.
+ * the digest into the header), every one written at least once (zeros will
+ * do: a tensor left unfilled is hashed as it stands), that stay valid
+ * until the sealer is freed. Until then the caller writes no byte of a
+ * tensor named in a `rzc_pack_sealer_copy` or `rzc_pack_sealer_read`, none
+ * below a value it passed to `rzc_pack_sealer_advance`, and none once
+ * `rzc_pack_sealer_finish` may run; and reads no byte that may still be
+ * written. `out` is valid for a write.
  */
 enum rzc_status rzc_pack_sealer_new(uint8_t *dst, size_t dst_len, struct rzc_pack_sealer **out);
 
 /**
- * Declares the bytes of the buffer below `upto` final: the caller writes
- * them no more. Calls may come in any order, and from several threads at
- * once (the threads filling the buffer); the largest counts. A block that
- * a running `rzc_pack_sealer_copy` is writing waits for that copy.
+ * Declares the bytes of the buffer below `upto` final: no one writes them
+ * any more. `upto` is a prefix: where several threads fill the buffer, it
+ * is the start of the first part any of them is still writing, not the
+ * end of one thread's own part. Calls may come in any order, and from
+ * several threads at once; the largest counts. A block that a running
+ * `rzc_pack_sealer_copy` is writing waits for that copy.
  *
  * # Safety
  * `sealer` is a live sealer.

@@ -126,9 +126,12 @@ class PackPlan:
         return out[0]
 
     def allocate(self) -> np.ndarray:
-        """A new ``uint8`` array of :attr:`nbytes` bytes, ``alignment``-aligned
-        (numpy guarantees only 16 bytes)."""
-        raw = np.empty(self.nbytes + self.alignment, dtype=np.uint8)
+        """A new ``uint8`` array of :attr:`nbytes` zeros, ``alignment``-aligned
+        (numpy guarantees only 16 bytes). Zeros, not whatever memory held: a
+        :class:`Sealer` hashes every byte, a tensor left unfilled included
+        (and zeros cost nothing until written: the pages come from the
+        system zeroed)."""
+        raw = np.zeros(self.nbytes + self.alignment, dtype=np.uint8)
         skip = -raw.ctypes.data % self.alignment
         return raw[skip : skip + self.nbytes]
 
@@ -156,9 +159,11 @@ class PackPlan:
 class Sealer:
     """The digest of a buffer's data section, computed on a native thread
     while the buffer is filled. Make it once the buffer's layout (header) is
-    written (:meth:`PackPlan.write_layout`); call :meth:`advance` as bytes
-    become final, then :meth:`finish`. The buffer must stay alive and
-    unchanged (below the last ``advance``) until then."""
+    written (:meth:`PackPlan.write_layout`); fill it with :meth:`copy` or
+    :meth:`read`, or write it and call :meth:`advance` as bytes become
+    final, then :meth:`finish`. The buffer must stay alive until then,
+    unchanged below the last ``advance`` and in every tensor a ``copy`` or
+    ``read`` named, and its bytes are not read while they may be written."""
 
     __slots__ = ("_handle", "_keep")
 
@@ -175,8 +180,11 @@ class Sealer:
         return handle
 
     def advance(self, upto: int) -> None:
-        """Bytes below ``upto`` are final. Several threads filling the
-        buffer may call it at once."""
+        """Bytes below ``upto`` are final: no one writes them any more.
+        ``upto`` is a prefix: where several threads fill the buffer, the
+        start of the first part any of them is still writing (not the end
+        of one thread's own part). Several threads may call it at once; the
+        largest counts."""
         check(lib.rzc_pack_sealer_advance(self._live(), upto))
 
     def copy(self, copies, threads: int = 0) -> None:
@@ -199,7 +207,10 @@ class Sealer:
         :meth:`copy` copies them from memory: ``reads`` is ``[(file_offset,
         offset, nbytes)]``. A file that ends before a tensor does raises
         :class:`~ray_zerocopy.errors.IoError`, and the sealer can then
-        neither go on nor finish. The GIL is released while it runs."""
+        neither go on nor finish; a descriptor that cannot be read at all
+        (not open, open for writing only, not a regular file) raises
+        :class:`~ray_zerocopy.errors.InvalidArgumentError` before anything
+        is read. The GIL is released while it runs."""
         reads = list(reads)
         arr = ffi.new("rzc_pack_read[]", len(reads))
         for r, (src, offset, nbytes) in zip(arr, reads, strict=True):

@@ -9,6 +9,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "rzc.h"
 
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -339,6 +340,14 @@ static void test_pack(void) {
     CHECK(rzc_pack_plan_write_layout(plan, again, total) == RZC_OK);
     CHECK(rzc_pack_sealer_new(again, total, &sealer) == RZC_OK);
     CHECK(rzc_pack_sealer_read(sealer, -1, reads, 2, 0) == RZC_INVALID_ARGUMENT);
+    {
+      /* A descriptor that cannot be read is refused up front, the sealer unharmed. */
+      int wronly = open("/dev/null", O_WRONLY);
+      CHECK(wronly >= 0);
+      CHECK(rzc_pack_sealer_read(sealer, wronly, reads, 2, 0) == RZC_INVALID_ARGUMENT);
+      CHECK(strstr(rzc_last_error_message(), "writing only") != NULL);
+      close(wronly);
+    }
     CHECK(rzc_pack_sealer_read(sealer, fd, NULL, 2, 0) == RZC_NULL_ARGUMENT);
     CHECK(rzc_pack_sealer_read(NULL, fd, reads, 2, 0) == RZC_NULL_ARGUMENT);
     CHECK(rzc_pack_sealer_read(sealer, fd, reads, 2, 2) == RZC_OK);

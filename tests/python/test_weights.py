@@ -582,7 +582,8 @@ def test_a_file_that_ends_inside_a_tensor_is_an_error_and_the_buffer_is_never_se
     read, say) raises an error naming the entry and the file's size, never
     a SIGBUS and never a tensor half read; the sealer then refuses to go on
     and to finish, since its buffer is not whole. Also on several threads,
-    with many blocks in flight, and for a bad descriptor."""
+    with many blocks in flight; a descriptor that cannot be read is refused
+    up front."""
     import os
 
     from ray_zerocopy.packing import Sealer
@@ -609,9 +610,16 @@ def test_a_file_that_ends_inside_a_tensor_is_an_error_and_the_buffer_is_never_se
                 sealer.copy([copies[0]])
             with pytest.raises(rzc.InvalidArgumentError, match="cannot be sealed"):
                 sealer.finish()
+        # A descriptor that cannot be read at all is refused before anything
+        # is taken: the sealer goes on (it used to fail, for good).
         with Sealer(dst) as sealer:
-            with pytest.raises(rzc.IoError, match="Bad file descriptor"):
+            with pytest.raises(rzc.InvalidArgumentError, match="is not open: Bad file descriptor"):
                 sealer.read(fd + 1000, [(0, copies[0][1], copies[0][2])])
+            with open(path, "ab") as write_only:
+                with pytest.raises(rzc.InvalidArgumentError, match="open for writing only"):
+                    sealer.read(write_only.fileno(), [(0, copies[0][1], copies[0][2])])
+            sealer.copy([copies[0]])
+            sealer.finish()
     finally:
         os.close(fd)
 

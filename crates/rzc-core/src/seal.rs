@@ -213,14 +213,19 @@ impl State {
                     if c.src == 0 {
                         return Err(invalid(format!("{what}[{i}].src is NULL")));
                     }
-                    let overlaps = match (c.src as usize).checked_add(c.nbytes as usize) {
-                        Some(end) => end > lo && (c.src as usize) < hi,
-                        None => true,
-                    };
-                    if overlaps {
-                        return Err(invalid(format!(
-                            "{what}[{i}]: the source overlaps the sealer's buffer"
-                        )));
+                    match (c.src as usize).checked_add(c.nbytes as usize) {
+                        Some(end) if end > lo && (c.src as usize) < hi => {
+                            return Err(invalid(format!(
+                                "{what}[{i}]: the source overlaps the sealer's buffer"
+                            )));
+                        }
+                        Some(_) => {}
+                        None => {
+                            return Err(invalid(format!(
+                                "{what}[{i}]: {} bytes from address {:#x} run past the end of memory",
+                                c.nbytes, c.src
+                            )));
+                        }
                     }
                 }
                 Source::File(_) => {
@@ -454,9 +459,19 @@ impl Sealer {
     /// as it becomes final, and call [`Sealer::finish`].
     ///
     /// # Safety
-    /// `ptr` points to `len` writable bytes that stay valid until the
-    /// sealer is finished or dropped, written meanwhile only as this
-    /// module's contracts allow.
+    /// `ptr` points to `len` initialized, writable bytes (a tensor's bytes
+    /// may hold anything until filled: one left unfilled is hashed as it
+    /// stands) that stay valid until the sealer is dropped (a sealer leaked
+    /// unfinished keeps its thread, and its claim on the buffer, for ever).
+    /// Until then, the caller:
+    /// - writes no byte of a tensor named in a [`Sealer::copy`] or
+    ///   [`Sealer::read`], and no byte below a value it has passed to
+    ///   [`Sealer::advance`] (the header and the padding, written with the
+    ///   layout, are below the first tensor);
+    /// - reads no byte that a fill, or the caller itself, may still be
+    ///   writing;
+    /// - writes nothing once [`Sealer::finish`] may run, and holds no
+    ///   reference into the buffer while it runs (it writes the header).
     pub unsafe fn new(ptr: *mut u8, len: usize) -> Result<Sealer> {
         if ptr.is_null() {
             return Err(invalid("the buffer to seal is NULL".into()));
@@ -482,11 +497,14 @@ impl Sealer {
         self.state.region.ptr.cast_const() == ptr && self.state.region.len == len
     }
 
-    /// Declares the bytes of the buffer below `upto` final: the caller
-    /// writes them no more. Calls may come in any order, and from several
-    /// threads at once (the threads filling the buffer); the largest
-    /// counts. A block that a running [`Sealer::copy`] is writing waits for
-    /// that copy.
+    /// Declares the bytes of the buffer below `upto` final: no one writes
+    /// them any more. `upto` is a prefix: where several threads fill the
+    /// buffer, it is the start of the first part any of them is still
+    /// writing, not the end of one thread's own part (that would declare
+    /// the parts below it final while others write them). Calls may come
+    /// in any order, and from several threads at once; the largest counts.
+    /// A block that a running [`Sealer::copy`] is writing waits for that
+    /// copy.
     pub fn advance(&self, upto: usize) {
         let _g = self.state.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.state.upto.fetch_max(upto, Ordering::Release);
@@ -518,7 +536,11 @@ impl Sealer {
     /// since its buffer is not whole (another fill running at that moment
     /// is refused as well). Whether the file's bytes are still those its
     /// header was read from is the caller's to check.
+    /// A descriptor that cannot be read at all (not open for reading, not a
+    /// regular file or block device) is refused before anything is taken,
+    /// the sealer unharmed.
     pub fn read(&self, file: BorrowedFd<'_>, reads: &[Piece], threads: usize) -> Result<()> {
+        platform::readable(file).map_err(|why| invalid(format!("reads: the descriptor {why}")))?;
         self.fill("reads", reads, Source::File(file.as_raw_fd()), threads)
     }
 

@@ -254,3 +254,45 @@ fn finish_waits_for_a_fill_running_on_another_thread() {
     }
     assert!(overlapped > 0, "finish() never came while the copy ran");
 }
+
+#[test]
+fn a_descriptor_that_cannot_be_read_is_refused_and_the_sealer_goes_on() {
+    let items = tensors();
+    let (want, digest) = expected(&items);
+    let plan = plan(&items);
+    let path = std::env::temp_dir().join(format!("rzc-seal-test-fd-{}", std::process::id()));
+    let mut file = std::fs::File::create(&path).unwrap(); // open for writing only
+    let mut at = Vec::new();
+    for t in &items {
+        at.push(file.metadata().unwrap().len());
+        file.write_all(&t.2).unwrap();
+    }
+    let reads: Vec<Piece> = items
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Piece {
+            src: at[i],
+            dst_offset: plan.offset(i).unwrap() as u64,
+            nbytes: t.2.len() as u64,
+        })
+        .collect();
+    let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+    let mut buf = laid_out(&plan);
+    // SAFETY: `buf` outlives the sealer and is touched only by it.
+    let sealer = unsafe { Sealer::new(buf.as_mut_ptr(), buf.len()) }.unwrap();
+    for (fd, needle) in [
+        (file.as_fd(), "open for writing only"),
+        (dir.as_fd(), "is a directory"),
+    ] {
+        let e = sealer.read(fd, &reads, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.message().contains(needle), "{needle:?} not in {e}");
+    }
+    // Nothing was taken, and the sealer was not marked failed.
+    let readable = std::fs::File::open(&path).unwrap();
+    sealer.read(readable.as_fd(), &reads, 0).unwrap();
+    assert_eq!(sealer.finish().unwrap(), digest);
+    drop(sealer);
+    assert!(buf == want, "the buffer differs");
+    std::fs::remove_file(&path).unwrap();
+}

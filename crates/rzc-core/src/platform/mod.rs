@@ -14,7 +14,7 @@ mod maps;
 mod pread;
 mod protect;
 
-pub use pread::read_exact_at;
+pub use pread::{read_exact_at, readable};
 pub use protect::{GuardState, WriteGuard};
 
 /// The size of a memory page.

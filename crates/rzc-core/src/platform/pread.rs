@@ -50,3 +50,36 @@ pub fn read_exact_at(fd: BorrowedFd<'_>, dst: &mut [u8], at: u64) -> Result<(), 
     }
     Ok(())
 }
+
+/// Whether `fd` can be read with pread(2) at all: open for reading, and a
+/// regular file or a block device (a pipe, a socket or a directory fails
+/// every pread). Checked before a fill takes its tensors: a failed read
+/// part-way leaves the buffer incomplete, and the sealer refuses to go on.
+pub fn readable(fd: BorrowedFd<'_>) -> Result<(), String> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: F_GETFL takes no argument; the kernel checks the descriptor.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(format!(
+            "{raw} is not open: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if flags & libc::O_ACCMODE == libc::O_WRONLY {
+        return Err(format!("{raw} is open for writing only"));
+    }
+    // SAFETY: a plain C struct, all zeros a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the struct it is given.
+    if unsafe { libc::fstat(raw, &mut st) } != 0 {
+        return Err(format!(
+            "{raw} cannot be examined: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG | libc::S_IFBLK => Ok(()),
+        libc::S_IFDIR => Err(format!("{raw} is a directory, not a file")),
+        _ => Err(format!("{raw} is not a regular file (a pipe, a socket or a device cannot be read at an offset)")),
+    }
+}
