@@ -141,8 +141,13 @@ def release_dropped() -> None:
     if not _dropped:
         return
     by_owner: dict = {}
-    while _dropped:
-        owner, object_hex = _dropped.pop()
+    while True:
+        # pop() and nothing else: another thread may empty the list between
+        # a check that it has items and the pop (each pop is atomic).
+        try:
+            owner, object_hex = _dropped.pop()
+        except IndexError:
+            break
         by_owner.setdefault(owner, []).append(object_hex)
     for owner, ids in by_owner.items():
         if owner._closed:
