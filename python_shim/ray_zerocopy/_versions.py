@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from . import _registry
 from ._registry import Published, ask
+from ._registry import Registry as _Registry  # noqa: F401 - where registries made by earlier versions find their class
 from .errors import (
     InvalidInputError,
     OwnerUnavailableError,
@@ -232,7 +233,7 @@ def _entry(name: str, above: int, generation, timeout: float) -> Published:
     entry = ask("wait_newer", name, above, generation, float(timeout))
     if entry is None:
         raise VersionNotFoundError(f"nothing is published as {name!r} (waited {timeout:g} s)")
-    return Published(*entry)
+    return Published._make(entry[:5])  # a later registry may add fields
 
 
 def _source(entry: Published) -> tuple:
@@ -417,6 +418,6 @@ def _follow(subscription: weakref.ref) -> None:
             continue
         sub = subscription()
         if entry is not None and sub is not None:
-            sub._apply(Published(*entry))
+            sub._apply(Published._make(entry[:5]))
         if sub is not None:
             sub._sweep()

@@ -66,6 +66,21 @@ class Server:
         return self.sub.version
 
 
+def test_a_registry_made_by_an_earlier_version_finds_its_class():
+    """Ray keeps a detached actor's class by its import path and imports it
+    again where it restarts the actor: registries made before the registry
+    had a module of its own name ``ray_zerocopy._versions._Registry``, and
+    one restarted after an upgrade must find its class there (without it,
+    Ray makes a stand-in whose every method fails, and every publish and
+    load of a version failed until someone killed the registry)."""
+    import pickle
+
+    from ray_zerocopy import _registry
+
+    by_old_path = b"cray_zerocopy._versions\n_Registry\n."  # a class pickled by reference, as Ray keeps it
+    assert pickle.loads(by_old_path) is _registry.Registry
+
+
 def test_publish_and_latest(ray_cluster):
     ray = ray_cluster
     name = "test-publish-and-latest"
