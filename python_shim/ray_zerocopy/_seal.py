@@ -186,7 +186,9 @@ class Packing:
 
     def to_array(self) -> tuple[Sealed, np.ndarray]:
         """The buffer as a new array (no Ray needed), and its description."""
-        buffer = np.empty(self.nbytes, dtype=np.uint8)
+        # Zeros: the sealer hashes bytes it is handed initialized (and a
+        # large zeroed array costs nothing until written).
+        buffer = np.zeros(self.nbytes, dtype=np.uint8)
         return self.write(buffer), buffer
 
 

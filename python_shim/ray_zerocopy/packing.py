@@ -162,8 +162,9 @@ class Sealer:
     written (:meth:`PackPlan.write_layout`); fill it with :meth:`copy` or
     :meth:`read`, or write it and call :meth:`advance` as bytes become
     final, then :meth:`finish`. The buffer must stay alive until then,
-    unchanged below the last ``advance`` and in every tensor a ``copy`` or
-    ``read`` named, and its bytes are not read while they may be written."""
+    unchanged in its header and padding, below the last ``advance`` and in
+    every tensor a ``copy`` or ``read`` named, and its bytes are not read
+    while they may be written."""
 
     __slots__ = ("_handle", "_keep")
 
@@ -208,7 +209,8 @@ class Sealer:
         offset, nbytes)]``. A file that ends before a tensor does raises
         :class:`~ray_zerocopy.errors.IoError`, and the sealer can then
         neither go on nor finish; a descriptor that cannot be read at all
-        (not open, open for writing only, not a regular file) raises
+        (not open, open for writing only, neither a regular file nor a
+        block device) raises
         :class:`~ray_zerocopy.errors.InvalidArgumentError` before anything
         is read. The GIL is released while it runs."""
         reads = list(reads)

@@ -276,7 +276,8 @@ struct writer {
   uint8_t *dst;
   size_t len;
   const rzc_pack_sealer *sealer;
-  size_t from, to; /* the stripe this thread declares final */
+  size_t from, to; /* the stripe this thread declares final (the buffer is written whole first:
+                      advance's upto is a prefix every writer has finished) */
 };
 
 static void *write_plan(void *arg) {

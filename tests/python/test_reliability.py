@@ -329,7 +329,9 @@ def test_tensors_outlive_wrapper_handle_and_refs_then_store_returns_to_baseline(
     ray = ray_cluster
 
     def used():
-        return _store._store_state(ray)[0]
+        state = _store._store_state(ray)
+        assert state is not None, "the raylet's store figures cannot be read"
+        return state[0]
 
     def listed(object_hex):
         summary = memory_summary(address=ray.get_runtime_context().gcs_address, units="B", num_entries=100000)

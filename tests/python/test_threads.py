@@ -144,8 +144,10 @@ def test_a_closed_weights_raises_and_its_tensors_stay_valid():
 
 
 def test_a_sealer_advanced_by_several_threads_and_closed_under_finish():
-    """The threads that fill a buffer declare their stripes final at once:
-    the digest is the one of sealing the buffer whole. A sealer closed
+    """Threads declare parts of a buffer final at once (the buffer written
+    whole first: ``upto`` is a prefix every writer has finished, so a
+    thread's own stripe may be declared only once the parts below it are
+    written): the digest is the one of sealing the buffer whole. A sealer closed
     while another thread is in ``finish()`` (hashing 64 MiB) is freed when
     that call returns: it returns the right digest, and later calls raise
     ``InvalidInputError``."""

@@ -85,9 +85,10 @@ pub(crate) unsafe fn copy(
 /// `dst` points to `dst_len` writable bytes (`rzc_pack_sealer_finish` writes
 /// the digest into the header), every one written at least once (zeros will
 /// do: a tensor left unfilled is hashed as it stands), that stay valid
-/// until the sealer is freed. Until then the caller writes no byte of a
-/// tensor named in a `rzc_pack_sealer_copy` or `rzc_pack_sealer_read`, none
-/// below a value it passed to `rzc_pack_sealer_advance`, and none once
+/// until the sealer is freed. Until then the caller writes no byte of the
+/// header or the padding, none of a tensor named in a
+/// `rzc_pack_sealer_copy` or `rzc_pack_sealer_read`, none below a value it
+/// passed to `rzc_pack_sealer_advance`, and none once
 /// `rzc_pack_sealer_finish` may run; and reads no byte that may still be
 /// written. `out` is valid for a write.
 #[no_mangle]

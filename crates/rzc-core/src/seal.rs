@@ -464,10 +464,11 @@ impl Sealer {
     /// stands) that stay valid until the sealer is dropped (a sealer leaked
     /// unfinished keeps its thread, and its claim on the buffer, for ever).
     /// Until then, the caller:
-    /// - writes no byte of a tensor named in a [`Sealer::copy`] or
-    ///   [`Sealer::read`], and no byte below a value it has passed to
-    ///   [`Sealer::advance`] (the header and the padding, written with the
-    ///   layout, are below the first tensor);
+    /// - writes no byte of the header or of the padding (written with the
+    ///   layout, before the sealer is made: a block of padding alone is
+    ///   hashed at once), of a tensor named in a [`Sealer::copy`] or
+    ///   [`Sealer::read`], or below a value it has passed to
+    ///   [`Sealer::advance`];
     /// - reads no byte that a fill, or the caller itself, may still be
     ///   writing;
     /// - writes nothing once [`Sealer::finish`] may run, and holds no
@@ -581,8 +582,10 @@ impl Sealer {
         s.usable()?;
         s.upto.store(s.region.len, Ordering::Release);
         let data = if s.pending.is_empty() {
-            // SAFETY: every byte is final (the caller's contract: every copy
-            // and advance has returned) and the thread is joined.
+            // SAFETY: every byte is final: no fill runs (this call holds the
+            // lock each fill holds while it runs), the caller writes nothing
+            // once finish may run (the contract of `new`), and the hashing
+            // thread is joined.
             let bytes = unsafe {
                 std::slice::from_raw_parts(
                     s.region.ptr.add(s.data_start).cast_const(),

@@ -277,12 +277,21 @@ fn a_descriptor_that_cannot_be_read_is_refused_and_the_sealer_goes_on() {
         })
         .collect();
     let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+    let o_path = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&path)
+            .unwrap()
+    };
     let mut buf = laid_out(&plan);
     // SAFETY: `buf` outlives the sealer and is touched only by it.
     let sealer = unsafe { Sealer::new(buf.as_mut_ptr(), buf.len()) }.unwrap();
     for (fd, needle) in [
         (file.as_fd(), "open for writing only"),
         (dir.as_fd(), "is a directory"),
+        (o_path.as_fd(), "O_PATH"),
     ] {
         let e = sealer.read(fd, &reads, 0).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");

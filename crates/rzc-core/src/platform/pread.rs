@@ -51,8 +51,8 @@ pub fn read_exact_at(fd: BorrowedFd<'_>, dst: &mut [u8], at: u64) -> Result<(), 
     Ok(())
 }
 
-/// Whether `fd` can be read with pread(2) at all: open for reading, and a
-/// regular file or a block device (a pipe, a socket or a directory fails
+/// Whether `fd` can be read with pread(2) at all: open for reading (not
+/// `O_PATH`), and a regular file or a block device (a pipe, a socket or a directory fails
 /// every pread). Checked before a fill takes its tensors: a failed read
 /// part-way leaves the buffer incomplete, and the sealer refuses to go on.
 pub fn readable(fd: BorrowedFd<'_>) -> Result<(), String> {
@@ -67,6 +67,12 @@ pub fn readable(fd: BorrowedFd<'_>) -> Result<(), String> {
     }
     if flags & libc::O_ACCMODE == libc::O_WRONLY {
         return Err(format!("{raw} is open for writing only"));
+    }
+    if flags & libc::O_PATH != 0 {
+        // Its access mode reads as read-only, and fstat works; pread does not.
+        return Err(format!(
+            "{raw} is an O_PATH descriptor, which cannot be read"
+        ));
     }
     // SAFETY: a plain C struct, all zeros a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
