@@ -152,26 +152,31 @@ def _no_collection():
     for good when one read it off (another load running), the other
     restored it, and then the first turned it off."""
     global _promoted, _loads_running, _collector_was_on
-    with _collection_lock:
-        if _loads_running == 0:
-            _collector_was_on = gc.isenabled()
-            gc.disable()
-        _loads_running += 1
-        first = not _promoted
-        if first:
-            _promoted = True
-            gc.freeze()
-            gc.unfreeze()
+    # One try around all of it, the count and its flag set side by side: an
+    # exception arriving in between (Ctrl-C in a notebook) still ends the
+    # hold, rather than leaving the count, and the collector off, for good.
+    counted = first = False
     try:
-        yield
-    finally:
         with _collection_lock:
+            if _loads_running == 0:
+                _collector_was_on = gc.isenabled()
+                gc.disable()
+            _loads_running, counted = _loads_running + 1, True
+            first = not _promoted
             if first:
+                _promoted = True
                 gc.freeze()
                 gc.unfreeze()
-            _loads_running -= 1
-            if _loads_running == 0 and _collector_was_on:
-                gc.enable()
+        yield
+    finally:
+        if counted:
+            with _collection_lock:
+                _loads_running -= 1
+                if first:
+                    gc.freeze()
+                    gc.unfreeze()
+                if _loads_running == 0 and _collector_was_on:
+                    gc.enable()
 
 
 def load(ref, sealed: _seal.Sealed, options: LoadOptions):
