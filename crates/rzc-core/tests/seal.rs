@@ -59,6 +59,33 @@ fn laid_out(plan: &Plan) -> Vec<u8> {
     buf
 }
 
+/// The tensors' bytes one after another in a new file named `name`, and
+/// the reads that fill `plan`'s buffer from it: the file's path, its
+/// handle (open for writing only), each tensor's offset in it, the reads.
+fn written_to_file(
+    items: &[(String, Vec<i64>, Vec<u8>)],
+    plan: &Plan,
+    name: &str,
+) -> (std::path::PathBuf, std::fs::File, Vec<u64>, Vec<Piece>) {
+    let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let mut file = std::fs::File::create(&path).unwrap();
+    let mut at = Vec::new();
+    for t in items {
+        at.push(file.metadata().unwrap().len());
+        file.write_all(&t.2).unwrap();
+    }
+    let reads = items
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Piece {
+            src: at[i],
+            dst_offset: plan.offset(i).unwrap() as u64,
+            nbytes: t.2.len() as u64,
+        })
+        .collect();
+    (path, file, at, reads)
+}
+
 #[test]
 fn copies_on_any_number_of_threads_give_the_plain_seal() {
     let items = tensors();
@@ -93,24 +120,9 @@ fn reads_from_a_file_give_the_plain_seal_and_a_short_file_is_refused() {
     let items = tensors();
     let (want, digest) = expected(&items);
     let plan = plan(&items);
-    let path = std::env::temp_dir().join(format!("rzc-seal-test-{}", std::process::id()));
-    let mut file = std::fs::File::create(&path).unwrap();
-    let mut at = Vec::new();
-    for t in &items {
-        at.push(file.metadata().unwrap().len());
-        file.write_all(&t.2).unwrap();
-    }
-    drop(file);
+    let (path, written, at, reads) = written_to_file(&items, &plan, "rzc-seal-test");
+    drop(written);
     let file = std::fs::File::open(&path).unwrap();
-    let reads: Vec<Piece> = items
-        .iter()
-        .enumerate()
-        .map(|(i, t)| Piece {
-            src: at[i],
-            dst_offset: plan.offset(i).unwrap() as u64,
-            nbytes: t.2.len() as u64,
-        })
-        .collect();
     let mut buf = laid_out(&plan);
     // SAFETY: `buf` outlives the sealer and is touched only by it.
     let sealer = unsafe { Sealer::new(buf.as_mut_ptr(), buf.len()) }.unwrap();
@@ -260,22 +272,7 @@ fn a_descriptor_that_cannot_be_read_is_refused_and_the_sealer_goes_on() {
     let items = tensors();
     let (want, digest) = expected(&items);
     let plan = plan(&items);
-    let path = std::env::temp_dir().join(format!("rzc-seal-test-fd-{}", std::process::id()));
-    let mut file = std::fs::File::create(&path).unwrap(); // open for writing only
-    let mut at = Vec::new();
-    for t in &items {
-        at.push(file.metadata().unwrap().len());
-        file.write_all(&t.2).unwrap();
-    }
-    let reads: Vec<Piece> = items
-        .iter()
-        .enumerate()
-        .map(|(i, t)| Piece {
-            src: at[i],
-            dst_offset: plan.offset(i).unwrap() as u64,
-            nbytes: t.2.len() as u64,
-        })
-        .collect();
+    let (path, file, _, reads) = written_to_file(&items, &plan, "rzc-seal-test-fd"); // open for writing only
     let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
     let o_path = {
         use std::os::unix::fs::OpenOptionsExt;
