@@ -186,9 +186,7 @@ class Packing:
 
     def to_array(self) -> tuple[Sealed, np.ndarray]:
         """The buffer as a new array (no Ray needed), and its description."""
-        # Zeros: the sealer hashes bytes it is handed initialized (and a
-        # large zeroed array costs nothing until written).
-        buffer = np.zeros(self.nbytes, dtype=np.uint8)
+        buffer = self.plan.allocate()  # zeros, as the sealer wants them, and aligned
         return self.write(buffer), buffer
 
 

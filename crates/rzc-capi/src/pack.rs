@@ -264,10 +264,10 @@ pub unsafe extern "C" fn rzc_pack_plan_write_sealing(
         let sources = unsafe { p.sources()? };
         let mut copies = Vec::with_capacity(sources.len());
         for (i, src) in sources.into_iter().enumerate() {
-            copies.push(crate::seal::rzc_pack_copy { src: src.as_ptr(), dst_offset: p.plan.offset(i)? as u64, nbytes: src.len() as u64 });
+            copies.push(rzc_core::seal::Piece { src: src.as_ptr() as usize as u64, dst_offset: p.plan.offset(i)? as u64, nbytes: src.len() as u64 });
         }
-        // SAFETY: the plan's sources, valid for the call (above).
-        unsafe { crate::seal::copy(s, &copies, 0) }
+        // SAFETY: the plan's sources (slices: never NULL), valid for the call (above).
+        Ok(unsafe { s.copy(&copies, 0) }?)
     }
 }
 

@@ -52,11 +52,7 @@ pub struct rzc_pack_read {
 ///
 /// # Safety
 /// Every source with bytes is `nbytes` readable bytes, unchanged during the call.
-pub(crate) unsafe fn copy(
-    sealer: &Sealer,
-    copies: &[rzc_pack_copy],
-    threads: usize,
-) -> FfiResult<()> {
+unsafe fn copy(sealer: &Sealer, copies: &[rzc_pack_copy], threads: usize) -> FfiResult<()> {
     let mut pieces = Vec::with_capacity(copies.len());
     for (i, c) in copies.iter().enumerate() {
         if c.nbytes > 0 && c.src.is_null() {

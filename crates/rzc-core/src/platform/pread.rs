@@ -24,15 +24,9 @@ pub fn read_exact_at(fd: BorrowedFd<'_>, dst: &mut [u8], at: u64) -> Result<(), 
         };
         match got {
             0 => {
-                // SAFETY: a plain C struct, all zeros a valid value.
-                let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                // SAFETY: fstat writes into the struct it is given; the
-                // kernel checks the descriptor.
-                let listed = unsafe { libc::fstat(raw, &mut st) } == 0;
-                let size = if listed {
-                    format!("is {} bytes long", st.st_size)
-                } else {
-                    format!("ended at byte {pos}")
+                let size = match fstat(raw) {
+                    Ok(st) => format!("is {} bytes long", st.st_size),
+                    Err(_) => format!("ended at byte {pos}"),
                 };
                 return Err(format!(
                     "the file {size}: it is shorter than its header says, or was cut short \
@@ -52,9 +46,10 @@ pub fn read_exact_at(fd: BorrowedFd<'_>, dst: &mut [u8], at: u64) -> Result<(), 
 }
 
 /// Whether `fd` can be read with pread(2) at all: open for reading (not
-/// `O_PATH`), and a regular file or a block device (a pipe, a socket or a directory fails
-/// every pread). Checked before a fill takes its tensors: a failed read
-/// part-way leaves the buffer incomplete, and the sealer refuses to go on.
+/// `O_PATH`), and a regular file or a block device (a pipe, a socket or a
+/// directory fails every pread). Checked before a fill takes its tensors: a
+/// failed read part-way leaves the buffer incomplete, and the sealer
+/// refuses to go on.
 pub fn readable(fd: BorrowedFd<'_>) -> Result<(), String> {
     let raw = fd.as_raw_fd();
     // SAFETY: F_GETFL takes no argument; the kernel checks the descriptor.
@@ -74,18 +69,22 @@ pub fn readable(fd: BorrowedFd<'_>) -> Result<(), String> {
             "{raw} is an O_PATH descriptor, which cannot be read"
         ));
     }
-    // SAFETY: a plain C struct, all zeros a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes into the struct it is given.
-    if unsafe { libc::fstat(raw, &mut st) } != 0 {
-        return Err(format!(
-            "{raw} cannot be examined: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    let st = fstat(raw).map_err(|e| format!("{raw} cannot be examined: {e}"))?;
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG | libc::S_IFBLK => Ok(()),
         libc::S_IFDIR => Err(format!("{raw} is a directory, not a file")),
         _ => Err(format!("{raw} is not a regular file (a pipe, a socket or a device cannot be read at an offset)")),
     }
+}
+
+/// fstat(2) of the open descriptor `raw`.
+fn fstat(raw: std::os::fd::RawFd) -> std::io::Result<libc::stat> {
+    // SAFETY: a plain C struct, all zeros a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the struct it is given; the kernel checks
+    // the descriptor.
+    if unsafe { libc::fstat(raw, &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
 }
