@@ -4,6 +4,8 @@ store to the pipeline the caller gets, top to bottom.
 1. :func:`open_sealed`: ``ray.get`` gives a read-only view of the sealed
    object in shared memory; the native library validates it and builds the
    tensor table (``Weights.from_buffer``), write-protecting its pages.
+   Where Ray may have read the copy back from disk, every byte of it is
+   checked before the load returns or uploads (``_restored``).
 2. :func:`assemble`: checks that the buffer is the one the wrapper was sealed
    with, then
 3. :func:`materialize`: every tensor as an array of its framework, adopted
@@ -22,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import gc
 import os
 import sys
@@ -30,7 +33,7 @@ import time
 import weakref
 from typing import NamedTuple
 
-from . import _seal, _telemetry
+from . import _restored, _seal, _telemetry
 from ._device import Device, parse_device
 from ._skeleton import FRAMEWORK_OF, FRAMEWORKS, TORCH_PARAM, adapter, rebuild
 from .device_weights import DeviceWeights, cuda_device_count
@@ -40,6 +43,7 @@ from .errors import (
     InvalidInputError,
     NoCudaError,
     RayNotInitializedError,
+    RzcError,
     SealedObjectLostError,
 )
 from .weights import Weights
@@ -184,7 +188,11 @@ def load(ref, sealed: _seal.Sealed, options: LoadOptions):
     ``ref`` and assemble the pipeline ``sealed`` describes from it."""
     started = time.perf_counter()
     with _no_collection():
-        loaded = build(open_sealed(ref, options.write_protect), sealed, options)
+        w, check = _open(ref, options.write_protect, sealed.content_digest)
+        if options.device.kind != "cpu":
+            check.wait(w)  # nothing leaves the host before it is known to be the copy sealed
+        loaded = build(w, sealed, options)
+        check.wait(w)
     seconds = time.perf_counter() - started
     _telemetry.loaded(str(options.device), len(sealed.kinds), seconds, options.write_protect, loaded.upload)
     return loaded.pipeline
@@ -197,11 +205,19 @@ def load_parts(parts, sealed: _seal.Sealed, options: LoadOptions):
     versions use it), checked, and on a GPU uploaded with its own share key."""
     started = time.perf_counter()
     with _no_collection():
-        opened = [open_sealed(p.ref, options.write_protect) for p in parts]
-        loaded = build_parts(opened, parts, sealed, options)
+        opened, checks = zip(*(_open(p.ref, options.write_protect, p.content_digest) for p in parts), strict=True)
+        if options.device.kind != "cpu":
+            _wait_all(checks, opened)
+        loaded = build_parts(list(opened), parts, sealed, options)
+        _wait_all(checks, opened)
     seconds = time.perf_counter() - started
     _telemetry.loaded(str(options.device), len(sealed.kinds), seconds, options.write_protect, loaded.upload)
     return loaded.pipeline
+
+
+def _wait_all(checks, opened) -> None:
+    for check, w in zip(checks, opened, strict=True):
+        check.wait(w)
 
 
 # -- 1. open ------------------------------------------------------------------
@@ -213,6 +229,9 @@ _opened_lock = threading.Lock()
 # alive (held by the native owner of the opened buffer) as long as a handle
 # or a host tensor of it is.
 _buffers: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()
+# The check of each opened copy Ray may have read back from disk, by the
+# same key (``_restored``); it holds no reference to the copy.
+_checks: dict[tuple, _restored.Check] = {}
 
 
 def holds(object_hex: str) -> bool:
@@ -237,14 +256,25 @@ def _owner_unknown(ray, ref) -> bool:
     return False
 
 
-def open_sealed(ref, write_protect: bool) -> Weights:
+def open_sealed(ref, write_protect: bool, content_digest: bytes) -> Weights:
     """The sealed object behind ``ref``, opened (once per process while in
-    use) and validated, its pages read-only when ``write_protect``."""
+    use) and validated, its pages read-only when ``write_protect``; where
+    Ray may have read this copy back from disk, every byte checked against
+    ``content_digest``, the digest it was sealed with (``_restored``)."""
+    w, check = _open(ref, write_protect, content_digest)
+    check.wait(w)
+    return w
+
+
+def _open(ref, write_protect: bool, content_digest: bytes) -> tuple[Weights, _restored.Check]:
+    """:func:`open_sealed` with its check of a copy Ray may have read back
+    from disk still running: call ``check.wait(w)`` before anything built
+    from ``w`` is returned or leaves the host."""
     key = (ref.hex(), write_protect)
     with _opened_lock:
         w = _opened.get(key)
         if w is not None:
-            return w
+            return w, _checks.get(key, _restored.CHECKED)
     import ray
 
     if not ray.is_initialized():
@@ -278,23 +308,45 @@ def open_sealed(ref, write_protect: bool) -> Weights:
             "must stay alive while actors load them; with owner=ray_zerocopy.Owner(...), the owner must not be "
             "closed (nor the version unpublished) while they are in use"
         ) from e
+    asked = _restored.ask(ray, ref)  # with the copy held (see _restored)
+    invalid = None
     with _opened_lock:
         w = _opened.get(key)
         if w is not None:  # another thread opened it meanwhile
-            return w
-        w = Weights.from_buffer(buffer, write_protect=write_protect)
+            return w, _checks.get(key, _restored.CHECKED)
         try:
-            _buffers[key] = buffer
-        except TypeError:  # not weakly referable (Ray Client's copies): not followed
-            pass
-        if write_protect and w.guard_state == "mprotect":
-            _telemetry.fallback(
-                "the shared weights are read-only by mprotect only in this process: no read-only descriptor of "
-                "the object store's file was found (this worker is not a child of the raylet, or /proc is "
-                "restricted), so a write still faults, but madvise(MADV_REMOVE) here would reach every actor"
-            )
-        _opened[key] = w
-        return w
+            w = Weights.from_buffer(buffer, write_protect=write_protect)
+        except RzcError as e:
+            invalid = e
+        else:
+            try:
+                _buffers[key] = buffer
+            except TypeError:  # not weakly referable (Ray Client's copies): not followed
+                pass
+            if write_protect and w.guard_state == "mprotect":
+                _telemetry.fallback(
+                    "the shared weights are read-only by mprotect only in this process: no read-only descriptor "
+                    "of the object store's file was found (this worker is not a child of the raylet, or /proc is "
+                    "restricted), so a write still faults, but madvise(MADV_REMOVE) here would reach every actor"
+                )
+            _opened[key] = w
+            check = _restored.Check(asked, content_digest, key[0], functools.partial(_settled, key, weakref.ref(w)))
+            _checks[key] = check
+            return w, check
+    if _restored.spilled(asked):  # a header read back from disk, broken there
+        raise _restored.corrupted(key[0], f"it is no longer a valid buffer ({invalid.message})") from invalid
+    raise invalid
+
+
+def _settled(key: tuple, opened: weakref.ref, check: _restored.Check, sealed: bool) -> None:
+    """``check`` of the copy ``opened`` is done: its copy is the one sealed,
+    or (``sealed`` false) it is dropped from the opened copies, so that the
+    next load maps the object again (and checks it again)."""
+    with _opened_lock:
+        if _checks.get(key) is check:
+            del _checks[key]
+        if not sealed and _opened.get(key) is opened():
+            del _opened[key]
 
 
 # -- 2. check and assemble ----------------------------------------------------

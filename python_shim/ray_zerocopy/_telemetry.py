@@ -101,6 +101,17 @@ def loaded(device: str, tensors: int, seconds: float, write_protected: bool, upl
     _record(lambda load_seconds, sealed_bytes: load_seconds.observe(seconds, tags={"device": device, "mode": mode}))
 
 
+def verified_restored(object_id: str, nbytes: int, seconds: float) -> None:
+    """A sealed object Ray may have read back from disk was checked, every
+    byte, before its first load in this process."""
+    log.info(
+        "checked every byte of object %s (%.1f MiB), which Ray had spilled to disk, in %.1f ms: as sealed",
+        object_id,
+        nbytes / 2**20,
+        seconds * 1e3,
+    )
+
+
 #: Sealing shows a progress bar above this size when stderr is a terminal.
 PROGRESS_MIN_BYTES = 1 << 30
 

@@ -198,6 +198,12 @@ class BufferMismatchError(RayZeroCopyError, RuntimeError):
     """A buffer is not the one the wrapper was sealed with."""
 
 
+class SealedObjectCorruptedError(BufferMismatchError):
+    """The copy of the sealed weights Ray's object store gave this process
+    was read back from disk (the object had been spilled), and its bytes
+    are not the ones sealed: the spilled copy was changed or damaged."""
+
+
 class InternalError(RayZeroCopyError, RuntimeError):
     """A check of the package's own work failed: a bug, please report it."""
 

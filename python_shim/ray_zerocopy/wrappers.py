@@ -227,7 +227,7 @@ class ActorWrapper:
         _check_session(self)
         started = time.perf_counter()
         parts = _delta.parts_of(self)
-        opened = [_load.open_sealed(p.ref, self.write_protect) for p in parts]
+        opened = [_load.open_sealed(p.ref, self.write_protect, p.content_digest) for p in parts]
         packing, parts = _delta.pack_update(parts, opened, self._sealed, new, self.load_options(device="cpu"))
         out = type(self).__new__(type(self))
         # Its options (and a subclass's own attributes) are this version's;

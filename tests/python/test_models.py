@@ -134,7 +134,7 @@ def test_parametrized_modules_load_zero_copy_in_actors(ray_cluster, actor, make)
             originals = [p for n, p in m.named_parameters() if ".original" in n]
             from ray_zerocopy import _load
 
-            opened = _load.open_sealed(wrapper.object_ref, write_protect=True)
+            opened = _load.open_sealed(wrapper.object_ref, True, wrapper.content_digest)
             lo, hi = opened.address, opened.address + opened.nbytes
             shared = all(lo <= p.data_ptr() < hi for p in originals)
             with torch.no_grad():
@@ -214,7 +214,7 @@ def test_a_torchao_quantized_llama_loads_zero_copy_in_two_actors(ray_cluster, co
             weight = m.model.layers[0].mlp.up_proj.weight
             from ray_zerocopy import _load
 
-            opened = _load.open_sealed(wrapper.object_ref, write_protect=True)
+            opened = _load.open_sealed(wrapper.object_ref, True, wrapper.content_digest)
             inner = [getattr(weight, a) for a in weight.__tensor_flatten__()[0]]
             shared = all(opened.address <= t.data_ptr() < opened.address + opened.nbytes for t in inner)
             return out, grew, type(weight), isinstance(weight, torch.nn.Parameter), shared

@@ -170,7 +170,7 @@ def _probe_class(ray):
         def guard_state(self):
             from ray_zerocopy import _load
 
-            return _load.open_sealed(self.wrapper.object_ref, write_protect=True).guard_state
+            return _load.open_sealed(self.wrapper.object_ref, True, self.wrapper.content_digest).guard_state
 
         def madvise_remove(self):
             lo, n = self._weight_pages()
@@ -542,11 +542,13 @@ def test_a_wrapper_from_an_ended_ray_session_says_so():
 
 def test_spilled_objects_are_restored_and_load():
     """An object store small enough to force spilling to disk: every wrapper
-    still loads, equal to its model."""
+    still loads, equal to its model, each copy read back checked in full
+    first (the log says so)."""
     out = _run_script(
         """
-        import ray, torch
-        from ray_zerocopy import ActorWrapper
+        import logging, sys, ray, torch
+        from ray_zerocopy import ActorWrapper, _load, _store
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout)
         ray.init(
             address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 2**20
         )
@@ -554,13 +556,102 @@ def test_spilled_objects_are_restored_and_load():
         wrappers = [ActorWrapper(m) for m in models]
         filler = [ray.put(torch.zeros(4 * 2**20).numpy()) for _ in range(4)]  # 64 MiB more
         x = torch.randn(3, 2048)
+        print("spilled", sum(_store.spilled(ray, w._ref) for w in wrappers))
         for m, w in zip(models, wrappers):
             with torch.no_grad():
                 assert torch.equal(w.load()(x), m(x))
-        print("restored", len(wrappers))
+        print("restored", len(wrappers), "checks left", len(_load._checks))
         """
     )
-    assert "restored 4" in out
+    assert "restored 4 checks left 0" in out
+    spilled = int(out.split("spilled ", 1)[1].split()[0])
+    assert spilled >= 1 and out.count("which Ray had spilled to disk, in") == spilled, out
+
+
+def test_a_spilled_copy_changed_on_disk_is_refused_not_loaded(tmp_path):
+    """A sealed object spilled to disk is a file anyone who can write Ray's
+    spilling directory can change (or a bad sector damage), and Ray reads it
+    back without a check. One weight changed in the spilled file: a load in
+    a task, and then in the driver, loaded the changed value without a word.
+    Now a copy the owner says was spilled is hashed in full before its first
+    load in a process, and refused. A copy never spilled is not (the owner
+    is asked; a borrower's own records say "not spilled" either way)."""
+    out = _run_script(
+        f"""
+        import concurrent.futures, glob, os, time, ray, torch
+        from ray_zerocopy import ActorWrapper, SealedObjectCorruptedError, _store
+
+        spill = {str(tmp_path)!r}
+        ray.init(
+            address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+            object_store_memory=80 * 2**20, object_spilling_directory=spill,
+        )
+        marker = 1234.5678  # its bytes, four in a row, are only in this model's weight
+        model = torch.nn.Linear(2048, 2048)  # 16 MiB
+        with torch.no_grad():
+            model.weight.fill_(marker)
+        w = ActorWrapper(model)
+
+        @ray.remote
+        def spilled(refs):
+            return _store.spilled(ray, refs[0])
+
+        @ray.remote
+        def load(w):
+            try:
+                return "loaded, weight[0, 1000] = " + str(float(w.load().weight[0, 1000]))
+            except SealedObjectCorruptedError as e:
+                return "refused: " + str(e)
+
+        print("spilled before", _store.spilled(ray, w._ref), ray.get(spilled.remote([w._ref])))
+        # 128 MiB more, held: w's object spilled, and its copy in memory evicted
+        filler = [ray.put(torch.zeros(4 * 2**20).numpy()) for _ in range(8)]
+        print("spilled after", _store.spilled(ray, w._ref), ray.get(spilled.remote([w._ref])))
+        state = None
+        for _ in range(60):  # until the store has stopped spilling (no spill file being written)
+            now = _store._store_state(ray)
+            if now is not None and now == state:
+                break
+            state = now
+            time.sleep(0.5)
+        pattern = torch.full((4,), marker).numpy().tobytes()
+        hits = []
+        for path in glob.glob(os.path.join(spill, "**", "*"), recursive=True):
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    at = f.read().find(pattern)
+                if at >= 0:
+                    hits.append((path, at))
+        assert hits  # Ray may write an object to more than one spill file (2 here, in every run)
+        for path, at in hits:
+            with open(path, "r+b") as f:  # one weight of the spilled copy changed
+                f.seek(at + 4 * 1000)
+                f.write(torch.zeros(1).numpy().tobytes())
+        print("task", ray.get(load.remote(w)))
+        for attempt in ("driver", "again"):  # a copy found corrupted is not kept as opened: checked again
+            try:
+                print(attempt, "loaded, weight[0, 1000] =", float(w.load().weight[0, 1000]))
+            except SealedObjectCorruptedError as e:
+                print(attempt, "refused:", e)
+
+        def in_thread(_):  # loads at once share one check of the copy: each is refused
+            try:
+                w.load()
+                return "loaded"
+            except SealedObjectCorruptedError:
+                return "refused"
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            print("threads", sorted(set(pool.map(in_thread, range(8)))))
+        """
+    )
+    assert "spilled before False False" in out, out
+    assert "spilled after True True" in out, out
+    task = next(line for line in out.splitlines() if line.startswith("task "))
+    assert task.startswith("task refused: the sealed weights (object "), task
+    assert "were spilled to disk" in task and "content digest, computed from every byte, differs" in task, task
+    assert "driver refused: the sealed weights" in out and "again refused: the sealed weights" in out, out
+    assert "threads ['refused']" in out, out
 
 
 def test_several_nodes_one_copy_each():

@@ -235,7 +235,7 @@ def test_a_buffer_that_is_not_the_wrappers_is_refused(ray_cluster):
 
     a = ActorWrapper({"x": np.zeros((4, 8), np.float32), "y": np.ones(3, np.float32)})
     b = ActorWrapper({"x": np.zeros((8, 4), np.float32), "y": np.ones(3, np.float32)})
-    other = _load.open_sealed(b.object_ref, write_protect=False)
+    other = _load.open_sealed(b.object_ref, False, b.content_digest)
     with pytest.raises(RuntimeError, match="not the one this wrapper was sealed with"):
         _load.assemble(other, a._sealed)
     assert _load.assemble(other, b._sealed)["x"].shape == (8, 4)
@@ -251,7 +251,7 @@ def test_the_content_digest_covers_every_byte(ray_cluster):
 
     values = np.arange(100_000, dtype=np.float32)
     w = ActorWrapper({"x": values})
-    opened = _load.open_sealed(w.object_ref, write_protect=False)
+    opened = _load.open_sealed(w.object_ref, False, w.content_digest)
     assert opened.content_digest(trust_claim=False) == opened.content_digest() == w.content_digest
     claimed = opened.metadata["rzc.data_blake3"]
     assert len(claimed) == 64 and claimed != "0" * 64
