@@ -89,9 +89,23 @@ def put_buffer(nbytes: int, fill, owner=None):
     ref = _put_copy(ray, nbytes, fill)
     if owner is None:
         return ref
-    owned = owner._adopt(ref)
+    owned = _adopted(ray, owner, ref)
     del ref  # the owner holds its copy: ours is freed
     return owned
+
+
+def _adopted(ray, owner, ref):
+    """``owner``'s copy of the object ``ref``, which this process put. The
+    object is held here (mapped) while the owner copies it: Ray evicts no
+    copy a process maps, so the owner reads the bytes put, never a copy Ray
+    spilled and read back from disk, which no load would check (the owner's
+    new object was never spilled; see ``_restored``). Not under Ray Client,
+    where ``ray.get`` would fetch the whole object here."""
+    held = ray.get(ref) if _in_place_unavailable() is None else None
+    try:
+        return owner._adopt(ref)
+    finally:
+        del held
 
 
 @functools.cache
@@ -305,7 +319,7 @@ def _fill_in_place(ray, ref, nbytes: int, fill, before, owner=None):
         # evicted), is put again by Ray's own put, which no spill sees half done.
         again = ray.put(stored)
         if owner is not None:
-            again = owner._adopt(again)
+            again = _adopted(ray, owner, again)
         return why, again
     finally:
         del dst, stored

@@ -654,6 +654,65 @@ def test_a_spilled_copy_changed_on_disk_is_refused_not_loaded(tmp_path):
     assert "threads ['refused']" in out, out
 
 
+def test_an_owner_copies_the_bytes_sealed_not_a_spilled_copy(tmp_path):
+    """Where sealing goes through a copy that an Owner then copies (and
+    owns), the sealer's object could be spilled, evicted and read back from
+    a changed spill file between the two: the owner's object, never spilled
+    itself, was then trusted by every load. The spill and the change are
+    made in that window here (the owner's copy asked for only after them):
+    the sealer now holds its object mapped while the owner copies it, so the
+    owner reads the bytes sealed. (Without the hold, the loaded weight was
+    the one written into the spill file.)"""
+    out = _run_script(
+        f"""
+        import glob, os, time, ray, torch
+        from ray_zerocopy import ActorWrapper, Owner, _owner, _store
+
+        spill = {str(tmp_path)!r}
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+            object_store_memory=80 * 2**20, object_spilling_directory=spill,
+        )
+        marker = 1234.5678
+        model = torch.nn.Linear(2048, 2048)  # 16 MiB
+        with torch.no_grad():
+            model.weight.fill_(marker)
+        pattern = torch.full((4,), marker).numpy().tobytes()
+        _store._put_in_place = lambda ray, nbytes, fill, owner=None: (None, "a copy, for this test")
+        real_adopt, filler = _owner.Owner._adopt, []
+
+        def adopt(self, ref):  # in the window: the store fills, the object may be spilled; its file changed
+            filler.extend(ray.put(torch.zeros(4 * 2**20).numpy()) for _ in range(8))
+            state = None
+            for _ in range(60):
+                now = _store._store_state(ray)
+                if now is not None and now == state:
+                    break
+                state = now
+                time.sleep(0.5)
+            changed = 0
+            for path in glob.glob(os.path.join(spill, "**", "*"), recursive=True):
+                if os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        at = f.read().find(pattern)
+                    if at >= 0:
+                        with open(path, "r+b") as f:
+                            f.seek(at + 4 * 1000)
+                            f.write(torch.zeros(1).numpy().tobytes())
+                        changed += 1
+            print("spill files changed", changed)
+            return real_adopt(self, ref)
+
+        _owner.Owner._adopt = adopt
+        owner = Owner("adopt-test")
+        w = ActorWrapper(model, owner=owner)
+        del filler[:]
+        print("owner's copy, weight[0, 1000] =", float(w.load().weight[0, 1000]))
+        """
+    )
+    assert "owner's copy, weight[0, 1000] = 1234.5677490234375" in out, out
+
+
 def test_several_nodes_one_copy_each():
     """Ray's multi-node test cluster on this machine: actors on every node
     load the model; each node maps its own single copy (one plasma file per
