@@ -568,6 +568,53 @@ def test_spilled_objects_are_restored_and_load():
     assert spilled >= 1 and out.count("which Ray had spilled to disk, in") == spilled, out
 
 
+# A Ray with an 80 MiB object store spilling into SPILL, a 16 MiB model whose
+# weight is all MARKER, and spill_and_change(): fills the store (the
+# model's object spilled, and evicted where nothing maps it), waits until
+# it has stopped spilling, then changes weight[0, 1000] in every spill file
+# that holds the model, to 0.
+_SPILL_SCENE = """
+import glob, os, time, ray, torch
+from ray_zerocopy import _store
+
+ray.init(
+    address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    object_store_memory=80 * 2**20, object_spilling_directory=SPILL,
+)
+MARKER = 1234.5678  # its bytes, four in a row, are only in this model's weight
+model = torch.nn.Linear(2048, 2048)
+with torch.no_grad():
+    model.weight.fill_(MARKER)
+filler = []
+
+
+def spill_and_change():
+    filler.extend(ray.put(torch.zeros(4 * 2**20).numpy()) for _ in range(8))  # 128 MiB more, held
+    state = None
+    for _ in range(60):  # until the store has stopped spilling (no spill file being written)
+        now = _store._store_state(ray)
+        if now is not None and now == state:
+            break
+        state = now
+        time.sleep(0.5)
+    pattern, changed = torch.full((4,), MARKER).numpy().tobytes(), 0
+    for path in glob.glob(os.path.join(SPILL, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                at = f.read().find(pattern)
+            if at >= 0:  # Ray may write an object into more than one spill file (2 here, in every run)
+                with open(path, "r+b") as f:
+                    f.seek(at + 4 * 1000)
+                    f.write(torch.zeros(1).numpy().tobytes())
+                changed += 1
+    return changed
+"""
+
+
+def _spill_script(spill_dir, body: str) -> str:
+    return f"SPILL = {str(spill_dir)!r}\n" + _SPILL_SCENE + textwrap.dedent(body)
+
+
 def test_a_spilled_copy_changed_on_disk_is_refused_not_loaded(tmp_path):
     """A sealed object spilled to disk is a file anyone who can write Ray's
     spilling directory can change (or a bad sector damage), and Ray reads it
@@ -577,76 +624,49 @@ def test_a_spilled_copy_changed_on_disk_is_refused_not_loaded(tmp_path):
     load in a process, and refused. A copy never spilled is not (the owner
     is asked; a borrower's own records say "not spilled" either way)."""
     out = _run_script(
-        f"""
-        import concurrent.futures, glob, os, time, ray, torch
-        from ray_zerocopy import ActorWrapper, SealedObjectCorruptedError, _store
+        _spill_script(
+            tmp_path,
+            """
+            import concurrent.futures
+            from ray_zerocopy import ActorWrapper, SealedObjectCorruptedError
 
-        spill = {str(tmp_path)!r}
-        ray.init(
-            address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
-            object_store_memory=80 * 2**20, object_spilling_directory=spill,
+            w = ActorWrapper(model)
+
+            @ray.remote
+            def spilled(refs):
+                return _store.spilled(ray, refs[0])
+
+            @ray.remote
+            def load(w):
+                try:
+                    return "loaded, weight[0, 1000] = " + str(float(w.load().weight[0, 1000]))
+                except SealedObjectCorruptedError as e:
+                    return "refused: " + str(e)
+
+            print("spilled before", _store.spilled(ray, w._ref), ray.get(spilled.remote([w._ref])))
+            print("spill files changed", spill_and_change())
+            print("spilled after", _store.spilled(ray, w._ref), ray.get(spilled.remote([w._ref])))
+            print("task", ray.get(load.remote(w)))
+            for attempt in ("driver", "again"):  # a copy found corrupted is not kept as opened: checked again
+                try:
+                    print(attempt, "loaded, weight[0, 1000] =", float(w.load().weight[0, 1000]))
+                except SealedObjectCorruptedError as e:
+                    print(attempt, "refused:", e)
+
+            def in_thread(_):  # loads at once share one check of the copy: each is refused
+                try:
+                    w.load()
+                    return "loaded"
+                except SealedObjectCorruptedError:
+                    return "refused"
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                print("threads", sorted(set(pool.map(in_thread, range(8)))))
+            """,
         )
-        marker = 1234.5678  # its bytes, four in a row, are only in this model's weight
-        model = torch.nn.Linear(2048, 2048)  # 16 MiB
-        with torch.no_grad():
-            model.weight.fill_(marker)
-        w = ActorWrapper(model)
-
-        @ray.remote
-        def spilled(refs):
-            return _store.spilled(ray, refs[0])
-
-        @ray.remote
-        def load(w):
-            try:
-                return "loaded, weight[0, 1000] = " + str(float(w.load().weight[0, 1000]))
-            except SealedObjectCorruptedError as e:
-                return "refused: " + str(e)
-
-        print("spilled before", _store.spilled(ray, w._ref), ray.get(spilled.remote([w._ref])))
-        # 128 MiB more, held: w's object spilled, and its copy in memory evicted
-        filler = [ray.put(torch.zeros(4 * 2**20).numpy()) for _ in range(8)]
-        print("spilled after", _store.spilled(ray, w._ref), ray.get(spilled.remote([w._ref])))
-        state = None
-        for _ in range(60):  # until the store has stopped spilling (no spill file being written)
-            now = _store._store_state(ray)
-            if now is not None and now == state:
-                break
-            state = now
-            time.sleep(0.5)
-        pattern = torch.full((4,), marker).numpy().tobytes()
-        hits = []
-        for path in glob.glob(os.path.join(spill, "**", "*"), recursive=True):
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    at = f.read().find(pattern)
-                if at >= 0:
-                    hits.append((path, at))
-        assert hits  # Ray may write an object to more than one spill file (2 here, in every run)
-        for path, at in hits:
-            with open(path, "r+b") as f:  # one weight of the spilled copy changed
-                f.seek(at + 4 * 1000)
-                f.write(torch.zeros(1).numpy().tobytes())
-        print("task", ray.get(load.remote(w)))
-        for attempt in ("driver", "again"):  # a copy found corrupted is not kept as opened: checked again
-            try:
-                print(attempt, "loaded, weight[0, 1000] =", float(w.load().weight[0, 1000]))
-            except SealedObjectCorruptedError as e:
-                print(attempt, "refused:", e)
-
-        def in_thread(_):  # loads at once share one check of the copy: each is refused
-            try:
-                w.load()
-                return "loaded"
-            except SealedObjectCorruptedError:
-                return "refused"
-
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            print("threads", sorted(set(pool.map(in_thread, range(8)))))
-        """
     )
     assert "spilled before False False" in out, out
-    assert "spilled after True True" in out, out
+    assert "spilled after True True" in out and "spill files changed 0" not in out, out
     task = next(line for line in out.splitlines() if line.startswith("task "))
     assert task.startswith("task refused: the sealed weights (object "), task
     assert "were spilled to disk" in task and "content digest, computed from every byte, differs" in task, task
@@ -664,51 +684,24 @@ def test_an_owner_copies_the_bytes_sealed_not_a_spilled_copy(tmp_path):
     owner reads the bytes sealed. (Without the hold, the loaded weight was
     the one written into the spill file.)"""
     out = _run_script(
-        f"""
-        import glob, os, time, ray, torch
-        from ray_zerocopy import ActorWrapper, Owner, _owner, _store
+        _spill_script(
+            tmp_path,
+            """
+            from ray_zerocopy import ActorWrapper, Owner, _owner
 
-        spill = {str(tmp_path)!r}
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-            object_store_memory=80 * 2**20, object_spilling_directory=spill,
+            _store._put_in_place = lambda ray, nbytes, fill, owner=None: (None, "a copy, for this test")
+            real_adopt = _owner.Owner._adopt
+
+            def adopt(self, ref):  # in the window: the store fills, the object may be spilled; its file changed
+                print("spill files changed", spill_and_change())
+                return real_adopt(self, ref)
+
+            _owner.Owner._adopt = adopt
+            w = ActorWrapper(model, owner=Owner("adopt-test"))
+            del filler[:]
+            print("owner's copy, weight[0, 1000] =", float(w.load().weight[0, 1000]))
+            """,
         )
-        marker = 1234.5678
-        model = torch.nn.Linear(2048, 2048)  # 16 MiB
-        with torch.no_grad():
-            model.weight.fill_(marker)
-        pattern = torch.full((4,), marker).numpy().tobytes()
-        _store._put_in_place = lambda ray, nbytes, fill, owner=None: (None, "a copy, for this test")
-        real_adopt, filler = _owner.Owner._adopt, []
-
-        def adopt(self, ref):  # in the window: the store fills, the object may be spilled; its file changed
-            filler.extend(ray.put(torch.zeros(4 * 2**20).numpy()) for _ in range(8))
-            state = None
-            for _ in range(60):
-                now = _store._store_state(ray)
-                if now is not None and now == state:
-                    break
-                state = now
-                time.sleep(0.5)
-            changed = 0
-            for path in glob.glob(os.path.join(spill, "**", "*"), recursive=True):
-                if os.path.isfile(path):
-                    with open(path, "rb") as f:
-                        at = f.read().find(pattern)
-                    if at >= 0:
-                        with open(path, "r+b") as f:
-                            f.seek(at + 4 * 1000)
-                            f.write(torch.zeros(1).numpy().tobytes())
-                        changed += 1
-            print("spill files changed", changed)
-            return real_adopt(self, ref)
-
-        _owner.Owner._adopt = adopt
-        owner = Owner("adopt-test")
-        w = ActorWrapper(model, owner=owner)
-        del filler[:]
-        print("owner's copy, weight[0, 1000] =", float(w.load().weight[0, 1000]))
-        """
     )
     assert "owner's copy, weight[0, 1000] = 1234.5677490234375" in out, out
 
