@@ -229,9 +229,9 @@ _opened_lock = threading.Lock()
 # alive (held by the native owner of the opened buffer) as long as a handle
 # or a host tensor of it is.
 _buffers: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()
-# The check of each opened copy Ray may have read back from disk, by the
-# same key (``_restored``); it holds no reference to the copy.
-_checks: dict[tuple, _restored.Check] = {}
+# The check still running of each opened copy (``_restored``), by the copy:
+# weak, so that a load that fails before it waits leaves nothing behind.
+_checks: weakref.WeakKeyDictionary[Weights, _restored.Check] = weakref.WeakKeyDictionary()
 
 
 def holds(object_hex: str) -> bool:
@@ -274,7 +274,7 @@ def _open(ref, write_protect: bool, content_digest: bytes) -> tuple[Weights, _re
     with _opened_lock:
         w = _opened.get(key)
         if w is not None:
-            return w, _checks.get(key, _restored.CHECKED)
+            return w, _checks.get(w, _restored.CHECKED)
     import ray
 
     if not ray.is_initialized():
@@ -308,12 +308,11 @@ def _open(ref, write_protect: bool, content_digest: bytes) -> tuple[Weights, _re
             "must stay alive while actors load them; with owner=ray_zerocopy.Owner(...), the owner must not be "
             "closed (nor the version unpublished) while they are in use"
         ) from e
-    asked = _restored.ask(ray, ref)  # with the copy held (see _restored)
     invalid = None
     with _opened_lock:
         w = _opened.get(key)
         if w is not None:  # another thread opened it meanwhile
-            return w, _checks.get(key, _restored.CHECKED)
+            return w, _checks.get(w, _restored.CHECKED)
         try:
             w = Weights.from_buffer(buffer, write_protect=write_protect)
         except RzcError as e:
@@ -330,10 +329,11 @@ def _open(ref, write_protect: bool, content_digest: bytes) -> tuple[Weights, _re
                     "restricted), so a write still faults, but madvise(MADV_REMOVE) here would reach every actor"
                 )
             _opened[key] = w
+            asked = _restored.ask(ray, ref)  # with the copy held (see _restored)
             check = _restored.Check(asked, content_digest, key[0], functools.partial(_settled, key, weakref.ref(w)))
-            _checks[key] = check
+            _checks[w] = check
             return w, check
-    if _restored.spilled(asked):  # a header read back from disk, broken there
+    if _restored.spilled(_restored.ask(ray, ref)):  # a header read back from disk, broken there
         raise _restored.corrupted(key[0], f"it is no longer a valid buffer ({invalid.message})") from invalid
     raise invalid
 
@@ -342,10 +342,11 @@ def _settled(key: tuple, opened: weakref.ref, check: _restored.Check, sealed: bo
     """``check`` of the copy ``opened`` is done: its copy is the one sealed,
     or (``sealed`` false) it is dropped from the opened copies, so that the
     next load maps the object again (and checks it again)."""
+    w = opened()
     with _opened_lock:
-        if _checks.get(key) is check:
-            del _checks[key]
-        if not sealed and _opened.get(key) is opened():
+        if w is not None and _checks.get(w) is check:
+            del _checks[w]
+        if not sealed and w is not None and _opened.get(key) is w:
             del _opened[key]
 
 

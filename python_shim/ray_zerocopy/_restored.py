@@ -20,11 +20,20 @@ once the copy is mapped here: a copy this process holds cannot be evicted
 and read back any more, so "never spilled" then means this copy is the one
 sealed.
 
-Only the object's owner knows the answer (:func:`_store.spilled`): one
-call, which a load makes on a thread of its own while it builds the
-pipeline. A process's first call to an owner costs 1.1-1.4 ms here (its
-channel is made), later ones 0.2-0.3 ms; asked before the build, a
-398-tensor model's first load in a fresh actor took 4.3 ms instead of 2.8.
+Only the object's owner knows the answer (:func:`_store.spilled`). A
+process that owns the object reads its own records. Any other asks the
+owner: one call, made on a daemon thread of its own while the load builds
+the pipeline (an owner that does not answer holds up only the loads of
+its own objects, and never the interpreter's exit). A process's first call
+to an owner costs 1.1-1.4 ms here (its channel is made), later ones
+0.2-0.3 ms; asked before the build, a 398-tensor model's first load in a
+fresh actor took 4.3 ms instead of 2.8. A load waits at most
+``ANSWER_WAIT_S`` for the answer, then hashes anyway: the safe answer.
+
+Not covered: Ray tells an owner that its object was spilled after it has
+made the copy in memory evictable (asynchronously, in batches). A copy
+evicted, read back and mapped within those few milliseconds, and the owner
+asked before the news reached it, is taken as never spilled.
 """
 
 from __future__ import annotations
@@ -36,25 +45,36 @@ import time
 from . import _store, _telemetry
 from .errors import SealedObjectCorruptedError
 
-_asker: concurrent.futures.ThreadPoolExecutor | None = None
-_asker_lock = threading.Lock()
+#: How long a load waits for an owner's answer before it hashes anyway.
+ANSWER_WAIT_S = 2.0
 
 
 def ask(ray, ref) -> concurrent.futures.Future:
-    """Starts asking ``ref``'s owner whether Ray ever spilled its object
-    (a future of :func:`_store.spilled`). Ask with the copy held."""
-    global _asker
-    with _asker_lock:
-        if _asker is None:
-            _asker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray_zerocopy-spilled")
-        return _asker.submit(_store.spilled, ray, ref)
+    """Starts asking whether Ray ever spilled ``ref``'s object (a future of
+    :func:`_store.spilled`): answered at once where this process owns it,
+    else by its owner on a thread of its own. Ask with the copy held."""
+    asked: concurrent.futures.Future = concurrent.futures.Future()
+    known = _store.spilled_if_owned(ray, ref)
+    if known is not None:
+        asked.set_result(known)
+        return asked
+
+    def run():
+        asked.set_result(_store.ask_owner(ray, ref))  # never raises: "cannot tell" is True
+
+    try:
+        threading.Thread(target=run, name="ray_zerocopy-spilled", daemon=True).start()
+    except RuntimeError:  # the interpreter is shutting down (a load at exit): no new thread, so check
+        asked.set_result(True)
+    return asked
 
 
 def spilled(asked: concurrent.futures.Future) -> bool:
-    """The answer to :func:`ask`; ``True`` (check) where none came."""
+    """The answer to :func:`ask`; ``True`` (check) where none came in
+    ``ANSWER_WAIT_S``."""
     try:
-        return bool(asked.result())
-    except Exception:  # noqa: BLE001 - the executor shut down at exit: cannot tell
+        return bool(asked.result(timeout=ANSWER_WAIT_S))
+    except concurrent.futures.TimeoutError:
         return True
 
 
@@ -62,10 +82,11 @@ def corrupted(object_hex: str, why: str) -> SealedObjectCorruptedError:
     """The error for a copy of object ``object_hex`` read back from disk
     that is not the one sealed, ``why``."""
     return SealedObjectCorruptedError(
-        f"the sealed weights (object {object_hex}) were spilled to disk by Ray's object store, and the copy read "
-        f"back is not the one sealed: {why}. ray-zerocopy does not load it. Something changed or damaged the "
-        "spilled copy (its file under Ray's spilling directory, or the bucket it was spilled to); seal the model "
-        "again, and give the object store room for it (object_store_memory) so that it is not spilled"
+        f"the sealed weights (object {object_hex}) were spilled to disk by Ray's object store (or its owner could "
+        f"not say), and the copy here is not the one sealed: {why}. ray-zerocopy does not load it. Something "
+        "changed or damaged the spilled copy (its file under Ray's spilling directory, or the bucket it was "
+        "spilled to); seal the model again, and give the object store room for it (object_store_memory) so "
+        "that it is not spilled"
     )
 
 

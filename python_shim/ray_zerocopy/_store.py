@@ -51,6 +51,7 @@ import numpy as np
 
 from . import _telemetry
 from .diagnostics import mapping_at
+from .errors import SealedObjectCorruptedError
 
 # ray.put keeps objects up to 100 KiB in the owner's memory instead of the
 # object store; small buffers gain nothing from this anyway.
@@ -86,23 +87,29 @@ def put_buffer(nbytes: int, fill, owner=None):
                 owner.name,
                 why,
             )
-    ref = _put_copy(ray, nbytes, fill)
-    if owner is None:
-        return ref
-    owned = _adopted(ray, owner, ref)
-    del ref  # the owner holds its copy: ours is freed
-    return owned
+    return _put_copy(ray, nbytes, fill, owner)
 
 
-def _adopted(ray, owner, ref):
-    """``owner``'s copy of the object ``ref``, which this process put. The
-    object is held here (mapped) while the owner copies it: Ray evicts no
-    copy a process maps, so the owner reads the bytes put, never a copy Ray
-    spilled and read back from disk, which no load would check (the owner's
-    new object was never spilled; see ``_restored``). Not under Ray Client,
-    where ``ray.get`` would fetch the whole object here."""
-    held = ray.get(ref) if _in_place_unavailable() is None else None
+def _adopted(ray, owner, ref, source):
+    """``owner``'s copy of the object ``ref``, which this process put from
+    ``source`` (still alive). The object is held here (mapped) while the
+    owner copies it: Ray evicts no copy a process maps, so the owner reads
+    what is held, never a copy Ray spilled and reads back later. Where Ray
+    spilled the object before it was held (this process owns it: its own
+    records say, no call), what is held may be such a copy: it is compared
+    with ``source`` first. The owner's object, never spilled itself, is
+    trusted by every load (see ``_restored``). Not under Ray Client, where
+    ``ray.get`` would fetch the whole object here."""
+    if _in_place_unavailable() is not None:
+        return owner._adopt(ref)
+    held = ray.get(ref)
     try:
+        if spilled(ray, ref) and not np.array_equal(np.asarray(held), np.asarray(source)):
+            raise SealedObjectCorruptedError(
+                f"the object {ref.hex()} just put was spilled to disk by Ray's object store before the owner "
+                "could copy it, and the copy read back is not what was put: something changed or damaged the "
+                "spilled copy (its file under Ray's spilling directory); nothing was sealed"
+            )
         return owner._adopt(ref)
     finally:
         del held
@@ -241,13 +248,28 @@ def spilled(ray, ref) -> bool:
     reference reads ``did_spill`` as false in its own records, spilled or
     not (measured with Ray 2.60). So the owner is asked (one call, 0.2-1.3
     ms), or this process's own records read where it owns the object."""
+    known = spilled_if_owned(ray, ref)
+    return ask_owner(ray, ref) if known is None else known
+
+
+def spilled_if_owned(ray, ref) -> bool | None:
+    """:func:`spilled` where this process owns the object (its own records,
+    no call); ``None`` where another process owns it."""
     try:
         core = ray._private.worker.global_worker.core_worker
-        if _owned_here(core, ref):
-            where = core.get_local_object_locations([ref])
-        else:
-            where = core.get_object_locations([ref], _OWNER_TIMEOUT_MS)
-        return bool(where[ref]["did_spill"])
+        if not _owned_here(core, ref):
+            return None
+        return bool(core.get_local_object_locations([ref])[ref]["did_spill"])
+    except Exception:  # noqa: BLE001 - cannot tell: the caller takes the safe way
+        return True
+
+
+def ask_owner(ray, ref) -> bool:
+    """:func:`spilled`, asked of the object's owner (one call, at most
+    ``_OWNER_TIMEOUT_MS``)."""
+    try:
+        core = ray._private.worker.global_worker.core_worker
+        return bool(core.get_object_locations([ref], _OWNER_TIMEOUT_MS)[ref]["did_spill"])
     except Exception:  # noqa: BLE001 - cannot tell: the caller takes the safe way
         return True
 
@@ -319,24 +341,31 @@ def _fill_in_place(ray, ref, nbytes: int, fill, before, owner=None):
         # evicted), is put again by Ray's own put, which no spill sees half done.
         again = ray.put(stored)
         if owner is not None:
-            again = _adopted(ray, owner, again)
+            again = _adopted(ray, owner, again, stored)
         return why, again
     finally:
         del dst, stored
 
 
-def _put_copy(ray, nbytes: int, fill):
-    """Packs into an anonymous mapping, puts it, releases the mapping."""
+def _put_copy(ray, nbytes: int, fill, owner=None):
+    """Packs into an anonymous mapping, puts it (and hands it to ``owner``,
+    where given, while the mapping lasts), releases the mapping."""
     if nbytes == 0:
         buf = np.empty(0, dtype=np.uint8)
         fill(buf)
-        return ray.put(buf)
+        ref = ray.put(buf)
+        return ref if owner is None else owner._adopt(ref)
     area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         buf = np.frombuffer(area, dtype=np.uint8)
         fill(buf)
         ref = ray.put(buf)
-        del buf
+        if owner is not None:
+            ref = _adopted(ray, owner, ref, buf)  # the sealer's own copy is freed with its reference
     finally:
-        area.close()
+        buf = None
+        try:
+            area.close()
+        except BufferError:  # views still held by a failure's frames: unmapped once they go
+            pass
     return ref

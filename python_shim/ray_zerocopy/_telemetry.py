@@ -105,7 +105,7 @@ def verified_restored(object_id: str, nbytes: int, seconds: float) -> None:
     """A sealed object Ray may have read back from disk was checked, every
     byte, before its first load in this process."""
     log.info(
-        "checked every byte of object %s (%.1f MiB), which Ray had spilled to disk, in %.1f ms: as sealed",
+        "checked every byte of object %s (%.1f MiB), which Ray may have read back from disk, in %.1f ms: as sealed",
         object_id,
         nbytes / 2**20,
         seconds * 1e3,

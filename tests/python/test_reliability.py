@@ -565,7 +565,7 @@ def test_spilled_objects_are_restored_and_load():
     )
     assert "restored 4 checks left 0" in out
     spilled = int(out.split("spilled ", 1)[1].split()[0])
-    assert spilled >= 1 and out.count("which Ray had spilled to disk, in") == spilled, out
+    assert spilled >= 1 and out.count("which Ray may have read back from disk, in") == spilled, out
 
 
 # A Ray with an 80 MiB object store spilling into SPILL, a 16 MiB model whose
@@ -674,6 +674,57 @@ def test_a_spilled_copy_changed_on_disk_is_refused_not_loaded(tmp_path):
     assert "threads ['refused']" in out, out
 
 
+def test_an_owner_that_does_not_answer_holds_up_only_its_own_objects():
+    """Whether an object was spilled is asked of its owner. An owner that
+    does not answer (its process stopped) held every load of the process
+    for 10 s, a load of an object the driver owns too (one thread asked for
+    all), and a load at exit failed (no new thread then). Now each question
+    has its own thread, an object this process owns is answered from its
+    own records, and a load waits 2 s for an answer and then hashes the
+    copy instead; a load at exit asks as any other (or, where no thread
+    can start any more, hashes)."""
+    out = _run_script(
+        """
+        import atexit, logging, os, signal, sys, threading, time, ray, torch
+        from ray_zerocopy import ActorWrapper, Owner
+
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        owner = Owner("stopped")
+        theirs = ActorWrapper(torch.nn.Linear(1024, 1024), owner=owner)
+        ours = ActorWrapper(torch.nn.Linear(1024, 1024))
+        pid = ray.get(owner._handle().__ray_call__.remote(lambda self: os.getpid()))
+        done = []
+
+        def load(name, w):
+            w.load()
+            done.append(name)
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            slow = threading.Thread(target=load, args=("theirs", theirs))
+            slow.start()
+            time.sleep(0.3)
+            load("ours", ours)
+            print("order while theirs waits", done)
+            slow.join(60)
+            print("order", done)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        def at_exit():  # before Ray's own shutdown (atexit runs last registered first)
+            del done[:]
+            load("at exit", theirs)
+            print("loaded", done)
+
+        atexit.register(at_exit)
+        """
+    )
+    assert "order while theirs waits ['ours']" in out and "order ['ours', 'theirs']" in out, out
+    assert out.count("which Ray may have read back from disk") == 1, out  # theirs: no answer, so hashed
+    assert "loaded ['at exit']" in out, out
+
+
 def test_an_owner_copies_the_bytes_sealed_not_a_spilled_copy(tmp_path):
     """Where sealing goes through a copy that an Owner then copies (and
     owns), the sealer's object could be spilled, evicted and read back from
@@ -704,6 +755,38 @@ def test_an_owner_copies_the_bytes_sealed_not_a_spilled_copy(tmp_path):
         )
     )
     assert "owner's copy, weight[0, 1000] = 1234.5677490234375" in out, out
+
+
+def test_a_sealers_copy_read_back_changed_before_the_owner_copies_it_is_refused(tmp_path):
+    """The window before the hold: the sealer's object spilled, evicted and
+    read back from a changed file before the sealer maps it for the owner.
+    What is held is then not what was put; the seal compares the two (the
+    sealer owns the object, so whether it was spilled is its own record)
+    and fails, naming why, rather than hand the owner changed weights."""
+    out = _run_script(
+        _spill_script(
+            tmp_path,
+            """
+            from ray_zerocopy import ActorWrapper, Owner, SealedObjectCorruptedError
+
+            _store._put_in_place = lambda ray, nbytes, fill, owner=None: (None, "a copy, for this test")
+            real_adopted = _store._adopted
+
+            def adopted(ray, owner, ref, source):  # before the hold: spilled, evicted, its file changed
+                print("spill files changed", spill_and_change())
+                return real_adopted(ray, owner, ref, source)
+
+            _store._adopted = adopted
+            try:
+                ActorWrapper(model, owner=Owner("adopt-test"))
+                print("sealed")
+            except SealedObjectCorruptedError as e:
+                print("refused:", e)
+            """,
+        )
+    )
+    assert "spill files changed 0" not in out and "refused: the object " in out, out
+    assert "the copy read back is not what was put" in out, out
 
 
 def test_several_nodes_one_copy_each():
