@@ -12,8 +12,8 @@ or a bad sector can damage it, and Ray reads it back without a check of its
 own: one weight changed in a spill file loaded as changed, in a task and in
 the driver, without a word (measured with Ray 2.60).
 
-So each process, at its first open of an object, asks whether Ray ever
-spilled it; where it did, every byte is hashed and compared with the
+So each process, whenever it opens an object (the first time, and again
+after it let go of it), asks whether Ray ever spilled it; where it did, every byte is hashed and compared with the
 wrapper's content digest before the load builds anything it returns or
 uploads anything to a device (:meth:`Check.wait`). The question is asked
 once the copy is mapped here: a copy this process holds cannot be evicted

@@ -103,7 +103,7 @@ def loaded(device: str, tensors: int, seconds: float, write_protected: bool, upl
 
 def verified_restored(object_id: str, nbytes: int, seconds: float) -> None:
     """A sealed object Ray may have read back from disk was checked, every
-    byte, before its first load in this process."""
+    byte, as this process opened it."""
     log.info(
         "checked every byte of object %s (%.1f MiB), which Ray may have read back from disk, in %.1f ms: as sealed",
         object_id,
